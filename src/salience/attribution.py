@@ -1,0 +1,124 @@
+"""The result type every method returns."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+__all__ = ["Attribution", "Reduction"]
+
+Reduction = Literal["abs_max", "sum", "abs_sum", "none"]
+"""How :meth:`Attribution.saliency` collapses the channel axis.
+
+- ``"abs_max"``: max over channels of ``|values|`` (Simonyan et al. 2013, Eq. 10).
+- ``"sum"``: signed sum over channels (gradient × input, Integrated Gradients).
+- ``"abs_sum"``: sum over channels of ``|values|``.
+- ``"none"``: the map already has one channel (CAM family); it is squeezed.
+"""
+
+
+@dataclass(frozen=True, eq=False)
+class Attribution:
+    """What a saliency method found, with everything needed to interpret it.
+
+    ``values`` are raw: signed and unnormalized, on the device and in the dtype of the inputs.
+    Nothing is clipped or rescaled behind your back; normalization for display lives in
+    :mod:`salience.viz`.
+
+    Attributes:
+        values: The attribution. Pixel methods give the shape of ``inputs``, ``(N, C, H, W)``.
+        target: ``(N,)`` long tensor of the explained classes, or ``None`` when the target was
+            a callable on the model output.
+        scores: ``(N,)`` the explained score of each sample (the differentiated quantity).
+        method: The registered name of the method that produced the map.
+        output: The model output on ``inputs`` (detached).
+        extras: Method-specific diagnostics, e.g. ``"delta"`` (completeness gap) and
+            ``"steps"`` for Integrated Gradients.
+        reduction: How :meth:`saliency` reduces the channel axis; set from the method's paper.
+        layer: For layer methods (the CAM family), the dotted name of the layer explained.
+    """
+
+    values: Tensor
+    target: Tensor | None
+    scores: Tensor
+    method: str
+    output: Tensor | Any = None
+    extras: Mapping[str, Any] = field(default_factory=dict)
+    reduction: Reduction = "sum"
+    layer: str | None = None
+
+    def saliency(self) -> Tensor:
+        """Return the ``(N, H, W)`` map, reducing channels as the method's paper does.
+
+        The reduction is :attr:`reduction`: Simonyan et al. take the max over channels of the
+        absolute gradient; gradient × input and Integrated Gradients sum the signed
+        attributions over channels, so that the map still sums to the explained score change.
+        """
+        v = self.values
+        if v.ndim < 3:
+            raise ValueError(f"values of shape {tuple(v.shape)} have no spatial axes to show")
+        if self.reduction == "abs_max":
+            return v.abs().amax(dim=1)
+        if self.reduction == "abs_sum":
+            return v.abs().sum(dim=1)
+        if self.reduction == "sum":
+            return v.sum(dim=1)
+        if v.shape[1] != 1:
+            raise ValueError(f"reduction 'none' needs one channel, values have {v.shape[1]}")
+        return v[:, 0]
+
+    @property
+    def batch_size(self) -> int:
+        """Number of samples explained."""
+        return int(self.values.shape[0])
+
+    def __getitem__(self, index: int | slice) -> Attribution:
+        """Select samples: ``attribution[0]`` keeps the batch axis, as a batch of one."""
+        if isinstance(index, int):
+            index = slice(index, index + 1 if index != -1 else None)
+
+        def pick(x: Any) -> Any:
+            if isinstance(x, Tensor) and x.ndim > 0 and x.shape[0] == self.batch_size:
+                return x[index]
+            return x
+
+        return Attribution(
+            values=self.values[index],
+            target=None if self.target is None else self.target[index],
+            scores=self.scores[index],
+            method=self.method,
+            output=pick(self.output),
+            extras={k: pick(v) for k, v in self.extras.items()},
+            reduction=self.reduction,
+            layer=self.layer,
+        )
+
+    def __repr__(self) -> str:
+        target = None if self.target is None else self.target.tolist()
+        shape = tuple(self.values.shape)
+        extras = ", ".join(self.extras)
+        return (
+            f"Attribution(method={self.method!r}, values={shape}, target={target}, "
+            f"layer={self.layer!r}, extras=[{extras}])"
+        )
+
+    def to(self, device: torch.device | str) -> Attribution:
+        """Move every tensor of the result to ``device``."""
+
+        def move(x: Any) -> Any:
+            return x.to(device) if isinstance(x, Tensor) else x
+
+        return Attribution(
+            values=self.values.to(device),
+            target=move(self.target),
+            scores=self.scores.to(device),
+            method=self.method,
+            output=move(self.output),
+            extras={k: move(v) for k, v in self.extras.items()},
+            reduction=self.reduction,
+            layer=self.layer,
+        )

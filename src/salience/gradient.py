@@ -1,0 +1,282 @@
+"""The gradient family: vanilla gradient, gradient x input, DeconvNet, guided backprop, SmoothGrad.
+
+Every method differentiates one score per sample (see :mod:`salience.targets`) with
+``torch.autograd.grad`` with respect to a private copy of the inputs: parameter ``.grad``, the
+user's autograd graph and the input tensor are never touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import (
+    auto_batch_size,
+    check_choice,
+    check_inputs,
+    check_model,
+    check_positive_int,
+)
+from .attribution import Attribution, Reduction
+from .hooks import RectifierRule, rectifier_rule
+from .registry import check_options, get_method, register
+from .targets import ResolvedTarget, Score, TargetLike, _call_grouped, resolve_target
+
+__all__ = ["deconvnet", "gradient", "guided_backprop", "input_x_gradient", "smoothgrad"]
+
+
+def backprop(
+    model: nn.Module,
+    inputs: Tensor,
+    target: TargetLike,
+    *,
+    score: Score = "logit",
+    rule: RectifierRule = "gradient",
+) -> tuple[Tensor, Tensor, Tensor, ResolvedTarget]:
+    """One forward and one backward pass: ``d score / d inputs`` under a rectifier rule.
+
+    Returns:
+        ``(grad, output, scores, resolved_target)``; ``output`` and ``scores`` are detached.
+    """
+    check_model(model)
+    check_inputs(inputs)
+    x = inputs.detach().clone().requires_grad_(True)
+    with torch.enable_grad(), rectifier_rule(model, rule):
+        output = model(x)
+        resolved = resolve_target(target, output, x.shape[0], score=score)
+        scores = resolved.scores(output)
+    if not scores.requires_grad:
+        raise ValueError(
+            "the explained score does not depend on the inputs through autograd (is the "
+            "model or the target detached, or run under torch.no_grad inside forward?)"
+        )
+    (grad,) = torch.autograd.grad(scores.sum(), x)
+    detached = output.detach() if isinstance(output, Tensor) else output
+    return grad, detached, scores.detach(), resolved
+
+
+def _result(
+    method: str,
+    values: Tensor,
+    output: Tensor,
+    scores: Tensor,
+    resolved: ResolvedTarget,
+    reduction: Reduction,
+    extras: dict[str, Any] | None = None,
+) -> Attribution:
+    return Attribution(
+        values=values,
+        target=resolved.classes,
+        scores=scores,
+        method=method,
+        output=output,
+        extras=extras or {},
+        reduction=reduction,
+    )
+
+
+@register("gradient")
+def gradient(
+    model: nn.Module, inputs: Tensor, target: TargetLike = None, *, score: Score = "logit"
+) -> Attribution:
+    r"""Vanilla gradient saliency (Simonyan et al. 2013): the gradient of the score.
+
+    .. math:: M = \frac{\partial S_c(x)}{\partial x}
+
+    :meth:`Attribution.saliency` takes ``max_channels |M|``, as in the paper (Eq. 10).
+
+    Args:
+        model: Any differentiable PyTorch model.
+        inputs: ``(N, C, H, W)`` preprocessed images.
+        target: What to explain; see :mod:`salience.targets`.
+        score: Differentiate the ``"logit"`` (the paper's choice), ``"probability"`` or
+            ``"log_probability"`` of the class.
+
+    References:
+        Simonyan, Vedaldi, Zisserman. Deep Inside Convolutional Networks: Visualising Image
+        Classification Models and Saliency Maps. ICLR Workshop 2014, arXiv:1312.6034.
+    """
+    grad, output, scores, resolved = backprop(model, inputs, target, score=score)
+    return _result("gradient", grad, output, scores, resolved, "abs_max")
+
+
+@register("input_x_gradient")
+def input_x_gradient(
+    model: nn.Module, inputs: Tensor, target: TargetLike = None, *, score: Score = "logit"
+) -> Attribution:
+    r"""Gradient x input (Shrikumar et al. 2016): the input times the gradient of the score.
+
+    .. math:: A = x \odot \frac{\partial S_c(x)}{\partial x}
+
+    For a bias-free piecewise-linear network, ``A`` sums to the score. The saliency map sums
+    the signed attributions over channels.
+
+    References:
+        Shrikumar, Greenside, Shcherbina, Kundaje. Not Just a Black Box: Learning Important
+        Features Through Propagating Activation Differences. arXiv:1605.01713, 2016.
+    """
+    grad, output, scores, resolved = backprop(model, inputs, target, score=score)
+    return _result("input_x_gradient", inputs.detach() * grad, output, scores, resolved, "sum")
+
+
+@register("deconvnet")
+def deconvnet(
+    model: nn.Module, inputs: Tensor, target: TargetLike = None, *, score: Score = "logit"
+) -> Attribution:
+    r"""DeconvNet (Zeiler & Fergus 2013): back-propagate only positive signal through ReLUs.
+
+    At every rectifier the backward pass is :math:`R_l = \max(R_{l+1}, 0)`, whatever the sign
+    of the forward input. Applies to every ReLU however the network calls it, and to ReLU6 and
+    hardtanh(0, t) of mobile networks (see :mod:`salience.hooks`).
+
+    References:
+        Zeiler, Fergus. Visualizing and Understanding Convolutional Networks. ECCV 2014,
+        arXiv:1311.2901.
+    """
+    grad, output, scores, resolved = backprop(model, inputs, target, score=score, rule="deconvnet")
+    return _result("deconvnet", grad, output, scores, resolved, "abs_max")
+
+
+@register("guided_backprop")
+def guided_backprop(
+    model: nn.Module, inputs: Tensor, target: TargetLike = None, *, score: Score = "logit"
+) -> Attribution:
+    r"""Guided backpropagation (Springenberg et al. 2014): gradient and DeconvNet masks together.
+
+    At every rectifier :math:`R_l = [f_l > 0] \cdot [R_{l+1} > 0] \cdot R_{l+1}`. For a
+    clipped rectifier such as ReLU6 the forward mask is its derivative,
+    :math:`[0 < f_l < 6]`.
+
+    References:
+        Springenberg, Dosovitskiy, Brox, Riedmiller. Striving for Simplicity: The All
+        Convolutional Net. ICLR Workshop 2015, arXiv:1412.6806.
+    """
+    grad, output, scores, resolved = backprop(model, inputs, target, score=score, rule="guided")
+    return _result("guided_backprop", grad, output, scores, resolved, "abs_max")
+
+
+SmoothVariant = Literal["mean", "squared", "vargrad"]
+_SMOOTH_BASES = ("gradient", "input_x_gradient", "deconvnet", "guided_backprop")
+
+
+@register("smoothgrad")
+def smoothgrad(
+    model: nn.Module,
+    inputs: Tensor,
+    target: TargetLike = None,
+    *,
+    base: str = "gradient",
+    samples: int = 50,
+    noise_level: float = 0.15,
+    variant: SmoothVariant = "mean",
+    seed: int = 0,
+    batch_size: int | None = None,
+    score: Score = "logit",
+    base_options: dict[str, Any] | None = None,
+) -> Attribution:
+    r"""SmoothGrad (Smilkov et al. 2017): average a gradient map over noisy copies of the input.
+
+    .. math:: \hat M(x) = \frac1n \sum_{k=1}^n M(x + \epsilon_k),\quad
+              \epsilon_k \sim \mathcal N(0, \sigma^2),\quad
+              \sigma = \text{noise\_level} \cdot (x_{max} - x_{min})
+
+    ``variant="squared"`` averages :math:`M^2` (SmoothGrad², Hooker et al. 2019) and
+    ``"vargrad"`` takes the variance (Adebayo et al. 2018). The target is resolved once, on the
+    clean input. Noise draws are seeded and shared by the samples of a batch, so a batch gives
+    the same maps as its samples one by one, and the chunking (``batch_size`` rows per
+    forward pass) does not change the result.
+
+    Args:
+        model: Any differentiable PyTorch model.
+        inputs: ``(N, C, H, W)`` preprocessed images.
+        target: What to explain, resolved on the clean input; see :mod:`salience.targets`.
+        base: The gradient method to smooth: ``"gradient"``, ``"input_x_gradient"``,
+            ``"deconvnet"`` or ``"guided_backprop"``.
+        samples: Number of noisy copies ``n`` (the paper uses 50).
+        noise_level: ``sigma`` as a fraction of each input's value range (paper: 10-20 %).
+        variant: ``"mean"``, ``"squared"`` or ``"vargrad"``.
+        seed: Seed of the noise.
+        batch_size: Rows per forward pass; ``None`` picks it from the input size.
+        score: See :func:`gradient`.
+        base_options: Further options of the base method.
+
+    References:
+        Smilkov, Thorat, Kim, Viégas, Wattenberg. SmoothGrad: removing noise by adding noise.
+        arXiv:1706.03825, 2017.
+    """
+    check_model(model)
+    check_inputs(inputs)
+    check_choice("SmoothGrad base", base, _SMOOTH_BASES)
+    check_choice("SmoothGrad variant", variant, ("mean", "squared", "vargrad"))
+    check_positive_int("samples", samples)
+    if not (isinstance(noise_level, int | float) and noise_level >= 0):
+        raise ValueError(f"noise_level must be a non-negative number, got {noise_level!r}")
+    spec = get_method(base)
+    options = dict(base_options or {})
+    check_options(spec, options)
+    n = inputs.shape[0]
+    rows_per_pass = auto_batch_size(inputs, batch_size)
+
+    x = inputs.detach()
+    with torch.no_grad():
+        output = model(x.clone())
+    resolved = resolve_target(target, output, n, score=score)
+    clean_scores = resolved.scores(output)
+
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((samples, *x.shape[1:]), generator=generator, dtype=torch.float64)
+    noise = noise.to(device=x.device, dtype=x.dtype)
+    value_range = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).view(n, 1, 1, 1)
+    sigma = noise_level * value_range
+
+    chunk_target: Callable[[Tensor], Tensor] | None = None
+    if resolved.fn is not None:
+        rows_per_pass = max(1, rows_per_pass // n) * n  # whole copies of the batch
+        fn = resolved.fn
+
+        def chunk_target(out: Tensor) -> Tensor:
+            return _call_grouped(fn, out, n)
+
+    total = samples * n
+    acc = torch.zeros((n, *x.shape[1:]), dtype=torch.float64, device=x.device)
+    acc_sq = torch.zeros_like(acc) if variant != "mean" else None
+    for start in range(0, total, rows_per_pass):
+        rows = torch.arange(start, min(start + rows_per_pass, total), device=x.device)
+        draw, sample = rows // n, rows % n
+        noisy = x[sample] + sigma[sample] * noise[draw]
+        if chunk_target is None:
+            assert resolved.classes is not None
+            part = spec.func(model, noisy, resolved.classes[sample], score=score, **options)
+        else:
+            part = spec.func(model, noisy, chunk_target, **options)
+        values = part.values.double()
+        acc.index_add_(0, sample, values)
+        if acc_sq is not None:
+            acc_sq.index_add_(0, sample, values * values)
+
+    mean = acc / samples
+    if variant == "mean":
+        smoothed = mean
+    elif variant == "squared":
+        assert acc_sq is not None
+        smoothed = acc_sq / samples
+    else:
+        assert acc_sq is not None
+        smoothed = (acc_sq / samples - mean * mean).clamp(min=0.0)
+    reduction: Reduction = (
+        "abs_max" if base in ("gradient", "deconvnet", "guided_backprop") else "sum"
+    )
+    if variant != "mean":
+        reduction = "sum"  # already non-negative: sum over channels
+    return Attribution(
+        values=smoothed.to(inputs.dtype),
+        target=resolved.classes,
+        scores=clean_scores.detach(),
+        method="smoothgrad",
+        output=output.detach() if isinstance(output, Tensor) else output,
+        extras={"base": base, "variant": variant, "samples": samples, "sigma": sigma.flatten()},
+        reduction=reduction,
+    )

@@ -1,0 +1,103 @@
+"""The registry of methods: the one door the CLI, reports and tests go through."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+from torch import Tensor, nn
+
+from .attribution import Attribution
+
+__all__ = ["MethodSpec", "available_methods", "explain", "get_method", "register"]
+
+Kind = Literal["pixel", "cam"]
+F = TypeVar("F", bound=Callable[..., Attribution])
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method: its function, a one-line description and what it produces.
+
+    ``kind`` is ``"pixel"`` for maps with the input's shape and ``"cam"`` for one-channel
+    maps computed at a layer.
+    """
+
+    name: str
+    func: Callable[..., Attribution]
+    description: str
+    kind: Kind
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """The keyword options the method accepts."""
+        params = inspect.signature(self.func).parameters.values()
+        return tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register(name: str, *, kind: Kind = "pixel") -> Callable[[F], F]:
+    """Register a method function under ``name``; the first docstring line describes it."""
+
+    def decorate(func: F) -> F:
+        if name in _REGISTRY:
+            raise ValueError(f"a method named {name!r} is already registered")
+        doc = inspect.getdoc(func) or ""
+        description = doc.splitlines()[0].rstrip(".") if doc else name
+        _REGISTRY[name] = MethodSpec(name=name, func=func, description=description, kind=kind)
+        return func
+
+    return decorate
+
+
+def get_method(name: str) -> MethodSpec:
+    """Return the registered method ``name``, or raise a ``ValueError`` that suggests names."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
+        hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+        raise ValueError(
+            f"unknown method {name!r}{hint} Available: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def available_methods(kind: Kind | None = None) -> dict[str, str]:
+    """Return ``{name: one-line description}`` of the registered methods."""
+    return {n: s.description for n, s in _REGISTRY.items() if kind is None or s.kind == kind}
+
+
+def explain(
+    model: nn.Module,
+    inputs: Tensor,
+    method: str = "gradient",
+    target: Any = None,
+    **options: Any,
+) -> Attribution:
+    """Explain ``model`` on ``inputs`` with the registered ``method``.
+
+    ``salience.explain(model, x, method="integrated_gradients", steps=64)`` is
+    ``salience.integrated_gradients(model, x, steps=64)``; unknown option names raise a
+    ``TypeError`` that lists the method's options.
+    """
+    spec = get_method(method)
+    check_options(spec, options)
+    return spec.func(model, inputs, target, **options)
+
+
+def check_options(spec: MethodSpec, options: dict[str, Any]) -> None:
+    """Raise a ``TypeError`` naming any option ``spec`` does not take."""
+    allowed = spec.options
+    for key in options:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TypeError(
+                f"{spec.name} has no option {key!r}{hint}; its options are: "
+                f"{', '.join(allowed) or 'none'}"
+            )

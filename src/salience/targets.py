@@ -1,0 +1,220 @@
+"""What a method explains: one resolver for every method.
+
+A target says which scalar per sample is differentiated (or perturbed):
+
+- ``None``: the predicted class of each sample (argmax of the model output);
+- an ``int``: that class for every sample;
+- a sequence or 1-D integer tensor of ``N`` ints: one class per sample;
+- a callable ``output -> Tensor[N]``: any differentiable score, e.g. a segmentation class
+  summed over a mask (:func:`mask_target`), a caption token's log-probability, a VQA answer.
+
+Class targets need an output of shape ``(N, classes)``. The ``score`` option turns the logits
+into probabilities or log-probabilities first; it applies to class targets only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, TypeAlias
+
+import torch
+from torch import Tensor
+
+__all__ = ["Score", "TargetLike", "class_target", "mask_target", "resolve_target"]
+
+TargetLike: TypeAlias = "int | Sequence[int] | Tensor | Callable[[Tensor], Tensor] | None"
+Score = Literal["logit", "probability", "log_probability"]
+_SCORES = ("logit", "probability", "log_probability")
+
+
+@dataclass(frozen=True)
+class ResolvedTarget:
+    """A target fixed against a batch of ``n`` samples.
+
+    ``classes`` is ``(n,)`` long for class targets, ``None`` for a callable. :meth:`scores`
+    evaluates the same target on the output of any number of rows whose sample of origin is
+    known, so that Integrated Gradients and SmoothGrad can batch steps and noise draws.
+    """
+
+    n: int
+    classes: Tensor | None
+    fn: Callable[[Tensor], Tensor] | None
+    score: Score = "logit"
+
+    def scores(self, output: Tensor, sample_ids: Tensor | None = None) -> Tensor:
+        """Return the explained score of each row of ``output``.
+
+        Args:
+            output: Model output for ``R`` rows.
+            sample_ids: ``(R,)`` the sample each row belongs to. ``None`` means the rows are
+                whole copies of the batch in order (row ``r`` is sample ``r % n``).
+        """
+        if self.fn is not None:
+            return _call_grouped(self.fn, output, self.n)
+        rows = _rows(output)
+        assert self.classes is not None
+        _check_class_output(output, rows)
+        if sample_ids is None:
+            if rows % self.n:
+                raise RuntimeError(f"{rows} rows are not whole copies of a batch of {self.n}")
+            classes = self.classes.repeat(rows // self.n)
+        else:
+            classes = self.classes[sample_ids.to(self.classes.device)]
+        logits = output.float() if output.dtype in (torch.float16, torch.bfloat16) else output
+        if self.score == "probability":
+            logits = torch.softmax(logits, dim=1)
+        elif self.score == "log_probability":
+            logits = torch.log_softmax(logits, dim=1)
+        picked = logits.gather(1, classes.to(output.device).view(-1, 1)).squeeze(1)
+        return picked.to(output.dtype)
+
+
+def resolve_target(
+    target: TargetLike, output: Tensor | object, n: int, *, score: Score = "logit"
+) -> ResolvedTarget:
+    """Check ``target`` against the model ``output`` of ``n`` samples and fix it.
+
+    Raises:
+        ValueError: a class out of range, a wrong number of classes, an output that is not
+            ``(N, classes)`` for a class target, or an unknown ``score``.
+        TypeError: a target of an unsupported type.
+    """
+    if score not in _SCORES:
+        raise ValueError(f"unknown score {score!r}; expected one of {', '.join(_SCORES)}")
+    if callable(target) and not isinstance(target, Tensor):
+        if score != "logit":
+            raise ValueError(
+                f"score={score!r} applies to class targets; a callable target defines its own "
+                "score (apply softmax inside it if you need probabilities)"
+            )
+        resolved = ResolvedTarget(n=n, classes=None, fn=target)
+        resolved.scores(output)  # type: ignore[arg-type]  # validates shape now
+        return resolved
+    if not isinstance(output, Tensor):
+        raise ValueError(
+            f"the model returned {type(output).__name__}, not a tensor of logits; pass a "
+            "callable target that picks the score from it, e.g. target=lambda out: "
+            "out['logits'][:, 3]"
+        )
+    _check_class_output(output, n)
+    num_classes = output.shape[1]
+    if target is None:
+        classes = output.detach().argmax(dim=1)
+    else:
+        classes = _as_classes(target, n)
+        bad = (classes < 0) | (classes >= num_classes)
+        if bad.any():
+            raise ValueError(
+                f"target class {classes[bad][0].item()} is out of range: the model has "
+                f"{num_classes} classes (valid: 0..{num_classes - 1})"
+            )
+    return ResolvedTarget(n=n, classes=classes.to(output.device), fn=None, score=score)
+
+
+def class_target(index: int) -> Callable[[Tensor], Tensor]:
+    """Return a callable target that picks logit ``index`` of an ``(N, classes)`` output."""
+
+    def pick(output: Tensor) -> Tensor:
+        return output[:, index]
+
+    return pick
+
+
+def mask_target(class_index: int, mask: Tensor | None = None) -> Callable[[Tensor], Tensor]:
+    """Return a target for dense outputs ``(N, classes, H, W)``: a class summed over a mask.
+
+    This is how segmentation networks are explained (Vinogradova et al. 2020): the score is
+    ``sum_{h,w} mask[h, w] * output[:, class_index, h, w]``. ``mask`` is ``(H, W)``,
+    ``(N, H, W)`` or ``None`` for the whole image.
+    """
+
+    def score(output: Tensor) -> Tensor:
+        if output.ndim < 3:
+            raise ValueError(
+                f"mask_target needs a dense output (N, classes, H, W); got {tuple(output.shape)}"
+            )
+        plane = output[:, class_index]
+        if mask is None:
+            return plane.flatten(1).sum(1)
+        return (plane * mask.to(plane.device, plane.dtype)).flatten(1).sum(1)
+
+    return score
+
+
+def _rows(output: object) -> int:
+    if isinstance(output, Tensor):
+        if output.ndim == 0:
+            raise ValueError("the model output is a scalar; expected a batch (N, ...)")
+        return int(output.shape[0])
+    raise ValueError(f"cannot count rows of a {type(output).__name__} model output")
+
+
+def _check_class_output(output: Tensor, n: int) -> None:
+    if output.ndim != 2:
+        raise ValueError(
+            f"class targets need a model output of shape (N, classes); got "
+            f"{tuple(output.shape)}. For dense or structured outputs pass a callable target, "
+            "e.g. salience.targets.mask_target(class_index, mask)"
+        )
+    if output.shape[0] != n:
+        raise ValueError(f"the model returned {output.shape[0]} rows for a batch of {n}")
+
+
+def _as_classes(target: object, n: int) -> Tensor:
+    if isinstance(target, bool):
+        raise TypeError("target must be a class index, not a bool")
+    if isinstance(target, int):
+        return torch.full((n,), target, dtype=torch.long)
+    if isinstance(target, Tensor):
+        if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
+            raise TypeError(f"target tensor must hold integer class indices, got {target.dtype}")
+        classes = target.reshape(-1) if target.ndim == 0 else target
+        if classes.ndim != 1:
+            raise ValueError(
+                f"target tensor must be (N,) class indices, got shape {tuple(target.shape)}"
+            )
+        classes = classes.long()
+        if target.ndim == 0:
+            classes = classes.expand(n).clone()
+    elif isinstance(target, Sequence) and not isinstance(target, str | bytes):
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in target):
+            raise TypeError(f"target sequence must hold ints, got {list(target)[:5]!r}")
+        classes = torch.tensor(list(target), dtype=torch.long)
+    else:
+        raise TypeError(
+            "target must be None, an int, a sequence or tensor of N ints, or a callable "
+            f"output -> Tensor[N]; got {type(target).__name__}"
+        )
+    if classes.shape[0] != n:
+        raise ValueError(f"got {classes.shape[0]} target classes for a batch of {n} inputs")
+    return classes
+
+
+def _call_grouped(fn: Callable[[Tensor], Tensor], output: Tensor, n: int) -> Tensor:
+    """Apply a user's target to whole copies of the batch, ``n`` rows at a time."""
+    if not isinstance(output, Tensor):  # a structured output: the callable sees all of it
+        value = fn(output)
+        _check_scores(value, None, n)
+        return value
+    rows = _rows(output)
+    if rows % n:
+        raise RuntimeError(f"{rows} rows are not whole copies of a batch of {n}")
+    parts = []
+    for start in range(0, rows, n):
+        chunk = output[start : start + n]
+        value = fn(chunk)
+        _check_scores(value, n, n)
+        parts.append(value)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _check_scores(value: object, rows: int | None, n: int) -> None:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"the target callable returned {type(value).__name__}, not a tensor")
+    ok = value.ndim == 1 and (value.shape[0] == rows if rows else value.shape[0] % n == 0)
+    if not ok:
+        raise ValueError(
+            f"the target callable must return one score per sample, shape ({rows or n},); "
+            f"got {tuple(value.shape)}"
+        )
