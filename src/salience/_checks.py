@@ -8,6 +8,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+# Modules whose forward depends on the training flag.
+_TRAINING_DEPENDENT = (
+    nn.modules.batchnorm._NormBase,
+    nn.modules.dropout._DropoutNd,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+
 
 def check_model(model: Any) -> None:
     """Reject things that are not callable models and warn on training mode."""
@@ -18,13 +26,21 @@ def check_model(model: Any) -> None:
             "saliency methods need autograd, but torch.inference_mode() is active; "
             "call them outside the inference_mode block"
         )
-    if isinstance(model, nn.Module) and any(m.training for m in model.modules()):
-        warnings.warn(
-            "the model is in training mode: BatchNorm and Dropout make the maps depend on the "
-            "batch and on chance, and BatchNorm running statistics would be updated by the "
-            "forward passes. Call model.eval() first (salience leaves the flag as you set it)",
-            stacklevel=3,
-        )
+    if isinstance(model, nn.Module):
+        training = [
+            name or type(model).__name__
+            for name, m in model.named_modules()
+            if m.training and isinstance(m, _TRAINING_DEPENDENT)
+        ]
+        if training:
+            warnings.warn(
+                f"the model is in training mode ({', '.join(training[:3])}"
+                f"{', ...' if len(training) > 3 else ''}): BatchNorm and Dropout make the maps "
+                "depend on the batch and on chance, and BatchNorm running statistics are updated "
+                "by every forward pass. Call model.eval() first (salience leaves the flag as you "
+                "set it)",
+                stacklevel=3,
+            )
 
 
 def check_inputs(inputs: Any) -> Tensor:

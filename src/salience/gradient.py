@@ -43,17 +43,19 @@ def backprop(
     """
     check_model(model)
     check_inputs(inputs)
-    x = inputs.detach().clone().requires_grad_(True)
-    with torch.enable_grad(), rectifier_rule(model, rule):
-        output = model(x)
+    x = inputs.detach().requires_grad_(True)  # a new leaf; the user's tensor is not touched
+    with torch.enable_grad():
+        with rectifier_rule(model, rule):
+            output = model(x.clone())  # the model may modify its input in place
+        # The rule belongs to the model: a ReLU inside a callable target keeps its gradient.
         resolved = resolve_target(target, output, x.shape[0], score=score)
         scores = resolved.scores(output)
-    if not scores.requires_grad:
-        raise ValueError(
-            "the explained score does not depend on the inputs through autograd (is the "
-            "model or the target detached, or run under torch.no_grad inside forward?)"
-        )
-    (grad,) = torch.autograd.grad(scores.sum(), x)
+        if not scores.requires_grad:
+            raise ValueError(
+                "the explained score does not depend on the inputs through autograd (is the "
+                "model or the target detached, or run under torch.no_grad inside forward?)"
+            )
+        (grad,) = torch.autograd.grad(scores.sum(), x)
     detached = output.detach() if isinstance(output, Tensor) else output
     return grad, detached, scores.detach(), resolved
 

@@ -31,10 +31,10 @@ RectifierRule = Literal["gradient", "deconvnet", "guided"]
 class _Rectify(torch.autograd.Function):
     """``clamp(x, 0, upper)`` whose backward follows a modified rule.
 
-    With ``s`` the incoming gradient and ``y`` the forward output:
+    With ``s`` the incoming gradient and ``x`` the forward input:
 
     - ``"deconvnet"`` (Zeiler & Fergus 2013): ``relu(s)``, whatever the sign of the input;
-    - ``"guided"`` (Springenberg et al. 2014): ``relu(s) * [0 < y < upper]``, the forward
+    - ``"guided"`` (Springenberg et al. 2014): ``relu(s) * [0 < x < upper]``, the forward
       derivative times the positive part of the signal.
     """
 
@@ -50,17 +50,19 @@ class _Rectify(torch.autograd.Function):
         ctx.rule = rule
         ctx.upper = upper
         if rule == "guided":
-            ctx.save_for_backward(out)
+            # Keep the input, as PyTorch's own hardtanh does, so that a later in-place change
+            # of the output does not break the backward; in place, input and output are one.
+            ctx.save_for_backward(out if inplace else x)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:  # type: ignore[override]
         signal = grad.clamp(min=0.0)
         if ctx.rule == "guided":
-            (out,) = ctx.saved_tensors
-            mask = out > 0
+            (saved,) = ctx.saved_tensors  # the input, or the output when in place
+            mask = saved > 0
             if ctx.upper is not None:
-                mask &= out < ctx.upper
+                mask &= saved < ctx.upper
             signal = signal * mask
         return signal, None, None, None
 

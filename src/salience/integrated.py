@@ -251,10 +251,10 @@ class _Path:
             a = alphas[rows].to(self.base.dtype).view(-1, 1, 1, 1)
             point = (self.base[s] + a * self.diff[s]).requires_grad_(True)
             with torch.enable_grad():
-                output = self.model(point)
+                output = self.model(point.clone())  # the model may modify its input in place
                 ids = None if self.target.fn is not None else s
                 scores = self.target.scores(output, sample_ids=ids)
-            (grad,) = torch.autograd.grad(scores.sum(), point)
+                (grad,) = torch.autograd.grad(scores.sum(), point)
             yield rows, scores.detach(), grad
 
     def integrate(self, alphas: Tensor, weights: Tensor) -> Tensor:

@@ -1,0 +1,279 @@
+"""The contract every registered method keeps, parametrized over the registry.
+
+A method added later is covered automatically: no side effects on the model or the inputs
+(also when the call raises), batch consistency, determinism, documented shapes, clear errors.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.overrides import _get_current_function_mode_stack
+
+import salience
+from conftest import ResNetish, VGGish, _init
+from salience.registry import get_method
+
+# Cheaper options for the slow methods; everything else runs with its defaults.
+FAST: dict[str, dict[str, Any]] = {
+    "smoothgrad": {"samples": 4},
+    "integrated_gradients": {"steps": 8},
+    "score_cam": {"batch_size": 4},
+}
+METHODS = sorted(salience.available_methods())
+MODELS = {"vgg": (VGGish, 0), "resnet": (ResNetish, 1)}
+
+
+def run(name: str, model: nn.Module, inputs: torch.Tensor, target: Any = None) -> Any:
+    return salience.explain(model, inputs, method=name, target=target, **FAST.get(name, {}))
+
+
+def snapshot(model: nn.Module) -> dict[str, Any]:
+    """Everything a method must leave as it found it."""
+    from torch.nn.modules import module as module_globals
+
+    hook_dicts = [
+        "_forward_hooks",
+        "_forward_pre_hooks",
+        "_backward_hooks",
+        "_backward_pre_hooks",
+        "_forward_hooks_with_kwargs",
+        "_forward_pre_hooks_with_kwargs",
+        "_state_dict_hooks",
+    ]
+    return {
+        "modules": [(n, id(m), type(m)) for n, m in model.named_modules()],
+        "attributes": {n: sorted(vars(m)) for n, m in model.named_modules()},
+        "hooks": {
+            (n, h): list(getattr(m, h, {}).keys())
+            for n, m in model.named_modules()
+            for h in hook_dicts
+        },
+        "global_hooks": [
+            len(getattr(module_globals, g, {}))
+            for g in (
+                "_global_forward_hooks",
+                "_global_forward_pre_hooks",
+                "_global_backward_hooks",
+                "_global_backward_pre_hooks",
+            )
+        ],
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "grads": {
+            n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()
+        },
+        "grad_ids": {n: id(p.grad) for n, p in model.named_parameters()},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "buffers": {n: b.clone() for n, b in model.named_buffers()},
+        "training": {n: m.training for n, m in model.named_modules()},
+        "forward": {n: m.forward for n, m in model.named_modules()},
+        "grad_enabled": torch.is_grad_enabled(),
+        "modes": len(_get_current_function_mode_stack()),
+    }
+
+
+def assert_same(before: dict[str, Any], after: dict[str, Any]) -> None:
+    for key in before:
+        b, a = before[key], after[key]
+        if key in ("params", "buffers"):
+            assert b.keys() == a.keys()
+            for n in b:
+                assert torch.equal(b[n], a[n]), f"{key} {n} changed"
+        elif key == "grads":
+            for n in b:
+                if b[n] is None:
+                    assert a[n] is None, f".grad of {n} was created"
+                else:
+                    assert torch.equal(b[n], a[n]), f".grad of {n} changed"
+        elif key == "forward":
+            assert {n: getattr(f, "__func__", f) for n, f in b.items()} == {
+                n: getattr(f, "__func__", f) for n, f in a.items()
+            }, "a forward method was replaced"
+        else:
+            assert b == a, f"{key} changed"
+
+
+def prepared(model_key: str) -> nn.Module:
+    cls, seed = MODELS[model_key]
+    model = _init(cls(), seed)
+    params = list(model.parameters())
+    params[0].grad = torch.full_like(params[0], 0.5)  # a stale .grad the user left
+    params[1].requires_grad_(False)  # a frozen parameter
+    return model
+
+
+@pytest.fixture
+def batch() -> torch.Tensor:
+    return torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+
+
+@pytest.mark.parametrize("model_key", sorted(MODELS))
+@pytest.mark.parametrize("name", METHODS)
+def test_no_side_effects(name: str, model_key: str, batch: torch.Tensor) -> None:
+    model = prepared(model_key)
+    inputs = batch.clone()
+    version = inputs._version
+    before = snapshot(model)
+    result = run(name, model, inputs)
+    assert_same(before, snapshot(model))
+    assert torch.equal(inputs, batch), "inputs were modified"
+    assert inputs._version == version, "inputs were modified in place"
+    assert result.method == name
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("fail_at", [1, 2])
+@pytest.mark.parametrize("name", METHODS)
+def test_no_side_effects_when_the_model_raises(
+    name: str, fail_at: int, batch: torch.Tensor
+) -> None:
+    model = prepared("resnet")
+    calls = {"n": 0}
+
+    def explode(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        calls["n"] += 1
+        if calls["n"] == fail_at:  # fail mid-forward, in the first or the second pass
+            raise Boom
+
+    handle = model.layer2.register_forward_hook(explode)
+    try:
+        before = snapshot(model)
+        try:
+            run(name, model, batch)
+        except Boom:
+            pass
+        else:
+            assert fail_at > 1, "the first forward pass raised, the method must not swallow it"
+        before["hooks"] = snapshot(model)["hooks"]  # the test's own hook is expected
+        after = snapshot(model)
+        assert_same(before, after)
+        assert calls["n"] >= 1
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_no_side_effects_when_the_target_raises(name: str, batch: torch.Tensor) -> None:
+    model = prepared("vgg")
+    before = snapshot(model)
+
+    def target(output: torch.Tensor) -> torch.Tensor:
+        raise Boom
+
+    with pytest.raises(Boom):
+        run(name, model, batch, target=target)
+    assert_same(before, snapshot(model))
+
+
+@pytest.mark.parametrize("model_key", sorted(MODELS))
+@pytest.mark.parametrize("name", METHODS)
+def test_batch_equals_samples_one_by_one(name: str, model_key: str, batch: torch.Tensor) -> None:
+    model = _init(MODELS[model_key][0](), MODELS[model_key][1])
+    targets = [1, 4, 7]
+    together = run(name, model, batch, target=targets)
+    for i in range(batch.shape[0]):
+        alone = run(name, model, batch[i : i + 1], target=targets[i])
+        torch.testing.assert_close(together.values[i : i + 1], alone.values, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(together.scores[i : i + 1], alone.scores)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_shapes_dtypes_and_determinism(name: str, batch: torch.Tensor) -> None:
+    model = _init(VGGish(), 0)
+    spec = get_method(name)
+    first = run(name, model, batch)
+    second = run(name, model, batch)
+    assert torch.equal(first.values, second.values), "not deterministic"
+    n = batch.shape[0]
+    assert first.values.dtype == batch.dtype
+    assert first.values.device == batch.device
+    assert first.values.shape[0] == n
+    if spec.kind == "pixel":
+        assert first.values.shape == batch.shape
+    else:
+        assert first.values.shape == (n, 1, *batch.shape[-2:])
+    assert first.scores.shape == (n,)
+    assert first.target is not None
+    assert first.target.dtype == torch.long
+    assert torch.equal(first.target, model(batch).argmax(1))
+    assert first.saliency().shape == (n, *batch.shape[-2:])
+    assert torch.isfinite(first.values).all()
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_works_under_no_grad_and_with_inputs_in_a_graph(name: str, batch: torch.Tensor) -> None:
+    model = _init(VGGish(), 0)
+    reference = run(name, model, batch)
+    leaf = batch.clone().requires_grad_(True)
+    inputs = leaf * 1.0  # part of the user's own graph
+    with torch.no_grad():
+        result = run(name, model, inputs)
+    torch.testing.assert_close(result.values, reference.values)
+    assert leaf.grad is None
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_training_mode_warns_and_is_kept(name: str, batch: torch.Tensor) -> None:
+    model = _init(ResNetish(), 0).train()
+    with pytest.warns(UserWarning, match="training mode"):
+        run(name, model, batch)
+    assert all(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_bad_inputs_get_clear_errors(name: str, batch: torch.Tensor) -> None:
+    model = _init(VGGish(), 0)
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        run(name, model, batch[0])
+    with pytest.raises(TypeError, match="floating point"):
+        run(name, model, (batch * 10).long())
+    bad = batch.clone()
+    bad[1, 0, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        run(name, model, bad)
+    with pytest.raises(ValueError, match="out of range"):
+        run(name, model, batch, target=10)
+    with pytest.raises(ValueError, match="3 inputs"):
+        run(name, model, batch, target=[1, 2])
+    with pytest.raises(TypeError, match="target"):
+        run(name, model, batch, target="cat")
+    with pytest.raises(TypeError, match="has no option"):
+        salience.explain(model, batch, method=name, not_an_option=1)
+
+
+def test_unknown_method_suggests_names() -> None:
+    with pytest.raises(ValueError, match="did you mean 'gradient'"):
+        salience.explain(nn.Identity(), torch.zeros(1, 3, 4, 4), method="gradiant")
+
+
+class Dense(nn.Module):
+    """A segmentation-style model: (N, classes, H, W) output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_dense_output_needs_a_callable_target(name: str, batch: torch.Tensor) -> None:
+    model = _init(Dense(), 0)
+    with pytest.raises(ValueError, match=r"\(N, classes\)"):
+        run(name, model, batch)
+    mask = torch.zeros(16, 16)
+    mask[4:10, 4:10] = 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = run(name, model, batch, target=salience.mask_target(2, mask))
+    assert result.target is None
+    expected = (model(batch)[:, 2] * mask).sum((1, 2))
+    torch.testing.assert_close(result.scores, expected.detach())

@@ -1,0 +1,295 @@
+"""Closed-form and rule-level checks of the gradient family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import salience
+from conftest import FunctionalRelus
+from salience.hooks import rectifier_rule
+
+
+class Linear(nn.Module):
+    """logits = W vec(x) + b: every gradient method has a closed form."""
+
+    def __init__(self, shape: tuple[int, int, int] = (3, 5, 5), classes: int = 4) -> None:
+        super().__init__()
+        self.fc = nn.Linear(shape[0] * shape[1] * shape[2], classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))
+
+
+@pytest.fixture
+def linear() -> Linear:
+    torch.manual_seed(0)
+    return Linear().eval()
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    return torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+
+
+def test_linear_gradient_is_the_weight_row(linear: Linear, x: torch.Tensor) -> None:
+    result = salience.gradient(linear, x, target=[2, 3])
+    w = linear.fc.weight.detach()
+    torch.testing.assert_close(result.values[0], w[2].view(3, 5, 5))
+    torch.testing.assert_close(result.values[1], w[3].view(3, 5, 5))
+    torch.testing.assert_close(result.saliency()[0], w[2].view(3, 5, 5).abs().amax(0))
+    torch.testing.assert_close(result.scores, linear(x)[[0, 1], [2, 3]].detach())
+
+
+def test_input_x_gradient_sums_to_logit_minus_bias(linear: Linear, x: torch.Tensor) -> None:
+    result = salience.input_x_gradient(linear, x, target=1)
+    torch.testing.assert_close(result.values, x * linear.fc.weight[1].detach().view(1, 3, 5, 5))
+    logit_minus_bias = linear(x)[:, 1].detach() - linear.fc.bias[1].detach()
+    torch.testing.assert_close(result.saliency().flatten(1).sum(1), logit_minus_bias)
+
+
+@pytest.mark.parametrize("score", ["probability", "log_probability"])
+def test_score_options_have_the_softmax_gradient(
+    linear: Linear, x: torch.Tensor, score: str
+) -> None:
+    result = salience.gradient(linear, x, target=0, score=score)
+    w = linear.fc.weight.detach()
+    p = torch.softmax(linear(x).detach(), 1)
+    d_log = w[0].view(1, -1) - p @ w  # d log p_0 / dx
+    expected = d_log if score == "log_probability" else p[:, :1] * d_log
+    torch.testing.assert_close(result.values.flatten(1), expected)
+    picked = p[:, 0] if score == "probability" else p[:, 0].log()
+    torch.testing.assert_close(result.scores, picked)
+
+
+def test_rules_on_a_hand_computed_network() -> None:
+    """y = w2 . relu(w1 * x): the three rules differ exactly where the paper says."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 1, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(2, 1))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([1.0, -1.0]).view(2, 1, 1, 1))
+        model[3].weight.copy_(torch.tensor([[2.0, -3.0]]))
+        model[3].bias.zero_()
+    x = torch.tensor([2.0]).view(1, 1, 1, 1)  # unit 0 active (h=2), unit 1 inactive (h=-2)
+    # gradient: only the active unit passes: 2 * 1 = 2
+    assert salience.gradient(model, x, 0).values.item() == pytest.approx(2.0)
+    # deconvnet: relu(signal) regardless of activity: relu(2)*1 + relu(-3)*(-1) = 2
+    assert salience.deconvnet(model, x, 0).values.item() == pytest.approx(2.0)
+    x = torch.tensor([-2.0]).view(1, 1, 1, 1)  # unit 1 active now, with a negative signal
+    assert salience.gradient(model, x, 0).values.item() == pytest.approx(3.0)  # -3 * -1
+    assert salience.guided_backprop(model, x, 0).values.item() == pytest.approx(0.0)
+    assert salience.deconvnet(model, x, 0).values.item() == pytest.approx(2.0)
+
+
+def test_guided_and_deconvnet_equal_gradient_without_rectifiers(x: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Hardtanh(-1.0, 1.0), nn.Flatten(), nn.Linear(36, 3)
+    ).eval()
+    plain = salience.gradient(model, x).values
+    torch.testing.assert_close(salience.guided_backprop(model, x).values, plain)
+    torch.testing.assert_close(salience.deconvnet(model, x).values, plain)
+
+
+def test_every_rectifier_spelling_is_intercepted(functional_relus: nn.Module) -> None:
+    x = torch.randn(2, 3, 16, 16)
+    with rectifier_rule(functional_relus, "guided") as mode:
+        functional_relus(x)
+    assert mode is not None
+    assert mode.count == 7  # ReLU6 module twice, F.relu, torch.relu, relu_, F.relu6, hardtanh
+
+
+def _custom_rule(rule: str, upper: float | None):
+    class Rule(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # type: ignore[override]
+            ctx.save_for_backward(x)
+            return x.clamp(0, upper)
+
+        @staticmethod
+        def backward(ctx, grad):  # type: ignore[override]
+            (x,) = ctx.saved_tensors
+            out = grad.clamp(min=0)
+            if rule == "guided":
+                out = out * (x > 0) * (x < upper if upper is not None else True)
+            return out
+
+    return Rule.apply
+
+
+@pytest.mark.parametrize("rule", ["guided", "deconvnet"])
+def test_rules_match_an_independent_rebuild(functional_relus: FunctionalRelus, rule: str) -> None:
+    """The same network written with explicit custom autograd functions at each rectifier."""
+    relu, relu6 = _custom_rule(rule, None), _custom_rule(rule, 6.0)
+    m = functional_relus
+
+    def rebuilt(x: torch.Tensor) -> torch.Tensor:
+        c = m.convs
+        x = relu6(c[0](x))
+        x = relu(c[1](x))
+        x = relu(c[2](x))
+        x = relu(c[3](x))
+        x = relu6(c[4](x))
+        x = relu6(c[5](x))
+        x = relu6(c[6](x))
+        return m.fc(torch.flatten(F.max_pool2d(x, 2), 1))
+
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5)) * 3
+    expected = salience.gradient(rebuilt, x, target=[1, 3]).values  # type: ignore[arg-type]
+    method = salience.guided_backprop if rule == "guided" else salience.deconvnet
+    torch.testing.assert_close(method(m, x, target=[1, 3]).values, expected)
+    assert not torch.allclose(expected, salience.gradient(m, x, target=[1, 3]).values)
+
+
+def test_inplace_rectifier_on_the_input_leaves_it_alone() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(12, 2)).eval()
+    x = torch.randn(1, 3, 2, 2)
+    kept = x.clone()
+    for method in (salience.gradient, salience.guided_backprop, salience.deconvnet):
+        method(model, x, 0)
+    assert torch.equal(x, kept)
+
+
+def test_torchscript_models_get_gradients_but_no_silent_guided_map(linear: Linear) -> None:
+    scripted = torch.jit.script(nn.Sequential(nn.Flatten(), nn.ReLU(), nn.Linear(75, 4)).eval())
+    x = torch.randn(1, 3, 5, 5)
+    assert salience.gradient(scripted, x).values.shape == x.shape
+    with pytest.raises(TypeError, match="TorchScript"):
+        salience.guided_backprop(scripted, x)
+
+
+def test_score_without_a_gradient_path_is_an_error(x: torch.Tensor) -> None:
+    class Detached(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.detach().flatten(1)[:, :4]
+
+    with pytest.raises(ValueError, match="does not depend on the inputs"):
+        salience.gradient(Detached(), x)
+
+
+def test_model_output_that_is_not_a_tensor_needs_a_callable(x: torch.Tensor) -> None:
+    class Dict(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(75, 3)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"logits": self.fc(x.flatten(1))}
+
+    model = Dict()
+    with pytest.raises(ValueError, match="callable target"):
+        salience.gradient(model, x)
+    result = salience.gradient(model, x, target=lambda out: out["logits"][:, 1])
+    torch.testing.assert_close(result.values[0], model.fc.weight[1].detach().view(3, 5, 5))
+
+
+def test_bad_callable_target_results_are_errors(linear: Linear, x: torch.Tensor) -> None:
+    with pytest.raises(ValueError, match="one score per sample"):
+        salience.gradient(linear, x, target=lambda out: out)
+    with pytest.raises(TypeError, match="not a tensor"):
+        salience.gradient(linear, x, target=lambda out: 3.0)
+    with pytest.raises(ValueError, match="score='probability' applies to class targets"):
+        salience.gradient(linear, x, target=lambda out: out[:, 0], score="probability")
+    with pytest.raises(ValueError, match="unknown score"):
+        salience.gradient(linear, x, score="softmax")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="integer class indices"):
+        salience.gradient(linear, x, target=torch.tensor([0.0, 1.0]))
+
+
+# SmoothGrad -----------------------------------------------------------------------------------
+
+
+def test_smoothgrad_of_a_linear_model_is_its_gradient(linear: Linear, x: torch.Tensor) -> None:
+    plain = salience.gradient(linear, x, target=1).values
+    mean = salience.smoothgrad(linear, x, target=1, samples=6)
+    torch.testing.assert_close(mean.values, plain)
+    squared = salience.smoothgrad(linear, x, target=1, samples=6, variant="squared")
+    torch.testing.assert_close(squared.values, plain**2)
+    var = salience.smoothgrad(linear, x, target=1, samples=6, variant="vargrad")
+    torch.testing.assert_close(var.values, torch.zeros_like(plain), atol=1e-7, rtol=0)
+
+
+def test_smoothgrad_averages_the_base_over_seeded_noise(vgg: nn.Module) -> None:
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    samples, level, seed = 5, 0.2, 11
+    result = salience.smoothgrad(
+        vgg, x, target=[3, 4], samples=samples, noise_level=level, seed=seed, base="guided_backprop"
+    )
+    noise = torch.randn(
+        (samples, 3, 16, 16), generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+    ).float()
+    sigma = level * (x.flatten(1).amax(1) - x.flatten(1).amin(1))
+    maps = [
+        salience.guided_backprop(vgg, x + sigma.view(-1, 1, 1, 1) * noise[k], [3, 4]).values
+        for k in range(samples)
+    ]
+    stacked = torch.stack(maps)
+    torch.testing.assert_close(result.values, stacked.mean(0), rtol=1e-5, atol=1e-6)
+    var = salience.smoothgrad(
+        vgg,
+        x,
+        target=[3, 4],
+        samples=samples,
+        noise_level=level,
+        seed=seed,
+        base="guided_backprop",
+        variant="vargrad",
+    )
+    torch.testing.assert_close(var.values, stacked.var(0, unbiased=False), rtol=1e-4, atol=1e-6)
+
+
+def test_smoothgrad_does_not_depend_on_chunking(resnet: nn.Module, images: torch.Tensor) -> None:
+    runs = [salience.smoothgrad(resnet, images, samples=5, batch_size=b).values for b in (1, 4, 64)]
+    for other in runs[1:]:
+        torch.testing.assert_close(other, runs[0], rtol=1e-5, atol=1e-6)
+
+
+def test_smoothgrad_without_noise_is_the_base(resnet: nn.Module, images: torch.Tensor) -> None:
+    smooth = salience.smoothgrad(
+        resnet, images, samples=3, noise_level=0.0, base="input_x_gradient"
+    )
+    torch.testing.assert_close(smooth.values, salience.input_x_gradient(resnet, images).values)
+
+
+def test_smoothgrad_option_errors(resnet: nn.Module, images: torch.Tensor) -> None:
+    with pytest.raises(ValueError, match="unknown SmoothGrad base"):
+        salience.smoothgrad(resnet, images, base="occlusion")
+    with pytest.raises(ValueError, match="samples must be a positive integer"):
+        salience.smoothgrad(resnet, images, samples=0)
+    with pytest.raises(ValueError, match="noise_level"):
+        salience.smoothgrad(resnet, images, noise_level=-1)
+    with pytest.raises(TypeError, match="has no option 'stepz'"):
+        salience.smoothgrad(resnet, images, base_options={"stepz": 3})
+
+
+def test_rules_apply_to_the_model_not_to_a_callable_target(vgg: nn.Module) -> None:
+    """A ReLU written inside the user's target keeps its ordinary gradient."""
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(8))
+    with_relu = salience.guided_backprop(vgg, x, lambda out: -torch.relu(-out[:, 0]))
+    with_mask = salience.guided_backprop(vgg, x, lambda out: out[:, 0] * (out[:, 0] < 0).float())
+    torch.testing.assert_close(with_relu.values, with_mask.values)
+
+
+def test_guided_rule_survives_an_in_place_change_of_a_clipped_rectifier_output() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.fc = nn.Linear(4 * 4 * 4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = F.relu6(self.conv(x))
+            h.mul_(2)
+            return self.fc(h.flatten(1))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    x = torch.randn(2, 3, 6, 6) * 4
+    guided = salience.guided_backprop(net, x, 1).values
+    reference = net.fc.weight[1].view(1, 4, 4, 4) * 2
+    pre = net.conv(x)
+    inner = (reference.clamp(min=0) * ((pre > 0) & (pre < 6))).detach()
+    expected = torch.nn.grad.conv2d_input(x.shape, net.conv.weight.detach(), inner)
+    torch.testing.assert_close(guided, expected)
