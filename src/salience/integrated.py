@@ -42,8 +42,8 @@ def quadrature_nodes(quadrature: Quadrature, steps: int) -> tuple[Tensor, Tensor
     check_positive_int("steps", steps)
     n = steps
     if quadrature == "gausslegendre":
-        nodes, weights = np.polynomial.legendre.leggauss(n)
-        return torch.from_numpy((nodes + 1) / 2), torch.from_numpy(weights / 2)
+        nodes, gl_weights = np.polynomial.legendre.leggauss(n)
+        return torch.from_numpy((nodes + 1) / 2), torch.from_numpy(gl_weights / 2)
     if quadrature == "riemann_trapezoid":
         if n < 2:
             raise ValueError("the trapezoid rule needs steps >= 2")
