@@ -7,6 +7,14 @@ Every method is a function ``method(model, inputs, target=None, **options) -> At
 from __future__ import annotations
 
 from . import targets
+from .activation_maps import (
+    cam,
+    grad_cam,
+    grad_cam_plus_plus,
+    guided_grad_cam,
+    layer_cam,
+    score_cam,
+)
 from .attribution import Attribution
 from .gradient import deconvnet, gradient, guided_backprop, input_x_gradient, smoothgrad
 from .integrated import integrated_gradients
@@ -19,15 +27,35 @@ __all__ = [
     "Attribution",
     "__version__",
     "available_methods",
+    "cam",
     "deconvnet",
     "explain",
     "get_method",
+    "grad_cam",
+    "grad_cam_plus_plus",
     "gradient",
     "guided_backprop",
+    "guided_grad_cam",
     "input_x_gradient",
     "integrated_gradients",
+    "layer_cam",
     "mask_target",
     "resolve_target",
+    "score_cam",
     "smoothgrad",
     "targets",
 ]
+
+_LAZY_SUBMODULES = ("featvis", "models", "report", "viz")
+
+
+def __getattr__(name: str) -> object:
+    """Import ``salience.viz``, ``.featvis``, ``.report`` and ``.models`` on first use.
+
+    They pull in matplotlib or model weights, which ``import salience`` does not need.
+    """
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'salience' has no attribute {name!r}")

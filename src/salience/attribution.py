@@ -17,7 +17,9 @@ Reduction = Literal["abs_max", "sum", "abs_sum", "none"]
 - ``"abs_max"``: max over channels of ``|values|`` (Simonyan et al. 2013, Eq. 10).
 - ``"sum"``: signed sum over channels (gradient × input, Integrated Gradients).
 - ``"abs_sum"``: sum over channels of ``|values|``.
-- ``"none"``: the map already has one channel (CAM family); it is squeezed.
+- ``"none"``: the map already has one channel (CAM family); it is squeezed. A CAM of ``K``
+  targets per sample has ``K`` channels, one map per target: :meth:`Attribution.saliency`
+  refuses to merge them; take ``values[:, k]`` for target ``k``.
 """
 
 
@@ -31,9 +33,11 @@ class Attribution:
 
     Attributes:
         values: The attribution. Pixel methods give the shape of ``inputs``, ``(N, C, H, W)``.
-        target: ``(N,)`` long tensor of the explained classes, or ``None`` when the target was
-            a callable on the model output.
-        scores: ``(N,)`` the explained score of each sample (the differentiated quantity).
+        target: ``(N,)`` long tensor of the explained classes (``(N, K)`` when a CAM method
+            explained ``K`` classes per sample), or ``None`` when the target was a callable on
+            the model output.
+        scores: ``(N,)`` the explained score of each sample (the differentiated quantity);
+            ``(N, K)`` for ``K`` targets per sample.
         method: The registered name of the method that produced the map.
         output: The model output on ``inputs`` (detached).
         extras: Method-specific diagnostics, e.g. ``"delta"`` (completeness gap) and
@@ -68,7 +72,10 @@ class Attribution:
         if self.reduction == "sum":
             return v.sum(dim=1)
         if v.shape[1] != 1:
-            raise ValueError(f"reduction 'none' needs one channel, values have {v.shape[1]}")
+            raise ValueError(
+                f"these values hold {v.shape[1]} maps per sample, one per target: there is no "
+                "single map to return; take values[:, k], the (N, H, W) map of target k"
+            )
         return v[:, 0]
 
     @property
@@ -105,6 +112,18 @@ class Attribution:
             f"Attribution(method={self.method!r}, values={shape}, target={target}, "
             f"layer={self.layer!r}, extras=[{extras}])"
         )
+
+    def _repr_png_(self) -> bytes | None:
+        """Return a PNG of the map(s), for Jupyter (drawn by :mod:`salience.viz`, lazily)."""
+        from .viz import _repr_png
+
+        return _repr_png(self)
+
+    def _repr_html_(self) -> str | None:
+        """Return the map(s) with a caption as HTML, for Jupyter (drawn by :mod:`salience.viz`)."""
+        from .viz import _repr_html
+
+        return _repr_html(self)
 
     def to(self, device: torch.device | str) -> Attribution:
         """Move every tensor of the result to ``device``."""

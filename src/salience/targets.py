@@ -5,6 +5,8 @@ A target says which scalar per sample is differentiated (or perturbed):
 - ``None``: the predicted class of each sample (argmax of the model output);
 - an ``int``: that class for every sample;
 - a sequence or 1-D integer tensor of ``N`` ints: one class per sample;
+- for the CAM methods (``multi=True``), an ``(N, K)`` integer tensor: ``K`` classes per
+  sample, explained together;
 - a callable ``output -> Tensor[N]``: any differentiable score, e.g. a segmentation class
   summed over a mask (:func:`mask_target`), a caption token's log-probability, a VQA answer.
 
@@ -32,7 +34,8 @@ _SCORES = ("logit", "probability", "log_probability")
 class ResolvedTarget:
     """A target fixed against a batch of ``n`` samples.
 
-    ``classes`` is ``(n,)`` long for class targets, ``None`` for a callable. :meth:`scores`
+    ``classes`` is ``(n,)`` long for class targets (``(n, K)`` for ``K`` targets per sample),
+    ``None`` for a callable. :meth:`scores`
     evaluates the same target on the output of any number of rows whose sample of origin is
     known, so that Integrated Gradients and SmoothGrad can batch steps and noise draws.
     """
@@ -43,7 +46,7 @@ class ResolvedTarget:
     score: Score = "logit"
 
     def scores(self, output: Tensor, sample_ids: Tensor | None = None) -> Tensor:
-        """Return the explained score of each row of ``output``.
+        """Return the explained score of each row of ``output``: ``(R,)``, or ``(R, K)``.
 
         Args:
             output: Model output for ``R`` rows.
@@ -58,7 +61,7 @@ class ResolvedTarget:
         if sample_ids is None:
             if rows % self.n:
                 raise RuntimeError(f"{rows} rows are not whole copies of a batch of {self.n}")
-            classes = self.classes.repeat(rows // self.n)
+            classes = self.classes.repeat(rows // self.n, *([1] * (self.classes.ndim - 1)))
         else:
             classes = self.classes[sample_ids.to(self.classes.device)]
         logits = output.float() if output.dtype in (torch.float16, torch.bfloat16) else output
@@ -66,14 +69,22 @@ class ResolvedTarget:
             logits = torch.softmax(logits, dim=1)
         elif self.score == "log_probability":
             logits = torch.log_softmax(logits, dim=1)
-        picked = logits.gather(1, classes.to(output.device).view(-1, 1)).squeeze(1)
-        return picked.to(output.dtype)
+        picked = logits.gather(1, classes.to(output.device).view(rows, -1))
+        return (picked.squeeze(1) if self.classes.ndim == 1 else picked).to(output.dtype)
 
 
 def resolve_target(
-    target: TargetLike, output: Tensor | object, n: int, *, score: Score = "logit"
+    target: TargetLike,
+    output: Tensor | object,
+    n: int,
+    *,
+    score: Score = "logit",
+    multi: bool = False,
 ) -> ResolvedTarget:
     """Check ``target`` against the model ``output`` of ``n`` samples and fix it.
+
+    ``multi=True`` also accepts an ``(N, K)`` integer tensor, ``K`` classes per sample, for
+    methods that explain several targets at once.
 
     Raises:
         ValueError: a class out of range, a wrong number of classes, an output that is not
@@ -102,7 +113,7 @@ def resolve_target(
     if target is None:
         classes = output.detach().argmax(dim=1)
     else:
-        classes = _as_classes(target, n)
+        classes = _as_classes(target, n, multi)
         bad = (classes < 0) | (classes >= num_classes)
         if bad.any():
             raise ValueError(
@@ -161,7 +172,7 @@ def _check_class_output(output: Tensor, n: int) -> None:
         raise ValueError(f"the model returned {output.shape[0]} rows for a batch of {n}")
 
 
-def _as_classes(target: object, n: int) -> Tensor:
+def _as_classes(target: object, n: int, multi: bool = False) -> Tensor:
     if isinstance(target, bool):
         raise TypeError("target must be a class index, not a bool")
     if isinstance(target, int):
@@ -170,9 +181,11 @@ def _as_classes(target: object, n: int) -> Tensor:
         if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
             raise TypeError(f"target tensor must hold integer class indices, got {target.dtype}")
         classes = target.reshape(-1) if target.ndim == 0 else target
-        if classes.ndim != 1:
+        if classes.ndim != 1 and not (multi and classes.ndim == 2 and classes.shape[1] > 0):
+            several = " or (N, K) for K targets per sample" if multi else ""
             raise ValueError(
-                f"target tensor must be (N,) class indices, got shape {tuple(target.shape)}"
+                f"target tensor must be (N,) class indices{several}, got shape "
+                f"{tuple(target.shape)}"
             )
         classes = classes.long()
         if target.ndim == 0:

@@ -179,8 +179,21 @@ def _is_torchscript(path: Path) -> bool:
     return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
 
 
+def _is_torch_file(path: Path) -> bool:
+    """``torch.save`` writes a zip archive; legacy files are a pickle, which starts with 0x80."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as handle:
+        return handle.read(1) == b"\x80"
+
+
 def _load_checkpoint(path: Path, *, trust: bool) -> Any:
     """``torch.load`` safely first; fall back to full unpickling only when trusted."""
+    if not _is_torch_file(path):
+        raise ValueError(
+            f"cannot read model file {str(path)!r}: it is not a TorchScript archive or a "
+            "torch.save file (or it is truncated)"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

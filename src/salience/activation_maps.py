@@ -1,0 +1,748 @@
+r"""Class activation maps: CAM, Grad-CAM, Guided Grad-CAM, Grad-CAM++, Score-CAM, LayerCAM.
+
+Every method shares one kernel: per-channel (or per-position) weights ``w`` times the
+activations ``A`` of a layer, summed over channels, rectified where the paper does it, and
+resized to the input:
+
+.. math:: L^c = \mathrm{ReLU}\Big(\sum_k w_k^c \odot A^k\Big), \qquad
+          \texttt{values} = \mathrm{Up}_{\text{bilinear}}(L^c)
+
+Only the weight function differs from method to method. Maps are raw: no min-max
+normalization (that belongs in visualization); the ReLU is the one the papers define, and
+``relu=False`` keeps the signed map.
+
+**The layer.** ``layer=`` takes a submodule or its dotted name. By default the last spatial
+feature map ``(N, K, h, w)`` with ``h * w > 1`` that a submodule returns in the forward pass is
+used, and its name is recorded in :attr:`Attribution.layer`: ``"layer4"`` for a torchvision
+ResNet (the stage, rather than its last ReLU, which returns the same tensor), ``"features"``
+for a VGG. A module that runs several times per forward pass is explained at its **last**
+call, and ``extras["layer_calls"]`` says how many calls there were. On EfficientNet-Lite0 the
+default is therefore ``"_swish"``, the ReLU6 module shared by the stem and the head, at its
+second call: the activated head features, exactly the map the classifier pools (the choice CAM
+needs). The model output itself is never chosen, so a segmentation network is explained at
+its last inner feature map. See :mod:`salience.layers`.
+
+**Several targets.** ``target`` may be an ``(N, K)`` tensor of class indices: ``values`` is
+then ``(N, K, H, W)``, one map per target, from one forward pass and one batched backward pass
+(``torch.autograd.grad(..., is_grads_batched=True)``); the maps equal ``K`` separate calls. A
+single target gives ``values`` of shape ``(N, 1, H, W)``.
+
+**Transformers.** ``reshape=`` turns a layer output into ``(N, K, h, w)``, e.g. for the tokens
+``(N, 1 + h w, D)`` of a ViT: ``reshape=lambda t: t[:, 1:].unflatten(1, (h, w)).permute(0, 3,
+1, 2)``. It is applied to the gradient as well, so it must only select and rearrange elements;
+this is checked.
+
+Nothing here changes the model: hooks live for one call (see :mod:`salience.layers`),
+gradients are taken with ``torch.autograd.grad`` (parameter ``.grad`` untouched), inputs are
+never modified, and train/eval flags are left as they are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._checks import auto_batch_size, check_inputs, check_model
+from .attribution import Attribution
+from .gradient import guided_backprop
+from .layers import (
+    LayerLike,
+    LayerRecord,
+    Reshape,
+    check_reshape,
+    find_layer,
+    record_last_spatial,
+    record_layer,
+)
+from .registry import register
+from .targets import ResolvedTarget, Score, TargetLike, resolve_target
+
+__all__ = [
+    "cam",
+    "grad_cam",
+    "grad_cam_plus_plus",
+    "guided_grad_cam",
+    "layer_cam",
+    "score_cam",
+]
+
+
+# -- capture: one forward pass, the layer's activation and the scores ---------------------------
+
+
+@dataclass
+class _Capture:
+    """One forward pass: the layer activation, the model output and the explained scores."""
+
+    layer: str
+    calls: int
+    raw: Tensor  # the layer output, in the graph when gradients are on
+    activation: Tensor  # (N, K, h, w): ``reshape(raw)``
+    reshape: Reshape | None
+    output: Any  # detached model output
+    resolved: ResolvedTarget
+    scores: Tensor  # (N, T), in the graph when gradients are on
+    multi: bool  # an (N, T) target: keep the target axis in ``scores``
+
+
+def _capture(
+    model: nn.Module,
+    inputs: Tensor,
+    target: TargetLike,
+    *,
+    layer: LayerLike | None,
+    reshape: Reshape | None,
+    score: Score,
+    grad: bool,
+) -> _Capture:
+    check_model(model)
+    check_inputs(inputs)
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"CAM methods read an inner layer, so the model must be an nn.Module, got "
+            f"{type(model).__name__}"
+        )
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            "CAM methods record a layer with forward hooks, which TorchScript models do not "
+            "run; load the model as a Python nn.Module instead"
+        )
+    if reshape is not None and not callable(reshape):
+        raise TypeError(f"reshape must be a callable, got {type(reshape).__name__}")
+    if reshape is not None and layer is None:
+        raise ValueError(
+            "reshape= applies to a layer you choose: pass layer= as well (the default layer is "
+            "the last spatial feature map, which needs no reshape)"
+        )
+    n = inputs.shape[0]
+    x = inputs.detach().clone()
+    if grad:
+        x.requires_grad_(True)
+    recorder: contextlib.AbstractContextManager[Any]
+    if layer is None:
+        recorder = record_last_spatial(model, n)
+    else:
+        name, module = find_layer(model, layer)
+        recorder = record_layer(module, name)
+    multi = isinstance(target, Tensor) and target.ndim == 2
+    with torch.set_grad_enabled(grad), recorder as rec:
+        output = model(x)
+        resolved = resolve_target(target, output, n, score=score, multi=True)
+        scores = resolved.scores(output)
+        scores = scores if multi else scores.unsqueeze(1)  # (N, T), in the graph
+    record: LayerRecord = rec.last(output) if layer is None else rec
+    if layer is None and record.output is not None and record.output._version != record._version:
+        # the chosen map was changed in place later on: record it again, with a copy
+        return _capture(
+            model, inputs, target, layer=record.name, reshape=None, score=score, grad=grad
+        )
+    raw = record.activation()
+    if grad and not (scores.requires_grad and raw.requires_grad):
+        what = "explained score" if not scores.requires_grad else f"output of layer {record.name!r}"
+        raise ValueError(
+            f"the {what} does not depend on the inputs through autograd (is the model or the "
+            "target detached, or run under torch.no_grad inside forward?)"
+        )
+    if reshape is not None:
+        check_reshape(reshape, raw, record.name)
+        activation = reshape(raw)
+    elif raw.ndim != 4 or raw.shape[0] != n:
+        raise ValueError(
+            f"layer {record.name!r} outputs shape {tuple(raw.shape)}, not a spatial feature map "
+            f"(N, K, h, w) with N = {n}; pick a convolutional layer, or pass reshape= to turn "
+            "its output into one (for ViT tokens (N, 1 + h*w, D): reshape=lambda t: "
+            "t[:, 1:].unflatten(1, (h, w)).permute(0, 3, 1, 2))"
+        )
+    else:
+        activation = raw
+    return _Capture(
+        layer=record.name,
+        calls=record.calls,
+        raw=raw,
+        activation=activation,
+        reshape=reshape,
+        output=output.detach() if isinstance(output, Tensor) else output,
+        resolved=resolved,
+        scores=scores,
+        multi=multi,
+    )
+
+
+def _gradients(cap: _Capture, *, sign: float = 1.0) -> Tensor:
+    """Return ``d score_t / d A``: ``(N, T, K, h, w)``, one batched backward pass for ``T``."""
+    scores = cap.scores
+    t = scores.shape[1]
+    with torch.enable_grad():  # also under the caller's torch.no_grad()
+        if t == 1:
+            (grad,) = torch.autograd.grad(scores.sum(), cap.raw, allow_unused=True)
+            grads = None if grad is None else grad.unsqueeze(0)
+        else:
+            picks = torch.eye(t, dtype=scores.dtype, device=scores.device)
+            picks = picks.unsqueeze(1).expand(t, scores.shape[0], t).contiguous()
+            (grads,) = torch.autograd.grad(
+                scores, cap.raw, grad_outputs=picks, is_grads_batched=True, allow_unused=True
+            )
+    if grads is None:
+        raise ValueError(
+            f"the explained score does not depend on layer {cap.layer!r}: it runs outside the "
+            "path from the inputs to the output; pick a layer before the classifier"
+        )
+    if cap.reshape is not None:
+        grads = torch.stack([cap.reshape(g) for g in grads])
+    grads = grads.transpose(0, 1).detach()
+    return -grads if sign < 0 else grads
+
+
+def _combine(weights: Tensor, activation: Tensor, *, relu: bool, size: Any) -> Tensor:
+    """Compute the shared kernel ``Up(ReLU(sum_k w_k * A_k))`` for ``T`` targets at once.
+
+    Args:
+        weights: ``(N, T, K, 1, 1)`` channel weights or ``(N, T, K, h, w)`` position weights.
+        activation: ``(N, K, h, w)``.
+        relu: Rectify the map (before resizing, as the papers do).
+        size: ``(H, W)`` to resize to (bilinear), or ``None``.
+
+    Returns:
+        ``(N, T, H, W)``, or ``(N, T, h, w)`` without ``size``.
+    """
+    maps = (weights * activation.detach().unsqueeze(1)).sum(2)
+    if relu:
+        maps = maps.clamp(min=0)
+    if size is not None and tuple(maps.shape[-2:]) != tuple(size):
+        maps = F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
+    return maps
+
+
+def _result(
+    method: str,
+    cap: _Capture,
+    values: Tensor,
+    extras: dict[str, Any] | None = None,
+) -> Attribution:
+    scores = cap.scores.detach()
+    return Attribution(
+        values=values,
+        target=cap.resolved.classes,
+        scores=scores if cap.multi else scores[:, 0],
+        method=method,
+        output=cap.output,
+        extras={"layer_calls": cap.calls, **(extras or {})},
+        reduction="none",
+        layer=cap.layer,
+    )
+
+
+def _size(inputs: Tensor, upsample: bool) -> tuple[int, int] | None:
+    return (int(inputs.shape[-2]), int(inputs.shape[-1])) if upsample else None
+
+
+# -- CAM -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _LinearRecord:
+    name: str = ""
+    calls: int = 0
+    inputs: Tensor | None = None
+    output: Tensor | None = None
+    version: int = 0
+    module: nn.Linear | None = field(default=None, repr=False)
+
+
+@contextlib.contextmanager
+def _record_linear(model: nn.Module, fc: LayerLike | None) -> Iterator[_LinearRecord]:
+    """Record the input and output of the last ``nn.Linear`` call (or of ``fc``)."""
+    if fc is None:
+        linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    else:
+        name, module = find_layer(model, fc)
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"fc must be an nn.Linear layer; {name!r} is {type(module).__name__}")
+        linears = [(name, module)]
+    record = _LinearRecord()
+
+    def hook_for(name: str, module: nn.Linear) -> Any:
+        def hook(_module: nn.Module, args: Any, output: Any) -> None:
+            record.name, record.module, record.calls = name, module, record.calls + 1
+            record.inputs = args[0] if args and isinstance(args[0], Tensor) else None
+            record.output = output if isinstance(output, Tensor) else None
+            record.version = output._version if isinstance(output, Tensor) else 0
+
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(n, m)) for n, m in linears]
+    try:
+        yield record
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+_NOT_CAM = (
+    "cam (Zhou et al. 2016) applies only to networks whose logits are one linear layer "
+    "applied to the global average of the last feature map, and {reason}. Use grad_cam: it "
+    "needs no particular architecture, and on a GAP + linear network it equals CAM up to "
+    "the constant factor 1/(h*w)"
+)
+
+
+@register("cam", kind="cam")
+def cam(
+    model: nn.Module,
+    inputs: Tensor,
+    target: TargetLike = None,
+    *,
+    layer: LayerLike | None = None,
+    fc: LayerLike | None = None,
+    relu: bool = False,
+    upsample: bool = True,
+) -> Attribution:
+    r"""Class activation mapping (Zhou et al. 2016), for global average pooling + linear heads.
+
+    When the logits are :math:`y^c = \sum_k w_k^c \frac{1}{hw}\sum_{ij} A^k_{ij} + b^c`, the
+    map of class :math:`c` is
+
+    .. math:: M^c_{ij} = \sum_k w_k^c A^k_{ij},
+
+    and its spatial mean plus the bias is the logit: :math:`\overline{M^c} + b^c = y^c`. The
+    paper's map is signed (no ReLU); ``relu=True`` rectifies it.
+
+    The pattern is checked on the actual forward pass, not guessed from module types: the last
+    ``nn.Linear`` that runs (or ``fc``) must produce the model output, and its input must be
+    the spatial mean of ``layer``'s feature map. Any other architecture raises a ``ValueError``
+    that says which condition failed and points to :func:`grad_cam`.
+
+    Args:
+        model: A classifier ending in global average pooling and a linear layer.
+        inputs: ``(N, C, H, W)`` preprocessed images.
+        target: Class indices: ``None`` (the prediction), an int, ``N`` ints or an ``(N, K)``
+            tensor for ``K`` maps per sample. The weights are those of a class, so callable
+            targets are not supported.
+        layer: The pooled layer; by default the last spatial feature map.
+        fc: The linear classifier; by default the last ``nn.Linear`` that runs.
+        relu: Rectify the map (not part of CAM).
+        upsample: Resize the map to the input size (bilinear); ``False`` keeps ``(h, w)``.
+
+    Returns:
+        ``values`` of shape ``(N, 1, H, W)`` (``(N, K, H, W)`` for ``K`` targets);
+        ``extras["weights"]``: the ``(N, T, K)`` class weights used.
+
+    Raises:
+        ValueError: the network is not GAP + linear, or bad arguments.
+        TypeError: a callable target.
+
+    References:
+        Zhou, Khosla, Lapedriza, Oliva, Torralba. Learning Deep Features for Discriminative
+        Localization. CVPR 2016, arXiv:1512.04150.
+    """
+    if callable(target) and not isinstance(target, Tensor):
+        raise TypeError(
+            "cam weighs channels with the classifier row of a class, so it needs class "
+            "indices; for a callable target use grad_cam"
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"cam needs an nn.Module model, got {type(model).__name__}")
+    with _record_linear(model, fc) as linear:
+        cap = _capture(model, inputs, target, layer=layer, reshape=None, score="logit", grad=False)
+    n = inputs.shape[0]
+    activation = cap.activation
+    if linear.calls == 0 or linear.module is None or linear.output is None:
+        what = "no nn.Linear layer ran" if fc is None else f"the fc layer {fc!r} did not run"
+        raise ValueError(_NOT_CAM.format(reason=f"{what} in the forward pass"))
+    out = cap.output
+    if (
+        linear.output._version != linear.version
+        or not isinstance(out, Tensor)
+        or out.shape != linear.output.shape
+        or not torch.equal(out, linear.output)
+    ):
+        raise ValueError(
+            _NOT_CAM.format(
+                reason=f"the model output is not the output of its last linear layer "
+                f"{linear.name!r} (something is applied after it)"
+            )
+        )
+    features = None if linear.inputs is None else linear.inputs.reshape(n, -1)
+    pooled = activation.mean(dim=(2, 3))
+    if features is None or features.shape != pooled.shape:
+        got = "nothing" if features is None else f"{tuple(features.shape[1:])} features"
+        raise ValueError(
+            _NOT_CAM.format(
+                reason=f"the input of {linear.name!r} ({got}) is not the global average of "
+                f"layer {cap.layer!r} ({activation.shape[1]} channels)"
+            )
+        )
+    scale = float(pooled.abs().amax()) + 1e-12
+    if not torch.allclose(features, pooled, rtol=1e-4, atol=1e-5 * scale):
+        gap = float((features - pooled).abs().amax())
+        raise ValueError(
+            _NOT_CAM.format(
+                reason=f"the input of {linear.name!r} differs from the spatial mean of layer "
+                f"{cap.layer!r} by up to {gap:.3g} (is something between them, such as dropout "
+                "in training mode or a non-linearity?)"
+            )
+        )
+    classes = cap.resolved.classes
+    assert classes is not None
+    rows = classes if cap.multi else classes.unsqueeze(1)  # (N, T)
+    weights = linear.module.weight.detach()[rows].to(activation.dtype)  # (N, T, K)
+    values = _combine(weights[..., None, None], activation, relu=relu, size=_size(inputs, upsample))
+    return _result("cam", cap, values, {"weights": weights})
+
+
+# -- gradient-weighted CAMs ------------------------------------------------------------------
+
+
+def _grad_capture(
+    model: nn.Module,
+    inputs: Tensor,
+    target: TargetLike,
+    layer: LayerLike | None,
+    reshape: Reshape | None,
+    score: Score,
+) -> _Capture:
+    return _capture(model, inputs, target, layer=layer, reshape=reshape, score=score, grad=True)
+
+
+@register("grad_cam", kind="cam")
+def grad_cam(
+    model: nn.Module,
+    inputs: Tensor,
+    target: TargetLike = None,
+    *,
+    layer: LayerLike | None = None,
+    reshape: Reshape | None = None,
+    relu: bool = True,
+    upsample: bool = True,
+    counterfactual: bool = False,
+    score: Score = "logit",
+) -> Attribution:
+    r"""Grad-CAM (Selvaraju et al. 2017): activations weighted by their mean gradient.
+
+    .. math:: \alpha_k^c = \frac{1}{hw}\sum_{ij}\frac{\partial y^c}{\partial A^k_{ij}},\qquad
+              L^c = \mathrm{ReLU}\Big(\sum_k \alpha_k^c A^k\Big)
+
+    :math:`y^c` is the score before the softmax (``score="logit"``, the paper's choice). On a
+    network ending in global average pooling and a linear layer,
+    :math:`\alpha_k^c = w_k^c / (hw)`, so Grad-CAM is CAM divided by :math:`hw` (§3.1).
+
+    ``counterfactual=True`` gives the paper's counterfactual explanation (§3.3): the weights
+    of the negated gradient, :math:`\alpha_k^c = \frac{1}{hw}\sum_{ij} -\partial y^c / \partial
+    A^k_{ij}`, which highlights the regions whose removal would make the network more
+    confident in class :math:`c`.
+
+    Args:
+        model: Any differentiable network with a spatial layer (or ``reshape``).
+        inputs: ``(N, C, H, W)`` preprocessed images.
+        target: What to explain (see :mod:`salience.targets`); an ``(N, K)`` integer tensor
+            gives ``K`` maps per sample from one forward and one batched backward pass.
+        layer: A submodule or its dotted name; by default the last spatial feature map (see
+            the module documentation). A module called several times is taken at its last
+            call.
+        reshape: Turns the layer output into ``(N, K, h, w)`` (transformers); must only
+            select and rearrange elements.
+        relu: Apply the paper's ReLU; ``False`` keeps the signed map.
+        upsample: Resize to the input size (bilinear); ``False`` keeps the layer resolution.
+        counterfactual: Explain with the negated gradients (§3.3).
+        score: ``"logit"``, ``"probability"`` or ``"log_probability"`` of a class target.
+
+    Returns:
+        ``values`` of shape ``(N, 1, H, W)`` (``(N, K, H, W)`` for ``K`` targets), with the
+        layer name in :attr:`Attribution.layer`; ``extras["weights"]``: ``alpha``,
+        ``(N, T, K)``.
+
+    References:
+        Selvaraju, Cogswell, Das, Vedantam, Parikh, Batra. Grad-CAM: Visual Explanations from
+        Deep Networks via Gradient-based Localization. ICCV 2017, arXiv:1610.02391.
+    """
+    cap = _grad_capture(model, inputs, target, layer, reshape, score)
+    grads = _gradients(cap, sign=-1.0 if counterfactual else 1.0)
+    weights = grads.mean(dim=(3, 4), keepdim=True)
+    values = _combine(weights, cap.activation, relu=relu, size=_size(inputs, upsample))
+    extras = {"weights": weights[..., 0, 0], "counterfactual": counterfactual}
+    return _result("grad_cam", cap, values, extras)
+
+
+@register("grad_cam_plus_plus", kind="cam")
+def grad_cam_plus_plus(
+    model: nn.Module,
+    inputs: Tensor,
+    target: TargetLike = None,
+    *,
+    layer: LayerLike | None = None,
+    reshape: Reshape | None = None,
+    relu: bool = True,
+    upsample: bool = True,
+    score: Score = "logit",
+) -> Attribution:
+    r"""Grad-CAM++ (Chattopadhyay et al. 2018): positive gradients, weighted per position.
+
+    With :math:`Y^c = \exp(S^c)` and :math:`g = \partial S^c / \partial A^k_{ij}`, the
+    higher derivatives of Eq. 19 reduce to powers of :math:`g` (Eqs. 17-19):
+
+    .. math:: \alpha^{kc}_{ij} = \frac{g_{ij}^2}{2 g_{ij}^2 + \sum_{ab} A^k_{ab}\, g_{ij}^3},
+              \qquad w^c_k = \sum_{ij} \alpha^{kc}_{ij}\, \mathrm{ReLU}(g_{ij}),
+              \qquad L^c = \mathrm{ReLU}\Big(\sum_k w^c_k A^k\Big)
+
+    with :math:`\alpha = 0` where :math:`g = 0` or the denominator vanishes. Eq. 19 also
+    multiplies every weight of a sample by :math:`\exp(S^c)`; that positive factor is left out
+    (as pytorch-grad-cam and torchcam do), because it would overflow float32 for scores above
+    88 and changes nothing but the scale. pytorch-grad-cam adds ``1e-6`` to the denominator;
+    here the formula is exact. torchcam's variant sums :math:`A^k_{ab} g_{ab}^3` over positions,
+    which is not Eq. 19.
+
+    Args:
+        model: Any differentiable network with a spatial layer (or ``reshape``).
+        inputs: ``(N, C, H, W)`` preprocessed images.
+        target: What to explain; ``(N, K)`` for ``K`` maps per sample.
+        layer: See :func:`grad_cam`.
+        reshape: See :func:`grad_cam`.
+        relu: Apply the paper's ReLU to the map.
+        upsample: Resize to the input size (bilinear).
+        score: The score :math:`S^c` (the paper uses the logit).
+
+    Returns:
+        ``values`` ``(N, 1, H, W)`` or ``(N, K, H, W)``; ``extras["weights"]``: ``(N, T, K)``.
+
+    References:
+        Chattopadhyay, Sarkar, Howlader, Balasubramanian. Grad-CAM++: Improved Visual
+        Explanations for Deep Convolutional Networks. WACV 2018, arXiv:1710.11063.
+    """
+    cap = _grad_capture(model, inputs, target, layer, reshape, score)
+    g = _gradients(cap)
+    g2 = g * g
+    total = cap.activation.detach().sum(dim=(2, 3))[:, None, :, None, None]
+    denominator = 2 * g2 + total * g2 * g
+    valid = (g != 0) & (denominator != 0)
+    alpha = torch.where(valid, g2 / torch.where(valid, denominator, 1.0), 0.0)
+    weights = (alpha * g.clamp(min=0)).sum(dim=(3, 4), keepdim=True)
+    values = _combine(weights, cap.activation, relu=relu, size=_size(inputs, upsample))
+    return _result("grad_cam_plus_plus", cap, values, {"weights": weights[..., 0, 0]})
+
+
+@register("layer_cam", kind="cam")
+def layer_cam(
+    model: nn.Module,
+    inputs: Tensor,
+    target: TargetLike = None,
+    *,
+    layer: LayerLike | None = None,
+    reshape: Reshape | None = None,
+    relu: bool = True,
+    upsample: bool = True,
+    score: Score = "logit",
+) -> Attribution:
+    r"""LayerCAM (Jiang et al. 2021): every position weighted by its own positive gradient.
+
+    .. math:: L^c_{ij} = \mathrm{ReLU}\Big(\sum_k \mathrm{ReLU}\Big(
+              \frac{\partial y^c}{\partial A^k_{ij}}\Big) A^k_{ij}\Big)
+
+    Unlike Grad-CAM, the weights are not averaged over positions, so shallow layers give
+    fine-grained maps.
+
+    Args:
+        model: Any differentiable network with a spatial layer (or ``reshape``).
+        inputs: ``(N, C, H, W)`` preprocessed images.
+        target: What to explain; ``(N, K)`` for ``K`` maps per sample.
+        layer: See :func:`grad_cam`.
+        reshape: See :func:`grad_cam`.
+        relu: Apply the paper's final ReLU (a no-op for non-negative activations).
+        upsample: Resize to the input size (bilinear).
+        score: The score :math:`y^c` (the paper uses the logit).
+
+    Returns:
+        ``values`` ``(N, 1, H, W)`` or ``(N, K, H, W)``.
+
+    References:
+        Jiang, Zhang, Hou, Cheng, Wei. LayerCAM: Exploring Hierarchical Class Activation Maps
+        for Localization. IEEE Transactions on Image Processing 30, 2021.
+    """
+    cap = _grad_capture(model, inputs, target, layer, reshape, score)
+    weights = _gradients(cap).clamp(min=0)
+    values = _combine(weights, cap.activation, relu=relu, size=_size(inputs, upsample))
+    return _result("layer_cam", cap, values)
+
+
+@register("guided_grad_cam")
+def guided_grad_cam(
+    model: nn.Module,
+    inputs: Tensor,
+    target: TargetLike = None,
+    *,
+    layer: LayerLike | None = None,
+    reshape: Reshape | None = None,
+    score: Score = "logit",
+) -> Attribution:
+    r"""Guided Grad-CAM (Selvaraju et al. 2017): guided backprop times the upsampled Grad-CAM.
+
+    .. math:: G^c = \mathrm{GuidedBackprop}^c(x) \odot \mathrm{Up}_{\text{bilinear}}
+              \big(L^c_{\text{Grad-CAM}}\big)
+
+    ``values`` has the shape of the inputs; :meth:`Attribution.saliency` takes the max over
+    channels of the absolute value, as for guided backprop. It takes two forward passes: the
+    guided rule must not touch the gradient that Grad-CAM averages. Captum's
+    ``GuidedGradCam`` upsamples with ``"nearest"`` by default; here, as in the paper's figures,
+    bilinear. ``extras["grad_cam"]`` holds the ``(N, 1, H, W)`` Grad-CAM factor.
+
+    Args:
+        model: Any differentiable network with a spatial layer (or ``reshape``).
+        inputs: ``(N, C, H, W)`` preprocessed images.
+        target: What to explain: one target per sample (``(N, K)`` targets are not
+            supported here; call once per target column).
+        layer: See :func:`grad_cam`.
+        reshape: See :func:`grad_cam`.
+        score: See :func:`grad_cam`.
+
+    Returns:
+        ``values`` of the shape of ``inputs``, with the Grad-CAM layer in
+        :attr:`Attribution.layer`.
+
+    Raises:
+        ValueError: an ``(N, K)`` target, or the errors of :func:`grad_cam`.
+
+    References:
+        Selvaraju et al. Grad-CAM, ICCV 2017, arXiv:1610.02391 (§3.2); Springenberg et al.
+        Striving for Simplicity, arXiv:1412.6806 (guided backpropagation).
+    """
+    if isinstance(target, Tensor) and target.ndim == 2:
+        raise ValueError(
+            "guided_grad_cam explains one target per sample; for an (N, K) target call it "
+            "once per column, target=target[:, k]"
+        )
+    gc = grad_cam(model, inputs, target, layer=layer, reshape=reshape, score=score)
+    gb_target = gc.target if gc.target is not None else target
+    gb = guided_backprop(model, inputs, gb_target, score=score)
+    return Attribution(
+        values=gb.values * gc.values,
+        target=gc.target,
+        scores=gc.scores,
+        method="guided_grad_cam",
+        output=gc.output,
+        extras={"layer_calls": gc.extras["layer_calls"], "grad_cam": gc.values},
+        reduction="abs_max",
+        layer=gc.layer,
+    )
+
+
+# -- Score-CAM -------------------------------------------------------------------------------
+
+
+@register("score_cam", kind="cam")
+def score_cam(
+    model: nn.Module,
+    inputs: Tensor,
+    target: TargetLike = None,
+    *,
+    layer: LayerLike | None = None,
+    reshape: Reshape | None = None,
+    relu: bool = True,
+    upsample: bool = True,
+    score: Score | None = None,
+    batch_size: int | None = None,
+) -> Attribution:
+    r"""Score-CAM (Wang et al. 2020): each channel weighted by the score of the input it masks.
+
+    .. math:: H^k = \frac{\mathrm{Up}(A^k) - \min \mathrm{Up}(A^k)}
+              {\max \mathrm{Up}(A^k) - \min \mathrm{Up}(A^k)}, \qquad
+              \alpha^c_k = \mathrm{softmax}\big(f(x \odot H^k)\big)_c, \qquad
+              L^c = \mathrm{ReLU}\Big(\sum_k \alpha^c_k A^k\Big)
+
+    No gradient is used. The masked inputs run without an autograd graph, ``batch_size``
+    rows per forward pass (the result does not depend on it), and the target classes of all
+    ``K`` targets are read from the same passes, so ``(N, K)`` targets cost no more than one.
+    Two savings are exact:
+
+    - a channel whose map is constant has no normalised mask (0/0); it is left out, as in the
+      authors' code. For the all-zero channels that follow a ReLU this changes nothing, since
+      :math:`\alpha_k A^k = 0`, and it saves their forward passes;
+    - channels whose maps are positive affine images of each other have the same mask, since
+      :math:`s(\mathrm{Up}(aA + b)) = s(\mathrm{Up}(A))` for :math:`a > 0`. Masks are computed
+      as :math:`s(\mathrm{Up}(s(A)))`, which equals :math:`s(\mathrm{Up}(A))`, and channels
+      whose normalised maps :math:`s(A)` are bitwise equal share one masked input. On a sparse
+      ReLU layer that is common: every channel active at one single position has the same
+      mask (388 distinct masks for the 441 active head channels of EfficientNet-Lite0 on the
+      cat photo).
+
+    Definitions differ between implementations; this one follows the paper's score (the
+    softmax probability of the class on the masked input, ``score="probability"``, as in the
+    authors' code, ``score="logit"`` for the raw CIC score of Def. 2 without baseline) and
+    combines the weights with the layer-resolution activations before the ReLU, as the paper
+    writes it. pytorch-grad-cam instead takes a softmax *over channels* of the logits,
+    :math:`\alpha_k = e^{y^c(x \odot H^k)}/\sum_j e^{y^c(x \odot H^j)}`, and upsamples masks
+    with ``align_corners=True``; torchcam (0.5) takes the softmax over channels of the logit
+    increase over a baseline, and min-max normalizes activations before upsampling them. The
+    masks here are upsampled bilinearly with ``align_corners=False``, as in the authors' code.
+
+    Args:
+        model: Any network with a spatial layer (or ``reshape``); no gradients needed.
+        inputs: ``(N, C, H, W)`` preprocessed images.
+        target: What to explain; ``(N, K)`` for ``K`` maps per sample. A callable target is
+            evaluated on each batch of ``N`` masked inputs (one per sample, in order).
+        layer: See :func:`grad_cam`.
+        reshape: See :func:`grad_cam`.
+        relu: Apply the paper's ReLU to the map.
+        upsample: Resize the map to the input size (bilinear).
+        score: For class targets, ``"probability"`` (the default, ``None``), ``"logit"`` or
+            ``"log_probability"``; a callable target gives its own score.
+        batch_size: Masked inputs per forward pass (rounded down to a multiple of ``N``,
+            at least ``N``); ``None`` picks it from the input size.
+
+    Returns:
+        ``values`` ``(N, 1, H, W)`` or ``(N, K, H, W)``; ``extras["weights"]``: ``alpha``,
+        ``(N, T, K)``; ``extras["masked_inputs"]``: the number of masked inputs evaluated.
+
+    References:
+        Wang, Wang, Du, Yang, Zhang, Ding, Mardziel, Hu. Score-CAM: Score-Weighted Visual
+        Explanations for Convolutional Neural Networks. CVPR Workshops 2020,
+        arXiv:1910.01279.
+    """
+    if score is None:
+        score = "logit" if callable(target) and not isinstance(target, Tensor) else "probability"
+    cap = _capture(model, inputs, target, layer=layer, reshape=reshape, score=score, grad=False)
+    activation = cap.activation
+    n, k = activation.shape[:2]
+    size = (int(inputs.shape[-2]), int(inputs.shape[-1]))
+    rows_per_pass = max(1, auto_batch_size(inputs, batch_size) // n) * n
+    channels_per_pass = rows_per_pass // n
+
+    # s(Up(s(A))) = s(Up(A)) for the min-max normalisation s, since bilinear upsampling commutes
+    # with positive affine maps; channels whose normalised maps s(A) are bitwise equal in every
+    # sample share one masked input. Channels constant in every sample have no mask, weight 0.
+    flat = activation.flatten(2)
+    low, high = flat.amin(dim=2, keepdim=True), flat.amax(dim=2, keepdim=True)
+    varying = high > low  # (N, K, 1)
+    unit = torch.where(varying, (flat - low) / torch.where(varying, high - low, 1.0), 0.0)
+    channels = varying[..., 0].any(dim=0).nonzero().flatten()
+    keys = unit[:, channels].transpose(0, 1).reshape(len(channels), -1)  # (C, N * h * w)
+    distinct, group = torch.unique(keys, dim=0, return_inverse=True)
+    distinct = distinct.view(-1, n, 1, *activation.shape[2:])  # (U, N, 1, h, w)
+
+    x = inputs.detach()
+    samples = torch.arange(n, device=x.device)
+    scores = x.new_zeros(distinct.shape[0], n, cap.scores.shape[1], dtype=activation.dtype)
+    masked = 0
+    with torch.no_grad():
+        for start in range(0, distinct.shape[0], channels_per_pass):
+            maps = distinct[start : start + channels_per_pass].flatten(0, 1)  # channel-major
+            if tuple(maps.shape[-2:]) != size:
+                maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+            lo = maps.amin(dim=(2, 3), keepdim=True)
+            span = maps.amax(dim=(2, 3), keepdim=True) - lo
+            ok = span > 0
+            masks = torch.where(ok, (maps - lo) / torch.where(ok, span, 1.0), 0.0)
+            rows = samples.repeat(maps.shape[0] // n)  # whole copies of the batch
+            out = model(x[rows] * masks)
+            part = cap.resolved.scores(out, rows).reshape(-1, n, scores.shape[2])
+            scores[start : start + part.shape[0]] = part * ok.reshape(-1, n, 1)
+            masked += rows.numel()
+    weights = torch.zeros(n, k, scores.shape[2], dtype=activation.dtype, device=x.device)
+    weights[:, channels] = scores[group].transpose(0, 1)
+    weights = weights.transpose(1, 2)  # (N, T, K)
+    values = _combine(weights[..., None, None], activation, relu=relu, size=_size(inputs, upsample))
+    return _result("score_cam", cap, values, {"weights": weights, "masked_inputs": masked})

@@ -1,0 +1,209 @@
+"""Tests of salience.viz: normalization, colors, overlays, the guided rendering, grids, reprs."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import salience
+from salience import viz
+from salience.attribution import Attribution
+
+
+def _attribution(values: torch.Tensor, method: str = "gradient", reduction="abs_max"):
+    n = values.shape[0]
+    return Attribution(
+        values=values,
+        target=torch.zeros(n, dtype=torch.long),
+        scores=torch.zeros(n),
+        method=method,
+        reduction=reduction,
+    )
+
+
+# -- normalize -------------------------------------------------------------------------------
+
+
+def test_normalize_signed_is_symmetric_about_zero():
+    m = np.array([[-2.0, -1.0], [0.0, 1.0]])
+    out = viz.normalize(m, percentile=None)
+    np.testing.assert_allclose(out, [[-1.0, -0.5], [0.0, 0.5]])
+    assert out.dtype == np.float32
+
+
+def test_normalize_unsigned_keeps_zero_at_zero_and_clips_at_percentile():
+    m = np.concatenate([np.linspace(0, 1, 999), [100.0]])  # one outlier
+    out = viz.normalize(m, percentile=99.0)
+    assert out.min() == 0.0
+    assert out[0] == 0.0
+    assert out[-1] == 1.0  # the outlier saturates
+    assert out[-2] == pytest.approx(1.0, abs=0.02)  # the rest uses the full scale
+    assert viz.normalize(m, percentile=None)[-2] == pytest.approx(0.01)
+
+
+def test_normalize_auto_sign_and_forced_unsigned():
+    m = np.array([-1.0, 0.5, 1.0])
+    assert viz.normalize(m, percentile=None).min() == -1.0
+    np.testing.assert_allclose(viz.normalize(m, signed=False, percentile=None), [0, 0.5, 1])
+    tiny_negative = np.array([-1e-9, 0.5, 1.0])  # rounding noise is not a sign
+    assert viz.normalize(tiny_negative, percentile=None).min() >= 0
+
+
+def test_normalize_zero_map_and_bad_percentile():
+    assert not viz.normalize(np.zeros((3, 3))).any()
+    with pytest.raises(ValueError, match="percentile"):
+        viz.normalize(np.ones(3), percentile=0)
+
+
+# -- heatmap, overlay ------------------------------------------------------------------------
+
+
+def test_signed_heatmap_is_diverging_centred_at_zero():
+    m = torch.tensor([[-1.0, 0.0, 1.0]])
+    pixels = np.asarray(viz.heatmap(m, percentile=None)).astype(int)
+    negative, zero, positive = pixels[0]
+    assert negative[2] > negative[0]  # blue
+    assert positive[0] > positive[2]  # red
+    assert zero.min() > 230  # white at zero
+    assert abs(int(zero[0]) - int(zero[2])) < 12
+
+
+def test_unsigned_heatmap_uses_sequential_map_and_respects_cmap():
+    m = torch.tensor([[0.0, 1.0]])
+    gray = np.asarray(viz.heatmap(m, cmap="gray", percentile=None))
+    assert tuple(gray[0, 0]) == (0, 0, 0)
+    assert tuple(gray[0, 1]) == (255, 255, 255)
+    jet = np.asarray(viz.heatmap(m, percentile=None))
+    assert jet[0, 0, 2] > jet[0, 0, 0]  # jet starts blue
+    with pytest.raises(ValueError, match="colormap"):
+        viz.heatmap(m, cmap="no-such-map")
+
+
+def test_overlay_blends_and_resizes_the_map():
+    image = Image.new("RGB", (20, 10), (10, 200, 30))
+    attribution = _attribution(torch.rand(1, 3, 5, 5))
+    plain = viz.overlay(image, attribution, alpha=0.0)
+    assert plain.size == (20, 10)
+    assert plain.mode == "RGB"
+    assert np.array_equal(np.asarray(plain), np.asarray(image))
+    full = viz.overlay(image, attribution, alpha=1.0, cmap="gray")
+    heat = viz.heatmap(attribution, cmap="gray").resize((20, 10), Image.Resampling.BILINEAR)
+    assert np.abs(np.asarray(full).astype(int) - np.asarray(heat)).max() <= 1
+    half = viz.overlay(image, attribution, alpha=0.5)
+    assert isinstance(half, Image.Image)
+    assert hasattr(half, "save")
+    with pytest.raises(ValueError, match="alpha"):
+        viz.overlay(image, attribution, alpha=1.5)
+
+
+def test_overlay_accepts_arrays_and_tensors_in_unit_range():
+    attribution = torch.rand(1, 1, 4, 4)
+    array = np.random.default_rng(0).random((4, 4, 3))
+    assert viz.overlay(array, attribution).size == (4, 4)
+    assert viz.overlay(torch.rand(3, 4, 4), attribution).size == (4, 4)
+    with pytest.raises(ValueError, match="to_image"):
+        viz.overlay(torch.randn(3, 4, 4) * 3, attribution)
+
+
+def test_saliency_map_reduces_as_the_method_and_picks_targets():
+    values = torch.randn(2, 3, 4, 4)
+    a = _attribution(values, reduction="sum")
+    np.testing.assert_allclose(viz.saliency_map(a, index=1), values[1].sum(0).numpy(), rtol=1e-6)
+    cams = _attribution(torch.rand(1, 2, 4, 4), method="grad_cam", reduction="none")
+    np.testing.assert_allclose(viz.saliency_map(cams, target=1), cams.values[0, 1].numpy())
+    with pytest.raises(ValueError, match="reduction"):
+        viz.saliency_map(torch.rand(3, 4, 4))
+    np.testing.assert_allclose(
+        viz.saliency_map(torch.rand(3, 4, 4) - 2, reduction="abs_max").min(), 1.0, atol=1.0
+    )
+
+
+# -- the guided rendering --------------------------------------------------------------------
+
+
+def test_guided_image_standardizes_to_gray_with_fixed_std():
+    g = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 1e-4 + 5e-5
+    pixels = np.asarray(viz.guided_image(g)).astype(np.float64) / 255
+    assert pixels.mean() == pytest.approx(0.5, abs=0.01)
+    assert pixels.std() == pytest.approx(0.1, abs=0.01)
+    # the same map at any scale gives the same picture
+    assert np.array_equal(np.asarray(viz.guided_image(g * 1000)), np.asarray(viz.guided_image(g)))
+    with pytest.raises(ValueError, match="3-channel"):
+        viz.guided_image(torch.rand(1, 1, 4, 4))
+
+
+# -- styles, grid ----------------------------------------------------------------------------
+
+
+def test_render_picks_the_papers_style(vgg, images):
+    x = images[:1]
+    image = Image.new("RGB", (16, 16), "white")
+    gb = salience.guided_backprop(vgg, x)
+    cam = salience.grad_cam(vgg, x)
+    ig = salience.integrated_gradients(vgg, x, steps=4)
+    grad = salience.gradient(vgg, x)
+    assert viz.default_style(gb) == "rgb"
+    assert viz.default_style(cam) == "overlay"
+    assert viz.default_style(ig) == "heatmap"
+    assert np.array_equal(np.asarray(viz.render(gb)), np.asarray(viz.guided_image(gb)))
+    assert np.array_equal(np.asarray(viz.render(cam, image)), np.asarray(viz.overlay(image, cam)))
+    gray = np.asarray(viz.render(grad))
+    assert np.array_equal(gray[..., 0], gray[..., 2])  # gradient magnitudes in gray
+    for picture in (viz.render(ig), viz.render(cam), viz.render(grad, image, style="overlay")):
+        assert picture.mode == "RGB"
+        assert picture.size == (16, 16)
+
+
+def test_grid_lays_out_titled_panels():
+    panels = [Image.new("RGB", (32, 32), c) for c in ("red", "green", "blue")]
+    one_row = viz.grid(panels, ["a", "b", "c"], title="three", panel_size=1.0, dpi=50)
+    two_rows = viz.grid(panels, ["a", "b", "c"], ncols=2, panel_size=1.0, dpi=50)
+    assert one_row.mode == "RGB"
+    assert one_row.width > two_rows.width
+    assert two_rows.height > one_row.height
+    assert viz.grid([np.zeros((8, 8))]).size[0] > 0  # grayscale arrays work
+    with pytest.raises(ValueError, match="titles"):
+        viz.grid(panels, ["a"])
+    with pytest.raises(ValueError, match="at least one"):
+        viz.grid([])
+
+
+# -- Jupyter ---------------------------------------------------------------------------------
+
+
+def test_attribution_displays_itself_in_jupyter(vgg, images):
+    single = salience.grad_cam(vgg, images[:1])
+    png = single._repr_png_()
+    assert png is not None
+    assert png.startswith(b"\x89PNG")
+    assert min(Image.open(io.BytesIO(png)).size) >= 160  # tiny maps are enlarged
+    html = single._repr_html_()
+    assert html is not None
+    assert 'src="data:image/png;base64,' in html
+    assert "grad_cam" in html
+    batch = salience.integrated_gradients(vgg, images, steps=4)
+    assert Image.open(io.BytesIO(batch._repr_png_())).width > 160  # a grid of 3
+    several = salience.grad_cam(vgg, images[:2], torch.tensor([[0, 1], [2, 3]]))
+    assert several._repr_png_() is not None
+
+
+def test_repr_never_raises():
+    broken = _attribution(torch.rand(5))  # no spatial axes
+    assert broken._repr_png_() is None
+    assert broken._repr_html_() is None
+
+
+def test_import_salience_does_not_import_matplotlib():
+    code = (
+        "import sys, salience; print('matplotlib' in sys.modules); "
+        "print(salience.viz.overlay.__name__, 'matplotlib' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "overlay", "False"]  # viz is loaded lazily
