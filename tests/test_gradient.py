@@ -217,9 +217,7 @@ def test_smoothgrad_averages_the_base_over_seeded_noise(vgg: nn.Module) -> None:
     result = salience.smoothgrad(
         vgg, x, target=[3, 4], samples=samples, noise_level=level, seed=seed, base="guided_backprop"
     )
-    noise = torch.randn(
-        (samples, 3, 16, 16), generator=torch.Generator().manual_seed(seed), dtype=torch.float64
-    ).float()
+    noise = torch.randn((samples, 3, 16, 16), generator=torch.Generator().manual_seed(seed))
     sigma = level * (x.flatten(1).amax(1) - x.flatten(1).amin(1))
     maps = [
         salience.guided_backprop(vgg, x + sigma.view(-1, 1, 1, 1) * noise[k], [3, 4]).values

@@ -213,3 +213,12 @@ def test_pretrained_adaptive_path_reaches_one_percent_with_half_the_steps(
     assert float(adaptive.extras["delta"].abs()) <= 0.01 * change
     assert int(adaptive.extras["steps"]) <= 256
     assert np.isfinite(adaptive.values.numpy()).all()
+
+
+def test_even_chunks() -> None:
+    from salience._checks import even_chunks
+
+    assert even_chunks(50, 10) == 10
+    assert even_chunks(12, 8) == 6  # two passes of 6, not 8 + 4
+    assert even_chunks(3, 100) == 3
+    assert even_chunks(7, 1) == 1

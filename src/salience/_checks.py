@@ -82,11 +82,21 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 def auto_batch_size(inputs: Tensor, batch_size: int | None) -> int:
     """Rows per forward pass for batched steps and samples.
 
-    About eight 3x224x224 images per pass: on a CPU, Integrated Gradients on
+    About ten 3x224x224 images per pass: on a CPU, Integrated Gradients on
     EfficientNet-Lite0 runs twice as fast in chunks of 8-10 steps as in one batch of 50,
     and memory stays bounded.
     """
     if batch_size is not None:
         return check_positive_int("batch_size", batch_size)
     per_row = max(1, inputs[0].numel())
-    return max(1, min(256, (8 * 3 * 224 * 224) // per_row))
+    return max(1, min(256, (10 * 3 * 224 * 224) // per_row))
+
+
+def even_chunks(total: int, most: int) -> int:
+    """Rows per pass that split ``total`` rows into equal passes of at most ``most`` rows.
+
+    50 rows with at most 8 per pass run as 7 passes of 8 rows or fewer, rather than six
+    full passes and a nearly empty one.
+    """
+    passes = -(-total // most)
+    return -(-total // passes)

@@ -19,6 +19,7 @@ from ._checks import (
     check_inputs,
     check_model,
     check_positive_int,
+    even_chunks,
 )
 from .attribution import Attribution, Reduction
 from .hooks import RectifierRule, rectifier_rule
@@ -229,7 +230,8 @@ def smoothgrad(
     clean_scores = resolved.scores(output)
 
     generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn((samples, *x.shape[1:]), generator=generator, dtype=torch.float64)
+    noise_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    noise = torch.randn((samples, *x.shape[1:]), generator=generator, dtype=noise_dtype)
     noise = noise.to(device=x.device, dtype=x.dtype)
     value_range = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).view(n, 1, 1, 1)
     sigma = noise_level * value_range
@@ -243,6 +245,8 @@ def smoothgrad(
             return _call_grouped(fn, out, n)
 
     total = samples * n
+    unit = n if chunk_target is not None else 1
+    rows_per_pass = even_chunks(total // unit, rows_per_pass // unit) * unit
     acc = torch.zeros((n, *x.shape[1:]), dtype=torch.float64, device=x.device)
     acc_sq = torch.zeros_like(acc) if variant != "mean" else None
     for start in range(0, total, rows_per_pass):

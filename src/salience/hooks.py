@@ -59,11 +59,12 @@ class _Rectify(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:  # type: ignore[override]
         signal = grad.clamp(min=0.0)
         if ctx.rule == "guided":
+            # The forward derivative, with PyTorch's own fused kernels: pass where 0 < x < upper.
             (saved,) = ctx.saved_tensors  # the input, or the output when in place
-            mask = saved > 0
-            if ctx.upper is not None:
-                mask &= saved < ctx.upper
-            signal = signal * mask
+            if ctx.upper is None:
+                signal = torch.ops.aten.threshold_backward(signal, saved, 0.0)
+            else:
+                signal = torch.ops.aten.hardtanh_backward(signal, saved, 0.0, ctx.upper)
         return signal, None, None, None
 
 

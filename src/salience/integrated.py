@@ -12,7 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import auto_batch_size, check_choice, check_inputs, check_model, check_positive_int
+from ._checks import (
+    auto_batch_size,
+    check_choice,
+    check_inputs,
+    check_model,
+    check_positive_int,
+    even_chunks,
+)
 from .attribution import Attribution
 from .registry import register
 from .targets import ResolvedTarget, Score, TargetLike, resolve_target
@@ -131,8 +138,12 @@ def integrated_gradients(
     base = make_baseline(x, baseline, blur_sigma=blur_sigma, seed=seed)
     rows_per_pass = auto_batch_size(inputs, batch_size)
 
-    with torch.no_grad():
-        out_x, out_b = model(x.clone()), model(base.clone())
+    with torch.no_grad():  # S(x) and S(x') in one pass when the output is a plain batch
+        both = model(torch.cat([x, base]))
+        if isinstance(both, Tensor) and both.ndim > 0 and both.shape[0] == 2 * n:
+            out_x, out_b = both[:n], both[n:]
+        else:
+            out_x, out_b = model(x.clone()), model(base.clone())
     resolved = resolve_target(target, out_x, n, score=score)
     f_x, f_b = resolved.scores(out_x), resolved.scores(out_b)
     path = _Path(model, resolved, base, x - base, rows_per_pass)
@@ -245,8 +256,10 @@ class _Path:
 
     def _chunks(self, samples: Tensor, alphas: Tensor) -> Iterator[tuple[slice, Tensor, Tensor]]:
         """Yield ``(rows, scores, grads)`` for the rows ``(samples[r], alphas[r])``."""
-        for start in range(0, samples.shape[0], self.rows_per_pass):
-            rows = slice(start, start + self.rows_per_pass)
+        unit = self.n if self.target.fn is not None else 1
+        step = even_chunks(samples.shape[0] // unit, self.rows_per_pass // unit) * unit
+        for start in range(0, samples.shape[0], step):
+            rows = slice(start, start + step)
             s = samples[rows]
             a = alphas[rows].to(self.base.dtype).view(-1, 1, 1, 1)
             point = (self.base[s] + a * self.diff[s]).requires_grad_(True)
