@@ -207,9 +207,20 @@ def _load_hub_model(spec: str, device: Any) -> tuple[Any, list[str] | None, dict
             raise CLIError(
                 f"--model {spec}: torchvision is not installed (pip install torchvision)"
             ) from None
+        import torch
+
         try:
             weights = torchvision.models.get_model_weights(name).DEFAULT
+            cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+            if not cached.is_file():  # salience never downloads at run time
+                raise CLIError(
+                    f"--model {spec}: its weights are not in the local cache ({cached}); "
+                    "salience never downloads. Fetch them once yourself, e.g. with "
+                    f"torchvision.models.get_model({name!r}, weights='DEFAULT')"
+                )
             model = torchvision.models.get_model(name, weights=weights)
+        except CLIError:
+            raise
         except Exception as exc:
             raise CLIError(
                 f"--model {spec}: cannot load torchvision model {name!r} with its default "
@@ -226,6 +237,8 @@ def _load_hub_model(spec: str, device: Any) -> tuple[Any, list[str] | None, dict
         }
         names = list(weights.meta.get("categories") or []) or None
         return model, names, info
+    # salience never downloads at run time: timm may only read its local Hugging Face cache.
+    os.environ["HF_HUB_OFFLINE"] = "1"
     try:
         import timm  # type: ignore[import-not-found]
     except ImportError:
