@@ -70,7 +70,7 @@ def integrated_gradients(
     target: TargetLike = None,
     *,
     baseline: BaselineLike = "zeros",
-    steps: int = 50,
+    steps: int | None = None,
     quadrature: Quadrature | None = None,
     tolerance: float | None = None,
     max_steps: int = 1024,
@@ -102,7 +102,8 @@ def integrated_gradients(
         baseline: ``"zeros"``, ``"blur"`` (a Gaussian blur of the input, Sturmfels et al.
             2020), ``"uniform"`` (uniform noise over each input's range, seeded), a number, or a
             tensor broadcastable to ``inputs``.
-        steps: Number of nodes of the fixed rule, or of initial intervals with ``tolerance``.
+        steps: Number of nodes of the fixed rule (default 50), or of initial intervals with
+            ``tolerance`` (default 16).
         quadrature: ``"riemann_left"``, ``"riemann_right"``, ``"riemann_middle"``,
             ``"riemann_trapezoid"`` or ``"gausslegendre"`` (default). Not with ``tolerance``.
         tolerance: Target completeness gap relative to ``|S(x) - S(x')|``; enables the adaptive
@@ -121,7 +122,9 @@ def integrated_gradients(
     """
     check_model(model)
     check_inputs(inputs)
-    check_positive_int("steps", steps)
+    steps = check_positive_int(
+        "steps", steps if steps is not None else (50 if tolerance is None else 16)
+    )
     check_positive_int("max_steps", max_steps)
     if tolerance is not None:
         if quadrature is not None:
