@@ -247,7 +247,9 @@ def smoothgrad(
     total = samples * n
     unit = n if chunk_target is not None else 1
     rows_per_pass = even_chunks(total // unit, rows_per_pass // unit) * unit
-    acc = torch.zeros((n, *x.shape[1:]), dtype=torch.float64, device=x.device)
+    # VarGrad subtracts two close moments: accumulate those in float64.
+    acc_dtype = torch.float64 if variant == "vargrad" else x.dtype
+    acc = torch.zeros((n, *x.shape[1:]), dtype=acc_dtype, device=x.device)
     acc_sq = torch.zeros_like(acc) if variant != "mean" else None
     for start in range(0, total, rows_per_pass):
         rows = torch.arange(start, min(start + rows_per_pass, total), device=x.device)
@@ -258,7 +260,7 @@ def smoothgrad(
             part = spec.func(model, noisy, resolved.classes[sample], score=score, **options)
         else:
             part = spec.func(model, noisy, chunk_target, **options)
-        values = part.values.double()
+        values = part.values.to(acc_dtype)
         acc.index_add_(0, sample, values)
         if acc_sq is not None:
             acc_sq.index_add_(0, sample, values * values)

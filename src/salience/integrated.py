@@ -157,7 +157,7 @@ def integrated_gradients(
         used = torch.full((n,), steps, dtype=torch.long)
     else:
         acc, used = path.adaptive(f_x, f_b, steps, float(tolerance), max_steps)
-    values = ((x - base).double() * acc).to(x.dtype)
+    values = (x - base) * acc.to(x.dtype)
     delta = values.double().flatten(1).sum(1) - (f_x.double() - f_b.double())
     return Attribution(
         values=values,
@@ -274,16 +274,16 @@ class _Path:
             yield rows, scores.detach(), grad
 
     def integrate(self, alphas: Tensor, weights: Tensor) -> Tensor:
-        """Return ``sum_j w_j grad(alpha_j)`` per sample, ``(N, C, H, W)`` in float64."""
-        device = self.base.device
+        """Return ``sum_j w_j grad(alpha_j)`` per sample, ``(N, C, H, W)``, in the input dtype."""
+        device, dtype = self.base.device, self.base.dtype
         steps = alphas.shape[0]
         rows = torch.arange(steps * self.n, device=device)  # step-major: whole batch copies
         samples, step = rows % self.n, rows // self.n
-        row_alphas, row_weights = alphas.to(device)[step], weights.to(device)[step]
-        acc = torch.zeros(self.base.shape, dtype=torch.float64, device=device)
+        row_alphas = alphas.to(device)[step]
+        row_weights = weights.to(device, dtype)[step]
+        acc = torch.zeros(self.base.shape, dtype=dtype, device=device)
         for chunk, _, grad in self._chunks(samples, row_alphas):
-            weighted = grad.double() * row_weights[chunk].view(-1, 1, 1, 1)
-            acc.index_add_(0, samples[chunk], weighted)
+            acc.index_add_(0, samples[chunk], grad * row_weights[chunk].view(-1, 1, 1, 1))
         return acc
 
     def _evaluate(self, grids: list[_Grid], wanted: list[list[float]]) -> None:
