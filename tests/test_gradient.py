@@ -259,7 +259,7 @@ def test_smoothgrad_option_errors(resnet: nn.Module, images: torch.Tensor) -> No
     with pytest.raises(ValueError, match="noise_level"):
         salience.smoothgrad(resnet, images, noise_level=-1)
     with pytest.raises(TypeError, match="has no option 'stepz'"):
-        salience.smoothgrad(resnet, images, base_options={"stepz": 3})
+        salience.explain(resnet, images, method="smoothgrad", stepz=3)
 
 
 def test_rules_apply_to_the_model_not_to_a_callable_target(vgg: nn.Module) -> None:

@@ -7,7 +7,6 @@ user's autograd graph and the input tensor are never touched.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -23,8 +22,8 @@ from ._checks import (
 )
 from .attribution import Attribution, Reduction
 from .hooks import RectifierRule, rectifier_rule
-from .registry import check_options, get_method, register
-from .targets import ResolvedTarget, Score, TargetLike, _call_grouped, resolve_target
+from .registry import register
+from .targets import ResolvedTarget, Score, TargetLike, resolve_target
 
 __all__ = ["deconvnet", "gradient", "guided_backprop", "input_x_gradient", "smoothgrad"]
 
@@ -51,14 +50,20 @@ def backprop(
         # The rule belongs to the model: a ReLU inside a callable target keeps its gradient.
         resolved = resolve_target(target, output, x.shape[0], score=score)
         scores = resolved.scores(output)
-        if not scores.requires_grad:
-            raise ValueError(
-                "the explained score does not depend on the inputs through autograd (is the "
-                "model or the target detached, or run under torch.no_grad inside forward?)"
-            )
-        (grad,) = torch.autograd.grad(scores.sum(), x)
+        grad = _grad(scores, x)
     detached = output.detach() if isinstance(output, Tensor) else output
     return grad, detached, scores.detach(), resolved
+
+
+def _grad(scores: Tensor, wrt: Tensor) -> Tensor:
+    """``d sum(scores) / d wrt``, or a clear error when the scores do not depend on it."""
+    if not scores.requires_grad:
+        raise ValueError(
+            "the explained score does not depend on the inputs through autograd (is the "
+            "model or the target detached, or run under torch.no_grad inside forward?)"
+        )
+    (grad,) = torch.autograd.grad(scores.sum(), wrt)
+    return grad
 
 
 def _result(
@@ -162,7 +167,13 @@ def guided_backprop(
 
 
 SmoothVariant = Literal["mean", "squared", "vargrad"]
-_SMOOTH_BASES = ("gradient", "input_x_gradient", "deconvnet", "guided_backprop")
+# The methods SmoothGrad can smooth, and the rectifier rule each back-propagates with.
+_SMOOTH_BASES: dict[str, RectifierRule] = {
+    "gradient": "gradient",
+    "input_x_gradient": "gradient",
+    "deconvnet": "deconvnet",
+    "guided_backprop": "guided",
+}
 
 
 @register("smoothgrad")
@@ -178,7 +189,6 @@ def smoothgrad(
     seed: int = 0,
     batch_size: int | None = None,
     score: Score = "logit",
-    base_options: dict[str, Any] | None = None,
 ) -> Attribution:
     r"""SmoothGrad (Smilkov et al. 2017): average a gradient map over noisy copies of the input.
 
@@ -204,7 +214,6 @@ def smoothgrad(
         seed: Seed of the noise.
         batch_size: Rows per forward pass; ``None`` picks it from the input size.
         score: See :func:`gradient`.
-        base_options: Further options of the base method.
 
     References:
         Smilkov, Thorat, Kim, Viégas, Wattenberg. SmoothGrad: removing noise by adding noise.
@@ -212,14 +221,11 @@ def smoothgrad(
     """
     check_model(model)
     check_inputs(inputs)
-    check_choice("SmoothGrad base", base, _SMOOTH_BASES)
+    check_choice("SmoothGrad base", base, tuple(_SMOOTH_BASES))
     check_choice("SmoothGrad variant", variant, ("mean", "squared", "vargrad"))
     check_positive_int("samples", samples)
     if not (isinstance(noise_level, int | float) and noise_level >= 0):
         raise ValueError(f"noise_level must be a non-negative number, got {noise_level!r}")
-    spec = get_method(base)
-    options = dict(base_options or {})
-    check_options(spec, options)
     n = inputs.shape[0]
     rows_per_pass = auto_batch_size(inputs, batch_size)
 
@@ -236,16 +242,8 @@ def smoothgrad(
     value_range = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).view(n, 1, 1, 1)
     sigma = noise_level * value_range
 
-    chunk_target: Callable[[Tensor], Tensor] | None = None
-    if resolved.fn is not None:
-        rows_per_pass = max(1, rows_per_pass // n) * n  # whole copies of the batch
-        fn = resolved.fn
-
-        def chunk_target(out: Tensor) -> Tensor:
-            return _call_grouped(fn, out, n)
-
     total = samples * n
-    unit = n if chunk_target is not None else 1
+    unit = n if resolved.fn is not None else 1  # callables see whole copies of the batch
     rows_per_pass = even_chunks(total // unit, rows_per_pass // unit) * unit
     # VarGrad subtracts two close moments: accumulate those in float64.
     acc_dtype = torch.float64 if variant == "vargrad" else x.dtype
@@ -254,13 +252,17 @@ def smoothgrad(
     for start in range(0, total, rows_per_pass):
         rows = torch.arange(start, min(start + rows_per_pass, total), device=x.device)
         draw, sample = rows // n, rows % n
-        noisy = x[sample] + sigma[sample] * noise[draw]
-        if chunk_target is None:
-            assert resolved.classes is not None
-            part = spec.func(model, noisy, resolved.classes[sample], score=score, **options)
-        else:
-            part = spec.func(model, noisy, chunk_target, **options)
-        values = part.values.to(acc_dtype)
+        # Differentiate with respect to the noise: the same gradient as with respect to the
+        # noisy input, which stays a non-leaf that the model may change in place.
+        shift = (sigma[sample] * noise[draw]).requires_grad_(True)
+        with torch.enable_grad():
+            with rectifier_rule(model, _SMOOTH_BASES[base]):
+                out = model(x[sample] + shift)
+            chunk_scores = resolved.scores(out, None if resolved.fn is not None else sample)
+            values = _grad(chunk_scores, shift)
+        if base == "input_x_gradient":
+            values = values * (x[sample] + shift.detach())
+        values = values.to(acc_dtype)
         acc.index_add_(0, sample, values)
         if acc_sq is not None:
             acc_sq.index_add_(0, sample, values * values)
