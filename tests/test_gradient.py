@@ -291,3 +291,16 @@ def test_guided_rule_survives_an_in_place_change_of_a_clipped_rectifier_output()
     inner = (reference.clamp(min=0) * ((pre > 0) & (pre < 6))).detach()
     expected = torch.nn.grad.conv2d_input(x.shape, net.conv.weight.detach(), inner)
     torch.testing.assert_close(guided, expected)
+
+
+def test_smoothgrad_with_a_callable_target_and_small_passes(
+    resnet: nn.Module, images: torch.Tensor
+) -> None:
+    """Passes smaller than the batch still hold whole copies of it for a callable target."""
+
+    def target(out: torch.Tensor) -> torch.Tensor:
+        return out[:, 2] - out[:, 5]
+
+    small = salience.smoothgrad(resnet, images, target=target, samples=3, batch_size=1)
+    large = salience.smoothgrad(resnet, images, target=target, samples=3, batch_size=64)
+    torch.testing.assert_close(small.values, large.values, rtol=1e-5, atol=1e-6)

@@ -222,3 +222,10 @@ def test_even_chunks() -> None:
     assert even_chunks(12, 8) == 6  # two passes of 6, not 8 + 4
     assert even_chunks(3, 100) == 3
     assert even_chunks(7, 1) == 1
+
+
+def test_even_chunks_keep_whole_groups() -> None:
+    from salience._checks import even_chunks
+
+    assert even_chunks(12, 8, unit=3) == 6  # two passes of two whole groups
+    assert even_chunks(12, 2, unit=3) == 3  # at least one whole group per pass

@@ -92,11 +92,14 @@ def auto_batch_size(inputs: Tensor, batch_size: int | None) -> int:
     return max(1, min(256, (10 * 3 * 224 * 224) // per_row))
 
 
-def even_chunks(total: int, most: int) -> int:
+def even_chunks(total: int, most: int, unit: int = 1) -> int:
     """Rows per pass that split ``total`` rows into equal passes of at most ``most`` rows.
 
     50 rows with at most 8 per pass run as 7 passes of 8 rows or fewer, rather than six
-    full passes and a nearly empty one.
+    full passes and a nearly empty one. Passes hold whole groups of ``unit`` rows (a callable
+    target sees whole copies of the batch), at least one group even when ``most < unit``.
     """
-    passes = -(-total // most)
-    return -(-total // passes)
+    groups = total // unit
+    most_groups = max(1, most // unit)
+    passes = -(-groups // most_groups)
+    return -(-groups // passes) * unit

@@ -55,6 +55,30 @@ def backprop(
     return grad, detached, scores.detach(), resolved
 
 
+def score_gradient(
+    model: nn.Module,
+    leaf: Tensor,
+    target: ResolvedTarget,
+    sample_ids: Tensor,
+    *,
+    offset: Tensor | None = None,
+    rule: RectifierRule = "gradient",
+) -> tuple[Tensor, Tensor]:
+    """Scores of the rows ``offset + leaf`` (or of ``leaf``) and their gradient w.r.t. ``leaf``.
+
+    The model sees a non-leaf tensor, so it may change its input in place. ``sample_ids``
+    says which sample each row comes from (see :meth:`ResolvedTarget.scores`).
+
+    Returns:
+        ``(scores, grad)``, the scores detached.
+    """
+    with torch.enable_grad():
+        with rectifier_rule(model, rule):
+            output = model(leaf.clone() if offset is None else offset + leaf)
+        scores = target.scores(output, sample_ids)
+        return scores.detach(), _grad(scores, leaf)
+
+
 def _grad(scores: Tensor, wrt: Tensor) -> Tensor:
     """``d sum(scores) / d wrt``, or a clear error when the scores do not depend on it."""
     if not scores.requires_grad:
@@ -244,7 +268,7 @@ def smoothgrad(
 
     total = samples * n
     unit = n if resolved.fn is not None else 1  # callables see whole copies of the batch
-    rows_per_pass = even_chunks(total // unit, rows_per_pass // unit) * unit
+    rows_per_pass = even_chunks(total, rows_per_pass, unit)
     # VarGrad subtracts two close moments: accumulate those in float64.
     acc_dtype = torch.float64 if variant == "vargrad" else x.dtype
     acc = torch.zeros((n, *x.shape[1:]), dtype=acc_dtype, device=x.device)
@@ -255,11 +279,9 @@ def smoothgrad(
         # Differentiate with respect to the noise: the same gradient as with respect to the
         # noisy input, which stays a non-leaf that the model may change in place.
         shift = (sigma[sample] * noise[draw]).requires_grad_(True)
-        with torch.enable_grad():
-            with rectifier_rule(model, _SMOOTH_BASES[base]):
-                out = model(x[sample] + shift)
-            chunk_scores = resolved.scores(out, None if resolved.fn is not None else sample)
-            values = _grad(chunk_scores, shift)
+        _, values = score_gradient(
+            model, shift, resolved, sample, offset=x[sample], rule=_SMOOTH_BASES[base]
+        )
         if base == "input_x_gradient":
             values = values * (x[sample] + shift.detach())
         values = values.to(acc_dtype)

@@ -21,6 +21,7 @@ from ._checks import (
     even_chunks,
 )
 from .attribution import Attribution
+from .gradient import score_gradient
 from .registry import register
 from .targets import ResolvedTarget, Score, TargetLike, resolve_target
 
@@ -253,25 +254,19 @@ class _Path:
         self.base = base
         self.diff = diff
         self.n = base.shape[0]
-        if target.fn is not None:  # callables see whole copies of the batch
-            rows_per_pass = max(1, rows_per_pass // self.n) * self.n
         self.rows_per_pass = rows_per_pass
 
     def _chunks(self, samples: Tensor, alphas: Tensor) -> Iterator[tuple[slice, Tensor, Tensor]]:
         """Yield ``(rows, scores, grads)`` for the rows ``(samples[r], alphas[r])``."""
-        unit = self.n if self.target.fn is not None else 1
-        step = even_chunks(samples.shape[0] // unit, self.rows_per_pass // unit) * unit
+        unit = self.n if self.target.fn is not None else 1  # callables see whole batches
+        step = even_chunks(samples.shape[0], self.rows_per_pass, unit)
         for start in range(0, samples.shape[0], step):
             rows = slice(start, start + step)
             s = samples[rows]
             a = alphas[rows].to(self.base.dtype).view(-1, 1, 1, 1)
             point = (self.base[s] + a * self.diff[s]).requires_grad_(True)
-            with torch.enable_grad():
-                output = self.model(point.clone())  # the model may modify its input in place
-                ids = None if self.target.fn is not None else s
-                scores = self.target.scores(output, sample_ids=ids)
-                (grad,) = torch.autograd.grad(scores.sum(), point)
-            yield rows, scores.detach(), grad
+            scores, grad = score_gradient(self.model, point, self.target, s)
+            yield rows, scores, grad
 
     def integrate(self, alphas: Tensor, weights: Tensor) -> Tensor:
         """Return ``sum_j w_j grad(alpha_j)`` per sample, ``(N, C, H, W)``, in the input dtype."""

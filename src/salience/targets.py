@@ -51,7 +51,8 @@ class ResolvedTarget:
         Args:
             output: Model output for ``R`` rows.
             sample_ids: ``(R,)`` the sample each row belongs to. ``None`` means the rows are
-                whole copies of the batch in order (row ``r`` is sample ``r % n``).
+                whole copies of the batch in order (row ``r`` is sample ``r % n``). A callable
+                target always needs whole copies: it is applied ``n`` rows at a time.
         """
         if self.fn is not None:
             return _call_grouped(self.fn, output, self.n)
