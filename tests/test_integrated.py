@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import salience
-from salience.integrated import gaussian_blur, make_baseline, quadrature_nodes
+from salience.methods.integrated import gaussian_blur, make_baseline, quadrature_nodes
 
 QUADRATURES = [
     "riemann_left",

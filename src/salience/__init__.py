@@ -7,17 +7,21 @@ Every method is a function ``method(model, inputs, target=None, **options) -> At
 from __future__ import annotations
 
 from . import targets
-from .activation_maps import (
+from .attribution import Attribution
+from .methods import (
     cam,
+    deconvnet,
     grad_cam,
     grad_cam_plus_plus,
+    gradient,
+    guided_backprop,
     guided_grad_cam,
+    input_x_gradient,
+    integrated_gradients,
     layer_cam,
     score_cam,
+    smoothgrad,
 )
-from .attribution import Attribution
-from .gradient import deconvnet, gradient, guided_backprop, input_x_gradient, smoothgrad
-from .integrated import integrated_gradients
 from .registry import available_methods, explain, get_method
 from .targets import mask_target, resolve_target
 
@@ -46,16 +50,21 @@ __all__ = [
     "targets",
 ]
 
-_LAZY_SUBMODULES = ("featvis", "models", "report", "viz")
+_LAZY_SUBMODULES = {
+    "features": "features",
+    "models": "models",
+    "report": "report",
+    "viz": "viz",
+}
 
 
 def __getattr__(name: str) -> object:
-    """Import ``salience.viz``, ``.featvis``, ``.report`` and ``.models`` on first use.
+    """Import ``salience.viz``, ``.features``, ``.report`` and ``.models`` on first use.
 
     They pull in matplotlib or model weights, which ``import salience`` does not need.
     """
     if name in _LAZY_SUBMODULES:
         import importlib
 
-        return importlib.import_module(f".{name}", __name__)
+        return importlib.import_module(f".{_LAZY_SUBMODULES[name]}", __name__)
     raise AttributeError(f"module 'salience' has no attribute {name!r}")

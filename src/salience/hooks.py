@@ -1,4 +1,11 @@
-"""Call-scoped changes to how a model back-propagates. Nothing here outlives a ``with`` block.
+"""Every hook and function mode salience puts on a model, scoped to one call and one thread.
+
+This is the only module that registers hooks. Nothing here outlives a ``with`` block, also when
+the block raises, and nothing is seen by another thread that runs the same model meanwhile.
+
+**Forward hooks** (:func:`forward_hooks`) let layer methods read what a layer computed. They are
+registered on the modules for the duration of the block, and act only in the thread that
+entered it: a second thread running the same model at the same time runs it unobserved.
 
 Modified backward rules at rectifiers (DeconvNet, guided backprop) are installed with a
 :class:`torch.overrides.TorchFunctionMode`, not with module hooks. The mode sees every
@@ -15,7 +22,8 @@ raises for them rather than returning a plain gradient under a guided name.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -23,7 +31,37 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["RectifierRule", "rectifier_rule"]
+__all__ = ["ForwardHook", "RectifierRule", "forward_hooks", "rectifier_rule"]
+
+ForwardHook = Callable[[str, nn.Module, tuple[Any, ...], Any], Any]
+"""``hook(name, module, args, output)``: a return value other than ``None`` replaces the output."""
+
+
+@contextlib.contextmanager
+def forward_hooks(modules: Iterable[tuple[str, nn.Module]], hook: ForwardHook) -> Iterator[None]:
+    """Call ``hook`` after every forward call of the named ``modules`` inside the block.
+
+    The hook runs only in the thread that entered the block; calls from other threads pass
+    through untouched. The hooks are removed on exit, also when the block raises.
+    """
+    owner = threading.get_ident()
+
+    def scoped(name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], Any]:
+        def run(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+            if threading.get_ident() != owner:
+                return None
+            return hook(name, module, args, output)
+
+        return run
+
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    try:
+        for name, module in modules:
+            handles.append(module.register_forward_hook(scoped(name)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 RectifierRule = Literal["gradient", "deconvnet", "guided"]
 

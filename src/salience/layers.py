@@ -1,8 +1,8 @@
 """Finding a layer of a model and recording what it computes, for the duration of one call.
 
 Layer methods (the CAM family) need the output ``A`` of an inner layer, still attached to the
-autograd graph of the score. Everything here is a context manager that registers forward
-hooks on entry and removes them on exit, also when the forward pass raises.
+autograd graph of the score. The recorders here are context managers over
+:func:`salience.hooks.forward_hooks`: hooks live for the block and for the calling thread.
 
 A *layer* is a submodule, given as the module itself or as its dotted name in
 ``model.named_modules()`` (``"layer4"``, ``"features.28"``, ``"_blocks.15"``).
@@ -29,6 +29,8 @@ from typing import Any, TypeAlias
 
 import torch
 from torch import Tensor, nn
+
+from .hooks import forward_hooks
 
 __all__ = [
     "LayerLike",
@@ -134,7 +136,7 @@ def record_layer(module: nn.Module, name: str) -> Iterator[LayerRecord]:
     """
     record = LayerRecord(name)
 
-    def hook(_module: nn.Module, _args: Any, output: Any) -> Tensor:
+    def hook(_name: str, _module: nn.Module, _args: Any, output: Any) -> Tensor:
         if not isinstance(output, Tensor):
             raise TypeError(
                 f"layer {name!r} returned a {type(output).__name__}, not a tensor; pick a layer "
@@ -143,11 +145,8 @@ def record_layer(module: nn.Module, name: str) -> Iterator[LayerRecord]:
         record._store(output)
         return output.clone()
 
-    handle = module.register_forward_hook(hook)
-    try:
+    with forward_hooks([(name, module)], hook):
         yield record
-    finally:
-        handle.remove()
 
 
 @dataclass
@@ -203,29 +202,19 @@ def record_last_spatial(model: nn.Module, batch: int) -> Iterator[SpatialRecord]
     was not modified in place later in the forward pass.
     """
     record = SpatialRecord(batch)
-    handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def hook_for(name: str) -> Callable[[nn.Module, Any, Any], None]:
-        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
-            record.calls[name] = record.calls.get(name, 0) + 1
-            if (
-                isinstance(output, Tensor)
-                and output.ndim == 4
-                and output.shape[0] == batch
-                and output.shape[2] * output.shape[3] > 1
-            ):
-                record._add(name, output)
+    def hook(name: str, _module: nn.Module, _args: Any, output: Any) -> None:
+        record.calls[name] = record.calls.get(name, 0) + 1
+        if (
+            isinstance(output, Tensor)
+            and output.ndim == 4
+            and output.shape[0] == batch
+            and output.shape[2] * output.shape[3] > 1
+        ):
+            record._add(name, output)
 
-        return hook
-
-    try:
-        for name, module in model.named_modules():
-            if name:
-                handles.append(module.register_forward_hook(hook_for(name)))
+    with forward_hooks(((n, m) for n, m in model.named_modules() if n), hook):
         yield record
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def check_reshape(reshape: Reshape, raw: Tensor, layer: str) -> None:

@@ -1,4 +1,4 @@
-"""Tests of salience.featvis.class_model (Simonyan et al. 2013, §2)."""
+"""Tests of salience.features.class_model (Simonyan et al. 2013, §2)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from salience.featvis import class_model
+from salience.features import class_model
 
 
 def _flat_net() -> nn.Module:

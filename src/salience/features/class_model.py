@@ -18,9 +18,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_model, check_positive_int
-from ._io import Progress
-from .integrated import gaussian_blur
+from .._checks import check_model, check_positive_int
+from .._io import Progress
+from ..methods.integrated import gaussian_blur
 
 __all__ = ["class_model"]
 

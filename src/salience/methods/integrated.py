@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import (
+from .._checks import (
     auto_batch_size,
     check_choice,
     check_inputs,
@@ -20,10 +20,10 @@ from ._checks import (
     check_positive_int,
     even_chunks,
 )
-from .attribution import Attribution
+from ..attribution import Attribution
+from ..registry import register
+from ..targets import ResolvedTarget, Score, TargetLike, resolve_target
 from .gradient import score_gradient
-from .registry import register
-from .targets import ResolvedTarget, Score, TargetLike, resolve_target
 
 __all__ = ["integrated_gradients", "quadrature_nodes"]
 

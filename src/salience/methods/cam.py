@@ -48,10 +48,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import auto_batch_size, check_inputs, check_model
-from .attribution import Attribution
-from .gradient import guided_backprop
-from .layers import (
+from .._checks import auto_batch_size, check_inputs, check_model
+from ..attribution import Attribution
+from ..hooks import forward_hooks
+from ..layers import (
     LayerLike,
     LayerRecord,
     Reshape,
@@ -60,8 +60,9 @@ from .layers import (
     record_last_spatial,
     record_layer,
 )
-from .registry import register
-from .targets import ResolvedTarget, Score, TargetLike, resolve_target
+from ..registry import register
+from ..targets import ResolvedTarget, Score, TargetLike, resolve_target
+from .gradient import guided_backprop
 
 __all__ = [
     "cam",
@@ -267,21 +268,15 @@ def _record_linear(model: nn.Module, fc: LayerLike | None) -> Iterator[_LinearRe
         linears = [(name, module)]
     record = _LinearRecord()
 
-    def hook_for(name: str, module: nn.Linear) -> Any:
-        def hook(_module: nn.Module, args: Any, output: Any) -> None:
-            record.name, record.module, record.calls = name, module, record.calls + 1
-            record.inputs = args[0] if args and isinstance(args[0], Tensor) else None
-            record.output = output if isinstance(output, Tensor) else None
-            record.version = output._version if isinstance(output, Tensor) else 0
+    def hook(name: str, module: nn.Module, args: Any, output: Any) -> None:
+        record.name, record.calls = name, record.calls + 1
+        record.module = module  # type: ignore[assignment]  # only nn.Linear modules are hooked
+        record.inputs = args[0] if args and isinstance(args[0], Tensor) else None
+        record.output = output if isinstance(output, Tensor) else None
+        record.version = output._version if isinstance(output, Tensor) else 0
 
-        return hook
-
-    handles = [m.register_forward_hook(hook_for(n, m)) for n, m in linears]
-    try:
+    with forward_hooks(linears, hook):
         yield record
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 _NOT_CAM = (

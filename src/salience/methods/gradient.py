@@ -12,7 +12,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ._checks import (
+from .._checks import (
     auto_batch_size,
     check_choice,
     check_inputs,
@@ -20,10 +20,10 @@ from ._checks import (
     check_positive_int,
     even_chunks,
 )
-from .attribution import Attribution, Reduction
-from .hooks import RectifierRule, rectifier_rule
-from .registry import register
-from .targets import ResolvedTarget, Score, TargetLike, resolve_target
+from ..attribution import Attribution, Reduction
+from ..hooks import RectifierRule, rectifier_rule
+from ..registry import register
+from ..targets import ResolvedTarget, Score, TargetLike, resolve_target
 
 __all__ = ["deconvnet", "gradient", "guided_backprop", "input_x_gradient", "smoothgrad"]
 

@@ -1,0 +1,191 @@
+"""The argument parser of the ``salience`` command, and :func:`main`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+
+from ._common import DEFAULT_OUT, EXIT_INTERRUPTED, CLIError, _err
+from ._options import (
+    COMPARE_METHODS,
+    _Formatter,
+    _image_options,
+    _model_options,
+    _positive_int,
+    _wrap,
+)
+from .compare import cmd_compare
+from .evaluate import cmd_evaluate
+from .explain import cmd_explain
+from .methods import cmd_methods
+from .report import cmd_report
+from .visualize_class import cmd_visualize_class
+
+EPILOG = """\
+exit status:
+  0   everything succeeded
+  1   nothing succeeded, or a fatal error (e.g. the model file cannot be read)
+  2   bad command line (unknown option, method or class name)
+  3   partial failure: some images failed, the others were written; failures are listed
+  130 interrupted; every file already written is complete (outputs are written atomically)
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser of the ``salience`` command."""
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="salience",
+        description=_wrap(
+            "Saliency maps for PyTorch image classifiers. The default model is the "
+            "bundled pretrained EfficientNet-Lite0 (ImageNet); nothing is downloaded."
+        ),
+        epilog=EPILOG + "\nexamples:\n"
+        "  salience compare sample:chelsea\n"
+        "  salience explain cat.jpg dog.png -m grad_cam -m integrated_gradients -t top3\n"
+        "  salience report cat.jpg --out report.html\n"
+        "  salience visualize-class goldfish\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"salience {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    model = _model_options()
+
+    p = sub.add_parser(
+        "explain",
+        parents=[_image_options("output directory", DEFAULT_OUT, "grad_cam"), model],
+        help="write saliency maps of images (PNG overlays and raw .npy arrays)",
+        description=_wrap(
+            "For each image, method and class: <out>/<image-stem>.<method>.<class>"
+            ".png (the map drawn over the image the model sees) and .npy (the raw map, float32, "
+            "shape (C, H, W): C=3 for pixel methods, 1 for CAMs), where <class> is "
+            "'<index>-<name>'. Prints one line per image: the predicted class and probability."
+        ),
+        epilog=EPILOG,
+        formatter_class=_Formatter,
+    )
+    p.add_argument(
+        "--style",
+        choices=("overlay", "heatmap", "rgb", "auto"),
+        default="overlay",
+        help="how to draw the PNG: overlay on the image, heatmap alone, rgb (guided-backprop "
+        "rendering, 3-channel maps only), or auto (as in each method's paper)",
+    )
+    p.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity of overlays")
+    p.add_argument(
+        "--cmap",
+        default=None,
+        help="matplotlib colormap (default: RdBu_r for signed maps, jet otherwise)",
+    )
+    p.set_defaults(handler=cmd_explain)
+
+    p = sub.add_parser(
+        "compare",
+        parents=[_image_options("output directory", DEFAULT_OUT, "see below"), model],
+        help="the image and the maps of several methods side by side, as one PNG",
+        description=_wrap(
+            "Draws the figure of the literature for each image: the input, then "
+            f"{', '.join(COMPARE_METHODS)} (those registered; -m picks others), each drawn as "
+            "in its paper, titled, with the predicted class. Writes "
+            "<out>/<image-stem>.compare.<class>.png."
+        ),
+        epilog=EPILOG,
+        formatter_class=_Formatter,
+    )
+    p.add_argument(
+        "--columns",
+        type=_positive_int,
+        default=None,
+        help="panels per row (default: one row of up to 8)",
+    )
+    p.add_argument("--panel-size", type=float, default=2.2, help="panel size in inches")
+    p.add_argument("--dpi", type=_positive_int, default=100, help="pixels per inch")
+    p.set_defaults(handler=cmd_compare)
+
+    p = sub.add_parser(
+        "report",
+        parents=[
+            _image_options(
+                "the HTML file to write",
+                os.path.join(DEFAULT_OUT, "report.html"),
+                "those of 'salience compare'",
+            ),
+            model,
+        ],
+        help="a self-contained HTML report: top-5 prediction and every method's map",
+        description=_wrap(
+            "Writes one HTML page (images embedded, nothing else loaded) with, for "
+            "each image, the top-K prediction and the map of every requested method (default: "
+            "those of 'salience compare'). Faithfulness and sanity scores are not available yet."
+        ),
+        epilog=EPILOG,
+        formatter_class=_Formatter,
+    )
+    p.add_argument("--top", type=_positive_int, default=5, help="classes in the prediction table")
+    p.add_argument("--title", default="salience report", help="page title")
+    p.set_defaults(handler=cmd_report)
+
+    p = sub.add_parser(
+        "visualize-class",
+        parents=[model],
+        help="the class model image: what the network takes for a class",
+        description=_wrap(
+            "Class model visualization (Simonyan et al. 2013, §2): gradient ascent on "
+            "the class score minus an L2 penalty, from the zero image, with jitter, occasional "
+            "blur and clipping. Writes <out>/class_model.<class>.png."
+        ),
+        formatter_class=_Formatter,
+    )
+    p.add_argument("cls", metavar="CLASS", help="class index or name, e.g. 1 or goldfish")
+    p.add_argument("--steps", type=_positive_int, default=200, help="gradient-ascent steps")
+    p.add_argument("--lr", type=float, default=0.05, help="step size, in input units")
+    p.add_argument("--l2", type=float, default=1e-4, help="weight of the L2 penalty")
+    p.add_argument("--jitter", type=int, default=8, help="largest random shift, in pixels")
+    p.add_argument("--blur-every", type=int, default=4, help="blur every N steps (0: never)")
+    p.add_argument("--blur-sigma", type=float, default=0.5, help="blur width, in pixels")
+    p.add_argument("--seed", type=int, default=0, help="seed of the jitter")
+    p.add_argument("-o", "--out", default=DEFAULT_OUT, help="output directory")
+    p.set_defaults(handler=cmd_visualize_class)
+
+    p = sub.add_parser(
+        "methods",
+        help="list the registered methods with one-line descriptions",
+        description=_wrap("The registry: every method the other commands accept."),
+    )
+    p.add_argument("--kind", choices=("pixel", "cam"), help="only methods of this kind")
+    p.set_defaults(handler=cmd_methods)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="faithfulness and sanity metrics (not available yet)",
+        description=_wrap(
+            "Not available yet: salience does not ship attribution metrics in this "
+            "version. This command exits with status 1."
+        ),
+    )
+    p.add_argument("args", nargs="*", help=argparse.SUPPRESS)
+    p.set_defaults(handler=cmd_evaluate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``salience`` command line; returns the exit status.
+
+    Args:
+        argv: The arguments (default ``sys.argv[1:]``).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if hasattr(args, "input_size"):
+        args.input_size_set = args.input_size
+        args.input_size = args.input_size or 224
+    try:
+        return int(args.handler(args))
+    except CLIError as exc:
+        _err(f"salience {args.command}: error: {exc}")
+        return exc.code
+    except KeyboardInterrupt:
+        _err(f"\nsalience {args.command}: interrupted (files already written are complete)")
+        return EXIT_INTERRUPTED

@@ -1,0 +1,29 @@
+"""The attribution methods, one module per family; importing a module registers its methods.
+
+- :mod:`.gradient`: gradient, gradient × input, DeconvNet, guided backprop, SmoothGrad;
+- :mod:`.integrated`: Integrated Gradients;
+- :mod:`.cam`: CAM, Grad-CAM, Guided Grad-CAM, Grad-CAM++, Score-CAM, LayerCAM.
+
+Users call them as ``salience.<method>`` or through :func:`salience.explain`.
+"""
+
+from __future__ import annotations
+
+from .cam import cam, grad_cam, grad_cam_plus_plus, guided_grad_cam, layer_cam, score_cam
+from .gradient import deconvnet, gradient, guided_backprop, input_x_gradient, smoothgrad
+from .integrated import integrated_gradients
+
+__all__ = [
+    "cam",
+    "deconvnet",
+    "grad_cam",
+    "grad_cam_plus_plus",
+    "gradient",
+    "guided_backprop",
+    "guided_grad_cam",
+    "input_x_gradient",
+    "integrated_gradients",
+    "layer_cam",
+    "score_cam",
+    "smoothgrad",
+]
