@@ -179,7 +179,7 @@ def test_baselines(images: torch.Tensor) -> None:
     with pytest.raises(ValueError, match="does not broadcast"):
         make_baseline(images, torch.zeros(2, 2))
     with pytest.raises(ValueError, match="unknown baseline"):
-        make_baseline(images, "black")  # type: ignore[arg-type]
+        make_baseline(images, "grey")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="NaN or inf"):
         make_baseline(images, torch.full((3, 1, 1), float("nan")))
 

@@ -48,7 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import auto_batch_size, check_inputs, check_model
+from .._checks import auto_batch_size
+from .._forward import Forward, ForwardArgs, model_scope
 from ..attribution import Attribution
 from ..hooks import forward_hooks
 from ..layers import (
@@ -93,7 +94,7 @@ class _Capture:
 
 
 def _capture(
-    model: nn.Module,
+    forward: Forward,
     inputs: Tensor,
     target: TargetLike,
     *,
@@ -102,8 +103,7 @@ def _capture(
     score: Score,
     grad: bool,
 ) -> _Capture:
-    check_model(model)
-    check_inputs(inputs)
+    model = forward.model
     if not isinstance(model, nn.Module):
         raise TypeError(
             f"CAM methods read an inner layer, so the model must be an nn.Module, got "
@@ -133,7 +133,7 @@ def _capture(
         recorder = record_layer(module, name)
     multi = isinstance(target, Tensor) and target.ndim == 2
     with torch.set_grad_enabled(grad), recorder as rec:
-        output = model(x)
+        output = forward(x.clone() if grad else x)  # the model may modify its input in place
         resolved = resolve_target(target, output, n, score=score, multi=True)
         scores = resolved.scores(output)
         scores = scores if multi else scores.unsqueeze(1)  # (N, T), in the graph
@@ -141,7 +141,7 @@ def _capture(
     if layer is None and record.output is not None and record.output._version != record._version:
         # the chosen map was changed in place later on: record it again, with a copy
         return _capture(
-            model, inputs, target, layer=record.name, reshape=None, score=score, grad=grad
+            forward, inputs, target, layer=record.name, reshape=None, score=score, grad=grad
         )
     raw = record.activation()
     if grad and not (scores.requires_grad and raw.requires_grad):
@@ -297,6 +297,8 @@ def cam(
     fc: LayerLike | None = None,
     relu: bool = False,
     upsample: bool = True,
+    forward_args: ForwardArgs = None,
+    allow_tf32: bool = False,
 ) -> Attribution:
     r"""Class activation mapping (Zhou et al. 2016), for global average pooling + linear heads.
 
@@ -323,6 +325,9 @@ def cam(
         fc: The linear classifier; by default the last ``nn.Linear`` that runs.
         relu: Rectify the map (not part of CAM).
         upsample: Resize the map to the input size (bilinear); ``False`` keeps ``(h, w)``.
+        forward_args: Extra arguments for the model after the image (see
+            :func:`salience.gradient`).
+        allow_tf32: Let CUDA use TF32 (faster, less exact); off by default.
 
     Returns:
         ``values`` of shape ``(N, 1, H, W)`` (``(N, K, H, W)`` for ``K`` targets);
@@ -336,73 +341,78 @@ def cam(
         Zhou, Khosla, Lapedriza, Oliva, Torralba. Learning Deep Features for Discriminative
         Localization. CVPR 2016, arXiv:1512.04150.
     """
-    if callable(target) and not isinstance(target, Tensor):
-        raise TypeError(
-            "cam weighs channels with the classifier row of a class, so it needs class "
-            "indices; for a callable target use grad_cam"
-        )
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"cam needs an nn.Module model, got {type(model).__name__}")
-    with _record_linear(model, fc) as linear:
-        cap = _capture(model, inputs, target, layer=layer, reshape=None, score="logit", grad=False)
-    n = inputs.shape[0]
-    activation = cap.activation
-    if linear.calls == 0 or linear.module is None or linear.output is None:
-        what = "no nn.Linear layer ran" if fc is None else f"the fc layer {fc!r} did not run"
-        raise ValueError(_NOT_CAM.format(reason=f"{what} in the forward pass"))
-    out = cap.output
-    if (
-        linear.output._version != linear.version
-        or not isinstance(out, Tensor)
-        or out.shape != linear.output.shape
-        or not torch.equal(out, linear.output)
-    ):
-        raise ValueError(
-            _NOT_CAM.format(
-                reason=f"the model output is not the output of its last linear layer "
-                f"{linear.name!r} (something is applied after it)"
+    with model_scope(model, inputs, forward_args=forward_args, allow_tf32=allow_tf32) as fwd:
+        if callable(target) and not isinstance(target, Tensor):
+            raise TypeError(
+                "cam weighs channels with the classifier row of a class, so it needs class "
+                "indices; for a callable target use grad_cam"
             )
-        )
-    features = None if linear.inputs is None else linear.inputs.reshape(n, -1)
-    pooled = activation.mean(dim=(2, 3))
-    if features is None or features.shape != pooled.shape:
-        got = "nothing" if features is None else f"{tuple(features.shape[1:])} features"
-        raise ValueError(
-            _NOT_CAM.format(
-                reason=f"the input of {linear.name!r} ({got}) is not the global average of "
-                f"layer {cap.layer!r} ({activation.shape[1]} channels)"
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"cam needs an nn.Module model, got {type(model).__name__}")
+        with _record_linear(model, fc) as linear:
+            cap = _capture(
+                fwd, inputs, target, layer=layer, reshape=None, score="logit", grad=False
             )
-        )
-    scale = float(pooled.abs().amax()) + 1e-12
-    if not torch.allclose(features, pooled, rtol=1e-4, atol=1e-5 * scale):
-        gap = float((features - pooled).abs().amax())
-        raise ValueError(
-            _NOT_CAM.format(
-                reason=f"the input of {linear.name!r} differs from the spatial mean of layer "
-                f"{cap.layer!r} by up to {gap:.3g} (is something between them, such as dropout "
-                "in training mode or a non-linearity?)"
+        n = inputs.shape[0]
+        activation = cap.activation
+        if linear.calls == 0 or linear.module is None or linear.output is None:
+            what = "no nn.Linear layer ran" if fc is None else f"the fc layer {fc!r} did not run"
+            raise ValueError(_NOT_CAM.format(reason=f"{what} in the forward pass"))
+        out = cap.output
+        if (
+            linear.output._version != linear.version
+            or not isinstance(out, Tensor)
+            or out.shape != linear.output.shape
+            or not torch.equal(out, linear.output)
+        ):
+            raise ValueError(
+                _NOT_CAM.format(
+                    reason=f"the model output is not the output of its last linear layer "
+                    f"{linear.name!r} (something is applied after it)"
+                )
             )
+        features = None if linear.inputs is None else linear.inputs.reshape(n, -1)
+        pooled = activation.mean(dim=(2, 3))
+        if features is None or features.shape != pooled.shape:
+            got = "nothing" if features is None else f"{tuple(features.shape[1:])} features"
+            raise ValueError(
+                _NOT_CAM.format(
+                    reason=f"the input of {linear.name!r} ({got}) is not the global average of "
+                    f"layer {cap.layer!r} ({activation.shape[1]} channels)"
+                )
+            )
+        scale = float(pooled.abs().amax()) + 1e-12
+        if not torch.allclose(features, pooled, rtol=1e-4, atol=1e-5 * scale):
+            gap = float((features - pooled).abs().amax())
+            raise ValueError(
+                _NOT_CAM.format(
+                    reason=f"the input of {linear.name!r} differs from the spatial mean of layer "
+                    f"{cap.layer!r} by up to {gap:.3g} (is something between them, such as dropout "
+                    "in training mode or a non-linearity?)"
+                )
+            )
+        classes = cap.resolved.classes
+        assert classes is not None
+        rows = classes if cap.multi else classes.unsqueeze(1)  # (N, T)
+        weights = linear.module.weight.detach()[rows].to(activation.dtype)  # (N, T, K)
+        values = _combine(
+            weights[..., None, None], activation, relu=relu, size=_size(inputs, upsample)
         )
-    classes = cap.resolved.classes
-    assert classes is not None
-    rows = classes if cap.multi else classes.unsqueeze(1)  # (N, T)
-    weights = linear.module.weight.detach()[rows].to(activation.dtype)  # (N, T, K)
-    values = _combine(weights[..., None, None], activation, relu=relu, size=_size(inputs, upsample))
-    return _result("cam", cap, values, {"weights": weights})
+        return _result("cam", cap, values, {"weights": weights})
 
 
 # -- gradient-weighted CAMs ------------------------------------------------------------------
 
 
 def _grad_capture(
-    model: nn.Module,
+    forward: Forward,
     inputs: Tensor,
     target: TargetLike,
     layer: LayerLike | None,
     reshape: Reshape | None,
     score: Score,
 ) -> _Capture:
-    return _capture(model, inputs, target, layer=layer, reshape=reshape, score=score, grad=True)
+    return _capture(forward, inputs, target, layer=layer, reshape=reshape, score=score, grad=True)
 
 
 @register("grad_cam", kind="cam")
@@ -417,6 +427,8 @@ def grad_cam(
     upsample: bool = True,
     counterfactual: bool = False,
     score: Score = "logit",
+    forward_args: ForwardArgs = None,
+    allow_tf32: bool = False,
 ) -> Attribution:
     r"""Grad-CAM (Selvaraju et al. 2017): activations weighted by their mean gradient.
 
@@ -446,6 +458,9 @@ def grad_cam(
         upsample: Resize to the input size (bilinear); ``False`` keeps the layer resolution.
         counterfactual: Explain with the negated gradients (§3.3).
         score: ``"logit"``, ``"probability"`` or ``"log_probability"`` of a class target.
+        forward_args: Extra arguments for the model after the image (see
+            :func:`salience.gradient`).
+        allow_tf32: Let CUDA use TF32 (faster, less exact); off by default.
 
     Returns:
         ``values`` of shape ``(N, 1, H, W)`` (``(N, K, H, W)`` for ``K`` targets), with the
@@ -456,12 +471,13 @@ def grad_cam(
         Selvaraju, Cogswell, Das, Vedantam, Parikh, Batra. Grad-CAM: Visual Explanations from
         Deep Networks via Gradient-based Localization. ICCV 2017, arXiv:1610.02391.
     """
-    cap = _grad_capture(model, inputs, target, layer, reshape, score)
-    grads = _gradients(cap, sign=-1.0 if counterfactual else 1.0)
-    weights = grads.mean(dim=(3, 4), keepdim=True)
-    values = _combine(weights, cap.activation, relu=relu, size=_size(inputs, upsample))
-    extras = {"weights": weights[..., 0, 0], "counterfactual": counterfactual}
-    return _result("grad_cam", cap, values, extras)
+    with model_scope(model, inputs, forward_args=forward_args, allow_tf32=allow_tf32) as fwd:
+        cap = _grad_capture(fwd, inputs, target, layer, reshape, score)
+        grads = _gradients(cap, sign=-1.0 if counterfactual else 1.0)
+        weights = grads.mean(dim=(3, 4), keepdim=True)
+        values = _combine(weights, cap.activation, relu=relu, size=_size(inputs, upsample))
+        extras = {"weights": weights[..., 0, 0], "counterfactual": counterfactual}
+        return _result("grad_cam", cap, values, extras)
 
 
 @register("grad_cam_plus_plus", kind="cam")
@@ -475,6 +491,8 @@ def grad_cam_plus_plus(
     relu: bool = True,
     upsample: bool = True,
     score: Score = "logit",
+    forward_args: ForwardArgs = None,
+    allow_tf32: bool = False,
 ) -> Attribution:
     r"""Grad-CAM++ (Chattopadhyay et al. 2018): positive gradients, weighted per position.
 
@@ -501,6 +519,9 @@ def grad_cam_plus_plus(
         relu: Apply the paper's ReLU to the map.
         upsample: Resize to the input size (bilinear).
         score: The score :math:`S^c` (the paper uses the logit).
+        forward_args: Extra arguments for the model after the image (see
+            :func:`salience.gradient`).
+        allow_tf32: Let CUDA use TF32 (faster, less exact); off by default.
 
     Returns:
         ``values`` ``(N, 1, H, W)`` or ``(N, K, H, W)``; ``extras["weights"]``: ``(N, T, K)``.
@@ -509,16 +530,17 @@ def grad_cam_plus_plus(
         Chattopadhyay, Sarkar, Howlader, Balasubramanian. Grad-CAM++: Improved Visual
         Explanations for Deep Convolutional Networks. WACV 2018, arXiv:1710.11063.
     """
-    cap = _grad_capture(model, inputs, target, layer, reshape, score)
-    g = _gradients(cap)
-    g2 = g * g
-    total = cap.activation.detach().sum(dim=(2, 3))[:, None, :, None, None]
-    denominator = 2 * g2 + total * g2 * g
-    valid = (g != 0) & (denominator != 0)
-    alpha = torch.where(valid, g2 / torch.where(valid, denominator, 1.0), 0.0)
-    weights = (alpha * g.clamp(min=0)).sum(dim=(3, 4), keepdim=True)
-    values = _combine(weights, cap.activation, relu=relu, size=_size(inputs, upsample))
-    return _result("grad_cam_plus_plus", cap, values, {"weights": weights[..., 0, 0]})
+    with model_scope(model, inputs, forward_args=forward_args, allow_tf32=allow_tf32) as fwd:
+        cap = _grad_capture(fwd, inputs, target, layer, reshape, score)
+        g = _gradients(cap)
+        g2 = g * g
+        total = cap.activation.detach().sum(dim=(2, 3))[:, None, :, None, None]
+        denominator = 2 * g2 + total * g2 * g
+        valid = (g != 0) & (denominator != 0)
+        alpha = torch.where(valid, g2 / torch.where(valid, denominator, 1.0), 0.0)
+        weights = (alpha * g.clamp(min=0)).sum(dim=(3, 4), keepdim=True)
+        values = _combine(weights, cap.activation, relu=relu, size=_size(inputs, upsample))
+        return _result("grad_cam_plus_plus", cap, values, {"weights": weights[..., 0, 0]})
 
 
 @register("layer_cam", kind="cam")
@@ -532,6 +554,8 @@ def layer_cam(
     relu: bool = True,
     upsample: bool = True,
     score: Score = "logit",
+    forward_args: ForwardArgs = None,
+    allow_tf32: bool = False,
 ) -> Attribution:
     r"""LayerCAM (Jiang et al. 2021): every position weighted by its own positive gradient.
 
@@ -550,6 +574,9 @@ def layer_cam(
         relu: Apply the paper's final ReLU (a no-op for non-negative activations).
         upsample: Resize to the input size (bilinear).
         score: The score :math:`y^c` (the paper uses the logit).
+        forward_args: Extra arguments for the model after the image (see
+            :func:`salience.gradient`).
+        allow_tf32: Let CUDA use TF32 (faster, less exact); off by default.
 
     Returns:
         ``values`` ``(N, 1, H, W)`` or ``(N, K, H, W)``.
@@ -558,10 +585,11 @@ def layer_cam(
         Jiang, Zhang, Hou, Cheng, Wei. LayerCAM: Exploring Hierarchical Class Activation Maps
         for Localization. IEEE Transactions on Image Processing 30, 2021.
     """
-    cap = _grad_capture(model, inputs, target, layer, reshape, score)
-    weights = _gradients(cap).clamp(min=0)
-    values = _combine(weights, cap.activation, relu=relu, size=_size(inputs, upsample))
-    return _result("layer_cam", cap, values)
+    with model_scope(model, inputs, forward_args=forward_args, allow_tf32=allow_tf32) as fwd:
+        cap = _grad_capture(fwd, inputs, target, layer, reshape, score)
+        weights = _gradients(cap).clamp(min=0)
+        values = _combine(weights, cap.activation, relu=relu, size=_size(inputs, upsample))
+        return _result("layer_cam", cap, values)
 
 
 @register("guided_grad_cam")
@@ -573,6 +601,8 @@ def guided_grad_cam(
     layer: LayerLike | None = None,
     reshape: Reshape | None = None,
     score: Score = "logit",
+    forward_args: ForwardArgs = None,
+    allow_tf32: bool = False,
 ) -> Attribution:
     r"""Guided Grad-CAM (Selvaraju et al. 2017): guided backprop times the upsampled Grad-CAM.
 
@@ -593,6 +623,9 @@ def guided_grad_cam(
         layer: See :func:`grad_cam`.
         reshape: See :func:`grad_cam`.
         score: See :func:`grad_cam`.
+        forward_args: Extra arguments for the model after the image (see
+            :func:`salience.gradient`).
+        allow_tf32: Let CUDA use TF32 (faster, less exact); off by default.
 
     Returns:
         ``values`` of the shape of ``inputs``, with the Grad-CAM layer in
@@ -610,9 +643,10 @@ def guided_grad_cam(
             "guided_grad_cam explains one target per sample; for an (N, K) target call it "
             "once per column, target=target[:, k]"
         )
-    gc = grad_cam(model, inputs, target, layer=layer, reshape=reshape, score=score)
+    options: dict[str, Any] = {"forward_args": forward_args, "allow_tf32": allow_tf32}
+    gc = grad_cam(model, inputs, target, layer=layer, reshape=reshape, score=score, **options)
     gb_target = gc.target if gc.target is not None else target
-    gb = guided_backprop(model, inputs, gb_target, score=score)
+    gb = guided_backprop(model, inputs, gb_target, score=score, **options)
     return Attribution(
         values=gb.values * gc.values,
         target=gc.target,
@@ -640,6 +674,8 @@ def score_cam(
     upsample: bool = True,
     score: Score | None = None,
     batch_size: int | None = None,
+    forward_args: ForwardArgs = None,
+    allow_tf32: bool = False,
 ) -> Attribution:
     r"""Score-CAM (Wang et al. 2020): each channel weighted by the score of the input it masks.
 
@@ -687,6 +723,9 @@ def score_cam(
             ``"log_probability"``; a callable target gives its own score.
         batch_size: Masked inputs per forward pass (rounded down to a multiple of ``N``,
             at least ``N``); ``None`` picks it from the input size.
+        forward_args: Extra arguments for the model after the image (see
+            :func:`salience.gradient`).
+        allow_tf32: Let CUDA use TF32 (faster, less exact); off by default.
 
     Returns:
         ``values`` ``(N, 1, H, W)`` or ``(N, K, H, W)``; ``extras["weights"]``: ``alpha``,
@@ -697,47 +736,52 @@ def score_cam(
         Explanations for Convolutional Neural Networks. CVPR Workshops 2020,
         arXiv:1910.01279.
     """
-    if score is None:
-        score = "logit" if callable(target) and not isinstance(target, Tensor) else "probability"
-    cap = _capture(model, inputs, target, layer=layer, reshape=reshape, score=score, grad=False)
-    activation = cap.activation
-    n, k = activation.shape[:2]
-    size = (int(inputs.shape[-2]), int(inputs.shape[-1]))
-    rows_per_pass = max(1, auto_batch_size(inputs, batch_size) // n) * n
-    channels_per_pass = rows_per_pass // n
+    with model_scope(model, inputs, forward_args=forward_args, allow_tf32=allow_tf32) as fwd:
+        if score is None:
+            score = (
+                "logit" if callable(target) and not isinstance(target, Tensor) else "probability"
+            )
+        cap = _capture(fwd, inputs, target, layer=layer, reshape=reshape, score=score, grad=False)
+        activation = cap.activation
+        n, k = activation.shape[:2]
+        size = (int(inputs.shape[-2]), int(inputs.shape[-1]))
+        rows_per_pass = max(1, auto_batch_size(inputs, batch_size) // n) * n
+        channels_per_pass = rows_per_pass // n
 
-    # s(Up(s(A))) = s(Up(A)) for the min-max normalisation s, since bilinear upsampling commutes
-    # with positive affine maps; channels whose normalised maps s(A) are bitwise equal in every
-    # sample share one masked input. Channels constant in every sample have no mask, weight 0.
-    flat = activation.flatten(2)
-    low, high = flat.amin(dim=2, keepdim=True), flat.amax(dim=2, keepdim=True)
-    varying = high > low  # (N, K, 1)
-    unit = torch.where(varying, (flat - low) / torch.where(varying, high - low, 1.0), 0.0)
-    channels = varying[..., 0].any(dim=0).nonzero().flatten()
-    keys = unit[:, channels].transpose(0, 1).reshape(len(channels), -1)  # (C, N * h * w)
-    distinct, group = torch.unique(keys, dim=0, return_inverse=True)
-    distinct = distinct.view(-1, n, 1, *activation.shape[2:])  # (U, N, 1, h, w)
+        # s(Up(s(A))) = s(Up(A)) for the min-max normalisation s, since bilinear upsampling commutes
+        # with positive affine maps; channels whose normalised maps s(A) are bitwise equal in every
+        # sample share one masked input. Channels constant in every sample have no mask, weight 0.
+        flat = activation.flatten(2)
+        low, high = flat.amin(dim=2, keepdim=True), flat.amax(dim=2, keepdim=True)
+        varying = high > low  # (N, K, 1)
+        unit = torch.where(varying, (flat - low) / torch.where(varying, high - low, 1.0), 0.0)
+        channels = varying[..., 0].any(dim=0).nonzero().flatten()
+        keys = unit[:, channels].transpose(0, 1).reshape(len(channels), -1)  # (C, N * h * w)
+        distinct, group = torch.unique(keys, dim=0, return_inverse=True)
+        distinct = distinct.view(-1, n, 1, *activation.shape[2:])  # (U, N, 1, h, w)
 
-    x = inputs.detach()
-    samples = torch.arange(n, device=x.device)
-    scores = x.new_zeros(distinct.shape[0], n, cap.scores.shape[1], dtype=activation.dtype)
-    masked = 0
-    with torch.no_grad():
-        for start in range(0, distinct.shape[0], channels_per_pass):
-            maps = distinct[start : start + channels_per_pass].flatten(0, 1)  # channel-major
-            if tuple(maps.shape[-2:]) != size:
-                maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
-            lo = maps.amin(dim=(2, 3), keepdim=True)
-            span = maps.amax(dim=(2, 3), keepdim=True) - lo
-            ok = span > 0
-            masks = torch.where(ok, (maps - lo) / torch.where(ok, span, 1.0), 0.0)
-            rows = samples.repeat(maps.shape[0] // n)  # whole copies of the batch
-            out = model(x[rows] * masks)
-            part = cap.resolved.scores(out, rows).reshape(-1, n, scores.shape[2])
-            scores[start : start + part.shape[0]] = part * ok.reshape(-1, n, 1)
-            masked += rows.numel()
-    weights = torch.zeros(n, k, scores.shape[2], dtype=activation.dtype, device=x.device)
-    weights[:, channels] = scores[group].transpose(0, 1)
-    weights = weights.transpose(1, 2)  # (N, T, K)
-    values = _combine(weights[..., None, None], activation, relu=relu, size=_size(inputs, upsample))
-    return _result("score_cam", cap, values, {"weights": weights, "masked_inputs": masked})
+        x = inputs.detach()
+        samples = torch.arange(n, device=x.device)
+        scores = x.new_zeros(distinct.shape[0], n, cap.scores.shape[1], dtype=activation.dtype)
+        masked = 0
+        with torch.no_grad():
+            for start in range(0, distinct.shape[0], channels_per_pass):
+                maps = distinct[start : start + channels_per_pass].flatten(0, 1)  # channel-major
+                if tuple(maps.shape[-2:]) != size:
+                    maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+                lo = maps.amin(dim=(2, 3), keepdim=True)
+                span = maps.amax(dim=(2, 3), keepdim=True) - lo
+                ok = span > 0
+                masks = torch.where(ok, (maps - lo) / torch.where(ok, span, 1.0), 0.0)
+                rows = samples.repeat(maps.shape[0] // n)  # whole copies of the batch
+                out = fwd(x[rows] * masks, rows)
+                part = cap.resolved.scores(out, rows).reshape(-1, n, scores.shape[2])
+                scores[start : start + part.shape[0]] = part * ok.reshape(-1, n, 1)
+                masked += rows.numel()
+        weights = torch.zeros(n, k, scores.shape[2], dtype=activation.dtype, device=x.device)
+        weights[:, channels] = scores[group].transpose(0, 1)
+        weights = weights.transpose(1, 2)  # (N, T, K)
+        values = _combine(
+            weights[..., None, None], activation, relu=relu, size=_size(inputs, upsample)
+        )
+        return _result("score_cam", cap, values, {"weights": weights, "masked_inputs": masked})

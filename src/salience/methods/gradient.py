@@ -2,24 +2,23 @@
 
 Every method differentiates one score per sample (see :mod:`salience.targets`) with
 ``torch.autograd.grad`` with respect to a private copy of the inputs: parameter ``.grad``, the
-user's autograd graph and the input tensor are never touched.
+user's autograd graph and the input tensor are never touched, and buffers are restored.
+
+Every method also takes ``forward_args=`` (extra arguments passed to the model with the
+image) and ``allow_tf32=`` (TF32 is off during the call by default); see
+:mod:`salience._forward`.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from .._checks import (
-    auto_batch_size,
-    check_choice,
-    check_inputs,
-    check_model,
-    check_positive_int,
-    even_chunks,
-)
+from .._checks import auto_batch_size, check_choice, check_positive_int, even_chunks
+from .._forward import Forward, ForwardArgs, model_scope
 from ..attribution import Attribution, Reduction
 from ..hooks import RectifierRule, rectifier_rule
 from ..registry import register
@@ -29,7 +28,7 @@ __all__ = ["deconvnet", "gradient", "guided_backprop", "input_x_gradient", "smoo
 
 
 def backprop(
-    model: nn.Module,
+    forward: Forward,
     inputs: Tensor,
     target: TargetLike,
     *,
@@ -41,12 +40,10 @@ def backprop(
     Returns:
         ``(grad, output, scores, resolved_target)``; ``output`` and ``scores`` are detached.
     """
-    check_model(model)
-    check_inputs(inputs)
     x = inputs.detach().requires_grad_(True)  # a new leaf; the user's tensor is not touched
     with torch.enable_grad():
-        with rectifier_rule(model, rule):
-            output = model(x.clone())  # the model may modify its input in place
+        with rectifier_rule(forward.model, rule):
+            output = forward(x.clone())  # the model may modify its input in place
         # The rule belongs to the model: a ReLU inside a callable target keeps its gradient.
         resolved = resolve_target(target, output, x.shape[0], score=score)
         scores = resolved.scores(output)
@@ -56,7 +53,7 @@ def backprop(
 
 
 def score_gradient(
-    model: nn.Module,
+    forward: Forward,
     leaf: Tensor,
     target: ResolvedTarget,
     sample_ids: Tensor,
@@ -73,8 +70,8 @@ def score_gradient(
         ``(scores, grad)``, the scores detached.
     """
     with torch.enable_grad():
-        with rectifier_rule(model, rule):
-            output = model(leaf.clone() if offset is None else offset + leaf)
+        with rectifier_rule(forward.model, rule):
+            output = forward(leaf.clone() if offset is None else offset + leaf, sample_ids)
         scores = target.scores(output, sample_ids)
         return scores.detach(), _grad(scores, leaf)
 
@@ -112,7 +109,13 @@ def _result(
 
 @register("gradient")
 def gradient(
-    model: nn.Module, inputs: Tensor, target: TargetLike = None, *, score: Score = "logit"
+    model: nn.Module,
+    inputs: Tensor,
+    target: TargetLike = None,
+    *,
+    score: Score = "logit",
+    forward_args: ForwardArgs = None,
+    allow_tf32: bool = False,
 ) -> Attribution:
     r"""Vanilla gradient saliency (Simonyan et al. 2013): the gradient of the score.
 
@@ -126,18 +129,30 @@ def gradient(
         target: What to explain; see :mod:`salience.targets`.
         score: Differentiate the ``"logit"`` (the paper's choice), ``"probability"`` or
             ``"log_probability"`` of the class.
+        forward_args: Extra arguments for the model after the image: a tuple (positional), a
+            dict (keyword) or a tensor. Tensors with the batch size as first axis follow the
+            image's rows. For a VQA model, ``forward_args=(question,)``.
+        allow_tf32: Let CUDA compute convolutions and matmuls in TF32 (faster, about 1e-3
+            relative error per layer); by default the call computes in full float32.
 
     References:
         Simonyan, Vedaldi, Zisserman. Deep Inside Convolutional Networks: Visualising Image
         Classification Models and Saliency Maps. ICLR Workshop 2014, arXiv:1312.6034.
     """
-    grad, output, scores, resolved = backprop(model, inputs, target, score=score)
+    with model_scope(model, inputs, forward_args=forward_args, allow_tf32=allow_tf32) as fwd:
+        grad, output, scores, resolved = backprop(fwd, inputs, target, score=score)
     return _result("gradient", grad, output, scores, resolved, "abs_max")
 
 
 @register("input_x_gradient")
 def input_x_gradient(
-    model: nn.Module, inputs: Tensor, target: TargetLike = None, *, score: Score = "logit"
+    model: nn.Module,
+    inputs: Tensor,
+    target: TargetLike = None,
+    *,
+    score: Score = "logit",
+    forward_args: ForwardArgs = None,
+    allow_tf32: bool = False,
 ) -> Attribution:
     r"""Gradient x input (Shrikumar et al. 2016): the input times the gradient of the score.
 
@@ -150,13 +165,20 @@ def input_x_gradient(
         Shrikumar, Greenside, Shcherbina, Kundaje. Not Just a Black Box: Learning Important
         Features Through Propagating Activation Differences. arXiv:1605.01713, 2016.
     """
-    grad, output, scores, resolved = backprop(model, inputs, target, score=score)
+    with model_scope(model, inputs, forward_args=forward_args, allow_tf32=allow_tf32) as fwd:
+        grad, output, scores, resolved = backprop(fwd, inputs, target, score=score)
     return _result("input_x_gradient", inputs.detach() * grad, output, scores, resolved, "sum")
 
 
 @register("deconvnet")
 def deconvnet(
-    model: nn.Module, inputs: Tensor, target: TargetLike = None, *, score: Score = "logit"
+    model: nn.Module,
+    inputs: Tensor,
+    target: TargetLike = None,
+    *,
+    score: Score = "logit",
+    forward_args: ForwardArgs = None,
+    allow_tf32: bool = False,
 ) -> Attribution:
     r"""DeconvNet (Zeiler & Fergus 2013): back-propagate only positive signal through ReLUs.
 
@@ -168,13 +190,22 @@ def deconvnet(
         Zeiler, Fergus. Visualizing and Understanding Convolutional Networks. ECCV 2014,
         arXiv:1311.2901.
     """
-    grad, output, scores, resolved = backprop(model, inputs, target, score=score, rule="deconvnet")
+    with model_scope(model, inputs, forward_args=forward_args, allow_tf32=allow_tf32) as fwd:
+        grad, output, scores, resolved = backprop(
+            fwd, inputs, target, score=score, rule="deconvnet"
+        )
     return _result("deconvnet", grad, output, scores, resolved, "abs_max")
 
 
 @register("guided_backprop")
 def guided_backprop(
-    model: nn.Module, inputs: Tensor, target: TargetLike = None, *, score: Score = "logit"
+    model: nn.Module,
+    inputs: Tensor,
+    target: TargetLike = None,
+    *,
+    score: Score = "logit",
+    forward_args: ForwardArgs = None,
+    allow_tf32: bool = False,
 ) -> Attribution:
     r"""Guided backpropagation (Springenberg et al. 2014): gradient and DeconvNet masks together.
 
@@ -186,7 +217,8 @@ def guided_backprop(
         Springenberg, Dosovitskiy, Brox, Riedmiller. Striving for Simplicity: The All
         Convolutional Net. ICLR Workshop 2015, arXiv:1412.6806.
     """
-    grad, output, scores, resolved = backprop(model, inputs, target, score=score, rule="guided")
+    with model_scope(model, inputs, forward_args=forward_args, allow_tf32=allow_tf32) as fwd:
+        grad, output, scores, resolved = backprop(fwd, inputs, target, score=score, rule="guided")
     return _result("guided_backprop", grad, output, scores, resolved, "abs_max")
 
 
@@ -213,6 +245,8 @@ def smoothgrad(
     seed: int = 0,
     batch_size: int | None = None,
     score: Score = "logit",
+    forward_args: ForwardArgs = None,
+    allow_tf32: bool = False,
 ) -> Attribution:
     r"""SmoothGrad (Smilkov et al. 2017): average a gradient map over noisy copies of the input.
 
@@ -238,24 +272,42 @@ def smoothgrad(
         seed: Seed of the noise.
         batch_size: Rows per forward pass; ``None`` picks it from the input size.
         score: See :func:`gradient`.
+        forward_args: Extra arguments for the model, expanded with each noisy copy.
+        allow_tf32: Let CUDA use TF32 (faster, less exact); off by default.
 
     References:
         Smilkov, Thorat, Kim, Viégas, Wattenberg. SmoothGrad: removing noise by adding noise.
         arXiv:1706.03825, 2017.
     """
-    check_model(model)
-    check_inputs(inputs)
     check_choice("SmoothGrad base", base, tuple(_SMOOTH_BASES))
     check_choice("SmoothGrad variant", variant, ("mean", "squared", "vargrad"))
     check_positive_int("samples", samples)
     if not (isinstance(noise_level, int | float) and noise_level >= 0):
         raise ValueError(f"noise_level must be a non-negative number, got {noise_level!r}")
+    with model_scope(model, inputs, forward_args=forward_args, allow_tf32=allow_tf32) as fwd:
+        return _smoothgrad(
+            fwd, inputs, target, base, samples, noise_level, variant, seed, batch_size, score
+        )
+
+
+def _smoothgrad(
+    forward: Forward,
+    inputs: Tensor,
+    target: TargetLike,
+    base: str,
+    samples: int,
+    noise_level: float,
+    variant: SmoothVariant,
+    seed: int,
+    batch_size: int | None,
+    score: Score,
+) -> Attribution:
     n = inputs.shape[0]
     rows_per_pass = auto_batch_size(inputs, batch_size)
 
     x = inputs.detach()
     with torch.no_grad():
-        output = model(x.clone())
+        output = forward(x.clone())
     resolved = resolve_target(target, output, n, score=score)
     clean_scores = resolved.scores(output)
 
@@ -265,6 +317,14 @@ def smoothgrad(
     noise = noise.to(device=x.device, dtype=x.dtype)
     value_range = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).view(n, 1, 1, 1)
     sigma = noise_level * value_range
+    flat = (value_range.flatten() == 0).nonzero().flatten().tolist()
+    if noise_level > 0 and flat:
+        warnings.warn(
+            f"SmoothGrad: input sample(s) {flat[:10]} are constant (value range 0), so the "
+            "noise, noise_level x range, is 0 and their map is the plain gradient, not a "
+            "smoothed one; pass images with some contrast",
+            stacklevel=4,
+        )
 
     total = samples * n
     unit = n if resolved.fn is not None else 1  # callables see whole copies of the batch
@@ -280,7 +340,7 @@ def smoothgrad(
         # noisy input, which stays a non-leaf that the model may change in place.
         shift = (sigma[sample] * noise[draw]).requires_grad_(True)
         _, values = score_gradient(
-            model, shift, resolved, sample, offset=x[sample], rule=_SMOOTH_BASES[base]
+            forward, shift, resolved, sample, offset=x[sample], rule=_SMOOTH_BASES[base]
         )
         if base == "input_x_gradient":
             values = values * (x[sample] + shift.detach())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -12,14 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import (
-    auto_batch_size,
-    check_choice,
-    check_inputs,
-    check_model,
-    check_positive_int,
-    even_chunks,
-)
+from .._checks import auto_batch_size, check_choice, check_positive_int, even_chunks
+from .._forward import Forward, ForwardArgs, model_scope
 from ..attribution import Attribution
 from ..registry import register
 from ..targets import ResolvedTarget, Score, TargetLike, resolve_target
@@ -30,7 +25,7 @@ __all__ = ["integrated_gradients", "quadrature_nodes"]
 Quadrature = Literal[
     "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre"
 ]
-BaselineLike = Literal["zeros", "blur", "uniform"] | float | Tensor
+BaselineLike = Literal["zeros", "black", "blur", "uniform"] | float | Tensor
 _QUADRATURES = (
     "riemann_left",
     "riemann_right",
@@ -79,6 +74,8 @@ def integrated_gradients(
     score: Score = "logit",
     blur_sigma: float | None = None,
     seed: int = 0,
+    forward_args: ForwardArgs = None,
+    allow_tf32: bool = False,
 ) -> Attribution:
     r"""Integrated Gradients (Sundararajan et al. 2017): path integral of the gradient.
 
@@ -100,9 +97,13 @@ def integrated_gradients(
         model: Any differentiable PyTorch model.
         inputs: ``(N, C, H, W)`` preprocessed images.
         target: What to explain; see :mod:`salience.targets`.
-        baseline: ``"zeros"``, ``"blur"`` (a Gaussian blur of the input, Sturmfels et al.
-            2020), ``"uniform"`` (uniform noise over each input's range, seeded), a number, or a
-            tensor broadcastable to ``inputs``.
+        baseline: ``"zeros"``: zero in the space of ``inputs``. For normalised inputs that is
+            the mean colour, mid-grey for a model normalised with mean = std = 0.5 such as
+            EfficientNet-Lite0, not the paper's black image; ``"black"``: the black image
+            ``(0 - mean) / std``, for models that carry their normalisation as ``mean`` and
+            ``std`` attributes (``salience.models`` do); ``"blur"`` (a Gaussian blur of the
+            input, Sturmfels et al. 2020); ``"uniform"`` (uniform noise over each input's
+            range, seeded); a number; or a tensor broadcastable to ``inputs``.
         steps: Number of nodes of the fixed rule (default 50), or of initial intervals with
             ``tolerance`` (default 16).
         quadrature: ``"riemann_left"``, ``"riemann_right"``, ``"riemann_middle"``,
@@ -116,13 +117,17 @@ def integrated_gradients(
         blur_sigma: Standard deviation in pixels of the ``"blur"`` baseline (default: 1/20 of
             the larger image side).
         seed: Seed of the ``"uniform"`` baseline.
+        forward_args: Extra arguments for the model, expanded with each path point (see
+            :func:`salience.gradient`).
+        allow_tf32: Let CUDA use TF32 (faster, less exact); off by default.
+
+    A baseline equal to an input gives an all-zero map for it (nothing to integrate), and a
+    path that reaches ``max_steps`` before ``tolerance``: both warn.
 
     References:
         Sundararajan, Taly, Yan. Axiomatic Attribution for Deep Networks. ICML 2017,
         arXiv:1703.01365.
     """
-    check_model(model)
-    check_inputs(inputs)
     steps = check_positive_int(
         "steps", steps if steps is not None else (50 if tolerance is None else 16)
     )
@@ -137,20 +142,49 @@ def integrated_gradients(
             raise ValueError(f"tolerance must be a positive number, got {tolerance!r}")
     quadrature = quadrature or "gausslegendre"
     check_choice("quadrature", quadrature, _QUADRATURES)
+    with model_scope(model, inputs, forward_args=forward_args, allow_tf32=allow_tf32) as fwd:
+        base = make_baseline(
+            inputs.detach(), baseline, blur_sigma=blur_sigma, seed=seed, model=model
+        )
+        return _integrate(
+            fwd, inputs, target, base, steps, quadrature, tolerance, max_steps, batch_size, score
+        )
+
+
+def _integrate(
+    forward: Forward,
+    inputs: Tensor,
+    target: TargetLike,
+    base: Tensor,
+    steps: int,
+    quadrature: Quadrature,
+    tolerance: float | None,
+    max_steps: int,
+    batch_size: int | None,
+    score: Score,
+) -> Attribution:
     x = inputs.detach()
     n = x.shape[0]
-    base = make_baseline(x, baseline, blur_sigma=blur_sigma, seed=seed)
+    same = (x == base).flatten(1).all(1).nonzero().flatten().tolist()
+    if same:
+        warnings.warn(
+            f"Integrated Gradients: the baseline equals input sample(s) {same[:10]}, so their "
+            "attributions are all zero (x - x' = 0); choose another baseline (a constant image "
+            "equals its 'uniform' and 'blur' baselines)",
+            stacklevel=4,
+        )
     rows_per_pass = auto_batch_size(inputs, batch_size)
 
     with torch.no_grad():  # S(x) and S(x') in one pass when the output is a plain batch
-        both = model(torch.cat([x, base]))
+        samples = torch.arange(n, device=x.device)
+        both = forward(torch.cat([x, base]), torch.cat([samples, samples]))
         if isinstance(both, Tensor) and both.ndim > 0 and both.shape[0] == 2 * n:
             out_x, out_b = both[:n], both[n:]
         else:
-            out_x, out_b = model(x.clone()), model(base.clone())
+            out_x, out_b = forward(x.clone()), forward(base.clone())
     resolved = resolve_target(target, out_x, n, score=score)
     f_x, f_b = resolved.scores(out_x), resolved.scores(out_b)
-    path = _Path(model, resolved, base, x - base, rows_per_pass)
+    path = _Path(forward, resolved, base, x - base, rows_per_pass)
 
     if tolerance is None:
         alphas, weights = quadrature_nodes(quadrature, steps)
@@ -160,6 +194,20 @@ def integrated_gradients(
         acc, used = path.adaptive(f_x, f_b, steps, float(tolerance), max_steps)
     values = (x - base) * acc.to(x.dtype)
     delta = values.double().flatten(1).sum(1) - (f_x.double() - f_b.double())
+    if tolerance is not None:
+        change = (f_x.double() - f_b.double()).abs()
+        unmet = (delta.abs() > tolerance * change.clamp(min=1e-12)).nonzero().flatten().tolist()
+        if unmet:
+            gaps = ", ".join(
+                f"{float(delta[i] / change[i].clamp(min=1e-12)):.2%}" for i in unmet[:5]
+            )
+            warnings.warn(
+                f"Integrated Gradients: the adaptive path reached max_steps={max_steps} before "
+                f"the completeness gap met tolerance={tolerance:g} for sample(s) {unmet[:10]} "
+                f"(relative gap {gaps}); raise max_steps or tolerance, and see "
+                "extras['delta']",
+                stacklevel=4,
+            )
     return Attribution(
         values=values,
         target=resolved.classes,
@@ -177,14 +225,19 @@ def integrated_gradients(
 
 
 def make_baseline(
-    x: Tensor, baseline: BaselineLike, *, blur_sigma: float | None = None, seed: int = 0
+    x: Tensor,
+    baseline: BaselineLike,
+    *,
+    blur_sigma: float | None = None,
+    seed: int = 0,
+    model: object = None,
 ) -> Tensor:
-    """Build the ``(N, C, H, W)`` baseline for ``x``."""
+    """Build the ``(N, C, H, W)`` baseline for ``x`` (``model``: the normalisation of black)."""
     if isinstance(baseline, Tensor):
         if not baseline.is_floating_point():
             raise TypeError(f"baseline tensor must be floating point, got {baseline.dtype}")
         try:
-            base = torch.broadcast_to(baseline.to(x.device, x.dtype), x.shape)
+            base = torch.broadcast_to(baseline.detach().to(x.device, x.dtype), x.shape)
         except RuntimeError:
             raise ValueError(
                 f"baseline of shape {tuple(baseline.shape)} does not broadcast to the inputs "
@@ -199,6 +252,8 @@ def make_baseline(
         return torch.full_like(x, float(baseline))
     if baseline == "zeros":
         return torch.zeros_like(x)
+    if baseline == "black":
+        return black_image(x, model)
     if baseline == "uniform":
         generator = torch.Generator().manual_seed(seed)
         u = torch.rand(x.shape[1:], generator=generator, dtype=torch.float64)
@@ -209,8 +264,34 @@ def make_baseline(
         sigma = blur_sigma if blur_sigma is not None else max(x.shape[-2:]) / 20
         return gaussian_blur(x, float(sigma))
     raise ValueError(
-        f"unknown baseline {baseline!r}; expected 'zeros', 'blur', 'uniform', a number or a tensor"
+        f"unknown baseline {baseline!r}; expected 'zeros', 'black', 'blur', 'uniform', a number "
+        "or a tensor"
     )
+
+
+def black_image(x: Tensor, model: object) -> Tensor:
+    """Return the black image in the model's input space: ``(0 - mean) / std`` per channel.
+
+    Raises:
+        ValueError: the model does not carry its normalisation as ``mean`` and ``std``.
+    """
+    mean, std = getattr(model, "mean", None), getattr(model, "std", None)
+    if mean is None or std is None:
+        raise ValueError(
+            f"baseline='black' needs the model's input normalisation, but this "
+            f"{type(model).__name__} has no 'mean' and 'std' attributes; pass the black image "
+            "yourself, baseline=torch.tensor([(0 - m) / s for m, s in zip(mean, std)])"
+            ".view(1, -1, 1, 1), or baseline='zeros' for zero in the normalised space"
+        )
+    c = x.shape[1]
+    mean_t = torch.as_tensor(mean, dtype=torch.float64).flatten()
+    std_t = torch.as_tensor(std, dtype=torch.float64).flatten()
+    if mean_t.numel() not in (1, c) or std_t.numel() not in (1, c):
+        raise ValueError(
+            f"the model's mean/std have {mean_t.numel()}/{std_t.numel()} values for {c} channels"
+        )
+    black = (-mean_t / std_t).expand(c).to(x.device, x.dtype).view(1, c, 1, 1)
+    return black.expand_as(x).clone()
 
 
 def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
@@ -243,13 +324,13 @@ class _Path:
 
     def __init__(
         self,
-        model: nn.Module,
+        forward: Forward,
         target: ResolvedTarget,
         base: Tensor,
         diff: Tensor,
         rows_per_pass: int,
     ) -> None:
-        self.model = model
+        self.forward = forward
         self.target = target
         self.base = base
         self.diff = diff
@@ -265,7 +346,7 @@ class _Path:
             s = samples[rows]
             a = alphas[rows].to(self.base.dtype).view(-1, 1, 1, 1)
             point = (self.base[s] + a * self.diff[s]).requires_grad_(True)
-            scores, grad = score_gradient(self.model, point, self.target, s)
+            scores, grad = score_gradient(self.forward, point, self.target, s)
             yield rows, scores, grad
 
     def integrate(self, alphas: Tensor, weights: Tensor) -> Tensor:

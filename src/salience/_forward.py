@@ -1,0 +1,191 @@
+"""One method call on the user's model: what the model is given, and what it gets back.
+
+Every method runs the model inside :func:`model_scope`, which
+
+- passes **extra forward arguments** with the image (``forward_args=``): a VQA model's question,
+  a captioning model's tokens, an attention mask. Tensors whose first axis is the batch are
+  expanded with the image, row by row, when a method evaluates many rows per sample
+  (Integrated Gradients' steps, SmoothGrad's noisy copies, Score-CAM's masked inputs); anything
+  else is passed as it is;
+- **restores the model's buffers** afterwards (BatchNorm running statistics and
+  ``num_batches_tracked`` of a model left in training mode), also when the method raises;
+- computes in **full float32**: TF32 (on by default for cuDNN convolutions) is switched off for
+  the call and restored after, unless ``allow_tf32=True``. On an H100, TF32 moves the gradient of
+  EfficientNet-Lite0 by 28 % (max-abs relative to float64); in float32 it agrees to a
+  correlation of 0.999998.
+
+The TF32 switches are process-wide (PyTorch has no per-thread flag): while any call that
+disabled them is running, they stay off, and the last such call to finish restores them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Mapping
+from typing import Any, TypeAlias
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import check_inputs, check_model
+
+__all__ = ["Forward", "ForwardArgs", "model_scope"]
+
+ForwardArgs: TypeAlias = "tuple[Any, ...] | list[Any] | Mapping[str, Any] | Tensor | None"
+"""Extra arguments for ``model(image, ...)``: a tuple of positional arguments, a mapping of
+keyword arguments, or a single tensor (one positional argument)."""
+
+
+class Forward:
+    """The user's model as a method calls it: ``forward(x, rows)`` is ``model(x, *args, **kw)``.
+
+    ``rows`` gives, for each row of ``x``, the sample of the batch it comes from; tensors among
+    the extra arguments whose first axis has the batch size are indexed with it. ``None`` means
+    that ``x`` is the batch itself.
+
+    The model may modify ``x`` in place: callers pass a tensor of their own, never the user's.
+    """
+
+    def __init__(self, model: Any, n: int, forward_args: ForwardArgs) -> None:
+        self.model = model
+        self.n = n
+        self.args: tuple[Any, ...]
+        self.kwargs: dict[str, Any]
+        if forward_args is None:
+            self.args, self.kwargs = (), {}
+        elif isinstance(forward_args, Tensor):
+            self.args, self.kwargs = (forward_args,), {}
+        elif isinstance(forward_args, tuple | list):
+            self.args, self.kwargs = tuple(forward_args), {}
+        elif isinstance(forward_args, Mapping):
+            if not all(isinstance(k, str) for k in forward_args):
+                raise TypeError("forward_args as a mapping needs str keys (argument names)")
+            self.args, self.kwargs = (), dict(forward_args)
+        else:
+            raise TypeError(
+                "forward_args must be a tuple of extra positional arguments for the model, a "
+                f"dict of keyword arguments or a tensor; got {type(forward_args).__name__}"
+            )
+        # Extra arguments are data, not something to explain: no gradient flows into them.
+        self.args = tuple(_detach(a) for a in self.args)
+        self.kwargs = {k: _detach(v) for k, v in self.kwargs.items()}
+        self.has_args = bool(self.args or self.kwargs)
+
+    def __call__(self, x: Tensor, rows: Tensor | None = None) -> Any:
+        """Run the model on ``x`` with the extra arguments of its rows."""
+        if not self.has_args:
+            return self.model(x)
+        if rows is None:
+            if x.shape[0] != self.n:
+                raise RuntimeError(f"{x.shape[0]} rows given without their samples of origin")
+            return self.model(x, *self.args, **self.kwargs)
+        args = tuple(_expand(a, rows, self.n) for a in self.args)
+        kwargs = {k: _expand(v, rows, self.n) for k, v in self.kwargs.items()}
+        return self.model(x, *args, **kwargs)
+
+    def copies(self, rows: int) -> Tensor:
+        """Sample indices of ``rows`` rows that are whole copies of the batch, in order."""
+        return torch.arange(rows) % self.n
+
+
+def _detach(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach()
+    if isinstance(value, tuple | list):
+        return type(value)(_detach(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _detach(v) for k, v in value.items()}
+    return value
+
+
+def _expand(value: Any, rows: Tensor, n: int) -> Any:
+    """Index the batch axis of every tensor in ``value`` whose first axis has ``n`` entries."""
+    if isinstance(value, Tensor):
+        if value.ndim > 0 and value.shape[0] == n:
+            return value[rows.to(value.device)]
+        return value
+    if isinstance(value, tuple | list):
+        return type(value)(_expand(v, rows, n) for v in value)
+    if isinstance(value, dict):
+        return {k: _expand(v, rows, n) for k, v in value.items()}
+    return value
+
+
+# -- precision: TF32 off while any call that wants float32 runs ------------------------------
+
+_tf32_lock = threading.Lock()
+_tf32_users = 0
+_tf32_saved: tuple[bool, bool] = (False, False)
+
+
+@contextlib.contextmanager
+def full_float32(allow_tf32: bool = False) -> Iterator[None]:
+    """Switch TF32 off (cuDNN convolutions and CUDA matmuls) inside the block, then restore."""
+    global _tf32_users, _tf32_saved
+    if allow_tf32:
+        yield
+        return
+    with _tf32_lock:
+        if _tf32_users == 0:
+            _tf32_saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
+        _tf32_users += 1
+    try:
+        yield
+    finally:
+        with _tf32_lock:
+            _tf32_users -= 1
+            if _tf32_users == 0:
+                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = _tf32_saved
+
+
+# -- buffers ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def kept_buffers(model: Any) -> Iterator[None]:
+    """Put every buffer of ``model`` back as it was when the block exits, also on error.
+
+    A model left in training mode updates BatchNorm statistics and counters on every forward
+    pass; explaining it must not. The buffer objects themselves are restored too, should the
+    model replace one.
+    """
+    if not isinstance(model, nn.Module):
+        yield
+        return
+    saved = [
+        (module, name, buffer, buffer.detach().clone())
+        for module in model.modules()
+        for name, buffer in module._buffers.items()
+        if buffer is not None
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, name, buffer, value in saved:
+                if module._buffers.get(name) is not buffer:
+                    module._buffers[name] = buffer
+                if not torch.equal(buffer, value):
+                    buffer.copy_(value)
+
+
+@contextlib.contextmanager
+def model_scope(
+    model: Any,
+    inputs: Tensor,
+    *,
+    forward_args: ForwardArgs = None,
+    allow_tf32: bool = False,
+) -> Iterator[Forward]:
+    """Check the model and inputs and run the block on a :class:`Forward` of the model.
+
+    Buffers are restored and TF32 is off inside the block (see the module documentation).
+    """
+    check_model(model)
+    check_inputs(inputs)
+    forward = Forward(model, inputs.shape[0], forward_args)
+    with full_float32(allow_tf32), kept_buffers(model):
+        yield forward
