@@ -82,16 +82,6 @@ def test_rules_on_a_hand_computed_network() -> None:
     assert salience.deconvnet(model, x, 0).values.item() == pytest.approx(2.0)
 
 
-def test_guided_and_deconvnet_equal_gradient_without_rectifiers(x: torch.Tensor) -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Hardtanh(-1.0, 1.0), nn.Flatten(), nn.Linear(36, 3)
-    ).eval()
-    plain = salience.gradient(model, x).values
-    torch.testing.assert_close(salience.guided_backprop(model, x).values, plain)
-    torch.testing.assert_close(salience.deconvnet(model, x).values, plain)
-
-
 def test_every_rectifier_spelling_is_intercepted(functional_relus: nn.Module) -> None:
     x = torch.randn(2, 3, 16, 16)
     with rectifier_rule(functional_relus, "guided") as mode:
@@ -236,6 +226,91 @@ def test_smoothgrad_averages_the_base_over_seeded_noise(vgg: nn.Module) -> None:
         variant="vargrad",
     )
     torch.testing.assert_close(var.values, stacked.var(0, unbiased=False), rtol=1e-4, atol=1e-6)
+
+
+class Cubic(nn.Module):
+    """logit_c = sum_i w_ci x_i^3: the gradient 3 w x^2 changes with the noise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        w = torch.randn(3, 2 * 4 * 4, generator=torch.Generator().manual_seed(6))
+        self.w = nn.Parameter(w.double())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.flatten(1) ** 3) @ self.w.t()
+
+
+def _smoothgrad_noise(x: torch.Tensor, samples: int, level: float, seed: int) -> torch.Tensor:
+    """The noisy copies SmoothGrad evaluates, ``(samples, N, C, H, W)``, drawn as documented:
+    ``randn(samples, C, H, W)`` from a generator seeded with ``seed`` (shared by the samples of
+    the batch), times ``sigma = level * (max - min)`` of each sample."""
+    eps = torch.randn(
+        (samples, *x.shape[1:]), generator=torch.Generator().manual_seed(seed), dtype=x.dtype
+    )
+    sigma = level * (x.flatten(1).amax(1) - x.flatten(1).amin(1))
+    return x[None] + sigma.view(1, -1, 1, 1, 1) * eps[:, None]
+
+
+@pytest.mark.parametrize("variant", ["mean", "squared", "vargrad"])
+def test_smoothgrad_of_a_cubic_model_closed_form(variant: str) -> None:
+    """d/dx sum w x^3 = 3 w x^2: every noisy gradient is known exactly, and noise matters."""
+    model = Cubic().eval()
+    x = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    samples, level, seed = 7, 0.2, 5
+    result = salience.smoothgrad(
+        model, x, target=[0, 2], samples=samples, noise_level=level, seed=seed, variant=variant
+    )
+    noisy = _smoothgrad_noise(x, samples, level, seed)
+    w = model.w.detach()[[0, 2]].view(1, 2, 2, 4, 4)
+    grads = 3 * w * noisy**2  # (samples, N, C, H, W)
+    expected = {
+        "mean": grads.mean(0),
+        "squared": (grads**2).mean(0),
+        "vargrad": grads.var(0, unbiased=False),
+    }[variant]
+    torch.testing.assert_close(result.values, expected, rtol=1e-10, atol=1e-12)
+    # the noise changes the map: it is not the gradient (or its square) at the clean input
+    plain = 3 * w[0] * x**2
+    clean = {"mean": plain, "squared": plain**2, "vargrad": torch.zeros_like(plain)}[variant]
+    assert float((result.values - clean).abs().max()) > 0.05 * float(expected.abs().max())
+    torch.testing.assert_close(
+        result.extras["sigma"], level * (x.flatten(1).amax(1) - x.flatten(1).amin(1))
+    )
+
+
+@pytest.mark.parametrize("base", ["gradient", "input_x_gradient"])
+@pytest.mark.parametrize("variant", ["mean", "squared", "vargrad"])
+def test_smoothgrad_variants_equal_a_plain_autograd_loop(
+    resnet: nn.Module, images: torch.Tensor, base: str, variant: str
+) -> None:
+    """A ReLU network, one torch.autograd.grad call per noisy copy, moments taken here."""
+    samples, level, seed = 6, 0.15, 3
+    target = torch.tensor([2, 0, 7])
+    result = salience.smoothgrad(
+        resnet,
+        images,
+        target=target,
+        samples=samples,
+        noise_level=level,
+        seed=seed,
+        base=base,
+        variant=variant,
+    )
+    maps = []
+    for copy in _smoothgrad_noise(images, samples, level, seed):
+        leaf = copy.clone().requires_grad_(True)
+        score = resnet(leaf).gather(1, target.view(-1, 1)).sum()
+        (g,) = torch.autograd.grad(score, leaf)
+        maps.append(g * copy if base == "input_x_gradient" else g)
+    stacked = torch.stack(maps).double()
+    expected = {
+        "mean": stacked.mean(0),
+        "squared": (stacked**2).mean(0),
+        "vargrad": stacked.var(0, unbiased=False),
+    }[variant].float()
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(result.values, expected, rtol=1e-4, atol=1e-5 * scale)
+    assert float((stacked.std(0)).max()) > 0.01 * float(stacked.abs().max())  # noise matters
 
 
 def test_smoothgrad_does_not_depend_on_chunking(resnet: nn.Module, images: torch.Tensor) -> None:

@@ -17,10 +17,16 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .._checks import auto_batch_size, check_choice, check_positive_int, even_chunks
+from .._checks import (
+    auto_batch_size,
+    check_choice,
+    check_positive_int,
+    even_chunks,
+    warn_zero_maps,
+)
 from .._forward import Forward, ForwardArgs, model_scope
 from ..attribution import Attribution, Reduction
-from ..hooks import RectifierRule, rectifier_rule
+from ..hooks import Activations, RectifierRule, rectifier_rule, resolve_activations
 from ..registry import register
 from ..targets import ResolvedTarget, Score, TargetLike, resolve_target
 
@@ -34,16 +40,25 @@ def backprop(
     *,
     score: Score = "logit",
     rule: RectifierRule = "gradient",
+    activations: Activations = "rectifiers",
+    method: str | None = None,
+    report: dict[str, Any] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, ResolvedTarget]:
     """One forward and one backward pass: ``d score / d inputs`` under a rectifier rule.
+
+    ``activations`` and ``method`` (the name errors use) go to
+    :func:`~salience.hooks.rectifier_rule`; under a rule other than ``"gradient"``, what it
+    modified is added to ``report`` (``rectifiers``, ``activations_modified``).
 
     Returns:
         ``(grad, output, scores, resolved_target)``; ``output`` and ``scores`` are detached.
     """
     x = inputs.detach().requires_grad_(True)  # a new leaf; the user's tensor is not touched
     with torch.enable_grad():
-        with rectifier_rule(forward.model, rule):
+        with rectifier_rule(forward.model, rule, activations=activations, method=method) as mode:
             output = forward(x.clone())  # the model may modify its input in place
+        if mode is not None and report is not None:
+            report.update(mode.extras())
         # The rule belongs to the model: a ReLU inside a callable target keeps its gradient.
         resolved = resolve_target(target, output, x.shape[0], score=score)
         scores = resolved.scores(output)
@@ -60,18 +75,24 @@ def score_gradient(
     *,
     offset: Tensor | None = None,
     rule: RectifierRule = "gradient",
+    activations: Activations = "rectifiers",
+    method: str | None = None,
+    report: dict[str, Any] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Scores of the rows ``offset + leaf`` (or of ``leaf``) and their gradient w.r.t. ``leaf``.
 
     The model sees a non-leaf tensor, so it may change its input in place. ``sample_ids``
-    says which sample each row comes from (see :meth:`ResolvedTarget.scores`).
+    says which sample each row comes from (see :meth:`ResolvedTarget.scores`). ``rule``,
+    ``activations``, ``method`` and ``report`` are as in :func:`backprop`.
 
     Returns:
         ``(scores, grad)``, the scores detached.
     """
     with torch.enable_grad():
-        with rectifier_rule(forward.model, rule):
+        with rectifier_rule(forward.model, rule, activations=activations, method=method) as mode:
             output = forward(leaf.clone() if offset is None else offset + leaf, sample_ids)
+        if mode is not None and report is not None:
+            report.update(mode.extras())
         scores = target.scores(output, sample_ids)
         return scores.detach(), _grad(scores, leaf)
 
@@ -96,6 +117,12 @@ def _result(
     reduction: Reduction,
     extras: dict[str, Any] | None = None,
 ) -> Attribution:
+    warn_zero_maps(
+        method,
+        values,
+        "the explained score does not change with any input pixel here (saturated or dead "
+        "units, or a constant target)",
+    )
     return Attribution(
         values=values,
         target=resolved.classes,
@@ -177,24 +204,61 @@ def deconvnet(
     target: TargetLike = None,
     *,
     score: Score = "logit",
+    activations: Activations = "rectifiers",
     forward_args: ForwardArgs = None,
     allow_tf32: bool = False,
 ) -> Attribution:
     r"""DeconvNet (Zeiler & Fergus 2013): back-propagate only positive signal through ReLUs.
 
     At every rectifier the backward pass is :math:`R_l = \max(R_{l+1}, 0)`, whatever the sign
-    of the forward input. Applies to every ReLU however the network calls it, and to ReLU6 and
-    hardtanh(0, t) of mobile networks (see :mod:`salience.hooks`).
+    of the forward input. Applies to every rectifier however the network writes it: ReLU,
+    ReLU6 and hardtanh(0, t) of mobile networks, ``clamp(min=0)``, ``clamp(0, t)``,
+    ``clamp_min(0)``, ``threshold(0, 0)``, ``maximum(x, 0)``, ``leaky_relu`` with slope 0 (see
+    :mod:`salience.hooks`).
+
+    A model that runs no rectifier (GELU, SiLU, Hardswish only: ViT, ConvNeXt,
+    EfficientNet-B0) is an error: the result would be exactly the plain gradient.
+
+    Args:
+        model: Any differentiable PyTorch model written in Python (not TorchScript).
+        inputs: ``(N, C, H, W)`` preprocessed images.
+        target: What to explain; see :mod:`salience.targets`.
+        score: See :func:`gradient`.
+        activations: Where the rule applies. ``"rectifiers"`` (the paper's method); ``"all"``
+            or a collection of names such as ``{"gelu", "silu", "hardswish"}`` (see
+            :data:`salience.hooks.ACTIVATIONS`) also back-propagates ``max(R_{l+1}, 0)`` at
+            those activations. That extension is **not** the paper's method.
+        forward_args: Extra arguments for the model (see :func:`gradient`).
+        allow_tf32: Let CUDA use TF32 (faster, less exact); off by default.
+
+    Returns:
+        An :class:`Attribution` whose ``extras["rectifiers"]`` is the number of rectifier calls
+        the rule modified in the forward pass, and ``extras["activations_modified"]`` the
+        calls of other activations modified (by name; empty unless ``activations`` asks).
+
+    Raises:
+        ValueError: the model runs no rectifier (nor an activation named in
+            ``activations``); the message names the activations it uses.
+        TypeError: a TorchScript model, whose rectifiers cannot be reached.
 
     References:
         Zeiler, Fergus. Visualizing and Understanding Convolutional Networks. ECCV 2014,
         arXiv:1311.2901.
     """
+    resolve_activations(activations)
+    report: dict[str, Any] = {}
     with model_scope(model, inputs, forward_args=forward_args, allow_tf32=allow_tf32) as fwd:
         grad, output, scores, resolved = backprop(
-            fwd, inputs, target, score=score, rule="deconvnet"
+            fwd,
+            inputs,
+            target,
+            score=score,
+            rule="deconvnet",
+            activations=activations,
+            method="deconvnet",
+            report=report,
         )
-    return _result("deconvnet", grad, output, scores, resolved, "abs_max")
+    return _result("deconvnet", grad, output, scores, resolved, "abs_max", report)
 
 
 @register("guided_backprop")
@@ -204,6 +268,7 @@ def guided_backprop(
     target: TargetLike = None,
     *,
     score: Score = "logit",
+    activations: Activations = "rectifiers",
     forward_args: ForwardArgs = None,
     allow_tf32: bool = False,
 ) -> Attribution:
@@ -211,15 +276,54 @@ def guided_backprop(
 
     At every rectifier :math:`R_l = [f_l > 0] \cdot [R_{l+1} > 0] \cdot R_{l+1}`. For a
     clipped rectifier such as ReLU6 the forward mask is its derivative,
-    :math:`[0 < f_l < 6]`.
+    :math:`[0 < f_l < 6]`. Applies to every rectifier however the network writes it (see
+    :func:`deconvnet`), and works on every model the plain gradient works on, also one that
+    changes a rectifier's input or output in place afterwards.
+
+    A model that runs no rectifier (GELU, SiLU, Hardswish only: ViT, ConvNeXt,
+    EfficientNet-B0) is an error: the result would be exactly the plain gradient.
+
+    Args:
+        model: Any differentiable PyTorch model written in Python (not TorchScript).
+        inputs: ``(N, C, H, W)`` preprocessed images.
+        target: What to explain; see :mod:`salience.targets`.
+        score: See :func:`gradient`.
+        activations: Where the rule applies. ``"rectifiers"`` (the paper's method); ``"all"``
+            or a collection of names such as ``{"gelu", "silu", "hardswish"}`` (see
+            :data:`salience.hooks.ACTIVATIONS`) also applies the guided rule at those
+            activations: :math:`R_l = f'(x) \cdot \max(R_{l+1}, 0)`, the activation's own
+            derivative times the positive part of the signal. That extension, used for
+            transformers and EfficientNets by some libraries, is **not** the paper's method.
+        forward_args: Extra arguments for the model (see :func:`gradient`).
+        allow_tf32: Let CUDA use TF32 (faster, less exact); off by default.
+
+    Returns:
+        An :class:`Attribution` with ``extras["rectifiers"]`` and
+        ``extras["activations_modified"]`` as in :func:`deconvnet`.
+
+    Raises:
+        ValueError: the model runs no rectifier (nor an activation named in
+            ``activations``); the message names the activations it uses.
+        TypeError: a TorchScript model, whose rectifiers cannot be reached.
 
     References:
         Springenberg, Dosovitskiy, Brox, Riedmiller. Striving for Simplicity: The All
         Convolutional Net. ICLR Workshop 2015, arXiv:1412.6806.
     """
+    resolve_activations(activations)
+    report: dict[str, Any] = {}
     with model_scope(model, inputs, forward_args=forward_args, allow_tf32=allow_tf32) as fwd:
-        grad, output, scores, resolved = backprop(fwd, inputs, target, score=score, rule="guided")
-    return _result("guided_backprop", grad, output, scores, resolved, "abs_max")
+        grad, output, scores, resolved = backprop(
+            fwd,
+            inputs,
+            target,
+            score=score,
+            rule="guided",
+            activations=activations,
+            method="guided_backprop",
+            report=report,
+        )
+    return _result("guided_backprop", grad, output, scores, resolved, "abs_max", report)
 
 
 SmoothVariant = Literal["mean", "squared", "vargrad"]
@@ -245,6 +349,7 @@ def smoothgrad(
     seed: int = 0,
     batch_size: int | None = None,
     score: Score = "logit",
+    activations: Activations = "rectifiers",
     forward_args: ForwardArgs = None,
     allow_tf32: bool = False,
 ) -> Attribution:
@@ -272,6 +377,10 @@ def smoothgrad(
         seed: Seed of the noise.
         batch_size: Rows per forward pass; ``None`` picks it from the input size.
         score: See :func:`gradient`.
+        activations: For the ``"deconvnet"`` and ``"guided_backprop"`` bases, where their rule
+            applies; see :func:`guided_backprop`. Those bases raise, as they do alone, on a
+            model that runs no rectifier, and record ``extras["rectifiers"]`` and
+            ``extras["activations_modified"]`` (the calls modified in one forward pass).
         forward_args: Extra arguments for the model, expanded with each noisy copy.
         allow_tf32: Let CUDA use TF32 (faster, less exact); off by default.
 
@@ -284,9 +393,23 @@ def smoothgrad(
     check_positive_int("samples", samples)
     if not (isinstance(noise_level, int | float) and noise_level >= 0):
         raise ValueError(f"noise_level must be a non-negative number, got {noise_level!r}")
+    if resolve_activations(activations) and _SMOOTH_BASES[base] == "gradient":
+        raise ValueError(
+            f"activations= applies to the deconvnet and guided_backprop bases, not to {base!r}"
+        )
     with model_scope(model, inputs, forward_args=forward_args, allow_tf32=allow_tf32) as fwd:
         return _smoothgrad(
-            fwd, inputs, target, base, samples, noise_level, variant, seed, batch_size, score
+            fwd,
+            inputs,
+            target,
+            base,
+            samples,
+            noise_level,
+            variant,
+            seed,
+            batch_size,
+            score,
+            activations=activations,
         )
 
 
@@ -301,6 +424,8 @@ def _smoothgrad(
     seed: int,
     batch_size: int | None,
     score: Score,
+    *,
+    activations: Activations = "rectifiers",
 ) -> Attribution:
     n = inputs.shape[0]
     rows_per_pass = auto_batch_size(inputs, batch_size)
@@ -333,6 +458,8 @@ def _smoothgrad(
     acc_dtype = torch.float64 if variant == "vargrad" else x.dtype
     acc = torch.zeros((n, *x.shape[1:]), dtype=acc_dtype, device=x.device)
     acc_sq = torch.zeros_like(acc) if variant != "mean" else None
+    rule = _SMOOTH_BASES[base]
+    report: dict[str, Any] = {}  # what the rule modified, in the first forward pass
     for start in range(0, total, rows_per_pass):
         rows = torch.arange(start, min(start + rows_per_pass, total), device=x.device)
         draw, sample = rows // n, rows % n
@@ -340,7 +467,15 @@ def _smoothgrad(
         # noisy input, which stays a non-leaf that the model may change in place.
         shift = (sigma[sample] * noise[draw]).requires_grad_(True)
         _, values = score_gradient(
-            forward, shift, resolved, sample, offset=x[sample], rule=_SMOOTH_BASES[base]
+            forward,
+            shift,
+            resolved,
+            sample,
+            offset=x[sample],
+            rule=rule,
+            activations=activations,
+            method=f"smoothgrad with base={base!r}",
+            report=report if start == 0 else None,
         )
         if base == "input_x_gradient":
             values = values * (x[sample] + shift.detach())
@@ -369,6 +504,12 @@ def _smoothgrad(
         scores=clean_scores.detach(),
         method="smoothgrad",
         output=output.detach() if isinstance(output, Tensor) else output,
-        extras={"base": base, "variant": variant, "samples": samples, "sigma": sigma.flatten()},
+        extras={
+            "base": base,
+            "variant": variant,
+            "samples": samples,
+            "sigma": sigma.flatten(),
+            **report,
+        },
         reduction=reduction,
     )

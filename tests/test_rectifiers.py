@@ -1,0 +1,475 @@
+"""DeconvNet and guided backprop at every spelling of a rectifier, and on models without one.
+
+Each rule is checked against an independent reference: the same network rebuilt with an
+explicit custom autograd function at each rectifier (or activation), whose backward is written
+from the papers' formulas with masks, not with PyTorch's backward kernels or salience's code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import salience
+from salience.hooks import ACTIVATIONS, rectifier_rule, resolve_activations
+
+RULES = ("guided", "deconvnet")
+METHODS = {"guided": salience.guided_backprop, "deconvnet": salience.deconvnet}
+
+
+# -- independent references ------------------------------------------------------------------
+
+
+class RefRectifier(torch.autograd.Function):
+    """``min(max(x, 0), upper)``; backward by the papers' formulas, written with masks."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, upper: float | None, rule: str) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.upper, ctx.rule = upper, rule
+        y = torch.where(x > 0, x, torch.zeros_like(x))
+        return y if upper is None else torch.where(y < upper, y, torch.full_like(y, upper))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        (x,) = ctx.saved_tensors
+        positive = torch.where(grad > 0, grad, torch.zeros_like(grad))  # DeconvNet: relu(s)
+        if ctx.rule == "deconvnet":
+            return positive, None, None
+        passes = x > 0
+        if ctx.upper is not None:
+            passes = passes & (x < ctx.upper)
+        return torch.where(passes, positive, torch.zeros_like(positive)), None, None
+
+
+def _gelu_derivative(x: Tensor) -> Tensor:
+    cdf = 0.5 * (1 + torch.erf(x / math.sqrt(2)))
+    pdf = torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+    return cdf + x * pdf
+
+
+def _silu_derivative(x: Tensor) -> Tensor:
+    s = 1 / (1 + torch.exp(-x))
+    return s * (1 + x * (1 - s))
+
+
+def _hardswish_derivative(x: Tensor) -> Tensor:
+    middle = x / 3 + 0.5
+    return torch.where(x < -3, torch.zeros_like(x), torch.where(x > 3, torch.ones_like(x), middle))
+
+
+DERIVATIVES: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]] = {
+    "gelu": (F.gelu, _gelu_derivative),
+    "silu": (F.silu, _silu_derivative),
+    "hardswish": (F.hardswish, _hardswish_derivative),
+}
+
+
+class RefActivation(torch.autograd.Function):
+    """``f(x)``; backward ``f'(x) * relu(s)`` (guided) or ``relu(s)`` (DeconvNet), by hand."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, name: str, rule: str) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.name, ctx.rule = name, rule
+        return DERIVATIVES[name][0](x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        (x,) = ctx.saved_tensors
+        positive = torch.where(grad > 0, grad, torch.zeros_like(grad))
+        if ctx.rule == "deconvnet":
+            return positive, None, None
+        return DERIVATIVES[ctx.name][1](x) * positive, None, None
+
+
+def reference_gradient(forward: Callable[[Tensor], Tensor], x: Tensor, target: Tensor) -> Tensor:
+    leaf = x.detach().clone().requires_grad_(True)
+    picked = forward(leaf).gather(1, target.view(-1, 1)).sum()
+    (grad,) = torch.autograd.grad(picked, leaf)
+    return grad
+
+
+def assert_matches(actual: Tensor, expected: Tensor) -> None:
+    scale = float(expected.abs().max())
+    assert scale > 0, "a map of zeros compares equal to anything scaled by it"
+    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6 * scale)
+
+
+# -- a small network with one activation spelling at each site ------------------------------
+
+
+class Net(nn.Module):
+    """``conv -> act_0 -> conv -> act_1 -> ... -> linear``, with one callable per site."""
+
+    def __init__(self, acts: list[Callable[[Tensor], Tensor]], channels: int = 4) -> None:
+        super().__init__()
+        self.acts = acts
+        self.convs = nn.ModuleList(
+            nn.Conv2d(3 if i == 0 else channels, channels, 3, padding=1) for i in range(len(acts))
+        )
+        self.fc = nn.Linear(channels * 6 * 6, 5)
+        self.register_buffer("zero", torch.zeros(()))
+        self.register_buffer("zeros", torch.zeros(1, channels, 1, 1))
+        torch.manual_seed(0)
+        for conv in self.convs:
+            nn.init.normal_(conv.weight, std=0.3)
+            nn.init.uniform_(conv.bias, -0.2, 0.2)
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.run(x, self.acts)
+
+    def run(self, x: Tensor, acts: list[Callable[[Tensor], Tensor]]) -> Tensor:
+        for conv, act in zip(self.convs, acts, strict=True):
+            x = act(conv(x))
+        return self.fc(x.flatten(1))
+
+
+X = torch.randn(3, 3, 6, 6, generator=torch.Generator().manual_seed(4)) * 3
+TARGET = torch.tensor([0, 2, 4])
+
+# name -> (act(net, t), upper of the rectifier it computes)
+SPELLINGS: dict[str, tuple[Callable[[Net, Tensor], Tensor], float | None]] = {
+    "t.clamp(min=0)": (lambda n, t: t.clamp(min=0), None),
+    "torch.clamp(t, 0, 6)": (lambda n, t: torch.clamp(t, 0, 6), 6.0),
+    "torch.clamp(t, min=0.0, max=2.5)": (lambda n, t: torch.clamp(t, min=0.0, max=2.5), 2.5),
+    "t.clamp_(0, 6)": (lambda n, t: t.clamp_(0, 6), 6.0),
+    "torch.clamp_(t, min=0)": (lambda n, t: torch.clamp_(t, min=0), None),
+    "t.clip(0, 4)": (lambda n, t: t.clip(0, 4), 4.0),
+    "torch.clip(t, min=0)": (lambda n, t: torch.clip(t, min=0), None),
+    "t.clip_(0)": (lambda n, t: t.clip_(0), None),
+    "clamp with a zero tensor bound": (lambda n, t: torch.clamp(t, min=n.zero), None),
+    "t.clamp_min(0)": (lambda n, t: t.clamp_min(0), None),
+    "torch.clamp_min(t, 0.0)": (lambda n, t: torch.clamp_min(t, 0.0), None),
+    "t.clamp_min_(0)": (lambda n, t: t.clamp_min_(0), None),
+    "F.threshold(t, 0, 0)": (lambda n, t: F.threshold(t, 0, 0), None),
+    "F.threshold(inplace=True)": (lambda n, t: F.threshold(t, 0.0, 0.0, inplace=True), None),
+    "F.threshold_": (lambda n, t: F.threshold_(t, 0.0, 0.0), None),
+    "torch.threshold": (lambda n, t: torch.threshold(t, 0.0, 0.0), None),
+    "nn.Threshold(0, 0)": (lambda n, t: nn.Threshold(0, 0)(t), None),
+    "torch.maximum(t, zero)": (lambda n, t: torch.maximum(t, n.zero), None),
+    "torch.maximum(zero, t)": (lambda n, t: torch.maximum(n.zero, t), None),
+    "t.maximum(zeros_like(t))": (lambda n, t: t.maximum(torch.zeros_like(t)), None),
+    "maximum with broadcast zeros": (lambda n, t: torch.maximum(t, n.zeros), None),
+    "torch.max(t, zero)": (lambda n, t: torch.max(t, n.zero), None),
+    "t.max(zero)": (lambda n, t: t.max(n.zero), None),
+    "torch.fmax(t, zero)": (lambda n, t: torch.fmax(t, n.zero), None),
+    "F.leaky_relu(t, 0)": (lambda n, t: F.leaky_relu(t, 0), None),
+    "nn.LeakyReLU(0.0)": (lambda n, t: nn.LeakyReLU(0.0)(t), None),
+    "nn.LeakyReLU(0, inplace=True)": (lambda n, t: nn.LeakyReLU(0, inplace=True)(t), None),
+    "F.leaky_relu_(t, 0.0)": (lambda n, t: F.leaky_relu_(t, 0.0), None),
+    "F.hardtanh(t, 0, 3)": (lambda n, t: F.hardtanh(t, 0.0, 3.0), 3.0),
+}
+
+
+def _bind(net_acts: list[Callable[[Net, Tensor], Tensor]]) -> Net:
+    holder: list[Net] = []
+    net = Net([lambda t, a=a: a(holder[0], t) for a in net_acts])
+    holder.append(net)
+    return net
+
+
+def _check_against_reference(net: Net, uppers: list[float | None], rule: str) -> None:
+    acts = [lambda t, u=u: RefRectifier.apply(t, u, rule) for u in uppers]
+    with torch.no_grad():  # the reference computes the same network
+        torch.testing.assert_close(net.run(X, acts), net(X), rtol=0, atol=1e-6)
+    expected = reference_gradient(lambda x: net.run(x, acts), X, TARGET)
+    plain = salience.gradient(net, X, TARGET).values
+    assert not torch.allclose(expected, plain, rtol=1e-3, atol=1e-5), "the rule changes nothing"
+    result = METHODS[rule](net, X, TARGET)
+    assert_matches(result.values, expected)
+    assert result.extras["rectifiers"] == len(uppers)
+    assert result.extras["activations_modified"] == {}
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("spelling", list(SPELLINGS))
+def test_every_spelling_matches_the_independent_reference(spelling: str, rule: str) -> None:
+    act, upper = SPELLINGS[spelling]
+    _check_against_reference(_bind([act, act]), [upper, upper], rule)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_all_spellings_in_one_network(rule: str) -> None:
+    spellings = list(SPELLINGS.values())
+    _check_against_reference(_bind([a for a, _ in spellings]), [u for _, u in spellings], rule)
+
+
+# name -> act(net, t): the same functions with bounds or arguments that make no rectifier
+NOT_RECTIFIERS: dict[str, Callable[[Net, Tensor], Tensor]] = {
+    "clamp(-1, 1)": lambda n, t: t.clamp(-1, 1),
+    "clamp(min=0.5)": lambda n, t: t.clamp(min=0.5),
+    "clamp(max=0)": lambda n, t: t.clamp(max=0),
+    "clamp(min=0, max=0)": lambda n, t: t + t.clamp(0, 0),
+    "clamp(min=0, max=per-channel tensor)": lambda n, t: t.clamp(
+        min=n.zero, max=torch.arange(1.0, 5.0).view(1, 4, 1, 1)
+    ),
+    "clamp(min=per-channel tensor)": lambda n, t: torch.clamp(
+        t, min=torch.tensor([0.0, 0.0, 1.0, 0.0]).view(1, 4, 1, 1)
+    ),
+    "clamp_min(-0.5)": lambda n, t: t.clamp_min(-0.5),
+    "leaky_relu(0.1)": lambda n, t: F.leaky_relu(t, 0.1),
+    "nn.LeakyReLU()": lambda n, t: nn.LeakyReLU()(t),
+    "hardtanh(-1, 1)": lambda n, t: F.hardtanh(t),
+    "threshold(0.1, 0)": lambda n, t: F.threshold(t, 0.1, 0.0),
+    "threshold(0, 1)": lambda n, t: F.threshold(t, 0.0, 1.0),
+    "maximum(t, 0.5)": lambda n, t: torch.maximum(t, n.zero + 0.5),
+    "maximum(t, a zero that needs a gradient)": lambda n, t: torch.maximum(
+        t, n.convs[0].bias.view(1, 4, 1, 1) * 0
+    ),
+    "torch.max(t, dim=1) reduction": lambda n, t: t + torch.max(t, dim=1, keepdim=True).values,
+    "torch.max(t, 1) reduction": lambda n, t: t - t.max(1, keepdim=True)[0],
+}
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("spelling", list(NOT_RECTIFIERS))
+def test_other_bounds_are_not_rectifiers(spelling: str, rule: str) -> None:
+    """``spelling`` keeps its plain gradient; only the ReLU after it gets the rule."""
+    act = NOT_RECTIFIERS[spelling]
+    net = _bind([act, lambda n, t: F.relu(t)])
+    relu = [lambda t: act(net, t), lambda t: RefRectifier.apply(t, None, rule)]
+    expected = reference_gradient(lambda x: net.run(x, relu), X, TARGET)
+    result = METHODS[rule](net, X, TARGET)
+    assert result.extras["rectifiers"] == 1
+    assert_matches(result.values, expected)
+
+
+# -- models without a rectifier -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("act", "name"), [(nn.GELU(), "GELU"), (nn.SiLU(), "SiLU"), (nn.Hardswish(), "Hardswish")]
+)
+@pytest.mark.parametrize("method", ["guided_backprop", "deconvnet"])
+def test_a_model_without_rectifiers_is_an_error_naming_its_activations(
+    act: nn.Module, name: str, method: str
+) -> None:
+    net = Net([act, act, act])  # one module called three times
+    with pytest.raises(ValueError, match=rf"{name} × 3") as error:
+        getattr(salience, method)(net, X, TARGET)
+    message = str(error.value)
+    assert message.startswith(f"{method} found no rectifier")
+    assert "plain gradient" in message
+    assert "activations='all'" in message
+    assert "not the paper's method" in message
+
+
+def test_the_error_counts_each_activation_and_ignores_softmax() -> None:
+    class Mixed(Net):
+        def forward(self, x: Tensor) -> Tensor:
+            x = F.gelu(self.convs[0](x))
+            x = torch.softmax(F.gelu(self.convs[1](x)), dim=1)
+            x = torch.tanh(self.convs[2](x)) + x.sigmoid()
+            return self.fc(F.hardtanh(x).flatten(1))
+
+    with pytest.raises(ValueError, match="GELU × 2, ") as error:
+        salience.guided_backprop(Mixed([F.gelu] * 3), X, TARGET)
+    for part in ("Tanh × 1", "Sigmoid × 1", "Hardtanh × 1"):
+        assert part in str(error.value)
+    assert "oftmax" not in str(error.value)
+
+
+def test_tanh_and_hardtanh_minus_one_one_are_no_rectifiers() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Hardtanh(-1.0, 1.0), nn.Flatten(), nn.Linear(64, 3)
+    ).eval()
+    for method in (salience.guided_backprop, salience.deconvnet):
+        with pytest.raises(ValueError, match="Tanh × 1, Hardtanh × 1"):
+            method(model, X)
+
+
+def test_a_model_without_any_activation_is_an_error() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten(), nn.Linear(32, 3)).eval()
+    with pytest.raises(ValueError, match="no other activation function"):
+        salience.guided_backprop(model, X)
+
+
+def test_rectifiers_on_tensors_without_gradient_do_not_count() -> None:
+    """A clamp of a buffer, or a ReLU under no_grad, is no rectifier of the explained path."""
+
+    class Gelu(Net):
+        def forward(self, x: Tensor) -> Tensor:
+            scale = self.zeros.clamp(min=0) + 1
+            with torch.no_grad():
+                F.relu(x)
+            return self.run(x, self.acts) * scale.mean()
+
+    with pytest.raises(ValueError, match="GELU × 1"):
+        salience.deconvnet(Gelu([nn.GELU()]), X)
+
+
+def test_guided_grad_cam_and_smoothgrad_raise_too() -> None:
+    net = Net([nn.GELU(), nn.GELU()])
+    with pytest.raises(ValueError, match="GELU × 2"):
+        salience.guided_grad_cam(net, X, TARGET, layer="convs.1")
+    with pytest.raises(ValueError, match=r"smoothgrad with base='deconvnet' .*GELU × 2"):
+        salience.smoothgrad(net, X, TARGET, base="deconvnet", samples=2)
+    assert salience.smoothgrad(net, X, TARGET, samples=2).values.shape == X.shape
+
+
+# -- the extension to other activations -----------------------------------------------------
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("name", list(DERIVATIVES))
+@pytest.mark.parametrize("option", ["all", "name"])
+def test_activations_extension_matches_a_hand_built_reference(
+    rule: str, name: str, option: str
+) -> None:
+    f = DERIVATIVES[name][0]
+    net = Net([f, f])
+    acts = [lambda t: RefActivation.apply(t, name, rule)] * 2
+    expected = reference_gradient(lambda x: net.run(x, acts), X, TARGET)
+    assert not torch.allclose(expected, salience.gradient(net, X, TARGET).values)
+    activations = "all" if option == "all" else [name.upper()]
+    result = METHODS[rule](net, X, TARGET, activations=activations)
+    assert_matches(result.values, expected)
+    assert result.extras["rectifiers"] == 0
+    assert result.extras["activations_modified"] == {
+        {"gelu": "GELU", "silu": "SiLU", "hardswish": "Hardswish"}[name]: 2
+    }
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_activations_extension_applies_only_where_asked(rule: str) -> None:
+    """GELU gets the rule, SiLU (in place) keeps its gradient, the ReLU gets the rule."""
+    net = Net([nn.GELU(), nn.SiLU(inplace=True), nn.ReLU()])
+    acts = [
+        lambda t: RefActivation.apply(t, "gelu", rule),
+        F.silu,
+        lambda t: RefRectifier.apply(t, None, rule),
+    ]
+    expected = reference_gradient(lambda x: net.run(x, acts), X, TARGET)
+    result = METHODS[rule](net, X, TARGET, activations={"gelu"})
+    assert_matches(result.values, expected)
+    assert result.extras == {"rectifiers": 1, "activations_modified": {"GELU": 1}}
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_activations_extension_on_in_place_activations(rule: str) -> None:
+    net = Net([nn.SiLU(inplace=True), nn.Hardswish(inplace=True)])
+    acts = [
+        lambda t: RefActivation.apply(t, "silu", rule),
+        lambda t: RefActivation.apply(t, "hardswish", rule),
+    ]
+    expected = reference_gradient(lambda x: net.run(x, acts), X, TARGET)
+    result = METHODS[rule](net, X, TARGET, activations=["swish", "hard_swish"])
+    assert_matches(result.values, expected)
+    assert result.extras["activations_modified"] == {"SiLU": 1, "Hardswish": 1}
+
+
+def test_activations_option_names_and_errors() -> None:
+    assert resolve_activations("rectifiers") == frozenset()
+    assert resolve_activations("all") == frozenset(ACTIVATIONS)
+    assert resolve_activations(["GELU", "leaky_relu", "relu"]) == {"GELU", "LeakyReLU"}
+    assert resolve_activations("gelu") == {"GELU"}
+    net = Net([nn.ReLU()])
+    with pytest.raises(ValueError, match=r"unknown activation 'gleu'.*GELU"):
+        salience.guided_backprop(net, X, activations=["gleu"])
+    with pytest.raises(TypeError, match="activation names are strings"):
+        salience.deconvnet(net, X, activations=[1])
+    with pytest.raises(ValueError, match="activations= applies to the deconvnet"):
+        salience.smoothgrad(net, X, activations="all", samples=2)
+    with pytest.raises(ValueError, match="unknown activation"):
+        salience.guided_grad_cam(net, X, activations="gleu")
+    with pytest.raises(ValueError, match=r"none of the activations \['SiLU'\].*GELU × 1"):
+        salience.guided_backprop(Net([nn.GELU()]), X, activations=["silu"])
+    result = salience.explain(Net([nn.GELU()]), X, method="deconvnet", activations="all")
+    assert result.extras["activations_modified"] == {"GELU": 1}
+
+
+# -- counts -----------------------------------------------------------------------------------
+
+
+def test_counts_are_rectifier_calls_per_forward_pass() -> None:
+    relu = nn.ReLU()
+    net = Net([relu, relu, relu])  # one module called three times
+    for method in (salience.guided_backprop, salience.deconvnet):
+        assert method(net, X, TARGET).extras["rectifiers"] == 3
+    gc = salience.guided_grad_cam(net, X, TARGET, layer="convs.2")
+    assert gc.extras["rectifiers"] == 3
+    assert gc.extras["activations_modified"] == {}
+    for batch_size in (1, 6):
+        smooth = salience.smoothgrad(
+            net, X, TARGET, base="guided_backprop", samples=2, batch_size=batch_size
+        )
+        assert smooth.extras["rectifiers"] == 3
+    assert "rectifiers" not in salience.smoothgrad(net, X, TARGET, samples=2).extras
+
+
+def test_rectifier_rule_counts_every_call_of_the_mode() -> None:
+    net = _bind([a for a, _ in SPELLINGS.values()])
+    x = X.clone().requires_grad_(True)
+    with rectifier_rule(net, "guided") as mode:
+        net(x)
+    assert mode is not None
+    assert mode.count == len(SPELLINGS)
+    with pytest.raises(ValueError, match="found no rectifier"), rectifier_rule(net, "deconvnet"):
+        pass
+
+
+# -- in-place changes after a rectifier -----------------------------------------------------
+
+
+def test_guided_rule_survives_an_in_place_change_of_a_relu_input() -> None:
+    """``y = F.relu(h); h.mul_(0.5)``: PyTorch's relu keeps its output, so must the rule."""
+
+    class Net2(Net):
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.convs[0](x)
+            y = F.relu(h)
+            h.mul_(0.5)
+            return self.fc((y + h).flatten(1))
+
+    net = Net2([F.relu])
+
+    def reference(x: Tensor) -> Tensor:
+        h = net.convs[0](x)
+        return net.fc((RefRectifier.apply(h, None, "guided") + 0.5 * h).flatten(1))
+
+    expected = reference_gradient(reference, X, TARGET)
+    assert_matches(salience.guided_backprop(net, X, TARGET).values, expected)
+
+
+IN_PLACE_SPELLINGS = {
+    "F.relu": lambda n, t: F.relu(t),
+    "nn.ReLU6": lambda n, t: nn.ReLU6()(t),
+    "nn.ReLU(inplace=True)": lambda n, t: nn.ReLU(inplace=True)(t),
+    "nn.ReLU6(inplace=True)": lambda n, t: nn.ReLU6(inplace=True)(t),
+    **{k: a for k, (a, _) in SPELLINGS.items()},
+}
+
+
+@pytest.mark.parametrize("changed", ["input", "output"])
+@pytest.mark.parametrize("spelling", list(IN_PLACE_SPELLINGS))
+def test_guided_works_wherever_the_gradient_does(spelling: str, changed: str) -> None:
+    """The model changes the rectifier's input or output in place after the call."""
+    act = IN_PLACE_SPELLINGS[spelling]
+
+    class Changing(Net):
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.convs[0](x)
+            y = act(self, h)
+            (h if changed == "input" else y).mul_(0.5)
+            return self.fc(y.flatten(1))
+
+    net = Changing([F.relu])
+    try:
+        salience.gradient(net, X, TARGET)
+    except RuntimeError as error:
+        message = str(error)
+    else:
+        message = ""
+    if message:
+        assert "inplace" in message
+        pytest.skip("PyTorch's own backward of this call does not allow the change either")
+    salience.guided_backprop(net, X, TARGET)
+    salience.deconvnet(net, X, TARGET)
