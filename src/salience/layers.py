@@ -1,11 +1,66 @@
-"""Finding a layer of a model and recording what it computes, for the duration of one call.
+"""Finding a layer of a model, recording what it computes, and reading it as a spatial map.
 
 Layer methods (the CAM family) need the output ``A`` of an inner layer, still attached to the
-autograd graph of the score. The recorders here are context managers over
-:func:`salience.hooks.forward_hooks`: hooks live for the block and for the calling thread.
+autograd graph of the score, read as a spatial map ``(N, K, h, w)``. The recorder here
+(:func:`search_layers`) is a context manager over :func:`salience.hooks.forward_hooks`: hooks
+live for the block and for the calling thread.
 
 A *layer* is a submodule, given as the module itself or as its dotted name in
-``model.named_modules()`` (``"layer4"``, ``"features.28"``, ``"_blocks.15"``).
+``model.named_modules()`` (``"layer4"``, ``"features.28"``, ``"blocks.11.norm1"``).
+
+**Layouts.** A layer output is read as a map ``(N, K, h, w)`` in one of three layouts
+(:class:`Layout`), each a pure re-indexing (so that the same conversion applies to the
+gradient, as for ``reshape=``):
+
+- ``"NCHW"``: a convolutional feature map ``(N, C, h, w)``, read as it is;
+- ``"NHWC"``: a channels-last map ``(N, h, w, C)`` (Swin, ConvNeXt blocks), permuted;
+- ``"tokens"``: a token sequence ``(N, s + h*w, C)`` (ViT, DeiT, register tokens): the ``s``
+  leading special tokens (class, distillation, register tokens; at most
+  :data:`MAX_SPECIAL_TOKENS`) are dropped and the patch tokens folded into the ``h x w`` grid,
+  row by row. Special tokens are assumed to come **first**, as in ViT, DeiT and timm's
+  register-token models; a model that appends them at the end needs ``reshape=``.
+
+The layout is decided from what the model computes, not from shapes alone:
+
+1. *What the module is.* Convolutions, batch/group/instance norms, 2-D pools, upsampling and
+   pixel shuffles produce channels-first tensors; ``nn.Linear`` and LayerNorm/RMSNorm over the
+   last axis act on (and produce) channels-last tensors. A module that returns a tensor of the
+   shape of its input keeps the layout of its input (activations, residual blocks, dropout,
+   masks), and the model input itself is channels-first.
+2. *The input size.* A grid must fit the ``H x W`` input: ``(h, w) ~ (H / s, W / s)`` for some
+   stride ``s``, within one cell (padding, odd sizes). A channels-last tensor whose two middle
+   axes are no such grid is no map: attention tensors ``(N, heads, tokens, head_dim)`` (a
+   ``k_norm`` output) and attention weights ``(N, heads, T, T)`` are never read as maps (the
+   latter are also recognised by their token count). A token sequence is folded into the grid
+   of the patch embedding (a channels-first map computed before it, such as the output of a
+   ``Conv2d`` with the patch size as stride, ``h * w = T - s``), or else into the grid
+   ``(H / p, W / p)`` with the fewest special tokens.
+3. A 4-D tensor that nothing identifies is read channels-first if the model computes nothing
+   channels-last (no token sequences, no channels-last map): that is PyTorch's convention and
+   every CNN's, as before. In a model that mixes layouts it must fit the input; if it fits
+   both ways, the layer is **ambiguous** and the methods raise an error that names the
+   candidates and shows the ``layer=`` and ``reshape=`` to pass.
+
+**The default layer** is the last readable layer output of the forward pass (the container's
+name when a container returns the tensor of its last child) with these exceptions:
+
+- the model output itself is never chosen, nor a class map that the model output merely
+  resizes (a segmentation network that upsamples its logits with ``F.interpolate``): it is
+  the logit head, and the feature map before it is taken;
+- with gradients on, a layer the score does not reach (an auxiliary head) is passed over;
+- in a model with class or register tokens, so is a layer whose map (patch tokens) has a zero
+  gradient: a ViT that classifies its class token reads the final ``norm``, and every
+  per-token layer of the last block, at the class token only (a Grad-CAM there is zero), so
+  the default is ``blocks[-1].norm1``, the input of the last attention, where the patch tokens
+  are mixed into the class token (the layer pytorch-grad-cam recommends). Methods that run
+  without gradients (Score-CAM, CAM) find it on one forward pass with gradients, then record
+  it without, so that every method picks the same layer;
+- token sequences computed inside an attention module (its q/k/v projections) are passed over
+  in favour of the attention's input.
+
+If token sequences that fit no grid (more than :data:`MAX_SPECIAL_TOKENS` special tokens,
+tokens at the end) come after that layer, the methods raise rather than explain an early map,
+with the ``layer=`` and ``reshape=`` for the tokens.
 
 **A module that runs several times in one forward pass** (a ReLU module reused inside a
 ResNet block, the ``_swish`` ReLU6 of EfficientNet-Lite0, which runs on the stem and on the
@@ -14,37 +69,52 @@ that is closest to the prediction and, for a module reused for the final activat
 feature map that the classifier pools. The number of calls is reported
 (``Attribution.extras["layer_calls"]``) so that a reused module never goes unnoticed.
 
-Recording never changes what the model computes: the hook hands the model an identical copy
-of the layer output, so that in-place operations later in the forward pass (``ReLU(inplace=True)``
-after a convolution) cannot alter the recorded activation or its place in the graph.
+Recording never changes what the model computes: for a layer chosen with ``layer=``, the hook
+hands the model an identical copy of the layer output, so that in-place operations later in
+the forward pass (``ReLU(inplace=True)`` after a convolution) cannot alter the recorded
+activation or its place in the graph. The default layer is found without copies; if the
+forward pass modified it in place afterwards, the methods record it again by name.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import difflib
-from collections.abc import Callable, Iterator
+import math
+import re
+import weakref
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .hooks import forward_hooks
 
 __all__ = [
+    "MAX_SPECIAL_TOKENS",
+    "LayerChoice",
     "LayerLike",
     "LayerRecord",
+    "LayerSearch",
+    "Layout",
     "Reshape",
-    "SpatialRecord",
     "check_reshape",
     "find_layer",
-    "record_last_spatial",
-    "record_layer",
+    "search_layers",
 ]
 
 LayerLike: TypeAlias = "nn.Module | str"
 Reshape: TypeAlias = "Callable[[Tensor], Tensor]"
+
+MAX_SPECIAL_TOKENS = 8
+"""The most leading special tokens (class, distillation, register tokens) a sequence may have."""
+
+_KEEP_WITH_GRAD = 64  # layer outputs held for the choice when the score can be checked
+_KEEP_WITHOUT_GRAD = 8  # ... and without gradients: the last map, the logit head, the output
 
 
 def find_layer(model: nn.Module, layer: LayerLike) -> tuple[str, nn.Module]:
@@ -80,6 +150,175 @@ def find_layer(model: nn.Module, layer: LayerLike) -> tuple[str, nn.Module]:
     raise TypeError(
         f"layer must be an nn.Module of the model or its dotted name, got {type(layer).__name__}"
     )
+
+
+# -- layouts -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a layer output is read as a spatial map ``(N, K, h, w)``.
+
+    Attributes:
+        kind: ``"NCHW"`` (as it is), ``"NHWC"`` (channels last, permuted), ``"tokens"``
+            (``(N, special + h*w, C)``: special tokens dropped, patch tokens folded row by row
+            into ``grid``) or ``"custom"`` (a ``reshape=`` function of the user).
+        grid: ``(h, w)``.
+        special: Leading special tokens dropped (tokens only).
+    """
+
+    kind: Literal["NCHW", "NHWC", "tokens", "custom"]
+    grid: tuple[int, int] | None = None
+    special: int = 0
+
+    def to_map(self, t: Tensor) -> Tensor:
+        """Return ``t`` as ``(N, K, h, w)``: a view that only selects and rearranges elements."""
+        if self.kind == "NCHW":
+            return t
+        if self.kind == "NHWC":
+            return t.permute(0, 3, 1, 2)
+        if self.kind == "tokens" and self.grid is not None:
+            return t[:, self.special :].unflatten(1, self.grid).permute(0, 3, 1, 2)
+        raise ValueError(f"a {self.kind} layout has no conversion of its own")
+
+    def reshape_source(self) -> str:
+        """Return the conversion as the ``reshape=`` argument that does it, as source text."""
+        if self.kind == "NHWC":
+            return "lambda t: t.permute(0, 3, 1, 2)"
+        if self.kind == "tokens" and self.grid is not None:
+            h, w = self.grid
+            drop = f"[:, {self.special}:]" if self.special else ""
+            return f"lambda t: t{drop}.unflatten(1, ({h}, {w})).permute(0, 3, 1, 2)"
+        return "lambda t: t"
+
+    def __str__(self) -> str:
+        if self.kind == "tokens" and self.grid is not None:
+            grid = f"{self.grid[0]}x{self.grid[1]}"
+            return f"tokens {self.special}+{grid}" if self.special else f"tokens {grid}"
+        return self.kind
+
+
+def _fits(a: int, b: int, size: tuple[int, int]) -> bool:
+    """Whether ``(a, b)`` is a grid of the ``size`` input: ``(H / s, W / s)`` within one cell."""
+    height, width = size
+    if a < 1 or b < 1 or a * b < 2 or a > height or b > width:
+        return False
+    low = max(height / (a + 1), width / (b + 1))
+    high = min(height / (a - 1) if a > 1 else math.inf, width / (b - 1) if b > 1 else math.inf)
+    return low <= high
+
+
+def _patch_grid(count: int, size: tuple[int, int]) -> tuple[int, int] | None:
+    """Return a grid ``(h, w)`` of ``count`` patches of an integer size: ``h = H / p`` rounded."""
+    height, width = size
+    if count < 2:
+        return None
+    guess = math.sqrt(height * width / count)
+    for p in range(max(1, math.floor(guess) - 1), math.ceil(guess) + 2):
+        for h in {height // p, -(-height // p)}:
+            for w in {width // p, -(-width // p)}:
+                if h * w == count and h >= 1 and w >= 1:
+                    return h, w
+    return None
+
+
+# -- what the model computes -------------------------------------------------------------------
+
+Axis: TypeAlias = "Literal['first', 'last'] | None"
+
+_CHANNELS_FIRST: tuple[type[nn.Module], ...] = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.SyncBatchNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.LPPool1d,
+    nn.LPPool2d,
+    nn.FractionalMaxPool2d,
+    nn.Upsample,
+    nn.PixelShuffle,
+    nn.PixelUnshuffle,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.ConstantPad2d,
+    nn.ZeroPad2d,
+    nn.ReflectionPad2d,
+    nn.ReplicationPad2d,
+    nn.ChannelShuffle,
+)
+_STOCK_NORMS = tuple(
+    cls.forward for cls in (nn.LayerNorm, getattr(nn, "RMSNorm", None)) if cls is not None
+)
+_ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
+_CONTAINER = re.compile(r"block|layer|stage|list|sequential|dict", re.IGNORECASE)
+
+
+def _is_attention(module: nn.Module, name: str) -> bool:
+    """Whether ``module`` (named ``name`` in its parent) is an attention module, not a block."""
+    if isinstance(module, nn.MultiheadAttention):
+        return True
+    kind = type(module).__name__
+    return not _CONTAINER.search(kind) and bool(_ATTENTION.search(kind) or _ATTENTION.search(name))
+
+
+def _axis_of(module: nn.Module, output: Tensor) -> Axis:
+    """Which end of ``output`` holds the channels, from what ``module`` is (``None``: unknown)."""
+    if isinstance(module, _CHANNELS_FIRST):
+        return "first"
+    if isinstance(module, nn.Linear):
+        return "last"
+    shape = getattr(module, "normalized_shape", None)
+    if isinstance(shape, tuple | list | torch.Size) and len(shape) == 1 and output.ndim >= 3:
+        c = int(shape[0])
+        last, first = output.shape[-1] == c, output.shape[1] == c
+        if last and not first:
+            return "last"
+        if first and not last:
+            return "first"  # a LayerNorm2d that permutes around nn.LayerNorm
+        if last and type(module).forward in _STOCK_NORMS:
+            return "last"
+    return None
+
+
+class _Cell:
+    """What is known of one tensor's layout; shared by a tensor and its recorded copy."""
+
+    __slots__ = ("axis",)
+
+    def __init__(self, axis: Axis) -> None:
+        self.axis: Axis = axis
+
+
+@dataclass(eq=False)
+class _Entry:
+    """A distinct 3-D or 4-D layer output, with every module name that returned it."""
+
+    names: list[str]
+    ref: weakref.ref[Tensor]
+    tensor: Tensor | None  # held only for the last few entries
+    version: int
+    shape: tuple[int, ...]
+    cell: _Cell
+    grids: int  # how many grids had been seen before it
+    attention_like: bool  # a 4-D tensor with the token count on an axis
+
+    @property
+    def name(self) -> str:
+        return self.names[-1]
 
 
 @dataclass
@@ -123,98 +362,532 @@ class LayerRecord:
         self._version = output._version
 
 
-@contextlib.contextmanager
-def record_layer(module: nn.Module, name: str) -> Iterator[LayerRecord]:
-    """Record the output of ``module`` (named ``name``) while the block runs.
+@dataclass(frozen=True)
+class LayerChoice:
+    """The default layer: its record, how it is read, and whether that still needs gradients.
 
-    The output of the last call is kept; the model continues with a copy of it, so that its own
-    in-place operations leave the recorded tensor intact.
-
-    Raises:
-        TypeError: inside the forward pass, when the layer returns something other than a
-            tensor.
+    ``needs_gradients`` is true when the choice was made without gradients and is a token
+    sequence with special tokens, whose patch tokens the score may not depend on (a class-token
+    head): the caller should search again on a forward pass with gradients.
     """
-    record = LayerRecord(name)
 
-    def hook(_name: str, _module: nn.Module, _args: Any, output: Any) -> Tensor:
+    record: LayerRecord
+    layout: Layout
+    needs_gradients: bool = False
+
+
+def _tensors_in(output: Any) -> list[Tensor]:
+    if isinstance(output, Tensor):
+        return [output]
+    values = output.values() if isinstance(output, Mapping) else output
+    if isinstance(values, tuple | list) or isinstance(output, Mapping):
+        return [v for v in values if isinstance(v, Tensor)]
+    return []
+
+
+_RESIZES: tuple[tuple[str, bool | None], ...] = (
+    ("bilinear", False),
+    ("bilinear", True),
+    ("nearest", None),
+    ("nearest-exact", None),
+    ("bicubic", False),
+    ("bicubic", True),
+)
+
+
+def _is_resized_to(t: Tensor, outputs: list[Tensor]) -> bool:
+    """Whether a model output is ``t`` resized (a logit head upsampled functionally)."""
+    with torch.no_grad():
+        for out in outputs:
+            if (
+                out.ndim != 4
+                or tuple(out.shape[:2]) != tuple(t.shape[:2])
+                or not out.is_floating_point()
+            ):
+                continue
+            target = out.detach()
+            source = t.detach().to(target.dtype)
+            tolerance = 1e-5 * float(target.abs().amax()) + 1e-12
+            if target.shape == source.shape:
+                if torch.allclose(source, target, rtol=1e-4, atol=tolerance):
+                    return True
+                continue
+            for mode, corners in _RESIZES:
+                resized = F.interpolate(
+                    source, size=tuple(target.shape[-2:]), mode=mode, align_corners=corners
+                )
+                if torch.allclose(resized, target, rtol=1e-4, atol=tolerance):
+                    return True
+    return False
+
+
+class _Graph:
+    """Which autograd nodes the scores reach, explored lazily from the scores backwards."""
+
+    def __init__(self, scores: Tensor) -> None:
+        root = scores.grad_fn
+        self.seen: set[Any] = {root}
+        self.frontier: list[Any] = [root]
+
+    def reaches(self, t: Tensor) -> bool:
+        node = t.grad_fn
+        if node is None:
+            return t.requires_grad  # a leaf (the input): the score depends on it
+        while node not in self.seen and self.frontier:
+            for following, _ in self.frontier.pop().next_functions:
+                if following is not None and following not in self.seen:
+                    self.seen.add(following)
+                    self.frontier.append(following)
+        return node in self.seen
+
+
+class LayerSearch:
+    """The 3-D and 4-D layer outputs of one forward pass, with what is known of their layout.
+
+    Use it through :func:`search_layers`. With ``layer`` given, only that layer is recorded
+    (with a copy handed to the model, see the module documentation) and :meth:`layer_layout`
+    reads it; otherwise :meth:`choose` picks the default layer.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs: Tensor,
+        layer: tuple[str, nn.Module] | None = None,
+        *,
+        keep: int = _KEEP_WITH_GRAD,
+    ) -> None:
+        self.model = model
+        self.n = int(inputs.shape[0])
+        self.size = (int(inputs.shape[-2]), int(inputs.shape[-1]))
+        self.calls: dict[str, int] = {}
+        self.entries: list[_Entry] = []
+        self.record: LayerRecord | None = None if layer is None else LayerRecord(layer[0])
+        self._layer = layer
+        self._layer_entry: _Entry | None = None
+        self._keep = 0 if layer is not None else keep
+        self._cells: dict[int, tuple[weakref.ref[Tensor], _Cell]] = {}
+        self._held: collections.deque[_Entry] = collections.deque()  # entries holding tensors
+        self._grids: list[tuple[int, int]] = []
+        self._token_counts: set[int] = set()
+        self._mixed: bool | None = None
+
+    # -- recording ---------------------------------------------------------------------------
+
+    def seed(self, inputs: Tensor) -> None:
+        """Declare the tensor given to the model: an image batch, channels first."""
+        self._cell(inputs).axis = "first"
+
+    def _cell(self, t: Tensor, cell: _Cell | None = None) -> _Cell:
+        found = self._cells.get(id(t))
+        if found is not None and found[0]() is t:
+            return found[1]
+        cell = cell or _Cell(None)
+        self._cells[id(t)] = (weakref.ref(t), cell)
+        return cell
+
+    def _hook(self, name: str, module: nn.Module, args: Any, output: Any) -> Tensor | None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+        chosen = self._layer is not None and module is self._layer[1]
         if not isinstance(output, Tensor):
-            raise TypeError(
-                f"layer {name!r} returned a {type(output).__name__}, not a tensor; pick a layer "
-                "that returns a feature map tensor"
-            )
-        record._store(output)
-        return output.clone()
+            if chosen:
+                raise TypeError(
+                    f"layer {name!r} returned a {type(output).__name__}, not a tensor; pick a "
+                    "layer that returns a feature map tensor"
+                )
+            return None
+        source = next((a for a in args if isinstance(a, Tensor)), None)
+        cell = self._cell(output)
+        axis = _axis_of(module, output)
+        if axis is not None:
+            cell.axis = axis
+            if source is not None and source.ndim == output.ndim and source is not output:
+                known = self._cell(source)
+                known.axis = known.axis or axis
+        elif cell.axis is None and source is not None and source.shape == output.shape:
+            cell.axis = self._cell(source).axis
+        entry = self._add(name, output, cell, force=chosen)
+        if not chosen:
+            return None
+        assert self.record is not None
+        assert entry is not None
+        self.record._store(output)
+        self._layer_entry = entry
+        copy = output.clone()
+        self._cell(copy, cell)  # the copy the model goes on with is the same layer output
+        return copy
 
-    with forward_hooks([(name, module)], hook):
-        yield record
+    def _add(self, name: str, output: Tensor, cell: _Cell, *, force: bool) -> _Entry | None:
+        shape = tuple(output.shape)
+        candidate = output.ndim in (3, 4) and shape[0] == self.n and shape[1] > 1
+        if output.ndim == 4:
+            candidate = candidate and (shape[2] * shape[3] > 1 or shape[2] * shape[1] > 1)
+        if not (candidate or force):
+            return None
+        last = self.entries[-1] if self.entries else None
+        if candidate and last is not None and last.ref() is output:
+            last.names.append(name)
+            last.version = output._version
+            return last
+        entry = _Entry(
+            names=[name],
+            ref=weakref.ref(output),
+            tensor=None,
+            version=output._version,
+            shape=shape,
+            cell=cell,
+            grids=len(self._grids),
+            attention_like=output.ndim == 4 and bool({shape[2], shape[3]} & self._token_counts),
+        )
+        if not candidate:
+            return entry
+        self.entries.append(entry)
+        if self._keep and self._may_be_read(entry):
+            entry.tensor = output
+            self._held.append(entry)
+            if len(self._held) > self._keep:
+                self._held.popleft().tensor = None
+        if output.ndim == 3 and cell.axis != "first":
+            if cell.axis == "last" or self._tokens(shape[1], len(self._grids)) is not None:
+                self._token_counts.add(shape[1])  # a token sequence (features last)
+        elif output.ndim == 4 and cell.axis == "first":
+            self._grids.append((shape[2], shape[3]))
+        elif output.ndim == 4 and cell.axis == "last" and _fits(shape[1], shape[2], self.size):
+            self._grids.append((shape[1], shape[2]))
+        return entry
 
+    def _may_be_read(self, e: _Entry) -> bool:
+        """Whether ``e`` may turn out readable once the whole forward pass is known."""
+        if len(e.shape) == 3:
+            return e.cell.axis != "first" and self._tokens(e.shape[1], e.grids) is not None
+        _, d1, d2, d3 = e.shape
+        nhwc = _fits(d1, d2, self.size)
+        if e.cell.axis == "first":
+            return d2 * d3 > 1
+        if e.cell.axis == "last":
+            return nhwc
+        return not e.attention_like and (d2 * d3 > 1 or nhwc)
 
-@dataclass
-class SpatialRecord:
-    """The spatial feature maps a forward pass produced, in the order the modules returned.
+    # -- reading -----------------------------------------------------------------------------
 
-    Only the last two distinct tensors are held (with every module name that returned them):
-    the answer is the last one unless it is the model output, and holding every map would keep
-    the activations of a whole network alive.
-    """
+    def _tokens(self, count: int, grids: int) -> Layout | None:
+        """Return the token layout of ``count`` tokens: a grid seen before, else a patch grid."""
+        for h, w in reversed(self._grids[:grids]):
+            if 0 <= count - h * w <= MAX_SPECIAL_TOKENS and h * w > 1:
+                return Layout("tokens", (h, w), count - h * w)
+        for special in range(MAX_SPECIAL_TOKENS + 1):
+            grid = _patch_grid(count - special, self.size)
+            if grid is not None:
+                return Layout("tokens", grid, special)
+        return None
 
-    batch: int
-    found: list[tuple[str, Tensor, int]] = field(default_factory=list)
-    calls: dict[str, int] = field(default_factory=dict)
+    def mixed(self) -> bool:
+        """Whether the model computes token sequences or channels-last maps anywhere."""
+        if self._mixed is None:
+            self._mixed = any(self._channels_last(e) for e in self.entries)
+        return self._mixed
 
-    def _add(self, name: str, output: Tensor) -> None:
-        if self.found and self.found[-1][1] is not output:
-            previous = self.found[-1][1]
-            self.found = [entry for entry in self.found if entry[1] is previous]
-        self.found.append((name, output, output._version))
+    def _channels_last(self, e: _Entry) -> bool:
+        if len(e.shape) == 3:  # a token sequence, even one that fits no grid
+            if e.cell.axis == "last":
+                return True
+            return e.cell.axis is None and self._tokens(e.shape[1], e.grids) is not None
+        _, d1, d2, d3 = e.shape
+        if not _fits(d1, d2, self.size):
+            return False
+        if e.cell.axis == "last":
+            return True
+        return e.cell.axis is None and not e.attention_like and not _fits(d2, d3, self.size)
 
-    def last(self, model_output: object) -> LayerRecord:
-        """Return the last spatial map that is not the model output itself.
+    def layouts(self, e: _Entry) -> list[Layout]:
+        """How ``e`` can be read: no way, one way, or two (ambiguous)."""
+        shape, axis = e.shape, e.cell.axis
+        if len(shape) == 4 and shape[0] == self.n:
+            _, d1, d2, d3 = shape
+            nchw = Layout("NCHW", (d2, d3))
+            nhwc = Layout("NHWC", (d1, d2))
+            if axis == "first":
+                return [nchw] if d2 * d3 > 1 else []
+            if axis == "last":
+                return [nhwc] if _fits(d1, d2, self.size) else []
+            if e.attention_like:
+                return []
+            if not self.mixed():
+                return [nchw] if d2 * d3 > 1 else []
+            return [
+                *([nchw] if _fits(d2, d3, self.size) else []),
+                *([nhwc] if _fits(d1, d2, self.size) else []),
+            ]
+        if len(shape) == 3 and shape[0] == self.n and axis != "first":
+            tokens = self._tokens(shape[1], e.grids)
+            return [tokens] if tokens is not None else []
+        return []
 
-        A container returns after its children, so for a ``Sequential`` or a ResNet stage the
-        container's name is chosen over the name of its last child: it is the same tensor, and
-        the container usually runs once where the child (a reused ReLU) may run several times.
+    # -- the default layer -------------------------------------------------------------------
+
+    def choose(self, output: Any, scores: Tensor | None = None) -> LayerChoice:
+        """Pick the default layer (see the module documentation).
+
+        Args:
+            output: The model output (never chosen, nor a map it merely resizes).
+            scores: The explained scores, in the autograd graph, to pass over layers they do
+                not depend on; ``None`` when the forward pass ran without gradients.
 
         Raises:
-            ValueError: no module produced a spatial feature map.
+            ValueError: no layer can be read as a map, or the chosen one is ambiguous.
         """
-        for name, tensor, version in reversed(self.found):
-            if tensor is model_output:
+        outputs = _tensors_in(output)
+        pool: list[tuple[_Entry, list[Layout]]] = []
+        for entry in reversed(self.entries):
+            layouts = self.layouts(entry)
+            if not layouts:
                 continue
-            record = LayerRecord(name, calls=self.calls[name], output=tensor)
-            record._version = version
-            return record
+            t = entry.tensor
+            if t is None:
+                break  # beyond the outputs held for the choice
+            if any(t is out for out in outputs):
+                continue
+            if layouts[0].kind == "NCHW" and len(layouts) == 1 and _is_resized_to(t, outputs):
+                continue  # the logit head of a network that upsamples it functionally
+            pool.append((entry, layouts))
+        if not pool:
+            raise ValueError(self._nothing_readable())
+        special = self._special_tokens()
+        graph = scores is not None and scores.grad_fn is not None
+        entry, layouts = self._pick(pool, scores if graph else None, check_maps=special)
+        if len(layouts) > 1:
+            raise ValueError(self._ambiguous(entry, pool))
+        later = self.entries[self.entries.index(entry) + 1 :]
+        unread = [e for e in later if len(e.shape) == 3 and e.cell.axis == "last"]
+        unread = [e for e in unread if not self.layouts(e)]
+        if unread:
+            # a transformer whose tokens fit no grid: an early map would explain little
+            raise ValueError(self._unread_tokens(unread[-1], entry, layouts[0]))
+        record = LayerRecord(entry.name, calls=self.calls[entry.name], output=entry.tensor)
+        record._version = entry.version
+        return LayerChoice(record, layouts[0], needs_gradients=scores is None and special)
+
+    def _special_tokens(self) -> bool:
+        """Whether the model computes token sequences with special (class, register) tokens."""
+        for e in self.entries:
+            if len(e.shape) == 3:
+                layouts = self.layouts(e)
+                if layouts and layouts[0].special > 0:
+                    return True
+        return False
+
+    def _pick(
+        self, pool: list[tuple[_Entry, list[Layout]]], scores: Tensor | None, *, check_maps: bool
+    ) -> tuple[_Entry, list[Layout]]:
+        """Return the latest entry of ``pool`` that the scores depend on.
+
+        With ``scores`` (in the graph), entries the scores do not reach are passed over, and
+        with ``check_maps`` also entries whose map (patch tokens) has a zero gradient: in a
+        class-token model, the per-token layers after the last attention.
+        """
+        graph = None if scores is None else _Graph(scores)
+        total = None if scores is None else scores.sum()
+        matters: dict[int, bool] = {}  # id(entry) -> the score depends on its map
+        chunks: list[int] = []
+
+        def depends(i: int) -> bool:
+            if graph is None:
+                return True
+            entry = pool[i][0]
+            assert entry.tensor is not None
+            if not graph.reaches(entry.tensor):
+                return False
+            if not check_maps:
+                return True
+            if id(entry) not in matters:
+                # backward passes from the scores to the next 1, 4, 16, ... layers: each goes
+                # only as deep as its earliest layer
+                size = 4 ** len(chunks)
+                chunks.append(size)
+                todo = [pool[i]] + [
+                    (e, ls)
+                    for e, ls in pool[i + 1 : i + size]
+                    if e.tensor is not None and graph.reaches(e.tensor)
+                ]
+                tensors = [e.tensor for e, _ in todo]
+                grads = torch.autograd.grad(total, tensors, retain_graph=True, allow_unused=True)
+                for (e, ls), g in zip(todo, grads, strict=True):
+                    layout = ls[0] if len(ls) == 1 else Layout("NCHW")
+                    matters[id(e)] = g is not None and bool(layout.to_map(g).ne(0).any())
+            return matters[id(entry)]
+
+        fallback = None
+        for i, (entry, layouts) in enumerate(pool):
+            if not depends(i):
+                continue
+            if layouts[0].kind == "tokens" and self._in_attention(entry.name):
+                fallback = fallback or (entry, layouts)  # q/k/v: prefer the attention input
+                continue
+            return entry, layouts
+        return fallback or pool[0]
+
+    def _in_attention(self, name: str) -> bool:
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):
+            if _is_attention(self.model.get_submodule(".".join(parts[:i])), parts[i - 1]):
+                return True
+        return False
+
+    # -- a layer given with layer= -----------------------------------------------------------
+
+    def layer_layout(self) -> Layout:
+        """Return the layout of the layer given to :func:`search_layers`, after the forward pass.
+
+        Raises:
+            ValueError: its output cannot be read as a map, or is ambiguous.
+        """
+        assert self.record is not None
+        assert self._layer is not None
+        entry = self._layer_entry
+        name = self._layer[0]
+        assert entry is not None, "layer_layout() called for a layer that did not run"
+        layouts = self.layouts(entry)
+        if len(layouts) == 1:
+            return layouts[0]
+        if len(layouts) > 1:
+            raise ValueError(self._ambiguous(entry, []))
+        shape = entry.shape
+        if len(shape) not in (3, 4) or shape[0] != self.n:
+            raise ValueError(
+                f"layer {name!r} outputs shape {shape}, not a spatial feature map "
+                f"(N, K, h, w) with N = {self.n}; pick a convolutional layer, or pass reshape= "
+                "to turn its output into one (for ViT tokens (N, 1 + h*w, D): "
+                "reshape=lambda t: t[:, 1:].unflatten(1, (h, w)).permute(0, 3, 1, 2))"
+            )
+        if len(shape) == 4 and (entry.attention_like or entry.cell.axis == "last"):
+            advice = (
+                "pick a layer whose output is the token sequence (N, tokens, C) or a map, such "
+                "as the input of the attention module, or leave layer= out to let one be chosen"
+            )
+        else:
+            advice = "if it holds one, pass reshape= to turn it into (N, K, h, w): "
+            advice += self._hints(entry)
         raise ValueError(
-            "found no layer whose output is a spatial feature map (N, K, h, w) with h * w > 1; "
-            "pass layer= (a module of the model or its dotted name), and reshape= for layers "
-            "whose output is not (N, K, h, w), such as the token sequences of a transformer"
+            f"layer {name!r} outputs shape {shape}, not a spatial feature map of the "
+            f"{self._size_text()} input: {self._why_not(entry)}; {advice}"
         )
+
+    # -- messages ----------------------------------------------------------------------------
+
+    def _size_text(self) -> str:
+        return f"{self.size[0]}x{self.size[1]}"
+
+    def _why_not(self, e: _Entry) -> str:
+        shape = e.shape
+        if len(shape) == 3:
+            if e.cell.axis == "first":
+                return "it is a channels-first sequence (N, C, L) of a 1-D layer"
+            return (
+                f"{shape[1]} tokens are no grid of h*w patches of the input after at most "
+                f"{MAX_SPECIAL_TOKENS} leading special tokens"
+            )
+        _, d1, d2, d3 = shape
+        if e.attention_like:
+            return (
+                "an axis holds the token count of the model's token sequences: it is an "
+                "attention tensor (N, heads, tokens, ...), not a map"
+            )
+        if e.cell.axis == "last":
+            return (
+                f"its last axis holds features (it comes from a Linear or LayerNorm layer) and "
+                f"({d1}, {d2}) is no grid of the input: an attention tensor (N, heads, tokens, "
+                "head_dim)?"
+            )
+        return f"neither ({d2}, {d3}) nor ({d1}, {d2}) is a grid of the input"
+
+    def _hints(self, e: _Entry) -> str:
+        """``layer=..., reshape=...`` for each way ``e`` could be read, as source text."""
+        shape = e.shape
+        if len(shape) == 4:
+            ways = [("channels first", "lambda t: t")]
+            ways.append(("channels last", Layout("NHWC").reshape_source()))
+        else:
+            layout = self._tokens(shape[1], e.grids)
+            for special in range(MAX_SPECIAL_TOKENS + 1, 2 * MAX_SPECIAL_TOKENS + 1):
+                if layout is not None:
+                    break
+                grid = _patch_grid(shape[1] - special, self.size)
+                layout = None if grid is None else Layout("tokens", grid, special)
+            source = (
+                layout.reshape_source()
+                if layout is not None
+                else "lambda t: t[:, S:].unflatten(1, (h, w)).permute(0, 3, 1, 2) with S "
+                f"leading special tokens and h * w = {shape[1]} - S"
+            )
+            ways = [("tokens", source)]
+        return " or ".join(f"layer={e.name!r}, reshape={code} ({what})" for what, code in ways)
+
+    def _listing(self, pool: list[tuple[_Entry, list[Layout]]]) -> str:
+        shown = []
+        for entry, layouts in pool[:6]:
+            how = " or ".join(str(layout) for layout in layouts)
+            shown.append(f"{entry.name!r} {entry.shape} as {how}")
+        more = f" and {len(pool) - 6} more" if len(pool) > 6 else ""
+        return ", ".join(shown) + more
+
+    def _ambiguous(self, e: _Entry, pool: list[tuple[_Entry, list[Layout]]]) -> str:
+        _, d1, d2, d3 = e.shape
+        text = (
+            f"cannot tell how to read layer {e.name!r} as a spatial map: its output {e.shape} "
+            f"fits the {self._size_text()} input both as (N, C, h, w) with a {d2}x{d3} grid "
+            f"and as channels-last (N, h, w, C) with a {d1}x{d2} grid, nothing in the model "
+            "says which axis holds the channels, and the model computes channels-last or "
+            f"token layers. Say which with layer= and reshape=: {self._hints(e)}"
+        )
+        if len(pool) > 1:
+            text += f". Layers read before it, from the last: {self._listing(pool[1:])}"
+        return text
+
+    def _unread_tokens(self, e: _Entry, chosen: _Entry, layout: Layout) -> str:
+        return (
+            f"cannot read the token sequences of this model as a grid of the "
+            f"{self._size_text()} input: layer {e.name!r} outputs {e.shape}, and "
+            f"{self._why_not(e)}. The last layer that can be read is {chosen.name!r} "
+            f"{chosen.shape} as {layout}, before them and far from the prediction. Pass layer= "
+            f"and reshape= for the tokens, e.g. {self._hints(e)}; or layer={chosen.name!r} "
+            "to explain that layer"
+        )
+
+    def _nothing_readable(self) -> str:
+        seen = self.entries[::-1]
+        text = (
+            "found no layer whose output is a spatial feature map of the "
+            f"{self._size_text()} input: a map (N, K, h, w) with h * w > 1, a channels-last map "
+            "(N, h, w, C), or a token sequence (N, s + h*w, C) with at most "
+            f"{MAX_SPECIAL_TOKENS} leading special tokens; pass layer= (a module of the model "
+            "or its dotted name), and reshape= for layers whose output is not (N, K, h, w)"
+        )
+        if seen:
+            listed = ", ".join(f"{e.name!r} {e.shape}" for e in seen[:6])
+            text += f". The last 3-D and 4-D outputs: {listed}; e.g. {self._hints(seen[0])}"
+        return text
 
 
 @contextlib.contextmanager
-def record_last_spatial(model: nn.Module, batch: int) -> Iterator[SpatialRecord]:
-    """Record the spatial feature maps that submodules return while the block runs.
+def search_layers(
+    model: nn.Module, inputs: Tensor, layer: tuple[str, nn.Module] | None = None
+) -> Iterator[LayerSearch]:
+    """Record the layer outputs of the forward passes run inside the block.
 
-    Maps are ``(batch, K, h, w)`` with ``h * w > 1``; the last one is the default layer of a
-    CAM.
+    Args:
+        model: The model.
+        inputs: The ``(N, C, H, W)`` batch (its size decides which grids fit).
+        layer: ``(name, module)`` of the layer to record (from :func:`find_layer`), or
+            ``None`` to choose the default layer afterwards with :meth:`LayerSearch.choose`.
 
-    Nothing is copied: :meth:`LayerRecord.activation` checks afterwards that the chosen map
-    was not modified in place later in the forward pass.
+    Nothing is copied for the default layer: :meth:`LayerRecord.activation` checks afterwards
+    that the chosen map was not modified in place later in the forward pass. Without autograd
+    on, fewer outputs are held (there is no score dependence to check).
     """
-    record = SpatialRecord(batch)
-
-    def hook(name: str, _module: nn.Module, _args: Any, output: Any) -> None:
-        record.calls[name] = record.calls.get(name, 0) + 1
-        if (
-            isinstance(output, Tensor)
-            and output.ndim == 4
-            and output.shape[0] == batch
-            and output.shape[2] * output.shape[3] > 1
-        ):
-            record._add(name, output)
-
-    with forward_hooks(((n, m) for n, m in model.named_modules() if n), hook):
-        yield record
+    keep = _KEEP_WITH_GRAD if torch.is_grad_enabled() else _KEEP_WITHOUT_GRAD
+    search = LayerSearch(model, inputs, layer, keep=keep)
+    with forward_hooks(((n, m) for n, m in model.named_modules() if n), search._hook):
+        yield search
 
 
 def check_reshape(reshape: Reshape, raw: Tensor, layer: str) -> None:

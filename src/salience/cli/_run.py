@@ -125,6 +125,23 @@ def _summary(item: Prepared, pipe: Pipeline) -> str:
     return f"{item.label}: {pipe.name_of(int(c))} ({int(c)}) p={float(p):.3f}"
 
 
+def _layer_note(layers: dict[str, str]) -> str:
+    """``"; layer norm (tokens 1+7x7)"``: where the layer methods read the model, or ``""``."""
+    if not layers:
+        return ""
+    if len(set(layers.values())) == 1:
+        return f"; layer {next(iter(layers.values()))}"
+    return "; " + ", ".join(f"{method} layer {text}" for method, text in layers.items())
+
+
+def _layer_text(result: Any) -> str | None:
+    """``"norm (NHWC)"``: the layer a CAM result explained and how it was read."""
+    if not getattr(result, "layer", None):
+        return None
+    layout = result.extras.get("layout")
+    return f"{result.layer} ({layout})" if layout else str(result.layer)
+
+
 def _progress(total: int, args: argparse.Namespace, label: str = "") -> Any:
     from .._io import Progress
 

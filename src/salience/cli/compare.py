@@ -8,7 +8,17 @@ from pathlib import Path
 from ._common import CLIError, _one_line
 from ._options import compare_methods, method_options, parse_methods
 from ._pipeline import Pipeline, load_pipeline, parse_targets, resolve_classes
-from ._run import Prepared, Run, _check_completeness, _progress, _stems, _summary, prepare
+from ._run import (
+    Prepared,
+    Run,
+    _check_completeness,
+    _layer_note,
+    _layer_text,
+    _progress,
+    _stems,
+    _summary,
+    prepare,
+)
 
 
 def _figure_title(item: Prepared, pipe: Pipeline, c: int) -> str:
@@ -44,6 +54,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 continue
             failed = False
             names = []
+            layers: dict[str, str] = {}
             for c in resolve_classes(specs, item.probabilities):
                 bar.set_label(f"{item.label} -> {pipe.name_of(c)}")
                 results = explain_many(
@@ -61,6 +72,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
                         run.fail(f"{item.label}: {method}: {_one_line(result)}")
                         continue
                     _check_completeness(item.label, method, result, options[method])
+                    layer = _layer_text(result)
+                    if layer:
+                        layers[method] = layer
                     panels.append(viz.render(result, item.crop, percentile=args.percentile))
                     titles.append(display_name(method))
                 if len(panels) == 1:
@@ -87,5 +101,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 run.images_failed += 1
             else:
                 run.images_ok += 1
-            print(f"{_summary(item, pipe)}; wrote {', '.join(names) or 'nothing'}", flush=True)
+            wrote = ", ".join(names) or "nothing"
+            print(f"{_summary(item, pipe)}{_layer_note(layers)}; wrote {wrote}", flush=True)
     return run.finish(len(args.images))

@@ -8,7 +8,16 @@ from pathlib import Path
 from ._common import CLIError, _one_line
 from ._options import method_options, parse_methods
 from ._pipeline import load_pipeline, parse_targets, resolve_classes
-from ._run import Run, _check_completeness, _progress, _stems, _summary, prepare
+from ._run import (
+    Run,
+    _check_completeness,
+    _layer_note,
+    _layer_text,
+    _progress,
+    _stems,
+    _summary,
+    prepare,
+)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -37,6 +46,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             classes = resolve_classes(specs, item.probabilities)
             errors = 0
             wrote = 0
+            layers: dict[str, str] = {}
             for c in classes:
                 bar.set_label(f"{item.label} -> {pipe.name_of(c)}")
                 results = explain_many(
@@ -53,6 +63,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
                         run.fail(f"{item.label}: {method}: {_one_line(result)}")
                         continue
                     _check_completeness(item.label, method, result, options[method])
+                    layer = _layer_text(result)
+                    if layer:
+                        layers[method] = layer
                     name = f"{stem}.{method}.{pipe.file_label(c)}"
                     try:
                         picture = viz.render(
@@ -81,5 +94,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
             else:
                 run.images_ok += 1
             bar.close()
-            print(f"{_summary(item, pipe)}; {wrote} map{'s' * (wrote != 1)} in {out}/", flush=True)
+            maps = f"{wrote} map{'s' * (wrote != 1)} in {out}/"
+            print(f"{_summary(item, pipe)}{_layer_note(layers)}; {maps}", flush=True)
     return run.finish(len(args.images))

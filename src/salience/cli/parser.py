@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 from collections.abc import Sequence
 
 from ._common import DEFAULT_OUT, EXIT_INTERRUPTED, CLIError, _err
@@ -182,10 +183,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.input_size_set = args.input_size
         args.input_size = args.input_size or 224
     try:
-        return int(args.handler(args))
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            # The command reports an unmet IG tolerance itself, naming the image.
+            warnings.filterwarnings("ignore", message="Integrated Gradients: the adaptive path")
+            return int(args.handler(args))
     except CLIError as exc:
         _err(f"salience {args.command}: error: {exc}")
         return exc.code
     except KeyboardInterrupt:
         _err(f"\nsalience {args.command}: interrupted (files already written are complete)")
         return EXIT_INTERRUPTED
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: object = None,
+    line: str | None = None,
+) -> None:
+    """Print a library warning as one line, ``salience: warning: ...``, on stderr."""
+    _err(f"salience: warning: {message}")

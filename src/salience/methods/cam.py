@@ -11,26 +11,36 @@ Only the weight function differs from method to method. Maps are raw: no min-max
 normalization (that belongs in visualization); the ReLU is the one the papers define, and
 ``relu=False`` keeps the signed map.
 
-**The layer.** ``layer=`` takes a submodule or its dotted name. By default the last spatial
-feature map ``(N, K, h, w)`` with ``h * w > 1`` that a submodule returns in the forward pass is
-used, and its name is recorded in :attr:`Attribution.layer`: ``"layer4"`` for a torchvision
-ResNet (the stage, rather than its last ReLU, which returns the same tensor), ``"features"``
-for a VGG. A module that runs several times per forward pass is explained at its **last**
-call, and ``extras["layer_calls"]`` says how many calls there were. On EfficientNet-Lite0 the
-default is therefore ``"_swish"``, the ReLU6 module shared by the stem and the head, at its
-second call: the activated head features, exactly the map the classifier pools (the choice CAM
-needs). The model output itself is never chosen, so a segmentation network is explained at
-its last inner feature map. See :mod:`salience.layers`.
+**The layer.** ``layer=`` takes a submodule or its dotted name. By default the last layer
+output that reads as a spatial map is used (see :mod:`salience.layers` for the rules): a
+convolutional map ``(N, C, h, w)``, a channels-last map ``(N, h, w, C)`` (Swin's final
+``norm``), or a token sequence ``(N, s + h*w, C)`` whose ``s`` leading class/register tokens
+are dropped and whose patch tokens are folded into the ``h x w`` grid (a ViT). Its name is
+recorded in :attr:`Attribution.layer` and how it was read in ``extras["layout"]``
+(``"NCHW"``, ``"NHWC"``, ``"tokens 1+14x14"``, or ``"custom"`` for a ``reshape=`` of yours):
+``"layer4"`` for a torchvision ResNet (the stage, rather than its last ReLU, which returns the
+same tensor), ``"features"`` for a VGG, ``"norm"`` (NHWC) for a Swin, ``"blocks.11.norm1"``
+(tokens) for a ViT that classifies its class token: the final ``norm`` would have zero
+gradients at every patch token. Attention tensors ``(N, heads, tokens, head_dim)`` are never
+taken for maps. A module that runs several times per forward pass is explained at its
+**last** call, and ``extras["layer_calls"]`` says how many calls there were. On
+EfficientNet-Lite0 the default is therefore ``"_swish"``, the ReLU6 module shared by the stem
+and the head, at its second call: the activated head features, exactly the map the classifier
+pools (the choice CAM needs). The model output itself is never chosen, nor a class map the
+output merely upsamples, so a segmentation network is explained at its last inner feature
+map. Where the layout cannot be decided, the methods raise an error that names the candidate
+layers and shows the ``layer=`` and ``reshape=`` to pass.
 
 **Several targets.** ``target`` may be an ``(N, K)`` tensor of class indices: ``values`` is
 then ``(N, K, H, W)``, one map per target, from one forward pass and one batched backward pass
 (``torch.autograd.grad(..., is_grads_batched=True)``); the maps equal ``K`` separate calls. A
 single target gives ``values`` of shape ``(N, 1, H, W)``.
 
-**Transformers.** ``reshape=`` turns a layer output into ``(N, K, h, w)``, e.g. for the tokens
-``(N, 1 + h w, D)`` of a ViT: ``reshape=lambda t: t[:, 1:].unflatten(1, (h, w)).permute(0, 3,
-1, 2)``. It is applied to the gradient as well, so it must only select and rearrange elements;
-this is checked.
+**Other layouts.** A layer given with ``layer=`` is read by the same rules (``layer="norm"``
+on a Swin is read channels-last). ``reshape=`` overrides them: it turns the layer output into
+``(N, K, h, w)``, e.g. for the tokens ``(N, 1 + h w, D)`` of a ViT: ``reshape=lambda t: t[:,
+1:].unflatten(1, (h, w)).permute(0, 3, 1, 2)``. It is applied to the gradient as well, so it
+must only select and rearrange elements; this is checked.
 
 Nothing here changes the model: hooks live for one call (see :mod:`salience.layers`),
 gradients are taken with ``torch.autograd.grad`` (parameter ``.grad`` untouched), inputs are
@@ -40,6 +50,7 @@ never modified, and train/eval flags are left as they are.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,15 +62,15 @@ from torch import Tensor, nn
 from .._checks import auto_batch_size
 from .._forward import Forward, ForwardArgs, model_scope
 from ..attribution import Attribution
-from ..hooks import forward_hooks
+from ..hooks import Activations, forward_hooks, resolve_activations
 from ..layers import (
     LayerLike,
     LayerRecord,
+    Layout,
     Reshape,
     check_reshape,
     find_layer,
-    record_last_spatial,
-    record_layer,
+    search_layers,
 )
 from ..registry import register
 from ..targets import ResolvedTarget, Score, TargetLike, resolve_target
@@ -86,7 +97,8 @@ class _Capture:
     calls: int
     raw: Tensor  # the layer output, in the graph when gradients are on
     activation: Tensor  # (N, K, h, w): ``reshape(raw)``
-    reshape: Reshape | None
+    reshape: Reshape | None  # raw -> activation (and gradients alike); None: raw is the map
+    layout: Layout  # how raw was read: NCHW, NHWC, tokens, or custom (the user's reshape=)
     output: Any  # detached model output
     resolved: ResolvedTarget
     scores: Tensor  # (N, T), in the graph when gradients are on
@@ -102,6 +114,7 @@ def _capture(
     reshape: Reshape | None,
     score: Score,
     grad: bool,
+    _search_with_grad: bool = False,
 ) -> _Capture:
     model = forward.model
     if not isinstance(model, nn.Module):
@@ -119,30 +132,51 @@ def _capture(
     if reshape is not None and layer is None:
         raise ValueError(
             "reshape= applies to a layer you choose: pass layer= as well (the default layer is "
-            "the last spatial feature map, which needs no reshape)"
+            "read as a map without it)"
         )
     n = inputs.shape[0]
+    named = None if layer is None else find_layer(model, layer)
+    # Autograd is on for the gradient methods, and for a gradient-free method only to check that
+    # the score depends on the patch tokens of a default token layer (see salience.layers).
+    track = grad or _search_with_grad
     x = inputs.detach().clone()
-    if grad:
+    if track:
         x.requires_grad_(True)
-    recorder: contextlib.AbstractContextManager[Any]
-    if layer is None:
-        recorder = record_last_spatial(model, n)
-    else:
-        name, module = find_layer(model, layer)
-        recorder = record_layer(module, name)
     multi = isinstance(target, Tensor) and target.ndim == 2
-    with torch.set_grad_enabled(grad), recorder as rec:
-        output = forward(x.clone() if grad else x)  # the model may modify its input in place
+    with torch.set_grad_enabled(track), search_layers(model, inputs, named) as search:
+        fed = x.clone() if track else x  # the model may modify its input in place
+        search.seed(fed)
+        output = forward(fed)
         resolved = resolve_target(target, output, n, score=score, multi=True)
         scores = resolved.scores(output)
         scores = scores if multi else scores.unsqueeze(1)  # (N, T), in the graph
-    record: LayerRecord = rec.last(output) if layer is None else rec
-    if layer is None and record.output is not None and record.output._version != record._version:
-        # the chosen map was changed in place later on: record it again, with a copy
-        return _capture(
-            forward, inputs, target, layer=record.name, reshape=None, score=score, grad=grad
-        )
+    layout: Layout | None = None
+    if named is None:
+        choice = search.choose(output, scores if track else None)
+        if choice.needs_gradients:
+            return _capture(
+                forward,
+                inputs,
+                target,
+                layer=None,
+                reshape=None,
+                score=score,
+                grad=grad,
+                _search_with_grad=True,
+            )
+        record: LayerRecord = choice.record
+        layout = choice.layout
+        changed = record.output is not None and record.output._version != record._version
+        if changed or (_search_with_grad and not grad):
+            # the chosen map was changed in place later on (record it again, with a copy), or
+            # was found with gradients for a method that runs without them (record it again,
+            # without a graph)
+            return _capture(
+                forward, inputs, target, layer=record.name, reshape=None, score=score, grad=grad
+            )
+    else:
+        assert search.record is not None
+        record = search.record
     raw = record.activation()
     if grad and not (scores.requires_grad and raw.requires_grad):
         what = "explained score" if not scores.requires_grad else f"output of layer {record.name!r}"
@@ -152,22 +186,19 @@ def _capture(
         )
     if reshape is not None:
         check_reshape(reshape, raw, record.name)
-        activation = reshape(raw)
-    elif raw.ndim != 4 or raw.shape[0] != n:
-        raise ValueError(
-            f"layer {record.name!r} outputs shape {tuple(raw.shape)}, not a spatial feature map "
-            f"(N, K, h, w) with N = {n}; pick a convolutional layer, or pass reshape= to turn "
-            "its output into one (for ViT tokens (N, 1 + h*w, D): reshape=lambda t: "
-            "t[:, 1:].unflatten(1, (h, w)).permute(0, 3, 1, 2))"
-        )
+        layout = Layout("custom")
     else:
-        activation = raw
+        layout = layout or search.layer_layout()
+        reshape = None if layout.kind == "NCHW" else layout.to_map
+    if not grad:
+        raw, scores = raw.detach(), scores.detach()
     return _Capture(
         layer=record.name,
         calls=record.calls,
         raw=raw,
-        activation=activation,
+        activation=raw if reshape is None else reshape(raw),
         reshape=reshape,
+        layout=layout,
         output=output.detach() if isinstance(output, Tensor) else output,
         resolved=resolved,
         scores=scores,
@@ -233,7 +264,7 @@ def _result(
         scores=scores if cap.multi else scores[:, 0],
         method=method,
         output=cap.output,
-        extras={"layer_calls": cap.calls, **(extras or {})},
+        extras={"layer_calls": cap.calls, "layout": str(cap.layout), **(extras or {})},
         reduction="none",
         layer=cap.layer,
     )
@@ -601,6 +632,7 @@ def guided_grad_cam(
     layer: LayerLike | None = None,
     reshape: Reshape | None = None,
     score: Score = "logit",
+    activations: Activations = "rectifiers",
     forward_args: ForwardArgs = None,
     allow_tf32: bool = False,
 ) -> Attribution:
@@ -623,16 +655,19 @@ def guided_grad_cam(
         layer: See :func:`grad_cam`.
         reshape: See :func:`grad_cam`.
         score: See :func:`grad_cam`.
+        activations: Where the guided rule applies; see :func:`salience.guided_backprop`.
         forward_args: Extra arguments for the model after the image (see
             :func:`salience.gradient`).
         allow_tf32: Let CUDA use TF32 (faster, less exact); off by default.
 
     Returns:
         ``values`` of the shape of ``inputs``, with the Grad-CAM layer in
-        :attr:`Attribution.layer`.
+        :attr:`Attribution.layer`; ``extras["rectifiers"]`` and
+        ``extras["activations_modified"]`` as in :func:`salience.guided_backprop`.
 
     Raises:
-        ValueError: an ``(N, K)`` target, or the errors of :func:`grad_cam`.
+        ValueError: an ``(N, K)`` target, the errors of :func:`grad_cam`, or those of
+            :func:`salience.guided_backprop` (a model without rectifiers).
 
     References:
         Selvaraju et al. Grad-CAM, ICCV 2017, arXiv:1610.02391 (§3.2); Springenberg et al.
@@ -643,17 +678,24 @@ def guided_grad_cam(
             "guided_grad_cam explains one target per sample; for an (N, K) target call it "
             "once per column, target=target[:, k]"
         )
+    resolve_activations(activations)  # a bad option fails before any forward pass
     options: dict[str, Any] = {"forward_args": forward_args, "allow_tf32": allow_tf32}
     gc = grad_cam(model, inputs, target, layer=layer, reshape=reshape, score=score, **options)
     gb_target = gc.target if gc.target is not None else target
-    gb = guided_backprop(model, inputs, gb_target, score=score, **options)
+    gb = guided_backprop(model, inputs, gb_target, score=score, activations=activations, **options)
     return Attribution(
         values=gb.values * gc.values,
         target=gc.target,
         scores=gc.scores,
         method="guided_grad_cam",
         output=gc.output,
-        extras={"layer_calls": gc.extras["layer_calls"], "grad_cam": gc.values},
+        extras={
+            "layer_calls": gc.extras["layer_calls"],
+            "layout": gc.extras["layout"],
+            "grad_cam": gc.values,
+            "rectifiers": gb.extras["rectifiers"],
+            "activations_modified": gb.extras["activations_modified"],
+        },
         reduction="abs_max",
         layer=gc.layer,
     )
@@ -755,10 +797,18 @@ def score_cam(
         low, high = flat.amin(dim=2, keepdim=True), flat.amax(dim=2, keepdim=True)
         varying = high > low  # (N, K, 1)
         unit = torch.where(varying, (flat - low) / torch.where(varying, high - low, 1.0), 0.0)
+        blank = (~varying[..., 0].any(dim=1)).nonzero().flatten().tolist()
+        if blank:
+            warnings.warn(
+                f"score_cam: every channel of layer {cap.layer!r} is constant on sample(s) "
+                f"{blank[:10]} (a blank image or a dead layer), so no channel gives a mask and "
+                "their maps are zero: Score-CAM cannot tell anything about them",
+                stacklevel=3,
+            )
         channels = varying[..., 0].any(dim=0).nonzero().flatten()
-        keys = unit[:, channels].transpose(0, 1).reshape(len(channels), -1)  # (C, N * h * w)
-        distinct, group = torch.unique(keys, dim=0, return_inverse=True)
-        distinct = distinct.view(-1, n, 1, *activation.shape[2:])  # (U, N, 1, h, w)
+        keys = unit[:, channels].transpose(0, 1).reshape(len(channels), unit[:, 0].numel())
+        distinct, group = torch.unique(keys, dim=0, return_inverse=True)  # keys: (C, N * h * w)
+        distinct = distinct.view(distinct.shape[0], n, 1, *activation.shape[2:])  # (U, N, 1, h, w)
 
         x = inputs.detach()
         samples = torch.arange(n, device=x.device)
