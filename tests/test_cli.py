@@ -515,3 +515,19 @@ def test_integrated_gradients_gap_over_tolerance_is_noted(tmp_path, model_file, 
     assert code == cli.EXIT_OK
     assert "completeness gap" in err
     assert "after 3 steps" in err
+    assert "adaptive path" not in err  # the library's warning is not repeated
+
+
+def test_library_warnings_are_one_line_each(tmp_path, capsys):
+    dead = _tiny(10)
+    with torch.no_grad():
+        dead[0].bias.fill_(-100.0)  # every unit of the first layer is dead: zero gradients
+    model = tmp_path / "dead.pt"
+    torch.save(dead, model)
+    image = _image(tmp_path / "x.png")
+    argv = ["explain", image, "-m", "gradient", "-o", str(tmp_path)]
+    code, _, err = run([*argv, *_tiny_args(str(model))], capsys)
+    assert code == cli.EXIT_OK, err
+    lines = [line for line in err.splitlines() if "zero everywhere" in line]
+    assert len(lines) == 1
+    assert lines[0].startswith("salience: warning: gradient: the map of sample(s) [0] is zero")

@@ -36,9 +36,9 @@ def check_model(model: Any) -> None:
             warnings.warn(
                 f"the model is in training mode ({', '.join(training[:3])}"
                 f"{', ...' if len(training) > 3 else ''}): BatchNorm and Dropout make the maps "
-                "depend on the batch and on chance, and BatchNorm running statistics are updated "
-                "by every forward pass. Call model.eval() first (salience leaves the flag as you "
-                "set it)",
+                "depend on the batch and on chance (BatchNorm uses the statistics of the batch; "
+                "its running statistics are restored after the call). Call model.eval() first "
+                "(salience leaves the flag as you set it)",
                 stacklevel=3,
             )
 
@@ -103,3 +103,17 @@ def even_chunks(total: int, most: int, unit: int = 1) -> int:
     most_groups = max(1, most // unit)
     passes = -(-groups // most_groups)
     return -(-groups // passes) * unit
+
+
+def warn_zero_maps(method: str, values: Tensor, why: str) -> None:
+    """Warn when the map of a sample is zero everywhere, saying ``why`` that can happen.
+
+    An all-zero map looks like "nothing matters" in a figure; it is rarely what the user
+    asked, so it never goes by silently.
+    """
+    zero = (values.flatten(1) == 0).all(1).nonzero().flatten().tolist()
+    if zero:
+        warnings.warn(
+            f"{method}: the map of sample(s) {zero[:10]} is zero everywhere {why}",
+            stacklevel=4,
+        )

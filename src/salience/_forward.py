@@ -168,6 +168,8 @@ def kept_buffers(model: Any) -> Iterator[None]:
             for module, name, buffer, value in saved:
                 if module._buffers.get(name) is not buffer:
                     module._buffers[name] = buffer
+                # Compared by value: native BatchNorm updates its statistics without bumping
+                # the tensor's version counter.
                 if not torch.equal(buffer, value):
                     buffer.copy_(value)
 

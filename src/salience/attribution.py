@@ -84,9 +84,17 @@ class Attribution:
         return int(self.values.shape[0])
 
     def __getitem__(self, index: int | slice) -> Attribution:
-        """Select samples: ``attribution[0]`` keeps the batch axis, as a batch of one."""
+        """Select samples: ``attribution[0]`` keeps the batch axis, as a batch of one.
+
+        Raises:
+            IndexError: an integer index outside the batch.
+        """
         if isinstance(index, int):
-            index = slice(index, index + 1 if index != -1 else None)
+            n = self.batch_size
+            if not -n <= index < n:
+                raise IndexError(f"sample {index} is out of range for a batch of {n}")
+            index = index % n
+            index = slice(index, index + 1)
 
         def pick(x: Any) -> Any:
             if isinstance(x, Tensor) and x.ndim > 0 and x.shape[0] == self.batch_size:

@@ -11,16 +11,22 @@ A target says which scalar per sample is differentiated (or perturbed):
   summed over a mask (:func:`mask_target`), a caption token's log-probability, a VQA answer.
 
 Class targets need an output of shape ``(N, classes)``. The ``score`` option turns the logits
-into probabilities or log-probabilities first; it applies to class targets only.
+into probabilities or log-probabilities first; it applies to class targets only. A model with
+**one output** (``(N, 1)``, a binary classifier's logit) has no softmax to take: a softmax over
+one class is always 1, so ``"probability"`` is the sigmoid of the logit and
+``"log_probability"`` its log-sigmoid there, the probability of the positive class.
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeAlias
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["Score", "TargetLike", "class_target", "mask_target", "resolve_target"]
@@ -66,10 +72,11 @@ class ResolvedTarget:
         else:
             classes = self.classes[sample_ids.to(self.classes.device)]
         logits = output.float() if output.dtype in (torch.float16, torch.bfloat16) else output
+        binary = logits.shape[1] == 1  # one logit: a softmax over it is constant
         if self.score == "probability":
-            logits = torch.softmax(logits, dim=1)
+            logits = torch.sigmoid(logits) if binary else torch.softmax(logits, dim=1)
         elif self.score == "log_probability":
-            logits = torch.log_softmax(logits, dim=1)
+            logits = F.logsigmoid(logits) if binary else torch.log_softmax(logits, dim=1)
         picked = logits.gather(1, classes.to(output.device).view(rows, -1))
         return (picked.squeeze(1) if self.classes.ndim == 1 else picked).to(output.dtype)
 
@@ -176,8 +183,8 @@ def _check_class_output(output: Tensor, n: int) -> None:
 def _as_classes(target: object, n: int, multi: bool = False) -> Tensor:
     if isinstance(target, bool):
         raise TypeError("target must be a class index, not a bool")
-    if isinstance(target, int):
-        return torch.full((n,), target, dtype=torch.long)
+    if _is_index(target):  # int, numpy.int64, ...
+        return torch.full((n,), int(target), dtype=torch.long)  # type: ignore[call-overload]
     if isinstance(target, Tensor):
         if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
             raise TypeError(f"target tensor must hold integer class indices, got {target.dtype}")
@@ -191,10 +198,12 @@ def _as_classes(target: object, n: int, multi: bool = False) -> Tensor:
         classes = classes.long()
         if target.ndim == 0:
             classes = classes.expand(n).clone()
+    elif isinstance(target, np.ndarray):
+        classes = _as_classes(torch.as_tensor(target), n, multi)
     elif isinstance(target, Sequence) and not isinstance(target, str | bytes):
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in target):
+        if not all(_is_index(t) for t in target):
             raise TypeError(f"target sequence must hold ints, got {list(target)[:5]!r}")
-        classes = torch.tensor(list(target), dtype=torch.long)
+        classes = torch.tensor([int(t) for t in target], dtype=torch.long)
     else:
         raise TypeError(
             "target must be None, an int, a sequence or tensor of N ints, or a callable "
@@ -203,6 +212,11 @@ def _as_classes(target: object, n: int, multi: bool = False) -> Tensor:
     if classes.shape[0] != n:
         raise ValueError(f"got {classes.shape[0]} target classes for a batch of {n} inputs")
     return classes
+
+
+def _is_index(value: object) -> bool:
+    """Tell whether ``value`` is an integer but not a bool: ``int``, ``numpy.int64``, ..."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _call_grouped(fn: Callable[[Tensor], Tensor], output: Tensor, n: int) -> Tensor:

@@ -103,7 +103,9 @@ def integrated_gradients(
             ``(0 - mean) / std``, for models that carry their normalisation as ``mean`` and
             ``std`` attributes (``salience.models`` do); ``"blur"`` (a Gaussian blur of the
             input, Sturmfels et al. 2020); ``"uniform"`` (uniform noise over each input's
-            range, seeded); a number; or a tensor broadcastable to ``inputs``.
+            range, seeded: one noise pattern for the batch, scaled to each sample's range, so a
+            sample's baseline does not depend on the batch it is in); a number; or a tensor
+            broadcastable to ``inputs``.
         steps: Number of nodes of the fixed rule (default 50), or of initial intervals with
             ``tolerance`` (default 16).
         quadrature: ``"riemann_left"``, ``"riemann_right"``, ``"riemann_middle"``,
@@ -295,7 +297,11 @@ def black_image(x: Tensor, model: object) -> Tensor:
 
 
 def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur of ``(N, C, H, W)`` images with reflected borders."""
+    """Separable Gaussian blur of ``(N, C, H, W)`` images with mirrored borders.
+
+    The borders mirror without repeating the edge pixel (``F.pad(mode="reflect")``, SciPy's
+    ``mode="mirror"``); the kernel radius is ``ceil(3 sigma)``, at most the shorter side - 1.
+    """
     if sigma <= 0:
         raise ValueError(f"blur sigma must be positive, got {sigma}")
     radius = max(1, min(math.ceil(3 * sigma), min(x.shape[-2:]) - 1))

@@ -1,0 +1,377 @@
+"""One method call, one scope: extra forward arguments, TF32, in-place models, threads,
+degenerate inputs and the small contract findings of the architecture review.
+
+Buffers restored after every call (training mode, also when a method raises) are checked by the
+contract suite, tests/test_contract.py."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import salience
+from conftest import ResNetish, VGGish, _init
+from salience.hooks import forward_hooks
+from salience.methods.integrated import make_baseline
+
+FAST: dict[str, dict[str, Any]] = {
+    "smoothgrad": {"samples": 3},
+    "integrated_gradients": {"steps": 6},
+    "score_cam": {"batch_size": 4},
+}
+METHODS = sorted(salience.available_methods())
+
+
+def run(name: str, model: Any, x: torch.Tensor, target: Any = None, **options: Any) -> Any:
+    return salience.explain(
+        model, x, method=name, target=target, **{**FAST.get(name, {}), **options}
+    )
+
+
+class TwoInput(nn.Module):
+    """VQA-style: image features gated by a question embedding, GAP + linear head."""
+
+    def __init__(self, dim: int = 6, classes: int = 4) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.ReLU()
+        self.gate = nn.Linear(dim, 8)
+        self.head = nn.Linear(8, classes)
+
+    def forward(self, x: torch.Tensor, question: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        features = self.act(self.conv(x) * torch.sigmoid(self.gate(question))[:, :, None, None])
+        return self.head(features.mean((2, 3))) * scale
+
+
+class Bound(nn.Module):
+    """The reference: the two-input model with one sample's question fixed inside."""
+
+    def __init__(self, model: TwoInput, question: torch.Tensor, scale: float = 1.0) -> None:
+        super().__init__()
+        self.model = model
+        self.question = question
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x, self.question.expand(x.shape[0], -1), self.scale)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_forward_args_follow_their_rows(name: str) -> None:
+    model = _init(TwoInput(), 4)
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    question = torch.randn(3, 6, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    target = [0, 2, 3]
+    batched = run(name, model, x, target, forward_args=(question,))
+    keyword = run(name, model, x, target, forward_args={"question": question, "scale": 1.0})
+    torch.testing.assert_close(batched.values, keyword.values)
+    for i in range(3):
+        alone = run(name, Bound(model, question[i : i + 1].detach()), x[i : i + 1], target[i])
+        torch.testing.assert_close(batched.values[i : i + 1], alone.values, rtol=1e-5, atol=1e-6)
+    assert question.grad is None  # extra arguments are data: no gradient flows into them
+
+
+def test_forward_args_that_are_not_batched_pass_as_they_are() -> None:
+    model = _init(TwoInput(), 4)
+    x = torch.randn(2, 3, 8, 8)
+    question = torch.randn(2, 6)
+    twice = salience.integrated_gradients(
+        model, x, 1, steps=4, forward_args={"question": question, "scale": 2.0}
+    )
+    once = salience.integrated_gradients(model, x, 1, steps=4, forward_args=(question,))
+    torch.testing.assert_close(twice.values, 2 * once.values)
+    with pytest.raises(TypeError, match="forward_args"):
+        salience.gradient(model, x, forward_args=3)  # type: ignore[arg-type]
+
+
+def test_a_model_without_its_extra_argument_fails_clearly() -> None:
+    with pytest.raises(TypeError, match="question"):
+        salience.gradient(_init(TwoInput(), 4), torch.randn(1, 3, 8, 8))
+
+
+class FlagSpy(nn.Module):
+    """Records the TF32 switches while the model runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _init(VGGish(), 0)
+        self.seen: list[tuple[bool, bool]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        return self.inner(x)
+
+
+@pytest.fixture
+def tf32_on() -> Any:
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.usefixtures("tf32_on")
+@pytest.mark.parametrize("name", METHODS)
+def test_tf32_is_off_during_the_call_and_restored(name: str) -> None:
+    spy = FlagSpy()
+    x = torch.randn(2, 3, 16, 16)
+    if name == "cam":
+        pytest.skip("cam needs a GAP head (its scoping is the same code)")
+    run(name, spy, x)
+    assert spy.seen
+    assert set(spy.seen) == {(False, False)}
+    assert torch.backends.cudnn.allow_tf32
+    assert torch.backends.cuda.matmul.allow_tf32
+    spy.seen.clear()
+    run(name, spy, x, allow_tf32=True)
+    assert set(spy.seen) == {(True, True)}
+
+
+@pytest.mark.usefixtures("tf32_on")
+def test_tf32_is_restored_when_the_method_raises_and_across_threads() -> None:
+    spy = FlagSpy()
+    with pytest.raises(ValueError, match="out of range"):
+        salience.gradient(spy, torch.randn(1, 3, 16, 16), target=99)
+    assert torch.backends.cudnn.allow_tf32
+
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(5):
+                salience.gradient(spy, torch.randn(1, 3, 16, 16))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert torch.backends.cudnn.allow_tf32
+    assert torch.backends.cuda.matmul.allow_tf32
+    assert set(spy.seen) == {(False, False)}
+
+
+class NormalisesInPlace(nn.Module):
+    """A model whose pre-hook normalises its input in place, as some deployment code does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _init(ResNetish(), 1)
+        self.register_forward_pre_hook(lambda _m, args: (args[0].sub_(0.5).mul_(2.0),))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class NormalisesOutOfPlace(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - 0.5) * 2.0)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_models_that_edit_their_input_in_place(name: str) -> None:
+    model = NormalisesInPlace()
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    kept = x.clone()
+    result = run(name, model, x, 1)
+    assert torch.equal(x, kept)
+    expected = run(name, NormalisesOutOfPlace(model.net), x, 1)
+    torch.testing.assert_close(result.values, expected.values, rtol=1e-5, atol=1e-6)
+
+
+def test_layer_hooks_belong_to_the_calling_thread() -> None:
+    model = _init(VGGish(), 0)
+    seen: list[str] = []
+    x = torch.randn(1, 3, 16, 16)
+    with forward_hooks([("features", model.features)], lambda name, *_: seen.append(name)):
+        other = threading.Thread(target=lambda: model(x))
+        other.start()
+        other.join()
+        assert seen == []
+        model(x)
+        assert seen == ["features"]
+    model(x)
+    assert seen == ["features"]
+
+
+def test_concurrent_cams_on_one_model() -> None:
+    model = _init(ResNetish(), 1)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(6))
+    expected = salience.grad_cam(model, x, 3)
+    results: list[Any] = []
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(10):
+                results.append(salience.grad_cam(model, x, 3))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    for r in results:
+        assert r.extras["layer_calls"] == expected.extras["layer_calls"]
+        torch.testing.assert_close(r.values, expected.values)
+
+
+# -- degenerate inputs: a warning that says why, never a silent all-zero map -------------------
+
+
+def test_smoothgrad_on_a_constant_image_warns() -> None:
+    model = _init(VGGish(), 0)
+    x = torch.full((1, 3, 16, 16), 0.3)
+    with pytest.warns(UserWarning, match=r"constant.*plain gradient"):
+        salience.smoothgrad(model, x, samples=2)
+
+
+def test_uniform_baseline_on_a_constant_image_warns() -> None:
+    model = _init(VGGish(), 0)
+    x = torch.cat([torch.full((1, 3, 16, 16), 0.3), torch.randn(1, 3, 16, 16)])
+    with pytest.warns(UserWarning, match=r"baseline equals input sample\(s\) \[0\]"):
+        result = salience.integrated_gradients(model, x, baseline="uniform", steps=4)
+    assert torch.count_nonzero(result.values[0]) == 0
+    assert torch.count_nonzero(result.values[1]) > 0
+
+
+def test_score_cam_on_a_blank_image_gives_zero_weights_and_says_so() -> None:
+    model = _init(ResNetish(), 1)
+    x = torch.zeros(2, 3, 16, 16)
+    with pytest.warns(UserWarning, match="constant on sample"):
+        result = salience.score_cam(model, x, 0, layer="stem")
+    assert torch.count_nonzero(result.values) == 0
+    assert torch.count_nonzero(result.extras["weights"]) == 0
+
+
+def test_a_gradient_that_is_zero_everywhere_warns() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3), nn.ReLU(), nn.Linear(3, 2)).eval()
+    with torch.no_grad():
+        model[1].bias.fill_(-100.0)  # every hidden unit dead
+    with pytest.warns(UserWarning, match="zero everywhere"):
+        salience.gradient(model, torch.randn(1, 3, 2, 2))
+
+
+# -- scores of one-output models ----------------------------------------------------------------
+
+
+class OneLogit(nn.Module):
+    def __init__(self, sign: float = 1.0) -> None:
+        super().__init__()
+        self.net = _init(ResNetish(classes=1), 1)
+        self.sign = sign
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sign * self.net(x)
+
+
+def test_probability_of_a_one_logit_model_is_its_sigmoid() -> None:
+    model = OneLogit()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+    logit = model(x)[:, 0].detach()
+    result = salience.gradient(model, x, 0, score="probability")
+    torch.testing.assert_close(result.scores, torch.sigmoid(logit))
+    log = salience.gradient(model, x, 0, score="log_probability")
+    torch.testing.assert_close(log.scores, F.logsigmoid(logit))
+
+
+def test_score_cam_tells_a_one_logit_head_from_its_negation() -> None:
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(8))
+    plus = salience.score_cam(OneLogit(1.0), x, 0, relu=False)
+    minus = salience.score_cam(OneLogit(-1.0), x, 0, relu=False)
+    assert not torch.allclose(plus.extras["weights"], minus.extras["weights"])
+    # sigmoid(-z) = 1 - sigmoid(z): the weights of the negated head mirror around 1/2
+    varying = plus.extras["weights"] != 0
+    torch.testing.assert_close(
+        minus.extras["weights"][varying], 1 - plus.extras["weights"][varying]
+    )
+
+
+# -- the review's small findings ---------------------------------------------------------------
+
+
+def test_a_baseline_that_requires_grad_does_not_leak_its_graph() -> None:
+    model = _init(VGGish(), 0)
+    x = torch.randn(1, 3, 16, 16)
+    baseline = torch.zeros(1, 3, 16, 16, requires_grad=True)
+    result = salience.integrated_gradients(model, x, baseline=baseline, steps=4)
+    assert not result.values.requires_grad
+    assert result.values.grad_fn is None
+    assert baseline.grad is None
+
+
+def test_numpy_integer_targets() -> None:
+    model = _init(VGGish(), 0)
+    x = torch.randn(2, 3, 16, 16)
+    expected = salience.gradient(model, x, [3, 5]).values
+    for target in (np.array([3, 5]), [np.int64(3), np.int32(5)]):
+        torch.testing.assert_close(salience.gradient(model, x, target).values, expected)
+    torch.testing.assert_close(
+        salience.gradient(model, x, np.int64(3)).values, salience.gradient(model, x, 3).values
+    )
+
+
+def test_indexing_past_the_batch_raises() -> None:
+    result = salience.gradient(_init(VGGish(), 0), torch.randn(2, 3, 16, 16))
+    assert result[-2].values.shape[0] == 1
+    torch.testing.assert_close(result[-1].values, result.values[1:])
+    for index in (2, 5, -3):
+        with pytest.raises(IndexError, match="out of range"):
+            result[index]
+
+
+def test_adaptive_ig_that_runs_out_of_steps_warns() -> None:
+    model = _init(VGGish(), 0)
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(9))
+    with pytest.warns(UserWarning, match="max_steps=5"):
+        result = salience.integrated_gradients(model, x, tolerance=1e-9, steps=2, max_steps=5)
+    assert int(result.extras["steps"][0]) <= 5
+
+
+def test_black_baseline_in_pixel_space(lite0: nn.Module) -> None:
+    x = torch.randn(1, 3, 8, 8)
+    black = make_baseline(x, "black", model=lite0)  # mean = std = 0.5: black is -1
+    torch.testing.assert_close(black, torch.full_like(x, -1.0))
+
+    class Carries(nn.Module):
+        mean = (0.485, 0.456, 0.406)
+        std = (0.229, 0.224, 0.225)
+
+    expected = torch.tensor([-0.485 / 0.229, -0.456 / 0.224, -0.406 / 0.225]).view(1, 3, 1, 1)
+    torch.testing.assert_close(make_baseline(x, "black", model=Carries()), expected.expand_as(x))
+    with pytest.raises(ValueError, match="'mean' and 'std'"):
+        salience.integrated_gradients(
+            _init(VGGish(), 0), torch.randn(1, 3, 16, 16), baseline="black"
+        )
+
+
+def test_hooks_are_registered_in_one_module() -> None:
+    """Only salience/hooks.py registers hooks or installs function modes (one place to audit)."""
+    import re
+    from pathlib import Path
+
+    root = Path(salience.__file__).parent
+    pattern = re.compile(r"register_\w*hook|TorchFunctionMode|TorchDispatchMode")
+    offenders = [
+        str(path.relative_to(root))
+        for path in root.rglob("*.py")
+        if path.name != "hooks.py" and pattern.search(path.read_text())
+    ]
+    assert offenders == []
