@@ -77,7 +77,8 @@ def test_grad_cam_by_hand() -> None:
 
 
 def test_grad_cam_plus_plus_by_hand() -> None:
-    # class 0: g = (1/4, 1/2), sum A = (4, 2): alpha = 1 / (2 + sum A * g) = (1/3, 1/3),
+    # OneConv has a constant gradient per channel: alpha = 1 / (2 + sum A * g), the same at
+    # every position. class 0: g = (1/4, 1/2), sum A = (4, 2): alpha = (1/3, 1/3),
     # w = sum_ij alpha relu(g) = 4 * (1/3) * g = (1/3, 2/3)
     # class 1: g = (3/4, -1/4): alpha_0 = 1 / (2 + 3) = 1/5, w_0 = 4 * 1/5 * 3/4 = 3/5; w_1 = 0
     a = sl.grad_cam_plus_plus(OneConv(), X_HAND, BOTH)
@@ -86,6 +87,100 @@ def test_grad_cam_plus_plus_by_hand() -> None:
     )
     expected = torch.stack([A0 / 3 + 2 * A1 / 3, 3 * A0 / 5])
     torch.testing.assert_close(a.values[0], expected, rtol=0, atol=1e-12)
+
+
+class PositionWeighted(nn.Module):
+    """A layer whose gradient varies per position: y_c = sum_kij v_ck W_ij (A_ij^2 - A_ij).
+
+    ``A = relu(conv(x))`` (1x1 conv, 2 channels), ``W`` a fixed non-uniform spatial weighting,
+    so ``dy_c / dA^k_ij = v_ck W_ij (2 A^k_ij - 1)``: a different gradient at every position,
+    positive where ``A > 1/2`` (or ``< 1/2`` where ``v_ck < 0``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 1)
+        self.relu = nn.ReLU()
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([1.0, -0.5]).view(2, 1, 1, 1))
+            self.conv.bias.copy_(torch.tensor([0.2, 0.1]))
+        spatial = torch.tensor([[1.0, 2.0, 0.5], [0.25, 3.0, 1.0], [1.5, 0.75, 2.0]])
+        self.register_buffer("spatial", spatial)
+        self.register_buffer("v", torch.tensor([[1.0, 0.5], [-0.5, 2.0]]))
+        self.double().eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = self.relu(self.conv(x))
+        return torch.einsum("nkhw,hw,ck->nc", a * a - a, self.spatial, self.v)
+
+
+X_POS = torch.tensor(
+    [[[[1.0, -2.0, 0.5], [3.0, 0.0, -1.0], [0.25, 2.0, -0.75]]]], dtype=torch.float64
+)
+
+
+def _position_weighted_by_hand(model: PositionWeighted) -> tuple[Tensor, Tensor]:
+    """Layer activation ``(2, 3, 3)`` and analytic gradients ``(classes, 2, 3, 3)``."""
+    x = X_POS[0, 0]
+    w, b = model.conv.weight.detach().flatten(), model.conv.bias.detach()
+    act = torch.stack([(w[k] * x + b[k]).clamp(min=0) for k in range(2)])
+    grads = torch.stack(
+        [
+            torch.stack([model.v[c, k] * model.spatial * (2 * act[k] - 1) for k in range(2)])
+            for c in (0, 1)
+        ]
+    )
+    return act, grads
+
+
+def _cam_from_weights(weights: list[list[float]], act: Tensor) -> Tensor:
+    maps = [sum(wk * act[k] for k, wk in enumerate(row)) for row in weights]
+    return torch.stack(maps).clamp(min=0)  # type: ignore[arg-type]
+
+
+def _gcpp_weights(act: Tensor, grads: Tensor, *, torchcam_sum: bool) -> list[list[float]]:
+    """Grad-CAM++ channel weights, written out position by position.
+
+    Eq. 19 of Chattopadhyay et al.: alpha_ij = g_ij^2 / (2 g_ij^2 + sum_ab A_ab g_ij^3).
+    ``torchcam_sum`` puts torchcam's sum_ab A_ab g_ab^3 in the denominator instead.
+    """
+    weights = []
+    for c in range(grads.shape[0]):
+        row = []
+        for k in range(act.shape[0]):
+            a, g = act[k].tolist(), grads[c, k].tolist()
+            total = sum(sum(r) for r in a)
+            cube = sum(a[i][j] * g[i][j] ** 3 for i in range(3) for j in range(3))
+            wk = 0.0
+            for i in range(3):
+                for j in range(3):
+                    if g[i][j] <= 0:
+                        continue  # relu(g) = 0
+                    third = cube if torchcam_sum else total * g[i][j] ** 3
+                    wk += g[i][j] ** 2 / (2 * g[i][j] ** 2 + third) * g[i][j]
+            row.append(wk)
+        weights.append(row)
+    return weights
+
+
+def test_grad_cam_plus_plus_by_hand_with_gradients_that_vary_per_position() -> None:
+    """Eq. 19 per position, and not torchcam's sum over positions in the denominator."""
+    model = PositionWeighted()
+    act, grads = _position_weighted_by_hand(model)
+    assert bool((grads.flatten(2).std(dim=2) > 0.5).all())  # g varies over positions
+    assert bool((grads > 0).any())  # and changes sign
+    assert bool((grads < 0).any())
+    a = sl.grad_cam_plus_plus(model, X_POS, BOTH, layer="relu", upsample=False)
+    assert a.layer == "relu"
+    paper = _gcpp_weights(act, grads, torchcam_sum=False)
+    torch.testing.assert_close(a.extras["weights"][0], torch.tensor(paper, dtype=torch.float64))
+    expected = _cam_from_weights(paper, act)
+    torch.testing.assert_close(a.values[0], expected, rtol=1e-12, atol=1e-12)
+    # torchcam's denominator gives other weights and another map on this model
+    variant = _gcpp_weights(act, grads, torchcam_sum=True)
+    other = _cam_from_weights(variant, act)
+    assert (torch.tensor(paper) - torch.tensor(variant)).abs().max() > 0.1
+    assert float((other - a.values[0]).abs().max()) > 0.1 * float(a.values.abs().max())
 
 
 def test_layer_cam_by_hand() -> None:
@@ -157,6 +252,33 @@ def test_counterfactual_is_grad_cam_of_the_negated_score(vgg: nn.Module, images:
     torch.testing.assert_close(signed.values, -plain.values)
     assert cf.extras["counterfactual"] is True
     torch.testing.assert_close(cf.scores, plain.scores)  # the class score, not its negation
+
+
+def test_counterfactual_grad_cam_by_hand(vgg: nn.Module, images: Tensor) -> None:
+    """Selvaraju et al. §3.3: Grad-CAM with the negated gradients, computed here with a hook."""
+    target = torch.tensor([1, 4, 7])
+    store: list[Tensor] = []
+    handle = vgg.features.register_forward_hook(lambda _m, _i, out: store.append(out))
+    try:
+        out = vgg(images.clone())
+    finally:
+        handle.remove()
+    (act,) = store
+    (g,) = torch.autograd.grad(out.gather(1, target.view(-1, 1)).sum(), act)
+    alpha = (-g).mean(dim=(2, 3))  # (N, K)
+    low = (alpha[:, :, None, None] * act.detach()).sum(1, keepdim=True).clamp(min=0)
+    plain = (-alpha[:, :, None, None] * act.detach()).sum(1, keepdim=True).clamp(min=0)
+    assert float(low.sum()) > 0  # not vacuous: both maps have support, in different places
+    assert float((low - plain).abs().max()) > 0.1 * float(low.max())
+
+    cf = sl.grad_cam(vgg, images, target, counterfactual=True, upsample=False)
+    torch.testing.assert_close(cf.values, low, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(cf.extras["weights"][:, 0], alpha, rtol=1e-5, atol=1e-8)
+    # upsampled bilinearly with half-pixel centres (align_corners=False), as documented
+    up = sl.grad_cam(vgg, images, target, counterfactual=True)
+    expected = F.interpolate(low, size=(16, 16), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(up.values, expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(up.scores, out.detach().gather(1, target.view(-1, 1))[:, 0])
 
 
 def test_guided_grad_cam_is_guided_backprop_times_grad_cam(

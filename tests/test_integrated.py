@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -72,18 +74,56 @@ def test_quadrature_nodes(quadrature: str) -> None:
             assert float((weights * alphas**k).sum()) == pytest.approx(1 / (k + 1), rel=1e-12)
 
 
+@pytest.mark.parametrize("baseline_kind", ["zeros", "tensor"])
 @pytest.mark.parametrize("model_name", ["vgg", "resnet"])
 def test_completeness_at_64_gauss_legendre_steps(
-    model_name: str, request: pytest.FixtureRequest, images: torch.Tensor
+    model_name: str, baseline_kind: str, request: pytest.FixtureRequest, images: torch.Tensor
 ) -> None:
+    """Completeness against S(x) - S(x') from our own forward passes, not the method's."""
     model = request.getfixturevalue(model_name)
-    result = salience.integrated_gradients(model, images, steps=64)
-    change = result.scores - result.extras["baseline_scores"]
-    recomputed = result.values.flatten(1).sum(1) - change
-    torch.testing.assert_close(result.extras["delta"], recomputed)
-    assert bool((result.extras["delta"].abs() < 0.01 * change.abs()).all())
+    if baseline_kind == "zeros":
+        baseline: str | torch.Tensor = "zeros"
+        x_prime = torch.zeros_like(images)
+    else:
+        x_prime = 0.2 * torch.randn(images.shape, generator=torch.Generator().manual_seed(9))
+        baseline = x_prime
+    result = salience.integrated_gradients(model, images, baseline=baseline, steps=64)
+    with torch.no_grad():
+        out_x, out_b = model(images.clone()), model(x_prime.clone())
+    predicted = out_x.argmax(1)  # the default target
+    assert torch.equal(result.target, predicted)
+    f_x = out_x.gather(1, predicted.view(-1, 1))[:, 0].double()
+    f_b = out_b.gather(1, predicted.view(-1, 1))[:, 0].double()
+    torch.testing.assert_close(result.scores.double(), f_x, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(result.extras["baseline_scores"].double(), f_b, rtol=1e-5, atol=1e-6)
+    change = f_x - f_b
+    total = result.values.double().flatten(1).sum(1)
+    # completeness (Sundararajan et al., Prop. 1): sum IG = S(x) - S(x'), up to quadrature
+    assert bool(((total - change).abs() < 0.01 * change.abs()).all()), (total, change)
+    # and the reported gap is that difference
+    scale = float(change.abs().max())
+    torch.testing.assert_close(
+        result.extras["delta"].double(), total - change, rtol=0, atol=1e-5 * scale
+    )
     assert result.saliency().shape == (3, 16, 16)
     torch.testing.assert_close(result.saliency().flatten(1).sum(1), result.values.flatten(1).sum(1))
+
+
+def test_completeness_gap_is_reported_when_the_rule_is_coarse() -> None:
+    """A 2-node left Riemann sum on a quadratic model: the gap has a closed form.
+
+    S(x) = sum a x^2 with baseline 0; the left rule at alpha = 0, 1/2 gives
+    sum IG = (1/2) * (0 + 2 a (x/2) x) = sum a x^2 / 2, so the gap is -S(x) / 2.
+    """
+    model = Quadratic().double()
+    x = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    result = salience.integrated_gradients(
+        model, x, target=[1, 0], steps=2, quadrature="riemann_left"
+    )
+    with torch.no_grad():
+        s = model(x)[[0, 1], [1, 0]]
+    torch.testing.assert_close(result.values.flatten(1).sum(1), s / 2)
+    torch.testing.assert_close(result.extras["delta"], -s / 2)
 
 
 def test_chunking_does_not_change_the_result(resnet: nn.Module, images: torch.Tensor) -> None:
@@ -182,6 +222,97 @@ def test_baselines(images: torch.Tensor) -> None:
         make_baseline(images, "grey")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="NaN or inf"):
         make_baseline(images, torch.full((3, 1, 1), float("nan")))
+
+
+def _mirror(i: int, n: int) -> int:
+    """Index ``i`` reflected into ``[0, n)`` about the edge samples, which are not repeated:
+    ``... 2 1 | 0 1 2 ... n-1 | n-2 ...`` (numpy's and torch's "reflect", scipy's "mirror")."""
+    while not 0 <= i < n:
+        i = -i if i < 0 else 2 * (n - 1) - i
+    return i
+
+
+def _blur_by_hand(x: torch.Tensor, sigma: float, radius: int) -> torch.Tensor:
+    """A direct (non-separable) 2-D convolution with the normalised Gaussian on the square
+    ``[-radius, radius]^2``, reading pixels outside the image from their mirror image."""
+    h, w = x.shape[-2:]
+    offsets = range(-radius, radius + 1)
+    kernel = {
+        (di, dj): math.exp(-(di * di + dj * dj) / (2 * sigma**2))
+        for di in offsets
+        for dj in offsets
+    }
+    norm = sum(kernel.values())
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for (di, dj), k in kernel.items():
+        rows = [_mirror(i + di, h) for i in range(h)]
+        cols = [_mirror(j + dj, w) for j in range(w)]
+        out += k / norm * x.double()[:, :, rows][:, :, :, cols]
+    return out
+
+
+def _radius(sigma: float, shape: torch.Size) -> int:
+    """The code's truncation: 3 sigma rounded up, at most one less than the shorter side (the
+    reflected border must fit in the image)."""
+    return max(1, min(math.ceil(3 * sigma), min(shape[-2:]) - 1))
+
+
+@pytest.mark.parametrize(
+    ("shape", "sigma"),
+    [
+        ((3, 3, 16, 16), 2.0),  # radius 6
+        ((3, 3, 16, 16), None),  # the default sigma, 16 / 20 = 0.8: radius 3
+        ((1, 1, 9, 12), 1.1),  # radius ceil(3.3) = 4
+        ((2, 3, 5, 7), 2.0),  # radius 6 does not fit: truncated to 4
+    ],
+)
+def test_blur_baseline_equals_a_direct_2d_convolution(
+    shape: tuple[int, ...], sigma: float | None
+) -> None:
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    effective = sigma if sigma is not None else max(shape[-2:]) / 20
+    blurred = make_baseline(x, "blur", blur_sigma=sigma)
+    expected = _blur_by_hand(x, effective, _radius(effective, x.shape))
+    torch.testing.assert_close(blurred, expected, rtol=1e-10, atol=1e-12)
+    assert float((blurred - x).abs().max()) > 0.1  # it does blur
+
+
+def test_blur_baseline_equals_scipy_gaussian_filter_in_mirror_mode() -> None:
+    """scipy's "mirror" is this reflection; scipy's default "reflect" repeats the edge pixel."""
+    ndimage = pytest.importorskip("scipy.ndimage")
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    for sigma in (0.8, 1.1, 2.0):
+        radius = _radius(sigma, x.shape)
+        ours = make_baseline(x, "blur", blur_sigma=sigma).numpy()
+        mirror = ndimage.gaussian_filter(
+            x.numpy(), sigma, mode="mirror", radius=radius, axes=(2, 3)
+        )
+        np.testing.assert_allclose(ours, mirror, rtol=1e-10, atol=1e-12)
+        half = ndimage.gaussian_filter(x.numpy(), sigma, mode="reflect", radius=radius, axes=(2, 3))
+        assert np.abs(ours - half)[..., 0].max() > 1e-3  # other borders, by convention
+
+
+def test_uniform_baseline_is_seeded_noise_over_each_samples_range(images: torch.Tensor) -> None:
+    uniform = make_baseline(images, "uniform", seed=3)
+    with torch.random.fork_rng():  # the global generator plays no part
+        torch.manual_seed(123)
+        torch.rand(10)
+        assert torch.equal(uniform, make_baseline(images, "uniform", seed=3))
+    other = make_baseline(images, "uniform", seed=4)
+    assert not torch.equal(other, uniform)
+    assert float((other - uniform).abs().mean()) > 0.1
+    lo = images.flatten(1).amin(1).view(-1, 1, 1, 1)
+    hi = images.flatten(1).amax(1).view(-1, 1, 1, 1)
+    unit = ((uniform - lo) / (hi - lo)).flatten(1).double()  # U(0, 1) per sample
+    assert bool(((unit >= 0) & (unit <= 1)).all())
+    m = unit.shape[1]  # 768 values per sample
+    assert bool(((unit.mean(1) - 0.5).abs() < 4 * (1 / 12 / m) ** 0.5).all())
+    assert bool((unit.amin(1) < 0.02).all())  # it covers the range
+    assert bool((unit.amax(1) > 0.98).all())
+    quarter = (unit < 0.25).double().mean(1)
+    assert bool(((quarter - 0.25).abs() < 4 * (0.25 * 0.75 / m) ** 0.5).all())
+    # a sample gets the same baseline alone as in the batch
+    assert torch.equal(make_baseline(images[1:2], "uniform", seed=3), uniform[1:2])
 
 
 def test_option_errors(resnet: nn.Module, images: torch.Tensor) -> None:

@@ -1,4 +1,4 @@
-"""Parity of the CAM family with Captum 0.9 and pytorch-grad-cam 1.5.
+"""Parity of the CAM family with Captum 0.9, pytorch-grad-cam 1.5 and torchcam 0.5.
 
 Captum (a test dependency) returns raw maps: they must equal ours to float precision.
 pytorch-grad-cam (``pip install grad-cam``, test-only, it needs torchvision; skipped where it is
@@ -14,6 +14,11 @@ tolerance:
   factor vanishes in the normalisation. It upsamples masks with ``align_corners=True``; the
   test swaps in ``align_corners=False`` (the authors' code and ours) for the exact check, and
   checks separately that the native maps only differ by that.
+
+torchcam (``pip install torchcam``, test-only, skipped where it is missing) returns
+layer-resolution maps ``(N, h, w)``, ReLU'd and min-max normalised per sample unless
+``normalized=False``: its raw Grad-CAM and LayerCAM maps must equal ours with
+``upsample=False``. Its ``GradCAMpp`` is not Grad-CAM++ (see the test): ours must differ.
 """
 
 from __future__ import annotations
@@ -192,3 +197,77 @@ def test_score_cam_equals_pytorch_grad_cam_on_lite0(
     ref = _pytorch_grad_cam("ScoreCAM", lite0, "_blocks.0", cat, _log_softmax_targets([285]))
     ours = sl.score_cam(lite0, cat, 285, layer="_blocks.0")
     torch.testing.assert_close(_minmax(ours.values[:, 0]), ref, rtol=0, atol=5e-5)
+
+
+# -- torchcam ----------------------------------------------------------------------------------
+
+TORCHCAM = [("GradCAM", "grad_cam"), ("LayerCAM", "layer_cam")]
+
+
+def _torchcam(
+    cls_name: str, model: nn.Module, layer: str, x: Tensor, classes: list[int], normalized: bool
+) -> Tensor:
+    methods = pytest.importorskip("torchcam.methods")
+    with getattr(methods, cls_name)(model, layer, input_shape=tuple(x.shape[1:])) as extractor:
+        scores = model(x)
+        (maps,) = extractor(class_idx=classes, scores=scores, normalized=normalized)
+    return maps.detach()
+
+
+def _torchcam_normalise(maps: Tensor) -> Tensor:
+    """torchcam's ``_CAM._normalize``: ``(m - min) / (max(m - min) + 1e-8)`` per sample."""
+    low = maps - maps.amin(dim=(1, 2), keepdim=True)
+    return low / (low.amax(dim=(1, 2), keepdim=True) + 1e-8)
+
+
+@pytest.mark.parametrize(("tc_name", "method"), TORCHCAM)
+@pytest.mark.parametrize(("model_name", "layer"), CASES)
+def test_gradient_cams_equal_torchcam(
+    request: pytest.FixtureRequest, model_name: str, layer: str, tc_name: str, method: str
+) -> None:
+    pytest.importorskip("torchcam.methods")
+    model, x = _model_and_inputs(request, model_name)
+    ours = sl.explain(model, x, method, torch.tensor(TARGETS), layer=layer, upsample=False)
+    raw = _torchcam(tc_name, model, layer, x, TARGETS, normalized=False)
+    assert raw.shape == ours.values[:, 0].shape
+    assert float(raw.amax()) > 0
+    torch.testing.assert_close(ours.values[:, 0], raw, rtol=1e-5, atol=1e-7)
+    # its default output: the same maps, normalised per sample at the layer's resolution
+    normalised = _torchcam(tc_name, model, layer, x, TARGETS, normalized=True)
+    torch.testing.assert_close(
+        _torchcam_normalise(ours.values[:, 0]), normalised, rtol=0, atol=1e-5
+    )
+
+
+def test_grad_cam_plus_plus_differs_from_torchcam_where_gradients_vary() -> None:
+    """torchcam 0.5's ``GradCAMpp`` is not Eq. 19 of Chattopadhyay et al.
+
+    Its documented denominator sums ``A_ab g_ab^3`` over positions instead of taking ``g_ij^3``
+    at each position (the two agree only where ``g`` is the same at every position), and in
+    0.5.0 the division is lost as well: ``alpha[idx][mask].div_(...)`` divides a copy made by
+    boolean indexing, so its weights are ``sum_ij g_ij^2 relu(g_ij)``. On a layer whose
+    gradient varies per position (the model of test_cam), ours is Eq. 19 computed by hand, and
+    torchcam's map is that undivided formula, far from ours.
+    """
+    pytest.importorskip("torchcam.methods")
+    from test_cam import (
+        X_POS,
+        PositionWeighted,
+        _cam_from_weights,
+        _gcpp_weights,
+        _position_weighted_by_hand,
+    )
+
+    model = PositionWeighted()
+    act, grads = _position_weighted_by_hand(model)
+    ours = sl.grad_cam_plus_plus(model, X_POS, torch.tensor([[0, 1]]), layer="relu", upsample=False)
+    paper = _cam_from_weights(_gcpp_weights(act, grads, torchcam_sum=False), act)
+    torch.testing.assert_close(ours.values[0], paper, rtol=1e-12, atol=1e-12)
+    for c in (0, 1):
+        theirs = _torchcam("GradCAMpp", model, "relu", X_POS, [c], normalized=False)[0]
+        # what torchcam 0.5.0 computes: alpha = g^2, never divided
+        undivided = [float((grads[c, k] ** 2 * grads[c, k].clamp(min=0)).sum()) for k in range(2)]
+        torch.testing.assert_close(theirs, _cam_from_weights([undivided], act)[0])
+        # compared after each library's normalisation, the maps still disagree
+        gap = _torchcam_normalise(theirs[None]) - _torchcam_normalise(ours.values[0, c : c + 1])
+        assert float(gap.abs().max()) > 0.1

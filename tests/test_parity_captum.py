@@ -136,6 +136,64 @@ def test_integrated_gradients_matches_captum(
     )
 
 
+# -- SmoothGrad, SmoothGrad² and VarGrad against Captum's NoiseTunnel --------------------------
+#
+# Captum draws its own noise, so the two can only agree in distribution. On
+# f_c(x) = sum_i w_ci x_i^2 the noisy gradient 2 w (x + sigma eps) has closed-form moments:
+# mean 2 w x, second moment 4 w^2 (x^2 + sigma^2), variance 4 w^2 sigma^2. With many samples
+# both estimates must lie within a few standard errors of those, pixel by pixel.
+
+
+class SquareNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        w = torch.randn(3, 1 * 4 * 4, generator=torch.Generator().manual_seed(21)).double()
+        self.w = nn.Parameter(w)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x.flatten(1) ** 2) @ self.w.t()
+
+
+NOISE_TUNNEL = {"mean": "smoothgrad", "squared": "smoothgrad_sq", "vargrad": "vargrad"}
+
+
+@pytest.mark.parametrize("variant", list(NOISE_TUNNEL))
+def test_smoothgrad_variants_agree_with_captum_noise_tunnel_in_distribution(variant):
+    model = SquareNet().eval()
+    x = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
+    samples, level, target = 4096, 0.2, 1
+    sigma = level * float(x.max() - x.min())
+    w = model.w.detach()[target].view(1, 1, 4, 4)
+    moments = {  # closed form and the variance of one sample's contribution
+        "mean": (2 * w * x, 4 * w**2 * sigma**2),
+        "squared": (4 * w**2 * (x**2 + sigma**2), 16 * w**4 * (4 * x**2 * sigma**2 + 2 * sigma**4)),
+        "vargrad": (4 * w**2 * sigma**2 * torch.ones_like(x), 2 * (4 * w**2 * sigma**2) ** 2),
+    }
+    exact, one = moments[variant]
+    standard_error = (one / samples).sqrt()
+
+    ours = salience.smoothgrad(
+        model, x, target=target, samples=samples, noise_level=level, variant=variant, seed=0
+    ).values
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        theirs = captum_attr.NoiseTunnel(captum_attr.Saliency(model)).attribute(
+            x.clone(),
+            nt_type=NOISE_TUNNEL[variant],
+            nt_samples=samples,
+            stdevs=sigma,
+            target=target,
+            abs=False,  # Captum's default |grad| would change the variance
+        )
+    for name, estimate in (("salience", ours), ("captum", theirs.detach())):
+        z = ((estimate - exact) / standard_error).abs().max()
+        assert float(z) < 5, f"{name}: {float(z):.1f} standard errors from the closed form"
+    # and the closed forms of the three variants are far apart: each check is specific
+    others = [m[0] for v, m in moments.items() if v != variant]
+    for other in others:
+        assert float(((other - exact) / standard_error).abs().max()) > 20
+
+
 # -- a ReLU module reused in one forward ----------------------------------------------------
 #
 # ResNetish calls ``self.relu`` twice per forward, and each BasicBlock calls its ``relu`` twice.

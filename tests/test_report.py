@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import re
+import shutil
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
@@ -17,7 +17,13 @@ from PIL import Image
 
 from salience import cli, report
 
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+def _find_chromium() -> str | None:
+    """The first Chromium on PATH, as CI finds it (``command -v chromium``)."""
+    return next((path for name in CHROMIUM_NAMES if (path := shutil.which(name))), None)
+
 
 pytestmark = pytest.mark.filterwarnings("ignore:unpickling:UserWarning")
 
@@ -105,8 +111,9 @@ def test_predict_top_k(vgg, images):
 
 def _chromium_counts(html_path: Path, tmp_path: Path) -> tuple[int, int]:
     """Open the page in headless Chromium; return (images, images that failed to render)."""
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+    chromium = _find_chromium()
+    if chromium is None:
+        pytest.skip(f"none of {', '.join(CHROMIUM_NAMES)} is on PATH (apt-get install chromium)")
     marker = """<script>
 window.addEventListener("load", function () {
   var all = Array.from(document.images);
@@ -117,7 +124,7 @@ window.addEventListener("load", function () {
     probe = tmp_path / f"probe-{html_path.name}"
     probe.write_text(html_path.read_text("utf-8").replace("</body>", marker + "</body>"))
     command = [
-        CHROMIUM,
+        chromium,
         "--headless",
         "--no-sandbox",
         "--disable-gpu",
@@ -134,6 +141,17 @@ window.addEventListener("load", function () {
     match = re.search(r'data-images="(\d+):(\d+)"', result.stdout)
     assert match, f"no marker in Chromium's DOM dump: {result.stderr[-2000:]}"
     return int(match.group(1)), int(match.group(2))
+
+
+def test_chromium_is_found_on_path_under_any_usual_name(tmp_path, monkeypatch):
+    for name in ("chromium-browser", "chromium"):
+        fake = tmp_path / name
+        fake.write_text("#!/bin/sh\n")
+        fake.chmod(0o755)
+        monkeypatch.setenv("PATH", str(tmp_path))
+        assert _find_chromium() == str(fake)  # "chromium" first once both exist
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert _find_chromium() is None
 
 
 def test_every_image_renders_in_chromium(page, tmp_path):

@@ -43,8 +43,50 @@ def test_normalize_unsigned_keeps_zero_at_zero_and_clips_at_percentile():
     assert out.min() == 0.0
     assert out[0] == 0.0
     assert out[-1] == 1.0  # the outlier saturates
-    assert out[-2] == pytest.approx(1.0, abs=0.02)  # the rest uses the full scale
-    assert viz.normalize(m, percentile=None)[-2] == pytest.approx(0.01)
+    # the 99th percentile of 1000 values, interpolated linearly between ranks 989 and 990:
+    # sorted[989] + 0.01 * (sorted[990] - sorted[989]) = 989.01 / 998
+    scale = 989.01 / 998
+    np.testing.assert_allclose(out, np.clip(m / scale, 0, 1), rtol=1e-6, atol=0)
+    assert out[-2] == 1.0  # the rest uses the full scale: 1 / scale > 1 saturates too
+    assert out[500] == pytest.approx(500 / 998 / scale, rel=1e-6)
+    np.testing.assert_allclose(viz.normalize(m, percentile=None), m / 100, rtol=1e-6)
+
+
+def test_normalize_exact_values_on_a_hand_made_map():
+    ramp = np.array([[0.0, 1.0, 2.0], [3.0, 4.0, 8.0]])
+    # unsigned: divided by the percentile of the map (linear interpolation between ranks)
+    np.testing.assert_allclose(
+        viz.normalize(ramp, percentile=50), [[0, 1 / 2.5, 2 / 2.5], [1, 1, 1]], rtol=1e-6
+    )
+    np.testing.assert_allclose(viz.normalize(ramp, percentile=None), ramp / 8, rtol=1e-6)
+    # 80th percentile of [0, 1, 2, 3, 4, 8]: rank 0.8 * 5 = 4, the value 4
+    np.testing.assert_allclose(
+        viz.normalize(ramp, percentile=80), np.clip(ramp / 4, 0, 1), rtol=1e-6
+    )
+    # signed: divided by the percentile of |map|, symmetric about zero, clipped to [-1, 1]
+    signed = np.array([[-4.0, -1.0, 0.0], [2.0, 3.0, 0.5]])
+    # |map| sorted: [0, 0.5, 1, 2, 3, 4]; 50th percentile: rank 2.5, (1 + 2) / 2 = 1.5
+    np.testing.assert_allclose(
+        viz.normalize(signed, percentile=50),
+        [[-1.0, -1 / 1.5, 0.0], [1.0, 1.0, 0.5 / 1.5]],
+        rtol=1e-6,
+    )
+    np.testing.assert_allclose(viz.normalize(signed, percentile=None), signed / 4, rtol=1e-6)
+    # forced unsigned: negatives clip to 0, scale from the non-negative part (max 3)
+    np.testing.assert_allclose(
+        viz.normalize(signed, signed=False, percentile=100),
+        [[0.0, 0.0, 0.0], [2 / 3, 1.0, 0.5 / 3]],
+        rtol=1e-6,
+    )
+
+
+def test_normalize_forced_unsigned_none_is_the_100th_percentile():
+    signed = np.array([[-4.0, -1.0, 0.0], [2.0, 3.0, 0.5]])
+    np.testing.assert_allclose(
+        viz.normalize(signed, signed=False, percentile=None),
+        viz.normalize(signed, signed=False, percentile=100),
+        rtol=1e-6,
+    )
 
 
 def test_normalize_auto_sign_and_forced_unsigned():
@@ -102,6 +144,56 @@ def test_overlay_blends_and_resizes_the_map():
         viz.overlay(image, attribution, alpha=1.5)
 
 
+# matplotlib's "jet" (matplotlib._cm._jet_data): (x, value) breakpoints of each channel
+_JET = {
+    "red": [(0.0, 0.0), (0.35, 0.0), (0.66, 1.0), (0.89, 1.0), (1.0, 0.5)],
+    "green": [(0.0, 0.0), (0.125, 0.0), (0.375, 1.0), (0.64, 1.0), (0.91, 0.0), (1.0, 0.0)],
+    "blue": [(0.0, 0.5), (0.11, 1.0), (0.34, 1.0), (0.65, 0.0), (1.0, 0.0)],
+}
+
+
+def _lut_index(u: float) -> int:
+    """A matplotlib colormap has 256 entries: ``u`` picks entry ``floor(256 u)`` (255 at 1)."""
+    return min(int(u * 256), 255)
+
+
+def _jet_by_hand(u: float) -> np.ndarray:
+    x = _lut_index(u) / 255  # the entry's position in [0, 1]
+    rgb = [np.interp(x, *zip(*_JET[c], strict=True)) for c in ("red", "green", "blue")]
+    return np.round(np.array(rgb) * 255)
+
+
+def test_overlay_pixels_by_hand():
+    """``(1 - alpha) image + alpha heatmap``; the heatmap is jet of map / p99 for maps >= 0."""
+    values = torch.tensor([[0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 8.0]])
+    rows, cols = np.mgrid[0:2, 0:4]
+    image = np.stack([10 + 60 * cols, 200 - 90 * rows, 30 * cols + 40 * rows], -1).astype(np.uint8)
+    out = np.asarray(viz.overlay(image, values[None, None], alpha=0.25)).astype(float)
+    p99 = 6 + (0.99 * 7 - 6) * (8 - 6)  # rank 0.99 * 7 = 6.93 between 6 and 8: 7.86
+    for i, j in [(0, 0), (0, 1), (0, 3), (1, 0), (1, 2), (1, 3)]:
+        unit = min(float(values[i, j]) / p99, 1.0)
+        expected = 0.75 * image[i, j] + 0.25 * _jet_by_hand(unit)
+        np.testing.assert_allclose(out[i, j], expected, atol=0.51, err_msg=f"pixel {(i, j)}")
+    assert tuple(_jet_by_hand(0.0)) == (0, 0, 128)  # jet starts dark blue
+    assert tuple(_jet_by_hand(1.0)) == (128, 0, 0)  # and ends dark red
+
+
+def test_signed_overlay_is_centred_and_resized_bilinearly():
+    """A signed map in gray: -1 -> 0, 0 -> 128, 1 -> 255 before blending; upsampled from 1x2
+    to 1x4 with pixel centres aligned (source x = (i + 0.5) / 2 - 0.5, edges clamped)."""
+    image = np.full((1, 5, 3), 100, dtype=np.uint8)
+    signed = torch.tensor([[-2.0, -1.0, 0.0, 1.0, 2.0]])
+    out = np.asarray(viz.overlay(image, signed, cmap="gray", alpha=0.5, percentile=None))
+    gray = np.array([0, 64, 128, 192, 255])  # entry floor(256 u), u = (v / 2 + 1) / 2
+    np.testing.assert_allclose(out[0, :, 0], 50 + gray / 2, atol=0.51)
+    assert np.array_equal(out[..., 0], out[..., 2])
+    image = np.full((1, 4, 3), 40, dtype=np.uint8)
+    small = torch.tensor([[0.0, 1.0]])
+    out = np.asarray(viz.overlay(image, small, cmap="gray", alpha=0.5, percentile=None))
+    heat = np.array([0.0, 0.25 * 255, 0.75 * 255, 255.0])
+    np.testing.assert_allclose(out[0, :, 1], 20 + heat / 2, atol=1.01)
+
+
 def test_overlay_accepts_arrays_and_tensors_in_unit_range():
     attribution = torch.rand(1, 1, 4, 4)
     array = np.random.default_rng(0).random((4, 4, 3))
@@ -119,9 +211,14 @@ def test_saliency_map_reduces_as_the_method_and_picks_targets():
     np.testing.assert_allclose(viz.saliency_map(cams, target=1), cams.values[0, 1].numpy())
     with pytest.raises(ValueError, match="reduction"):
         viz.saliency_map(torch.rand(3, 4, 4))
-    np.testing.assert_allclose(
-        viz.saliency_map(torch.rand(3, 4, 4) - 2, reduction="abs_max").min(), 1.0, atol=1.0
-    )
+    negative = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(0)) - 2
+    reduced = viz.saliency_map(negative, reduction="abs_max")
+    np.testing.assert_array_equal(reduced, negative.abs().amax(0).numpy())
+    assert reduced.min() > 1.0  # every |value| is in (1, 2]
+    by_hand = np.array([[[1.0, -5.0]], [[-3.0, 2.0]]])  # (C=2, H=1, W=2)
+    np.testing.assert_array_equal(viz.saliency_map(by_hand, reduction="abs_max"), [[3.0, 5.0]])
+    np.testing.assert_array_equal(viz.saliency_map(by_hand, reduction="sum"), [[-2.0, -3.0]])
+    np.testing.assert_array_equal(viz.saliency_map(by_hand, reduction="abs_sum"), [[4.0, 7.0]])
 
 
 # -- the guided rendering --------------------------------------------------------------------

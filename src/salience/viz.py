@@ -173,7 +173,12 @@ def normalize(
     if percentile is not None and not 0 < percentile <= 100:
         raise ValueError(f"percentile must be in (0, 100], got {percentile}")
     pool = magnitude if signed else np.clip(m, 0, None)
-    scale = float(np.percentile(pool, percentile)) if percentile is not None and m.size else peak
+    if not pool.size:
+        scale = 0.0
+    elif percentile is None:
+        scale = float(pool.max())
+    else:
+        scale = float(np.percentile(pool, percentile))
     if scale <= 0:
         scale = float(pool.max()) if pool.size else 0.0
     if scale <= 0:
