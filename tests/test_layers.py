@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 import salience as sl
 from salience import cli
-from salience.layers import Layout, check_reshape, find_layer, search_layers
+from salience.layers import find_layer, search_layers
+from salience.layouts import Layout, check_reshape
 
 CAM_METHODS = ["grad_cam", "grad_cam_plus_plus", "layer_cam", "score_cam"]
 PATCH = 4

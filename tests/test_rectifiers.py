@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import salience
-from salience.hooks import ACTIVATIONS, rectifier_rule, resolve_activations
+from salience.hooks import rectifier_rule
+from salience.rectifiers import ACTIVATIONS, resolve_activations
 
 RULES = ("guided", "deconvnet")
 METHODS = {"guided": salience.guided_backprop, "deconvnet": salience.deconvnet}

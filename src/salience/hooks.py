@@ -7,25 +7,20 @@ the block raises, and nothing is seen by another thread that runs the same model
 registered on the modules for the duration of the block, and act only in the thread that
 entered it: a second thread running the same model at the same time runs it unobserved.
 
-Modified backward rules at rectifiers (DeconvNet, guided backprop) are installed with a
+**Rectifier rules** (:func:`rectifier_rule`): the modified backward rules of DeconvNet and
+guided backprop (defined in :mod:`salience.rectifiers`) are installed with a
 :class:`torch.overrides.TorchFunctionMode`, not with module hooks. The mode sees every
-rectifier, every call computing ``max(x, 0)`` or a clip to ``[0, t]``, however it is written:
-``nn.ReLU`` (also ``inplace=True`` and one module reused several times in a forward),
-``F.relu``, ``torch.relu``, ``Tensor.relu_``; the clipped rectifiers of mobile networks,
-``nn.ReLU6``, ``F.relu6`` and ``F.hardtanh`` with a lower bound of 0; ``clamp``/``clip`` with
-``min=0`` and no or a positive ``max`` (``t.clamp(min=0)``, ``torch.clamp(t, 0, 6)``, in place
-too), ``clamp_min(0)``, ``F.threshold(t, 0, 0)`` and ``nn.Threshold(0, 0)``,
-``torch.maximum``/``max``/``fmax`` of a tensor and zeros, and ``leaky_relu`` with slope 0. The
-same functions with other bounds are not rectifiers and keep their gradient. Module hooks only
-see ``nn.ReLU`` modules, which is why Captum and pytorch-grad-cam silently return plain
-gradients on MobileNet and EfficientNet.
+rectifier, every call computing ``max(x, 0)`` or a clip to ``[0, t]``, however it is written
+(``nn.ReLU`` and ``F.relu``, ``ReLU6``, ``hardtanh(0, t)``, ``clamp(min=0)``,
+``maximum(x, 0)``, ...; :mod:`salience.rectifiers` lists every spelling). Module hooks only see
+``nn.ReLU`` modules, which is why Captum and pytorch-grad-cam silently return plain gradients
+on MobileNet and EfficientNet.
 
 When the forward pass runs no rectifier at all (GELU, SiLU or Hardswish networks: ViT,
 ConvNeXt, EfficientNet-B0), the rule would change nothing and :func:`rectifier_rule` raises,
 naming the activations the model uses, rather than return a plain gradient under a guided
-name. ``activations=`` extends the rule to such activations (not the papers' method): at an
-activation ``f`` the guided backward becomes ``f'(x) * relu(s)`` and the DeconvNet one
-``relu(s)``, for an incoming gradient ``s``.
+name. ``activations=`` extends the rule to such activations (not the papers' method; see
+:mod:`salience.rectifiers`).
 
 TorchScript models run outside Python and cannot be intercepted: :func:`rectifier_rule`
 raises for them rather than returning a plain gradient under a guided name.
@@ -37,22 +32,26 @@ import contextlib
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any, Literal, TypeAlias
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from .rectifiers import (
+    RECTIFIER_SPELLINGS,
+    SITES,
+    Activate,
+    Activations,
+    RectifierRule,
+    Rectify,
+    resolve_activations,
+)
+
 __all__ = [
-    "ACTIVATIONS",
-    "Activations",
     "ForwardHook",
-    "RectifierRule",
     "forward_hooks",
     "rectifier_rule",
-    "resolve_activations",
 ]
 
 ForwardHook = Callable[[str, nn.Module, tuple[Any, ...], Any], Any]
@@ -84,439 +83,6 @@ def forward_hooks(modules: Iterable[tuple[str, nn.Module]], hook: ForwardHook) -
     finally:
         for handle in handles:
             handle.remove()
-
-
-RectifierRule = Literal["gradient", "deconvnet", "guided"]
-
-Activations: TypeAlias = "str | Iterable[str]"
-"""Where a rule applies: ``"rectifiers"`` (the papers' method), ``"all"`` (every activation
-function salience knows, see :data:`ACTIVATIONS`) or a collection of activation names."""
-
-
-# -- the rules -------------------------------------------------------------------------------
-
-
-class _Rectify(torch.autograd.Function):
-    """``clamp(x, 0, upper)`` whose backward follows a modified rule.
-
-    With ``s`` the incoming gradient and ``x`` the forward input:
-
-    - ``"deconvnet"`` (Zeiler & Fergus 2013): ``relu(s)``, whatever the sign of the input;
-    - ``"guided"`` (Springenberg et al. 2014): ``relu(s) * [0 < x < upper]``, the forward
-      derivative times the positive part of the signal.
-
-    The guided rule keeps what PyTorch's own backward of the call keeps, so that it works on
-    every model the plain gradient works on: the output for ``relu`` (``keep_output``), which
-    lets the model change the input in place afterwards; the input for ``hardtanh``,
-    ``clamp``, ``threshold``, ``maximum``, ``leaky_relu``, which lets it change the output;
-    and for those in place, a copy of the input. The forward mask is the same from either:
-    ``0 < y < upper`` exactly where ``0 < x < upper``, for ``y = clamp(x, 0, upper)``.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, upper: float | None, inplace: bool, keep_output: bool, rule: str
-    ) -> Tensor:
-        ctx.rule = rule
-        ctx.upper = upper
-        ctx.copy = None
-        guided = rule == "guided"
-        if inplace:
-            if guided and not keep_output:
-                ctx.copy = x.detach().clone()
-            out = x.clamp_(min=0.0, max=upper)
-            ctx.mark_dirty(x)
-        else:
-            out = x.clamp(min=0.0, max=upper)
-        if guided and ctx.copy is None:
-            ctx.save_for_backward(out if keep_output or inplace else x)
-        return out
-
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: Any, grad: Tensor
-    ) -> tuple[Tensor | None, None, None, None, None]:
-        signal = grad.clamp(min=0.0)
-        if ctx.rule == "guided":
-            # The forward derivative, with PyTorch's own fused kernels: pass where 0 < x < upper.
-            kept = ctx.copy if ctx.copy is not None else ctx.saved_tensors[0]
-            if ctx.upper is None:
-                signal = torch.ops.aten.threshold_backward(signal, kept, 0.0)
-            else:
-                signal = torch.ops.aten.hardtanh_backward(signal, kept, 0.0, ctx.upper)
-        return signal, None, None, None, None
-
-
-class _Activate(torch.autograd.Function):
-    """``f(x)`` for an activation other than a rectifier, with a rectifier rule's backward.
-
-    The extension of guided backprop to smooth activations (not in the paper): the backward
-    is ``f'(x) * relu(s)`` under ``"guided"``, ``relu(s)`` under ``"deconvnet"``. ``f'(x)``
-    is recomputed with autograd from the saved input, so every elementwise ``f`` works.
-    ``fn`` computes ``f`` out of place; an in-place call writes the result back into ``x``.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, fn: Callable[[Tensor], Tensor], inplace: bool, rule: str
-    ) -> Tensor:
-        ctx.fn = fn
-        ctx.rule = rule
-        ctx.copy = None
-        out = fn(x)
-        if rule == "guided":
-            if inplace:
-                ctx.copy = x.detach().clone()
-            else:
-                ctx.save_for_backward(x)
-        if inplace:
-            x.copy_(out)
-            ctx.mark_dirty(x)
-            return x
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
-        signal = grad.clamp(min=0.0)
-        if ctx.rule == "guided":
-            x = ctx.copy if ctx.copy is not None else ctx.saved_tensors[0]
-            with torch.enable_grad():
-                leaf = x.detach().requires_grad_(True)
-                (signal,) = torch.autograd.grad(ctx.fn(leaf), leaf, signal)
-        return signal, None, None, None
-
-
-# -- recognising the calls -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Site:
-    """One call the mode recognised.
-
-    A rectifier ``clamp(x, 0, upper)`` when ``fn`` is ``None``; otherwise an activation ``f``
-    named ``name``, computed out of place by ``fn``.
-    """
-
-    x: Any
-    name: str
-    upper: float | None = None
-    inplace: bool = False
-    keep_output: bool = False
-    fn: Callable[[Tensor], Tensor] | None = None
-
-
-_Parser = Callable[[tuple[Any, ...], dict[str, Any]], "_Site | None"]
-
-
-def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], i: int, name: str, default: Any) -> Any:
-    if len(args) > i:
-        return args[i]
-    return kwargs.get(name, default)
-
-
-def _input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    if args:
-        return args[0]
-    return kwargs.get("input", kwargs.get("self"))
-
-
-def _constant(bound: Any, x: Tensor) -> float | None:
-    """Return the value of a bound that is one constant everywhere, or ``None``.
-
-    A number, or a tensor that needs no gradient, holds a single value, broadcasts to ``x``
-    without growing it and leaves the result in ``x``'s dtype.
-    """
-    if isinstance(bound, bool) or not isinstance(bound, int | float | Tensor):
-        return None
-    if not isinstance(bound, Tensor):
-        return float(bound)
-    if bound.requires_grad or bound.numel() == 0 or bound.is_complex():
-        return None
-    if torch.broadcast_shapes(x.shape, bound.shape) != x.shape:
-        return None
-    if torch.result_type(x, bound) != x.dtype:
-        return None
-    value = bound.reshape(-1)[0]
-    if bound.numel() > 1 and not bool((bound == value).all()):
-        return None
-    return float(value)
-
-
-def _rectifier(x: Any, upper: float | None, inplace: bool, keep_output: bool) -> _Site | None:
-    if upper is not None and not upper > 0.0:
-        return None  # clamp(x, 0, 0) and the like: a constant, not a rectifier
-    name = "ReLU" if upper is None else ("ReLU6" if upper == 6.0 else f"clamp(0, {upper:g})")
-    return _Site(x, name, upper=upper, inplace=inplace, keep_output=keep_output)
-
-
-def _relu(inplace: bool) -> _Parser:
-    def parse(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Site | None:
-        return _rectifier(_input(args, kwargs), None, inplace, True)
-
-    return parse
-
-
-def _f_relu(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Site | None:
-    inplace = bool(_arg(args, kwargs, 1, "inplace", False))
-    return _rectifier(_input(args, kwargs), None, inplace, True)
-
-
-def _f_relu6(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Site | None:
-    inplace = bool(_arg(args, kwargs, 1, "inplace", False))
-    return _rectifier(_input(args, kwargs), 6.0, inplace, False)
-
-
-def _clamp(inplace: bool) -> _Parser:
-    """Parse ``clamp``/``clip`` (``min``, ``max``) and ``clamp_min`` (``min``)."""
-
-    def parse(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Site | None:
-        x = _input(args, kwargs)
-        if _constant(_arg(args, kwargs, 1, "min", None), x) != 0.0:
-            return None
-        upper = None
-        bound = _arg(args, kwargs, 2, "max", None)
-        if bound is not None:
-            upper = _constant(bound, x)
-            if upper is None:
-                return None
-        return _rectifier(x, upper, inplace, False)
-
-    return parse
-
-
-def _maximum(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Site | None:
-    """``maximum(x, 0)``, ``max(x, 0)``, ``fmax(x, 0)`` with a tensor of zeros, either side."""
-    first, other = _input(args, kwargs), _arg(args, kwargs, 1, "other", None)
-    if not (isinstance(first, Tensor) and isinstance(other, Tensor)):
-        return None  # torch.max(x) or torch.max(x, dim): a reduction
-    if _constant(other, first) == 0.0:
-        return _rectifier(first, None, False, False)
-    if _constant(first, other) == 0.0:
-        return _rectifier(other, None, False, False)
-    return None
-
-
-# -- activations that are not rectifiers -----------------------------------------------------
-
-
-def _activation(
-    name: str,
-    func: Callable[..., Any],
-    *,
-    inplace_at: int | None = None,
-    inplace: bool = False,
-    out_of_place: Callable[..., Any] | None = None,
-) -> _Parser:
-    """Parse a call of the activation ``func``; ``inplace_at``: position of its ``inplace``.
-
-    ``inplace`` marks a function that always works in place; ``out_of_place`` is then its
-    out-of-place twin, taking the same arguments.
-    """
-    target = out_of_place or func
-
-    def parse(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Site | None:
-        x = _input(args, kwargs)
-        rest = list(args[1:])
-        options = {k: v for k, v in kwargs.items() if k not in ("input", "self")}
-        in_place = inplace
-        if inplace_at is not None:
-            if len(args) > inplace_at:
-                in_place = bool(args[inplace_at])
-                rest = rest[: inplace_at - 1]
-            else:
-                in_place = bool(options.pop("inplace", False))
-
-        def fn(t: Tensor) -> Tensor:
-            return target(t, *rest, **options)
-
-        return _Site(x, name, inplace=in_place, fn=fn)
-
-    return parse
-
-
-def _piecewise(
-    rectifier: Callable[[tuple[Any, ...], dict[str, Any]], _Site | None], other: _Parser
-) -> _Parser:
-    """Parse a function that is a rectifier for some arguments, another activation otherwise."""
-
-    def parse(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Site | None:
-        return rectifier(args, kwargs) or other(args, kwargs)
-
-    return parse
-
-
-def _hardtanh(inplace_default: bool) -> Callable[[tuple[Any, ...], dict[str, Any]], Any]:
-    def parse(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Site | None:
-        if float(_arg(args, kwargs, 1, "min_val", -1.0)) != 0.0:
-            return None
-        upper = float(_arg(args, kwargs, 2, "max_val", 1.0))
-        inplace = bool(_arg(args, kwargs, 3, "inplace", inplace_default))
-        return _rectifier(_input(args, kwargs), upper, inplace, False)
-
-    return parse
-
-
-def _threshold(inplace_default: bool, inplace_at: int | None) -> Callable[..., Any]:
-    def parse(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Site | None:
-        threshold = _arg(args, kwargs, 1, "threshold", None)
-        value = _arg(args, kwargs, 2, "value", None)
-        if threshold != 0 or value != 0:
-            return None
-        inplace = inplace_default
-        if inplace_at is not None:
-            inplace = bool(_arg(args, kwargs, inplace_at, "inplace", False))
-        return _rectifier(_input(args, kwargs), None, inplace, False)
-
-    return parse
-
-
-def _leaky(inplace_default: bool) -> Callable[..., Any]:
-    def parse(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Site | None:
-        if float(_arg(args, kwargs, 1, "negative_slope", 0.01)) != 0.0:
-            return None
-        inplace = bool(_arg(args, kwargs, 2, "inplace", inplace_default))
-        # PyTorch keeps the input of leaky_relu, the output of leaky_relu_.
-        return _rectifier(_input(args, kwargs), None, inplace, inplace)
-
-    return parse
-
-
-_RECTIFIERS: dict[Any, _Parser] = {
-    F.relu: _f_relu,
-    torch.relu: _relu(False),
-    torch.relu_: _relu(True),
-    Tensor.relu: _relu(False),
-    Tensor.relu_: _relu(True),
-    F.relu6: _f_relu6,
-    F.hardtanh: _piecewise(_hardtanh(False), _activation("Hardtanh", F.hardtanh, inplace_at=3)),
-    F.hardtanh_: _piecewise(
-        _hardtanh(True), _activation("Hardtanh", F.hardtanh_, inplace=True, out_of_place=F.hardtanh)
-    ),
-    torch.clamp: _clamp(False),
-    torch.clamp_: _clamp(True),
-    Tensor.clamp: _clamp(False),
-    Tensor.clamp_: _clamp(True),
-    torch.clip: _clamp(False),
-    torch.clip_: _clamp(True),
-    Tensor.clip: _clamp(False),
-    Tensor.clip_: _clamp(True),
-    torch.clamp_min: _clamp(False),
-    torch.clamp_min_: _clamp(True),
-    Tensor.clamp_min: _clamp(False),
-    Tensor.clamp_min_: _clamp(True),
-    F.threshold: _piecewise(
-        _threshold(False, 3), _activation("Threshold", F.threshold, inplace_at=3)
-    ),
-    torch.threshold: _piecewise(_threshold(False, None), _activation("Threshold", torch.threshold)),
-    torch.threshold_: _piecewise(
-        _threshold(True, None),
-        _activation("Threshold", torch.threshold_, inplace=True, out_of_place=torch.threshold),
-    ),
-    torch.maximum: _maximum,
-    Tensor.maximum: _maximum,
-    torch.max: _maximum,
-    Tensor.max: _maximum,
-    torch.fmax: _maximum,
-    Tensor.fmax: _maximum,
-    F.leaky_relu: _piecewise(_leaky(False), _activation("LeakyReLU", F.leaky_relu, inplace_at=2)),
-    F.leaky_relu_: _piecewise(
-        _leaky(True),
-        _activation("LeakyReLU", F.leaky_relu_, inplace=True, out_of_place=F.leaky_relu),
-    ),
-}
-"""Every call that may be a rectifier, and how to read its arguments. For ``clamp`` the bound
-names are ``min`` and ``max``, as in PyTorch. Functions that are rectifiers only for some
-arguments (``hardtanh(0, t)``, ``threshold(0, 0)``, ``leaky_relu`` with slope 0) parse as
-another activation otherwise; a ``clamp`` with other bounds is no activation at all."""
-
-
-def _nn_inplace(name: str) -> list[Callable[..., Any]]:
-    """``torch._C._nn.<name>_`` where this PyTorch has it (not every version has each)."""
-    twin = getattr(torch._C._nn, f"{name}_", None)
-    return [twin] if twin is not None else []
-
-
-# (name, function, position of its ``inplace`` argument, in-place twins taking the same
-# arguments). The mode sees the Python wrappers (``F.silu``), not what they call inside.
-_OTHERS: list[tuple[str, Callable[..., Any], int | None, list[Callable[..., Any]]]] = [
-    ("GELU", F.gelu, None, _nn_inplace("gelu")),
-    ("SiLU", F.silu, 1, _nn_inplace("silu")),
-    ("Hardswish", F.hardswish, 1, _nn_inplace("hardswish")),
-    ("Mish", F.mish, 1, _nn_inplace("mish")),
-    ("Hardsigmoid", F.hardsigmoid, 1, _nn_inplace("hardsigmoid")),
-    ("ELU", F.elu, 2, [F.elu_]),
-    ("SELU", F.selu, 1, [torch.selu_]),
-    ("CELU", F.celu, 2, [torch.celu_]),
-    ("RReLU", F.rrelu, 4, [torch.rrelu_]),
-    ("PReLU", torch.prelu, None, []),
-    ("Softplus", F.softplus, None, []),
-    ("LogSigmoid", F.logsigmoid, None, []),
-    ("Softsign", F.softsign, None, []),
-    ("Tanhshrink", F.tanhshrink, None, []),
-    ("Sigmoid", torch.sigmoid, None, [torch.sigmoid_, Tensor.sigmoid_]),
-    ("Sigmoid", Tensor.sigmoid, None, []),
-    ("Tanh", torch.tanh, None, [torch.tanh_, Tensor.tanh_]),
-    ("Tanh", Tensor.tanh, None, []),
-]
-_ACTIVATIONS: dict[Any, _Parser] = {}
-for _name, _func, _at, _inplace_twins in _OTHERS:
-    _ACTIVATIONS[_func] = _activation(_name, _func, inplace_at=_at)
-    for _twin in _inplace_twins:
-        _ACTIVATIONS[_twin] = _activation(_name, _twin, inplace=True, out_of_place=_func)
-
-_SITES: dict[Any, _Parser] = {**_ACTIVATIONS, **_RECTIFIERS}
-
-ACTIVATIONS: tuple[str, ...] = tuple(
-    sorted({name for name, *_ in _OTHERS} | {"Hardtanh", "LeakyReLU", "Threshold"})
-)
-"""The activations other than rectifiers that ``activations=`` can name (case and ``_`` do not
-matter: ``"leaky_relu"`` is ``"LeakyReLU"``; ``"swish"`` is ``"SiLU"``). ``Hardtanh``,
-``LeakyReLU`` and ``Threshold`` are those with bounds or slope that make them no rectifier."""
-
-_RECTIFIER_SPELLINGS = (
-    "ReLU, ReLU6, hardtanh(0, t), clamp(min=0), clamp(0, t), clamp_min(0), threshold(0, 0), "
-    "maximum(x, 0), leaky_relu(slope=0)"
-)
-
-
-def _key(name: str) -> str:
-    return name.lower().replace("_", "").replace("-", "").replace(" ", "")
-
-
-_BY_KEY: dict[str, str] = {_key(name): name for name in ACTIVATIONS} | {"swish": "SiLU"}
-
-
-def resolve_activations(activations: Activations) -> frozenset[str]:
-    """Return the names of the activations other than rectifiers that ``activations`` selects.
-
-    Raises:
-        ValueError: an unknown activation name.
-        TypeError: neither a string nor a collection of strings.
-    """
-    if isinstance(activations, str):
-        if activations == "rectifiers":
-            return frozenset()
-        if activations == "all":
-            return frozenset(ACTIVATIONS)
-        activations = [activations]
-    if not isinstance(activations, Iterable):
-        raise TypeError(
-            "activations must be 'rectifiers', 'all' or a collection of activation names, got "
-            f"{type(activations).__name__}"
-        )
-    chosen = set()
-    for name in activations:
-        if not isinstance(name, str):
-            raise TypeError(f"activation names are strings, got {name!r}")
-        if _key(name) in ("relu", "relu6"):
-            continue  # a rectifier: the rule applies there anyway
-        if _key(name) not in _BY_KEY:
-            raise ValueError(
-                f"unknown activation {name!r} in activations=; known: {', '.join(ACTIVATIONS)} "
-                "(or 'all', or 'rectifiers' for none of them)"
-            )
-        chosen.add(_BY_KEY[_key(name)])
-    return frozenset(chosen)
 
 
 def _differentiable(x: Any) -> bool:
@@ -557,7 +123,7 @@ class _RectifierMode(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
-        parse = _SITES.get(func)
+        parse = SITES.get(func)
         site = None
         if parse is not None:
             try:
@@ -568,12 +134,12 @@ class _RectifierMode(TorchFunctionMode):
             return func(*args, **kwargs)
         if site.fn is None:
             self.count += 1
-            return _Rectify.apply(site.x, site.upper, site.inplace, site.keep_output, self.rule)
+            return Rectify.apply(site.x, site.upper, site.inplace, site.keep_output, self.rule)
         self.used[site.name] += 1
         if site.name not in self.extend:
             return func(*args, **kwargs)
         self.modified[site.name] += 1
-        return _Activate.apply(site.x, site.fn, site.inplace, self.rule)
+        return Activate.apply(site.x, site.fn, site.inplace, self.rule)
 
     def extras(self) -> dict[str, Any]:
         """Return what a result records: ``rectifiers`` and ``activations_modified``."""
@@ -587,7 +153,7 @@ class _RectifierMode(TorchFunctionMode):
         uses = ", ".join(f"{name} × {n}" for name, n in self.used.most_common())
         asked = f" and none of the activations {sorted(self.extend)}" if self.extend else ""
         message = (
-            f"{method} found no rectifier ({_RECTIFIER_SPELLINGS}){asked} to modify in this "
+            f"{method} found no rectifier ({RECTIFIER_SPELLINGS}){asked} to modify in this "
             "model, so its result would be exactly the plain gradient. "
         )
         if uses:

@@ -8,33 +8,27 @@ live for the block and for the calling thread.
 A *layer* is a submodule, given as the module itself or as its dotted name in
 ``model.named_modules()`` (``"layer4"``, ``"features.28"``, ``"blocks.11.norm1"``).
 
-**Layouts.** A layer output is read as a map ``(N, K, h, w)`` in one of three layouts
-(:class:`Layout`), each a pure re-indexing (so that the same conversion applies to the
-gradient, as for ``reshape=``):
-
-- ``"NCHW"``: a convolutional feature map ``(N, C, h, w)``, read as it is;
-- ``"NHWC"``: a channels-last map ``(N, h, w, C)`` (Swin, ConvNeXt blocks), permuted;
-- ``"tokens"``: a token sequence ``(N, s + h*w, C)`` (ViT, DeiT, register tokens): the ``s``
-  leading special tokens (class, distillation, register tokens; at most
-  :data:`MAX_SPECIAL_TOKENS`) are dropped and the patch tokens folded into the ``h x w`` grid,
-  row by row. Special tokens are assumed to come **first**, as in ViT, DeiT and timm's
-  register-token models; a model that appends them at the end needs ``reshape=``.
+**Layouts.** A layer output is read as a map ``(N, K, h, w)`` in one of the layouts of
+:mod:`salience.layouts` (:class:`~salience.layouts.Layout`): a convolutional map ``"NCHW"``,
+a channels-last map ``"NHWC"`` (permuted), or a token sequence ``"tokens"`` whose leading
+special tokens are dropped and whose patch tokens are folded into the grid.
 
 The layout is decided from what the model computes, not from shapes alone:
 
-1. *What the module is.* Convolutions, batch/group/instance norms, 2-D pools, upsampling and
-   pixel shuffles produce channels-first tensors; ``nn.Linear`` and LayerNorm/RMSNorm over the
-   last axis act on (and produce) channels-last tensors. A module that returns a tensor of the
-   shape of its input keeps the layout of its input (activations, residual blocks, dropout,
-   masks), and the model input itself is channels-first.
-2. *The input size.* A grid must fit the ``H x W`` input: ``(h, w) ~ (H / s, W / s)`` for some
-   stride ``s``, within one cell (padding, odd sizes). A channels-last tensor whose two middle
-   axes are no such grid is no map: attention tensors ``(N, heads, tokens, head_dim)`` (a
-   ``k_norm`` output) and attention weights ``(N, heads, T, T)`` are never read as maps (the
-   latter are also recognised by their token count). A token sequence is folded into the grid
-   of the patch embedding (a channels-first map computed before it, such as the output of a
-   ``Conv2d`` with the patch size as stride, ``h * w = T - s``), or else into the grid
-   ``(H / p, W / p)`` with the fewest special tokens.
+1. *What the module is* (:func:`salience.layouts.axis_of`). Convolutions, batch/group/instance
+   norms, 2-D pools, upsampling and pixel shuffles produce channels-first tensors;
+   ``nn.Linear`` and LayerNorm/RMSNorm over the last axis act on (and produce) channels-last
+   tensors. A module that returns a tensor of the shape of its input keeps the layout of its
+   input (activations, residual blocks, dropout, masks), and the model input itself is
+   channels-first.
+2. *The input size* (:func:`salience.layouts.fits`). A grid must fit the ``H x W`` input:
+   ``(h, w) ~ (H / s, W / s)`` for some stride ``s``, within one cell (padding, odd sizes). A
+   channels-last tensor whose two middle axes are no such grid is no map: attention tensors
+   ``(N, heads, tokens, head_dim)`` (a ``k_norm`` output) and attention weights
+   ``(N, heads, T, T)`` are never read as maps (the latter are also recognised by their token
+   count). A token sequence is folded into the grid of the patch embedding (a channels-first
+   map computed before it, such as the output of a ``Conv2d`` with the patch size as stride,
+   ``h * w = T - s``), or else into the grid ``(H / p, W / p)`` with the fewest special tokens.
 3. A 4-D tensor that nothing identifies is read channels-first if the model computes nothing
    channels-last (no token sequences, no channels-last map): that is PyTorch's convention and
    every CNN's, as before. In a model that mixes layouts it must fit the input; if it fits
@@ -58,9 +52,9 @@ name when a container returns the tensor of its last child) with these exception
 - token sequences computed inside an attention module (its q/k/v projections) are passed over
   in favour of the attention's input.
 
-If token sequences that fit no grid (more than :data:`MAX_SPECIAL_TOKENS` special tokens,
-tokens at the end) come after that layer, the methods raise rather than explain an early map,
-with the ``layer=`` and ``reshape=`` for the tokens.
+If token sequences that fit no grid (more than :data:`~salience.layouts.MAX_SPECIAL_TOKENS`
+special tokens, tokens at the end) come after that layer, the methods raise rather than
+explain an early map, with the ``layer=`` and ``reshape=`` for the tokens.
 
 **A module that runs several times in one forward pass** (a ReLU module reused inside a
 ResNet block, the ``_swish`` ReLU6 of EfficientNet-Lite0, which runs on the stem and on the
@@ -81,37 +75,29 @@ from __future__ import annotations
 import collections
 import contextlib
 import difflib
-import math
 import re
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeAlias
+from typing import Any, TypeAlias
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .hooks import forward_hooks
+from .layouts import MAX_SPECIAL_TOKENS, Axis, Layout, axis_of, fits, patch_grid
 
 __all__ = [
-    "MAX_SPECIAL_TOKENS",
     "LayerChoice",
     "LayerLike",
     "LayerRecord",
     "LayerSearch",
-    "Layout",
-    "Reshape",
-    "check_reshape",
     "find_layer",
     "search_layers",
 ]
 
 LayerLike: TypeAlias = "nn.Module | str"
-Reshape: TypeAlias = "Callable[[Tensor], Tensor]"
-
-MAX_SPECIAL_TOKENS = 8
-"""The most leading special tokens (class, distillation, register tokens) a sequence may have."""
 
 _KEEP_WITH_GRAD = 64  # layer outputs held for the choice when the score can be checked
 _KEEP_WITHOUT_GRAD = 8  # ... and without gradients: the last map, the logit head, the output
@@ -152,117 +138,8 @@ def find_layer(model: nn.Module, layer: LayerLike) -> tuple[str, nn.Module]:
     )
 
 
-# -- layouts -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How a layer output is read as a spatial map ``(N, K, h, w)``.
-
-    Attributes:
-        kind: ``"NCHW"`` (as it is), ``"NHWC"`` (channels last, permuted), ``"tokens"``
-            (``(N, special + h*w, C)``: special tokens dropped, patch tokens folded row by row
-            into ``grid``) or ``"custom"`` (a ``reshape=`` function of the user).
-        grid: ``(h, w)``.
-        special: Leading special tokens dropped (tokens only).
-    """
-
-    kind: Literal["NCHW", "NHWC", "tokens", "custom"]
-    grid: tuple[int, int] | None = None
-    special: int = 0
-
-    def to_map(self, t: Tensor) -> Tensor:
-        """Return ``t`` as ``(N, K, h, w)``: a view that only selects and rearranges elements."""
-        if self.kind == "NCHW":
-            return t
-        if self.kind == "NHWC":
-            return t.permute(0, 3, 1, 2)
-        if self.kind == "tokens" and self.grid is not None:
-            return t[:, self.special :].unflatten(1, self.grid).permute(0, 3, 1, 2)
-        raise ValueError(f"a {self.kind} layout has no conversion of its own")
-
-    def reshape_source(self) -> str:
-        """Return the conversion as the ``reshape=`` argument that does it, as source text."""
-        if self.kind == "NHWC":
-            return "lambda t: t.permute(0, 3, 1, 2)"
-        if self.kind == "tokens" and self.grid is not None:
-            h, w = self.grid
-            drop = f"[:, {self.special}:]" if self.special else ""
-            return f"lambda t: t{drop}.unflatten(1, ({h}, {w})).permute(0, 3, 1, 2)"
-        return "lambda t: t"
-
-    def __str__(self) -> str:
-        if self.kind == "tokens" and self.grid is not None:
-            grid = f"{self.grid[0]}x{self.grid[1]}"
-            return f"tokens {self.special}+{grid}" if self.special else f"tokens {grid}"
-        return self.kind
-
-
-def _fits(a: int, b: int, size: tuple[int, int]) -> bool:
-    """Whether ``(a, b)`` is a grid of the ``size`` input: ``(H / s, W / s)`` within one cell."""
-    height, width = size
-    if a < 1 or b < 1 or a * b < 2 or a > height or b > width:
-        return False
-    low = max(height / (a + 1), width / (b + 1))
-    high = min(height / (a - 1) if a > 1 else math.inf, width / (b - 1) if b > 1 else math.inf)
-    return low <= high
-
-
-def _patch_grid(count: int, size: tuple[int, int]) -> tuple[int, int] | None:
-    """Return a grid ``(h, w)`` of ``count`` patches of an integer size: ``h = H / p`` rounded."""
-    height, width = size
-    if count < 2:
-        return None
-    guess = math.sqrt(height * width / count)
-    for p in range(max(1, math.floor(guess) - 1), math.ceil(guess) + 2):
-        for h in {height // p, -(-height // p)}:
-            for w in {width // p, -(-width // p)}:
-                if h * w == count and h >= 1 and w >= 1:
-                    return h, w
-    return None
-
-
 # -- what the model computes -------------------------------------------------------------------
 
-Axis: TypeAlias = "Literal['first', 'last'] | None"
-
-_CHANNELS_FIRST: tuple[type[nn.Module], ...] = (
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.SyncBatchNorm,
-    nn.InstanceNorm1d,
-    nn.InstanceNorm2d,
-    nn.GroupNorm,
-    nn.LocalResponseNorm,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.LPPool1d,
-    nn.LPPool2d,
-    nn.FractionalMaxPool2d,
-    nn.Upsample,
-    nn.PixelShuffle,
-    nn.PixelUnshuffle,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.ConstantPad2d,
-    nn.ZeroPad2d,
-    nn.ReflectionPad2d,
-    nn.ReplicationPad2d,
-    nn.ChannelShuffle,
-)
-_STOCK_NORMS = tuple(
-    cls.forward for cls in (nn.LayerNorm, getattr(nn, "RMSNorm", None)) if cls is not None
-)
 _ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
 _CONTAINER = re.compile(r"block|layer|stage|list|sequential|dict", re.IGNORECASE)
 
@@ -273,25 +150,6 @@ def _is_attention(module: nn.Module, name: str) -> bool:
         return True
     kind = type(module).__name__
     return not _CONTAINER.search(kind) and bool(_ATTENTION.search(kind) or _ATTENTION.search(name))
-
-
-def _axis_of(module: nn.Module, output: Tensor) -> Axis:
-    """Which end of ``output`` holds the channels, from what ``module`` is (``None``: unknown)."""
-    if isinstance(module, _CHANNELS_FIRST):
-        return "first"
-    if isinstance(module, nn.Linear):
-        return "last"
-    shape = getattr(module, "normalized_shape", None)
-    if isinstance(shape, tuple | list | torch.Size) and len(shape) == 1 and output.ndim >= 3:
-        c = int(shape[0])
-        last, first = output.shape[-1] == c, output.shape[1] == c
-        if last and not first:
-            return "last"
-        if first and not last:
-            return "first"  # a LayerNorm2d that permutes around nn.LayerNorm
-        if last and type(module).forward in _STOCK_NORMS:
-            return "last"
-    return None
 
 
 class _Cell:
@@ -498,7 +356,7 @@ class LayerSearch:
             return None
         source = next((a for a in args if isinstance(a, Tensor)), None)
         cell = self._cell(output)
-        axis = _axis_of(module, output)
+        axis = axis_of(module, output)
         if axis is not None:
             cell.axis = axis
             if source is not None and source.ndim == output.ndim and source is not output:
@@ -552,7 +410,7 @@ class LayerSearch:
                 self._token_counts.add(shape[1])  # a token sequence (features last)
         elif output.ndim == 4 and cell.axis == "first":
             self._grids.append((shape[2], shape[3]))
-        elif output.ndim == 4 and cell.axis == "last" and _fits(shape[1], shape[2], self.size):
+        elif output.ndim == 4 and cell.axis == "last" and fits(shape[1], shape[2], self.size):
             self._grids.append((shape[1], shape[2]))
         return entry
 
@@ -561,7 +419,7 @@ class LayerSearch:
         if len(e.shape) == 3:
             return e.cell.axis != "first" and self._tokens(e.shape[1], e.grids) is not None
         _, d1, d2, d3 = e.shape
-        nhwc = _fits(d1, d2, self.size)
+        nhwc = fits(d1, d2, self.size)
         if e.cell.axis == "first":
             return d2 * d3 > 1
         if e.cell.axis == "last":
@@ -576,7 +434,7 @@ class LayerSearch:
             if 0 <= count - h * w <= MAX_SPECIAL_TOKENS and h * w > 1:
                 return Layout("tokens", (h, w), count - h * w)
         for special in range(MAX_SPECIAL_TOKENS + 1):
-            grid = _patch_grid(count - special, self.size)
+            grid = patch_grid(count - special, self.size)
             if grid is not None:
                 return Layout("tokens", grid, special)
         return None
@@ -593,11 +451,11 @@ class LayerSearch:
                 return True
             return e.cell.axis is None and self._tokens(e.shape[1], e.grids) is not None
         _, d1, d2, d3 = e.shape
-        if not _fits(d1, d2, self.size):
+        if not fits(d1, d2, self.size):
             return False
         if e.cell.axis == "last":
             return True
-        return e.cell.axis is None and not e.attention_like and not _fits(d2, d3, self.size)
+        return e.cell.axis is None and not e.attention_like and not fits(d2, d3, self.size)
 
     def layouts(self, e: _Entry) -> list[Layout]:
         """How ``e`` can be read: no way, one way, or two (ambiguous)."""
@@ -609,14 +467,14 @@ class LayerSearch:
             if axis == "first":
                 return [nchw] if d2 * d3 > 1 else []
             if axis == "last":
-                return [nhwc] if _fits(d1, d2, self.size) else []
+                return [nhwc] if fits(d1, d2, self.size) else []
             if e.attention_like:
                 return []
             if not self.mixed():
                 return [nchw] if d2 * d3 > 1 else []
             return [
-                *([nchw] if _fits(d2, d3, self.size) else []),
-                *([nhwc] if _fits(d1, d2, self.size) else []),
+                *([nchw] if fits(d2, d3, self.size) else []),
+                *([nhwc] if fits(d1, d2, self.size) else []),
             ]
         if len(shape) == 3 and shape[0] == self.n and axis != "first":
             tokens = self._tokens(shape[1], e.grids)
@@ -811,7 +669,7 @@ class LayerSearch:
             for special in range(MAX_SPECIAL_TOKENS + 1, 2 * MAX_SPECIAL_TOKENS + 1):
                 if layout is not None:
                     break
-                grid = _patch_grid(shape[1] - special, self.size)
+                grid = patch_grid(shape[1] - special, self.size)
                 layout = None if grid is None else Layout("tokens", grid, special)
             source = (
                 layout.reshape_source()
@@ -888,40 +746,3 @@ def search_layers(
     search = LayerSearch(model, inputs, layer, keep=keep)
     with forward_hooks(((n, m) for n, m in model.named_modules() if n), search._hook):
         yield search
-
-
-def check_reshape(reshape: Reshape, raw: Tensor, layer: str) -> None:
-    """Check that ``reshape`` only selects and rearranges elements of the layer output.
-
-    CAM gradients are taken with respect to the layer output and rearranged by the same
-    ``reshape``; that is the gradient with respect to the reshaped map only when ``reshape``
-    is a re-indexing (slicing, ``reshape``, ``permute``), not arithmetic. The check applies
-    ``reshape`` to a tensor of element indices.
-
-    Raises:
-        ValueError: the result is not ``(N, K, h, w)`` or is not a re-indexing.
-    """
-    probe = torch.arange(raw.numel(), dtype=torch.float64, device=raw.device).view(raw.shape)
-    out = reshape(probe)
-    if not isinstance(out, Tensor) or out.ndim != 4 or out.shape[0] != raw.shape[0]:
-        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(
-            f"reshape turned the output {tuple(raw.shape)} of layer {layer!r} into {shape}; "
-            f"it must return a spatial feature map (N, K, h, w) with N = {raw.shape[0]}"
-        )
-    flat = out.flatten()
-    shifted = reshape(probe * 3 + 7)  # a re-indexing commutes with elementwise maps
-    index_map = (
-        bool((flat == flat.round()).all())
-        and bool(((flat >= 0) & (flat < raw.numel())).all())
-        and torch.unique(flat).numel() == flat.numel()
-        and isinstance(shifted, Tensor)
-        and shifted.shape == out.shape
-        and torch.equal(shifted, out * 3 + 7)
-    )
-    if not index_map:
-        raise ValueError(
-            "reshape must only select and rearrange elements of the layer output (slicing, "
-            "reshape, permute), because the same function is applied to its gradient; it "
-            "computes new values or repeats elements"
-        )

@@ -26,7 +26,8 @@ from .._checks import (
 )
 from .._forward import Forward, ForwardArgs, model_scope
 from ..attribution import Attribution, Reduction
-from ..hooks import Activations, RectifierRule, rectifier_rule, resolve_activations
+from ..hooks import rectifier_rule
+from ..rectifiers import Activations, RectifierRule, resolve_activations
 from ..registry import register
 from ..targets import ResolvedTarget, Score, TargetLike, resolve_target
 
@@ -214,7 +215,7 @@ def deconvnet(
     of the forward input. Applies to every rectifier however the network writes it: ReLU,
     ReLU6 and hardtanh(0, t) of mobile networks, ``clamp(min=0)``, ``clamp(0, t)``,
     ``clamp_min(0)``, ``threshold(0, 0)``, ``maximum(x, 0)``, ``leaky_relu`` with slope 0 (see
-    :mod:`salience.hooks`).
+    :mod:`salience.rectifiers`).
 
     A model that runs no rectifier (GELU, SiLU, Hardswish only: ViT, ConvNeXt,
     EfficientNet-B0) is an error: the result would be exactly the plain gradient.
@@ -226,7 +227,7 @@ def deconvnet(
         score: See :func:`gradient`.
         activations: Where the rule applies. ``"rectifiers"`` (the paper's method); ``"all"``
             or a collection of names such as ``{"gelu", "silu", "hardswish"}`` (see
-            :data:`salience.hooks.ACTIVATIONS`) also back-propagates ``max(R_{l+1}, 0)`` at
+            :data:`salience.rectifiers.ACTIVATIONS`) also back-propagates ``max(R_{l+1}, 0)`` at
             those activations. That extension is **not** the paper's method.
         forward_args: Extra arguments for the model (see :func:`gradient`).
         allow_tf32: Let CUDA use TF32 (faster, less exact); off by default.
@@ -290,7 +291,7 @@ def guided_backprop(
         score: See :func:`gradient`.
         activations: Where the rule applies. ``"rectifiers"`` (the paper's method); ``"all"``
             or a collection of names such as ``{"gelu", "silu", "hardswish"}`` (see
-            :data:`salience.hooks.ACTIVATIONS`) also applies the guided rule at those
+            :data:`salience.rectifiers.ACTIVATIONS`) also applies the guided rule at those
             activations: :math:`R_l = f'(x) \cdot \max(R_{l+1}, 0)`, the activation's own
             derivative times the positive part of the signal. That extension, used for
             transformers and EfficientNets by some libraries, is **not** the paper's method.
