@@ -210,3 +210,15 @@ def _cat_path() -> Image.Image:
     from salience import models
 
     return models.sample_image("chelsea")
+
+
+def test_method_notes_name_the_layer_its_layout_and_the_rectifiers():
+    from conftest import ResNetish, _init
+    from salience import grad_cam, guided_backprop
+    from salience.report import method_notes
+
+    model = _init(ResNetish(), 1)
+    x = torch.randn(1, 3, 16, 16)
+    assert method_notes(grad_cam(model, x))[0] == "layer layer2 (NCHW)"
+    # ResNetish: the stem and down-sampling ReLU plus the block's ReLU module, twice per block
+    assert method_notes(guided_backprop(model, x)) == ["6 rectifier calls modified"]

@@ -136,11 +136,18 @@ def predict(
 
 
 def method_notes(attribution: Attribution) -> list[str]:
-    """Short facts worth showing next to a map: the layer, IG's completeness gap and steps."""
+    """Short facts worth showing next to a map.
+
+    The layer and its layout, IG's completeness gap and steps, the number of noise samples, and
+    the rectifier calls a modified backward rule changed.
+    """
     notes = []
-    if attribution.layer:
-        notes.append(f"layer {attribution.layer}")
     extras = attribution.extras
+    if attribution.layer:
+        layout = extras.get("layout")
+        notes.append(f"layer {attribution.layer}" + (f" ({layout})" if layout else ""))
+    if isinstance(extras.get("rectifiers"), int):
+        notes.append(f"{extras['rectifiers']} rectifier calls modified")
     if "delta" in extras and isinstance(extras["delta"], Tensor):
         delta = float(extras["delta"].flatten()[0])
         change = float(attribution.scores.flatten()[0])
