@@ -86,7 +86,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .hooks import forward_hooks
-from .layouts import MAX_SPECIAL_TOKENS, Axis, Layout, axis_of, fits, patch_grid
+from .layouts import (
+    MAX_SPECIAL_TOKENS,
+    Axis,
+    Layout,
+    axis_of,
+    fits,
+    is_channels_first,
+    patch_grid,
+)
 
 __all__ = [
     "LayerChoice",
@@ -744,5 +752,9 @@ def search_layers(
     """
     keep = _KEEP_WITH_GRAD if torch.is_grad_enabled() else _KEEP_WITHOUT_GRAD
     search = LayerSearch(model, inputs, layer, keep=keep)
-    with forward_hooks(((n, m) for n, m in model.named_modules() if n), search._hook):
+    if layer is not None and is_channels_first(layer[1]):
+        watched = [layer]  # a convolution (or a norm, pool, ...) says its layout itself
+    else:
+        watched = [(n, m) for n, m in model.named_modules() if n]
+    with forward_hooks(watched, search._hook):
         yield search

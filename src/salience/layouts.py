@@ -163,9 +163,14 @@ _STOCK_NORMS = tuple(
 )
 
 
+def is_channels_first(module: nn.Module) -> bool:
+    """Tell whether ``module`` produces channels-first maps by what it is (a convolution, ...)."""
+    return isinstance(module, _CHANNELS_FIRST)
+
+
 def axis_of(module: nn.Module, output: Tensor) -> Axis:
     """Which end of ``output`` holds the channels, from what ``module`` is (``None``: unknown)."""
-    if isinstance(module, _CHANNELS_FIRST):
+    if is_channels_first(module):
         return "first"
     if isinstance(module, nn.Linear):
         return "last"
