@@ -198,6 +198,34 @@ def input_x_gradient(
     return _result("input_x_gradient", inputs.detach() * grad, output, scores, resolved, "sum")
 
 
+def _rectified(
+    method: str,
+    rule: RectifierRule,
+    model: nn.Module,
+    inputs: Tensor,
+    target: TargetLike,
+    score: Score,
+    activations: Activations,
+    forward_args: ForwardArgs,
+    allow_tf32: bool,
+) -> Attribution:
+    """DeconvNet or guided backprop: one pass under ``rule``, with what the rule modified."""
+    resolve_activations(activations)  # a bad option fails before any forward pass
+    report: dict[str, Any] = {}
+    with model_scope(model, inputs, forward_args=forward_args, allow_tf32=allow_tf32) as fwd:
+        grad, output, scores, resolved = backprop(
+            fwd,
+            inputs,
+            target,
+            score=score,
+            rule=rule,
+            activations=activations,
+            method=method,
+            report=report,
+        )
+    return _result(method, grad, output, scores, resolved, "abs_max", report)
+
+
 @register("deconvnet")
 def deconvnet(
     model: nn.Module,
@@ -246,20 +274,17 @@ def deconvnet(
         Zeiler, Fergus. Visualizing and Understanding Convolutional Networks. ECCV 2014,
         arXiv:1311.2901.
     """
-    resolve_activations(activations)
-    report: dict[str, Any] = {}
-    with model_scope(model, inputs, forward_args=forward_args, allow_tf32=allow_tf32) as fwd:
-        grad, output, scores, resolved = backprop(
-            fwd,
-            inputs,
-            target,
-            score=score,
-            rule="deconvnet",
-            activations=activations,
-            method="deconvnet",
-            report=report,
-        )
-    return _result("deconvnet", grad, output, scores, resolved, "abs_max", report)
+    return _rectified(
+        "deconvnet",
+        "deconvnet",
+        model,
+        inputs,
+        target,
+        score,
+        activations,
+        forward_args,
+        allow_tf32,
+    )
 
 
 @register("guided_backprop")
@@ -311,20 +336,17 @@ def guided_backprop(
         Springenberg, Dosovitskiy, Brox, Riedmiller. Striving for Simplicity: The All
         Convolutional Net. ICLR Workshop 2015, arXiv:1412.6806.
     """
-    resolve_activations(activations)
-    report: dict[str, Any] = {}
-    with model_scope(model, inputs, forward_args=forward_args, allow_tf32=allow_tf32) as fwd:
-        grad, output, scores, resolved = backprop(
-            fwd,
-            inputs,
-            target,
-            score=score,
-            rule="guided",
-            activations=activations,
-            method="guided_backprop",
-            report=report,
-        )
-    return _result("guided_backprop", grad, output, scores, resolved, "abs_max", report)
+    return _rectified(
+        "guided_backprop",
+        "guided",
+        model,
+        inputs,
+        target,
+        score,
+        activations,
+        forward_args,
+        allow_tf32,
+    )
 
 
 SmoothVariant = Literal["mean", "squared", "vargrad"]
