@@ -52,6 +52,7 @@ __all__ = [
 
 _LAZY_SUBMODULES = {
     "features": "features",
+    "metrics": "metrics",
     "models": "models",
     "report": "report",
     "viz": "viz",
