@@ -84,10 +84,6 @@ class Forward:
         kwargs = {k: _expand(v, rows, self.n) for k, v in self.kwargs.items()}
         return self.model(x, *args, **kwargs)
 
-    def copies(self, rows: int) -> Tensor:
-        """Sample indices of ``rows`` rows that are whole copies of the batch, in order."""
-        return torch.arange(rows) % self.n
-
 
 def _detach(value: Any) -> Any:
     if isinstance(value, Tensor):
