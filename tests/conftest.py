@@ -102,6 +102,9 @@ def _init(model: nn.Module, seed: int) -> nn.Module:
             nn.init.uniform_(m.bias, -0.2, 0.2)
             m.running_mean.uniform_(-0.2, 0.2)
             m.running_var.uniform_(0.5, 1.5)
+        if isinstance(m, nn.LayerNorm):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.2, 0.2)
     return model.eval()
 
 

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import conftest
+
 __all__ = [
     "CAM_LAYER",
     "PLANTED",
@@ -42,21 +44,8 @@ KEEP = 3  # a planted model keeps a KEEP x KEEP corner of its 8x8 grid
 
 
 def _init(model: nn.Module, seed: int) -> nn.Module:
-    """Seeded weights with non-trivial norm statistics, then ``eval()``."""
-    torch.manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d | nn.Linear):
-            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.uniform_(m.bias, -0.1, 0.1)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.uniform_(m.weight, 0.5, 1.5)
-            nn.init.uniform_(m.bias, -0.2, 0.2)
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.uniform_(m.weight, 0.5, 1.5)
-            nn.init.uniform_(m.bias, -0.2, 0.2)
+    """The tests' seeded initialisation, then non-zero class tokens, positions and scales."""
+    conftest._init(model, seed)
     for name, p in model.named_parameters():
         if name.endswith(("cls_token", "pos_embed", "gamma")):
             with torch.no_grad():
