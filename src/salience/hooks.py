@@ -49,13 +49,19 @@ from .rectifiers import (
 )
 
 __all__ = [
+    "CallHandler",
     "ForwardHook",
+    "call_rule",
     "forward_hooks",
     "rectifier_rule",
 ]
 
 ForwardHook = Callable[[str, nn.Module, tuple[Any, ...], Any], Any]
 """``hook(name, module, args, output)``: a return value other than ``None`` replaces the output."""
+
+CallHandler = Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
+"""``handle(func, args, kwargs)``: the replacement result of a torch call, or ``NotImplemented``
+to let the call run as written."""
 
 
 @contextlib.contextmanager
@@ -200,3 +206,49 @@ def rectifier_rule(
     with _RectifierMode(rule, extend) as mode:
         yield mode
     mode.check(method or _METHODS.get(rule, rule))
+
+
+class _CallMode(TorchFunctionMode):
+    """Offers every torch call made inside the block to ``handle`` (see :func:`call_rule`)."""
+
+    def __init__(self, handle: CallHandler) -> None:
+        super().__init__()
+        self.handle = handle
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        result = self.handle(func, args, kwargs)
+        if result is NotImplemented:
+            return func(*args, **kwargs)
+        return result
+
+
+@contextlib.contextmanager
+def call_rule(model: nn.Module, handle: CallHandler, *, method: str) -> Iterator[None]:
+    """Let ``handle`` replace torch calls (activations, pooling, additions) inside the block.
+
+    The general form of :func:`rectifier_rule`, for methods that change the backward pass at
+    functions rather than modules (DeepLIFT's multipliers, LRP's rules): ``handle(func, args,
+    kwargs)`` returns the call's replacement result, or ``NotImplemented`` to run it as
+    written. The handler runs with the mode switched off, so the torch calls it makes are not
+    offered again. The mode is active only for the calling thread and only until the block
+    exits, also when it raises. :data:`salience.rectifiers.SITES` tells which calls are
+    activations and how to read their arguments.
+
+    Raises:
+        TypeError: for TorchScript models, whose calls run outside Python; the message names
+            ``method``.
+    """
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            f"{method} cannot be applied to a TorchScript model: its operations run outside "
+            "Python. Load the model as a Python nn.Module instead"
+        )
+    with _CallMode(handle):
+        yield
