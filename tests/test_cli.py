@@ -106,6 +106,7 @@ def test_help_explains_every_option(capsys):
         "visualize-class",
         "methods",
         "evaluate",
+        "audit",
     }
     for name, sub in commands.choices.items():
         for action in sub._actions:

@@ -94,7 +94,7 @@ def test_page_shows_prediction_maps_and_metric_placeholder(page):
     assert "completeness gap" in page  # IG's diagnostics are shown
     assert "Failed:" in page
     assert "cam (Zhou et al. 2016) applies only" in page
-    assert "not available yet" in page.lower()
+    assert "salience audit" in page
     assert "photo &lt;1&gt;.png" in page
     assert "photo <1>" not in page
 

@@ -369,9 +369,10 @@ def _section(number: int, item: ImageReport) -> str:
         parts.append(f"<figure>{body}<figcaption>{caption}</figcaption></figure>")
     parts.append("</div>")
     parts.append(
-        "<h3>Faithfulness and sanity checks</h3>"
-        '<p class="na">Not available yet: salience does not ship attribution metrics in this '
-        "version; their scores will appear here once it does.</p>"
+        "<h3>Which map to believe</h3>"
+        '<p class="na">This page shows the maps; <code>salience audit</code> (or '
+        "<code>salience.metrics.audit</code>) scores them on the same images: deletion and "
+        "insertion, the randomization sanity check, input invariance and stability.</p>"
     )
     parts.append("</section>")
     return "\n".join(parts)

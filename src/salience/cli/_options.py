@@ -70,17 +70,24 @@ def _value(text: str) -> Any:
 
 
 def method_options(
-    items: Sequence[str] | None, methods: Sequence[str], layer: str | None
+    items: Sequence[str] | None,
+    methods: Sequence[str],
+    layer: str | None,
+    *,
+    defaults: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Build ``{method: options}`` from the defaults, ``--layer`` and ``-O`` items.
 
     ``-O method.key=value`` sets an option of one method; ``-O key=value`` sets it for every
-    requested method that has it.
+    requested method that has it. ``defaults=False`` leaves out :data:`METHOD_DEFAULTS`
+    (a command with defaults of its own, such as ``audit``).
     """
     from ..registry import get_method
 
     specs = {m: get_method(m) for m in methods}
-    options: dict[str, dict[str, Any]] = {m: dict(METHOD_DEFAULTS.get(m, {})) for m in methods}
+    options: dict[str, dict[str, Any]] = {
+        m: dict(METHOD_DEFAULTS.get(m, {})) if defaults else {} for m in methods
+    }
     user: dict[str, dict[str, Any]] = {m: {} for m in methods}
     if layer is not None:
         takers = [m for m in methods if "layer" in specs[m].options]

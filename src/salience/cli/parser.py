@@ -16,6 +16,7 @@ from ._options import (
     _positive_int,
     _wrap,
 )
+from .audit import cmd_audit
 from .compare import cmd_compare
 from .evaluate import cmd_evaluate
 from .explain import cmd_explain
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  salience compare sample:chelsea\n"
         "  salience explain cat.jpg dog.png -m grad_cam -m integrated_gradients -t top3\n"
         "  salience report cat.jpg --out report.html\n"
+        "  salience audit sample:chelsea sample:coffee -m gradient,grad_cam\n"
         "  salience visualize-class goldfish\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -119,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=_wrap(
             "Writes one HTML page (images embedded, nothing else loaded) with, for "
             "each image, the top-K prediction and the map of every requested method (default: "
-            "those of 'salience compare'). Faithfulness and sanity scores are not available yet."
+            "those of 'salience compare'). 'salience audit' scores the maps."
         ),
         epilog=EPILOG,
         formatter_class=_Formatter,
@@ -127,6 +129,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=_positive_int, default=5, help="classes in the prediction table")
     p.add_argument("--title", default="salience report", help="page title")
     p.set_defaults(handler=cmd_report)
+
+    p = sub.add_parser(
+        "audit",
+        parents=[
+            _image_options(
+                "the HTML file to write",
+                os.path.join(DEFAULT_OUT, "audit.html"),
+                ", ".join(_audit_defaults()),
+            ),
+            model,
+        ],
+        help="which map to believe: faithfulness, sanity, invariance and stability of "
+        "each method, as an HTML scorecard",
+        description=_wrap(
+            "Runs each method on the images and puts its maps through the checks of "
+            "salience.metrics: deletion and insertion against a random map (Petsiuk et al. "
+            "2018), cascading model randomization (Adebayo et al. 2018), the mean-shift twin "
+            "(Kindermans et al. 2018) and max-sensitivity (Yeh et al. 2019). Prints the "
+            "scorecard and writes one self-contained HTML page: the table with a reading of "
+            "each number, the maps, the curves and the randomization figure."
+        ),
+        epilog=EPILOG,
+        formatter_class=_Formatter,
+    )
+    p.add_argument(
+        "--check",
+        action="append",
+        metavar="C",
+        help="a check to run (repeat or separate with commas): faithfulness, randomization, "
+        "invariance, stability (default: all)",
+    )
+    p.add_argument(
+        "--steps", type=_positive_int, default=50, help="points of the deletion/insertion curves"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the random map and checks")
+    p.add_argument("--title", default="salience audit", help="page title")
+    p.set_defaults(handler=cmd_audit)
 
     p = sub.add_parser(
         "visualize-class",
@@ -169,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs="*", help=argparse.SUPPRESS)
     p.set_defaults(handler=cmd_evaluate)
     return parser
+
+
+def _audit_defaults() -> tuple[str, ...]:
+    from ..metrics.audit import DEFAULT_METHODS
+
+    return DEFAULT_METHODS
 
 
 def main(argv: Sequence[str] | None = None) -> int:

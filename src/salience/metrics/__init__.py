@@ -13,12 +13,16 @@ audit report are still to come.
 
 from __future__ import annotations
 
+from .audit import Audit, MethodAudit, audit
 from .faithfulness import PerturbationCurve, Substrate, deletion, insertion
 from .localization import box_from_map, iou, localization_error, pointing_energy, pointing_game
 
 __all__ = [
+    "Audit",
+    "MethodAudit",
     "PerturbationCurve",
     "Substrate",
+    "audit",
     "box_from_map",
     "deletion",
     "insertion",

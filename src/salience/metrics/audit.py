@@ -1,0 +1,613 @@
+"""An audit of saliency methods on one model and its images: a scorecard a person can read.
+
+:func:`audit` runs each chosen method on the images and puts every map through the checks of
+:mod:`salience.metrics`, then turns the numbers into one line of reading each:
+
+- **faithfulness** — deletion and insertion (Petsiuk et al. 2018): does removing the pixels the
+  map ranks first destroy the score, and does putting them back first restore it? Each figure
+  is shown beside that of a *random map* on the same images, the chance level;
+- **randomization** — the cascading model-parameter randomization of Adebayo et al. 2018: the
+  rank correlation of the map with the map of the fully randomized model. A map that barely
+  changes when the weights are destroyed does not explain this model;
+- **invariance** — the mean-shift twin of Kindermans et al. 2018: a model whose first layer
+  absorbs a constant input shift gives the same outputs; does the map stay the same too?
+- **stability** — max-sensitivity (Yeh et al. 2019): how far the map moves, at most, under
+  small random input perturbations.
+
+:meth:`Audit.to_html` writes the self-contained scorecard (same machinery as
+:mod:`salience.report`): the table, each method's map, the deletion/insertion curves and the
+randomization figure, every number with its reading. ``salience audit`` is the command line.
+
+Example:
+    >>> from salience import metrics, models
+    >>> model = models.load("efficientnet_lite0")
+    >>> x = model.preprocess(models.sample_image("chelsea"))
+    >>> result = metrics.audit(model, x, ["gradient", "grad_cam"])  # doctest: +SKIP
+    >>> result.write_html("audit.html")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from .._checks import check_inputs
+from .._io import Progress
+from ..attribution import Attribution
+from ..registry import check_options, explain, get_method
+from .faithfulness import PerturbationCurve, deletion, insertion
+
+__all__ = ["CHECKS", "Audit", "MethodAudit", "audit"]
+
+CHECKS = ("faithfulness", "randomization", "invariance", "stability")
+"""The checks :func:`audit` can run, in the order of the scorecard."""
+
+DEFAULT_METHODS = (
+    "gradient",
+    "input_x_gradient",
+    "guided_backprop",
+    "grad_cam",
+    "integrated_gradients",
+)
+"""What :func:`audit` and ``salience audit`` compare unless told otherwise."""
+
+CHEAP_OPTIONS: dict[str, dict[str, Any]] = {
+    "integrated_gradients": {"steps": 32},
+    "smoothgrad": {"samples": 16},
+}
+"""Options :func:`audit` uses unless ``options=`` says otherwise: an audit re-runs each method
+many times (randomization, twin, perturbed copies), so the costly ones run at a fraction of
+their default cost. The scorecard shows the options used."""
+
+# When a reading calls a figure good or bad. These are conventions of this report, stated on
+# the page, not thresholds from the papers: the papers compare methods, they do not grade them.
+_BETTER_THAN_CHANCE = 0.8  # deletion AUC below 0.8 x that of a random map is clearly faster
+_ABOUT = 0.05  # within 5 % of the random map's area: no better than chance
+_RANDOMIZED_SIMILAR = 0.5  # Spearman |map| vs fully randomized model: above this, a fail
+_RANDOMIZED_CHANGED = 0.2  # ... below this, the map clearly depends on the weights
+_INVARIANT = 1e-3  # relative change of the map under the mean-shift twin: below, invariant
+_STABLE, _UNSTABLE = 0.1, 0.5  # max-sensitivity (relative) readings
+
+Verdict = str  # "good", "bad", "fair" or "error"
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One figure of the scorecard and what it means.
+
+    Attributes:
+        value: The figure (mean over the images), ``None`` when the check failed or did not run.
+        text: One line for a person, e.g. "drops 3x faster than for a random map".
+        verdict: ``"good"``, ``"fair"``, ``"bad"`` or ``"error"``.
+    """
+
+    value: float | None
+    text: str
+    verdict: Verdict
+
+
+@dataclass
+class MethodAudit:
+    """Everything the audit measured for one method.
+
+    Attributes:
+        method: The registered method name (or ``"random"``, the chance row).
+        attribution: The method's result on the images (``None`` if it failed).
+        seconds: Time of that one call.
+        deletion, insertion: The curves (:mod:`salience.metrics.faithfulness`).
+        randomization: The cascading-randomization result
+            (:class:`salience.metrics.sanity.SanityCheck`).
+        invariance: The input-invariance result (:mod:`salience.metrics.invariance`).
+        sensitivity: ``(N,)`` max-sensitivity per image.
+        readings: ``{check: Reading}`` for the scorecard.
+        errors: ``{check: message}`` for each check that failed.
+    """
+
+    method: str
+    attribution: Attribution | None = None
+    seconds: float = math.nan
+    deletion: PerturbationCurve | None = None
+    insertion: PerturbationCurve | None = None
+    randomization: Any = None
+    invariance: Any = None
+    sensitivity: Tensor | None = None
+    readings: dict[str, Reading] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """One line: the method and the reading of each check."""
+        parts = [f"{check}: {r.text}" for check, r in self.readings.items()]
+        return f"{self.method}: " + ("; ".join(parts) if parts else "no check ran")
+
+
+@dataclass
+class Audit:
+    """The result of :func:`audit`: one :class:`MethodAudit` per method, and the chance row.
+
+    ``str(audit)`` is the scorecard as a Markdown table; :meth:`to_html` the full report.
+    """
+
+    methods: list[MethodAudit]
+    chance: MethodAudit
+    inputs: Tensor
+    target: Tensor | None
+    checks: tuple[str, ...]
+    options: dict[str, dict[str, Any]]
+    settings: dict[str, Any]
+    images: list[Image.Image] | None = None
+
+    def __getitem__(self, method: str) -> MethodAudit:
+        for row in self.methods:
+            if row.method == method:
+                return row
+        raise KeyError(f"{method!r} was not audited; audited: {[r.method for r in self.methods]}")
+
+    def table(self) -> list[dict[str, Any]]:
+        """One dict per method: the figure of each check (``None`` where it did not run)."""
+        rows = []
+        for row in [*self.methods, self.chance]:
+            entry: dict[str, Any] = {"method": row.method, "seconds": row.seconds}
+            for column, (check, _, _) in _COLUMNS.items():
+                reading = row.readings.get(check)
+                entry[column] = None if reading is None else reading.value
+            rows.append(entry)
+        return rows
+
+    def to_markdown(self) -> str:
+        """Return the scorecard as a Markdown table, a reading per cell."""
+        shown = _checks_shown(self.checks)
+        columns = [c for c, (check, _, _) in _COLUMNS.items() if check in shown]
+        lines = [
+            "| method | " + " | ".join(_COLUMNS[c][1] for c in columns) + " |",
+            "|---|" + "---|" * len(columns),
+        ]
+        for row in [*self.methods, self.chance]:
+            cells = []
+            for c in columns:
+                reading = row.readings.get(_COLUMNS[c][0])
+                cells.append("" if reading is None else _cell_text(reading))
+            lines.append(f"| {row.method} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+    def __repr__(self) -> str:
+        return (
+            f"Audit(methods={[r.method for r in self.methods]}, images={self.inputs.shape[0]}, "
+            f"checks={list(self.checks)})"
+        )
+
+    def to_html(
+        self, *, title: str = "salience audit", metadata: Mapping[str, str] | None = None
+    ) -> str:
+        """Return the scorecard as one self-contained HTML page (every picture embedded)."""
+        return _html(self, title, metadata or {})
+
+    def write_html(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        title: str = "salience audit",
+        metadata: Mapping[str, str] | None = None,
+    ) -> str:
+        """Write :meth:`to_html` atomically (a complete page or nothing); returns the path."""
+        from ..report import write_html
+
+        return write_html(path, self.to_html(title=title, metadata=metadata))
+
+
+# column -> (check, header, "lower" / "higher" is better)
+_COLUMNS: dict[str, tuple[str, str, str]] = {
+    "deletion_auc": ("deletion", "deletion AUC ↓", "lower"),
+    "insertion_auc": ("insertion", "insertion AUC ↑", "higher"),
+    "randomized_similarity": ("randomization", "similarity to the randomized model ↓", "lower"),
+    "shift_change": ("invariance", "change under a mean shift ↓", "lower"),
+    "max_sensitivity": ("stability", "max-sensitivity ↓", "lower"),
+}
+_CHECK_OF = {"faithfulness": ("deletion", "insertion")}
+
+
+def _cell_text(reading: Reading) -> str:
+    if reading.value is None:
+        return reading.text
+    return f"{reading.value:.3g} ({reading.text})"
+
+
+# -- running the checks ----------------------------------------------------------------------
+
+
+def audit(
+    model: nn.Module,
+    inputs: Tensor,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    target: Any = None,
+    *,
+    checks: Sequence[str] = CHECKS,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    steps: int = 50,
+    shift: float = 1.0,
+    radius: float = 0.02,
+    samples: int = 8,
+    seed: int = 0,
+    images: Sequence[Image.Image] | None = None,
+    progress: bool | None = None,
+) -> Audit:
+    """Run ``methods`` on ``inputs`` and put every map through the ``checks``.
+
+    A method or a check that fails does not stop the others: its cell says why. The user's
+    model is not modified (the randomization and the twin work on copies).
+
+    Args:
+        model: A classifier returning ``(N, classes)`` logits, in eval mode.
+        inputs: ``(N, C, H, W)`` preprocessed images.
+        methods: Registered method names.
+        target: The classes to explain; ``None``: the predicted class of each image, resolved
+            once and used by every method and check.
+        checks: A subset of :data:`CHECKS`.
+        options: ``{method: {option: value}}`` on top of :data:`CHEAP_OPTIONS`.
+        steps: Points of the deletion and insertion curves.
+        shift: The constant added to every input value by the mean-shift twin.
+        radius: Max-sensitivity's L∞ radius, as a fraction of the inputs' value range.
+        samples: Max-sensitivity's random perturbations per image.
+        seed: Seed of the random map, the randomization and the perturbations.
+        images: The images as the model sees them, for the pictures of the report.
+        progress: Show progress on stderr (``None``: only on a terminal).
+
+    Returns:
+        An :class:`Audit`; ``print(result)`` shows the scorecard, ``result.write_html(path)``
+        writes the report.
+
+    Raises:
+        ValueError: an unknown method or check, or bad options (before any work is done).
+    """
+    x = check_inputs(inputs).detach()
+    checks = tuple(checks)
+    unknown = [c for c in checks if c not in CHECKS]
+    if unknown:
+        raise ValueError(f"unknown check(s) {unknown}; choose from {', '.join(CHECKS)}")
+    if not methods:
+        raise ValueError("audit needs at least one method")
+    merged: dict[str, dict[str, Any]] = {}
+    for name in methods:
+        spec = get_method(name)  # an unknown name fails here, naming close matches
+        opts = {**CHEAP_OPTIONS.get(name, {}), **dict((options or {}).get(name, {}))}
+        check_options(spec, opts)
+        merged[name] = opts
+    if target is None:
+        with torch.no_grad():
+            target = model(x).argmax(dim=1)
+    settings = {"steps": steps, "shift": shift, "radius": radius, "samples": samples, "seed": seed}
+    work = len(methods) * (1 + len(checks)) + ("faithfulness" in checks)
+    rows: list[MethodAudit] = []
+    with Progress(work, "audit", enabled=progress) as bar:
+        for name in methods:
+            row = MethodAudit(name)
+            rows.append(row)
+            bar.set_label(f"audit {name}")
+            start = time.perf_counter()
+            try:
+                row.attribution = explain(model, x, name, target, **merged[name])
+            except Exception as exc:
+                row.errors["method"] = _one_line(exc)
+                bar.update(1 + len(checks))
+                continue
+            row.seconds = time.perf_counter() - start
+            bar.update()
+            for check in checks:
+                bar.set_label(f"audit {name}: {check}")
+                try:
+                    _RUNNERS[check](row, model, x, target, merged[name], settings)
+                except Exception as exc:
+                    row.errors[check] = _one_line(exc)
+                bar.update()
+        chance = MethodAudit("random")
+        if "faithfulness" in checks:
+            bar.set_label("audit: random map")
+            generator = torch.Generator().manual_seed(seed)
+            noise = torch.rand((x.shape[0], *x.shape[-2:]), generator=generator)
+            _faithfulness_of(chance, model, x, target, noise.to(x.device), settings)
+            bar.update()
+    result = Audit(
+        methods=rows,
+        chance=chance,
+        inputs=x,
+        target=target if isinstance(target, Tensor) else None,
+        checks=checks,
+        options=merged,
+        settings=settings,
+        images=list(images) if images is not None else None,
+    )
+    _read(result)
+    return result
+
+
+def _faithfulness_of(
+    row: MethodAudit,
+    model: nn.Module,
+    x: Tensor,
+    target: Any,
+    saliency: Tensor | Attribution,
+    settings: Mapping[str, Any],
+) -> None:
+    row.deletion = deletion(model, x, saliency, target, steps=settings["steps"])
+    row.insertion = insertion(model, x, saliency, target, steps=settings["steps"])
+
+
+def _faithfulness(
+    row: MethodAudit,
+    model: nn.Module,
+    x: Tensor,
+    target: Any,
+    options: Mapping[str, Any],
+    settings: Mapping[str, Any],
+) -> None:
+    assert row.attribution is not None
+    # Pixels are ranked by the map as the method's paper draws it (Attribution.saliency):
+    # signed maps put the strongest evidence *for* the class first.
+    _faithfulness_of(row, model, x, target, row.attribution.saliency(), settings)
+
+
+_RUNNERS: dict[str, Callable[..., None]] = {"faithfulness": _faithfulness}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# -- readings --------------------------------------------------------------------------------
+
+
+def _mean(t: Tensor | None) -> float | None:
+    if t is None:
+        return None
+    value = float(t.double().mean())
+    return value if math.isfinite(value) else None
+
+
+def _read(result: Audit) -> None:
+    chance = result.chance
+    chance_deletion = _mean(chance.deletion.auc) if chance.deletion is not None else None
+    chance_insertion = _mean(chance.insertion.auc) if chance.insertion is not None else None
+    if chance_deletion is not None:
+        chance.readings["deletion"] = Reading(chance_deletion, "chance level", "fair")
+    if chance_insertion is not None:
+        chance.readings["insertion"] = Reading(chance_insertion, "chance level", "fair")
+    for row in result.methods:
+        if "method" in row.errors:
+            for check in _checks_shown(result.checks):
+                row.readings[check] = Reading(
+                    None, f"method failed: {row.errors['method']}", "error"
+                )
+            continue
+        for check in _checks_shown(result.checks):
+            failed = row.errors.get(_RUN_OF.get(check, check))
+            if failed is not None:
+                row.readings[check] = Reading(None, f"failed: {failed}", "error")
+                continue
+            reader = _READERS.get(check)
+            if reader is not None:
+                reading = reader(row, chance_deletion, chance_insertion)
+                if reading is not None:
+                    row.readings[check] = reading
+
+
+def _checks_shown(checks: Sequence[str]) -> list[str]:
+    shown = []
+    for check in checks:
+        shown.extend(_CHECK_OF.get(check, (check,)))
+    return shown
+
+
+_RUN_OF = {"deletion": "faithfulness", "insertion": "faithfulness"}
+
+
+def _versus_chance(value: float, chance: float | None, kind: str) -> Reading:
+    """Read an area under a curve against the random map's (``kind``: which way is better)."""
+    if chance is None or chance <= 0:
+        return Reading(value, f"{'lower' if kind == 'deletion' else 'higher'} is better", "fair")
+    # gain > 1: better than chance
+    deleted = chance / value if value > 0 else math.inf
+    gain = deleted if kind == "deletion" else value / chance
+    if not math.isfinite(gain) or gain > 1 / _BETTER_THAN_CHANCE:
+        how = "falls" if kind == "deletion" else "returns"
+        return Reading(value, f"score {how} faster than for a random map ({chance:.3g})", "good")
+    if gain > 1 + _ABOUT:
+        return Reading(value, f"somewhat better than a random map ({chance:.3g})", "fair")
+    if gain >= 1 - _ABOUT:
+        return Reading(value, f"no better than a random map ({chance:.3g})", "bad")
+    return Reading(value, f"worse than a random map ({chance:.3g})", "bad")
+
+
+def _read_deletion(row: MethodAudit, chance: float | None, _: float | None) -> Reading | None:
+    value = _mean(row.deletion.auc) if row.deletion is not None else None
+    return None if value is None else _versus_chance(value, chance, "deletion")
+
+
+def _read_insertion(row: MethodAudit, _: float | None, chance: float | None) -> Reading | None:
+    value = _mean(row.insertion.auc) if row.insertion is not None else None
+    return None if value is None else _versus_chance(value, chance, "insertion")
+
+
+_READERS: dict[str, Callable[[MethodAudit, float | None, float | None], Reading | None]] = {
+    "deletion": _read_deletion,
+    "insertion": _read_insertion,
+}
+
+
+# -- the report ------------------------------------------------------------------------------
+
+_AUDIT_CSS = """
+table.card{border-collapse:collapse;margin:1em 0;font-size:92%}
+table.card th,table.card td{border:1px solid #ddd;padding:.4em .6em;vertical-align:top;
+text-align:left}
+table.card th{background:#f5f5f5}
+td.good{background:#e6f4e6}td.fair{background:#fff6dc}td.bad{background:#fbe3e3}
+td.error{background:#f0f0f0;color:#a00}
+td .v{font-weight:600;font-variant-numeric:tabular-nums}
+td .r{display:block;color:#444;font-size:90%}
+ul.verdicts li{margin:.3em 0}
+"""
+
+
+def _figure_png(draw: Callable[[Any], None], size: tuple[float, float]) -> str:
+    """Draw with matplotlib on a fresh figure; return it as a ``data:`` URI."""
+    import base64
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, dpi=100)
+    FigureCanvasAgg(fig)
+    draw(fig)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _curves_figure(result: Audit) -> str | None:
+    rows = [r for r in [*result.methods, result.chance] if r.deletion is not None]
+    if not rows:
+        return None
+    from ..report import display_name
+
+    def draw(fig: Any) -> None:
+        for i, kind in enumerate(("deletion", "insertion")):
+            ax = fig.add_subplot(1, 2, i + 1)
+            for row in rows:
+                curve = getattr(row, kind)
+                if curve is None:
+                    continue
+                style = {"linestyle": "--", "color": "gray"} if row is result.chance else {}
+                label = "random map" if row is result.chance else display_name(row.method)
+                mean = curve.curve.double().mean(0).cpu().numpy()
+                ax.plot(curve.fractions.numpy(), mean, label=label, **style)
+            better = "lower" if kind == "deletion" else "higher"
+            ax.set_title(f"{kind} (area: {better} is better)", fontsize=10)
+            ax.set_xlabel("fraction of pixels " + ("removed" if kind == "deletion" else "inserted"))
+            ax.set_ylabel("score of the class")
+            ax.grid(alpha=0.3)
+        fig.axes[0].legend(fontsize=8)
+
+    return _figure_png(draw, (10, 3.8))
+
+
+def _map_pictures(result: Audit) -> list[tuple[str, str]]:
+    """Return ``(method, data URI)`` of each method's map on the first image."""
+    from .. import viz
+    from ..report import _data_uri
+
+    image = result.images[0] if result.images else None
+    pictures = []
+    for row in result.methods:
+        if row.attribution is None:
+            continue
+        try:
+            pictures.append((row.method, _data_uri(viz.render(row.attribution, image))))
+        except Exception:  # a picture that cannot be drawn is left out, the numbers stay
+            continue
+    return pictures
+
+
+def _html(result: Audit, title: str, metadata: Mapping[str, str]) -> str:
+    import datetime as _dt
+
+    from .. import __version__
+    from ..report import _CSS, display_name
+
+    e = html.escape
+    meta = {"salience": __version__, **dict(metadata)}
+    meta.setdefault("generated", _dt.datetime.now().isoformat(timespec="seconds"))
+    meta["images"] = str(result.inputs.shape[0])
+    meta_line = " · ".join(f"{e(k)}: {e(str(v))}" for k, v in meta.items())
+    checks = _checks_shown(result.checks)
+    columns = [c for c, (check, _, _) in _COLUMNS.items() if check in checks]
+    head = "".join(f"<th>{e(_COLUMNS[c][1])}</th>" for c in columns)
+    body = []
+    for row in [*result.methods, result.chance]:
+        name = "Random map (chance)" if row is result.chance else display_name(row.method)
+        cells = [f"<td><b>{e(name)}</b><br><code>{e(row.method)}</code></td>"]
+        for c in columns:
+            reading = row.readings.get(_COLUMNS[c][0])
+            if reading is None:
+                cells.append('<td class="na">—</td>')
+                continue
+            value = "" if reading.value is None else f'<span class="v">{reading.value:.3g}</span>'
+            text = f'<span class="r">{e(reading.text)}</span>'
+            cells.append(f'<td class="{e(reading.verdict)}">{value}{text}</td>')
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    parts = [
+        "<section><h2>Scorecard</h2>",
+        "<p>Each cell is the mean over the images, with its reading. Green: the map passes "
+        "this check; yellow: inconclusive; red: the map fails it. The readings compare "
+        "with a random map and use fixed cut-offs stated at the end of the page.</p>",
+        f'<table class="card"><tr><th>method</th>{head}</tr>{"".join(body)}</table>',
+        '<ul class="verdicts">'
+        + "".join(f"<li>{e(row.summary())}</li>" for row in result.methods)
+        + "</ul></section>",
+    ]
+    pictures = _map_pictures(result)
+    if pictures:
+        figures = "".join(
+            f'<figure><img src="{uri}" alt="{e(m)} map"><figcaption><b>{e(display_name(m))}'
+            f"</b> <code>{e(m)}</code></figcaption></figure>"
+            for m, uri in pictures
+        )
+        parts.append(
+            f'<section><h2>Maps (first image)</h2><div class="maps">{figures}</div></section>'
+        )
+    curves = _curves_figure(result)
+    if curves is not None:
+        parts.append(
+            "<section><h2>Deletion and insertion</h2><p>The score of the class as the pixels "
+            "a map ranks first are removed (replaced by zeros) or inserted (into a blurred "
+            "copy), mean over the images (Petsiuk et al. 2018).</p>"
+            f'<img src="{curves}" alt="deletion and insertion curves"></section>'
+        )
+    parts.append(_settings_html(result))
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{e(title)}</title>\n<style>{_CSS}{_AUDIT_CSS}</style>\n</head>\n<body>\n"
+        f'<header><h1>{e(title)}</h1><p class="meta">{meta_line}</p></header>\n'
+        + "\n".join(parts)
+        + '\n<footer class="meta"><p>Generated by salience.</p></footer>\n</body>\n</html>\n'
+    )
+
+
+def _settings_html(result: Audit) -> str:
+    e = html.escape
+    s = result.settings
+    options = "; ".join(
+        f"{m}: {', '.join(f'{k}={v!r}' for k, v in o.items())}"
+        for m, o in result.options.items()
+        if o
+    )
+    cutoffs = (
+        f"deletion good below {_BETTER_THAN_CHANCE:g}× the random map's area, insertion good "
+        f"above {1 / _BETTER_THAN_CHANCE:g}×; randomization fails above a rank correlation of "
+        f"{_RANDOMIZED_SIMILAR:g} and passes below {_RANDOMIZED_CHANGED:g}; input invariance "
+        f"holds below a relative change of {_INVARIANT:g}; max-sensitivity good below "
+        f"{_STABLE:g}, bad above {_UNSTABLE:g}"
+    )
+    return (
+        "<section><h2>How this was computed</h2><ul>"
+        f"<li>Checks: {e(', '.join(result.checks))}; curves of {s['steps']} steps; mean-shift "
+        f"{s['shift']:g}; max-sensitivity radius {s['radius']:g} of the value range, "
+        f"{s['samples']} perturbations; seed {s['seed']}.</li>"
+        f"<li>Method options: {e(options or 'defaults')}.</li>"
+        f"<li>Cut-offs of the readings (conventions of this report): {e(cutoffs)}.</li>"
+        "</ul></section>"
+    )

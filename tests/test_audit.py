@@ -1,0 +1,209 @@
+"""salience.metrics.audit and ``salience audit``: the scorecard, its readings and its page."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from salience import cli
+from salience.metrics import audit as audit_module
+from salience.metrics import deletion, insertion
+from salience.metrics.audit import Reading, _versus_chance, audit
+from test_report import _chromium_counts, _parse, _photo
+
+pytestmark = pytest.mark.filterwarnings("ignore:unpickling:UserWarning")
+
+
+class Quadrant(nn.Module):
+    """Class 0's logit counts bright pixels of the top-left quadrant; class 1's is constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 1, 1)
+        nn.init.constant_(self.conv.weight, 4.0)
+        nn.init.constant_(self.conv.bias, -6.0)  # a pixel counts above a mean value of 0.5
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        kept = 8 * self.relu(self.conv(x))[:, 0, : h // 2, : w // 2].flatten(1).mean(1)
+        return torch.stack([kept, torch.full_like(kept, 4.0)], dim=1)
+
+
+@pytest.fixture
+def quadrant_images() -> torch.Tensor:
+    return torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+def test_faithfulness_figures_are_those_of_the_metrics(vgg, images):
+    result = audit(vgg, images, ["gradient", "grad_cam"], checks=["faithfulness"], steps=8)
+    target = vgg(images).argmax(1)
+    for row in result.methods:
+        assert row.attribution is not None
+        saliency = row.attribution.saliency()
+        expected = deletion(vgg, images, saliency, target, steps=8).auc
+        torch.testing.assert_close(row.deletion.auc, expected)
+        expected = insertion(vgg, images, saliency, target, steps=8).auc
+        torch.testing.assert_close(row.insertion.auc, expected)
+        mean = float(row.deletion.auc.double().mean())
+        assert row.readings["deletion"].value == pytest.approx(mean)
+    noise = torch.rand((3, 16, 16), generator=torch.Generator().manual_seed(0))
+    chance = deletion(vgg, images, noise, target, steps=8).auc
+    torch.testing.assert_close(result.chance.deletion.auc, chance)
+    table = result.table()
+    assert [r["method"] for r in table] == ["gradient", "grad_cam", "random"]
+    assert table[0]["deletion_auc"] == pytest.approx(float(result.methods[0].deletion.auc.mean()))
+    assert table[0]["randomized_similarity"] is None  # not run
+
+
+def test_a_map_on_the_evidence_reads_good(quadrant_images):
+    model = Quadrant().eval()
+    result = audit(model, quadrant_images, ["gradient"], target=0, checks=["faithfulness"])
+    readings = result["gradient"].readings
+    assert readings["deletion"].verdict == "good", readings
+    assert readings["insertion"].verdict == "good", readings
+    assert "faster than for a random map" in readings["deletion"].text
+
+
+@pytest.mark.parametrize(
+    ("value", "chance", "kind", "verdict", "words"),
+    [
+        (0.1, 0.5, "deletion", "good", "falls faster"),
+        (0.45, 0.5, "deletion", "fair", "somewhat better"),
+        (0.5, 0.5, "deletion", "bad", "no better"),
+        (0.7, 0.5, "deletion", "bad", "worse"),
+        (0.9, 0.5, "insertion", "good", "returns faster"),
+        (0.5, 0.5, "insertion", "bad", "no better"),
+        (0.3, 0.5, "insertion", "bad", "worse"),
+        (0.0, 0.5, "deletion", "good", "falls faster"),
+    ],
+)
+def test_readings_against_chance(value, chance, kind, verdict, words):
+    reading = _versus_chance(value, chance, kind)
+    assert isinstance(reading, Reading)
+    assert reading.verdict == verdict
+    assert words in reading.text
+
+
+def test_a_failing_method_does_not_stop_the_others(vgg, images):
+    result = audit(vgg, images, ["cam", "gradient"], checks=["faithfulness"], steps=4)
+    assert "method" in result["cam"].errors
+    assert result["cam"].readings["deletion"].verdict == "error"
+    assert "method failed" in result["cam"].readings["deletion"].text
+    assert result["gradient"].deletion is not None
+    assert "cam" in str(result)
+    assert "gradient" in str(result)
+
+
+def test_the_model_and_inputs_are_untouched(vgg, images):
+    vgg.train()
+    state = copy.deepcopy(vgg.state_dict())
+    before = images.clone()
+    try:
+        audit(vgg, images, ["gradient"], checks=["faithfulness"], steps=4)
+        assert vgg.training
+    finally:
+        vgg.eval()
+    for key, value in vgg.state_dict().items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0)
+    assert all(p.grad is None for p in vgg.parameters())
+    torch.testing.assert_close(images, before, rtol=0, atol=0)
+
+
+def test_bad_arguments_fail_before_any_work(vgg, images):
+    with pytest.raises(ValueError, match="unknown check"):
+        audit(vgg, images, ["gradient"], checks=["faithfulness", "vibes"])
+    with pytest.raises(ValueError, match="grad_cam"):
+        audit(vgg, images, ["grad_cma"])
+    with pytest.raises(ValueError, match="at least one method"):
+        audit(vgg, images, [])
+    with pytest.raises(TypeError, match="steps"):
+        audit(vgg, images, ["gradient"], options={"gradient": {"steps": 3}})
+
+
+def test_page_is_self_contained_and_renders(vgg, images, tmp_path):
+    pictures = [_photo(16, seed=i) for i in range(3)]
+    result = audit(
+        vgg, images, ["gradient", "grad_cam"], checks=["faithfulness"], steps=4, images=pictures
+    )
+    path = result.write_html(tmp_path / "audit.html", metadata={"model": "vgg <1>"})
+    page = (tmp_path / "audit.html").read_text("utf-8")
+    assert str(path).endswith("audit.html")
+    parsed = _parse(page)
+    for _tag, _key, value in parsed.links:
+        assert value.startswith("data:image/png;base64,")
+    assert "<script" not in page
+    assert "<link" not in page
+    assert "vgg &lt;1&gt;" in page
+    assert "Scorecard" in page
+    assert "Random map (chance)" in page
+    assert page.count('<td class="') >= 2 * 3  # two readings for each of three rows
+    # two maps and the deletion/insertion figure
+    assert len(parsed.images) == 3
+    assert _chromium_counts(tmp_path / "audit.html", tmp_path) == (3, 0)
+
+
+def _tiny_model(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 1000),
+    ).eval()
+    path = tmp_path / "tiny.pt"
+    torch.save(model, path)
+    return path
+
+
+def test_audit_command(tmp_path, capsys):
+    model_path = _tiny_model(tmp_path)
+    good = tmp_path / "good.png"
+    _photo(seed=1).save(good)
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    out = tmp_path / "site" / "audit.html"
+    argv = ["audit", str(good), str(bad), "--out", str(out), "-m", "gradient,grad_cam"]
+    argv += ["--model", str(model_path), "--trust-model", "--input-size", "16", "-q"]
+    argv += ["--check", "faithfulness", "--steps", "4", "--title", "My audit"]
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    assert code == cli.EXIT_PARTIAL
+    assert "bad.png: not an image" in captured.err
+    assert "| gradient |" in captured.out
+    assert "| random |" in captured.out
+    assert f"wrote {out}" in captured.out
+    page = out.read_text("utf-8")
+    assert "<title>My audit</title>" in page
+    assert _chromium_counts(out, tmp_path) == (3, 0)
+
+
+def test_audit_command_usage_errors(tmp_path, capsys):
+    model_path = _tiny_model(tmp_path)
+    base = ["audit", "sample:chelsea", "--model", str(model_path), "--trust-model", "-q"]
+    assert cli.main([*base, "--check", "vibes"]) == cli.EXIT_USAGE
+    assert "--check 'vibes'" in capsys.readouterr().err
+    assert cli.main([*base, "-t", "top3"]) == cli.EXIT_USAGE
+    assert "one class per image" in capsys.readouterr().err
+
+
+def test_an_interrupted_audit_leaves_no_page(tmp_path, monkeypatch, capsys):
+    model_path = _tiny_model(tmp_path)
+    good = tmp_path / "good.png"
+    _photo(seed=1).save(good)
+    out = tmp_path / "audit.html"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(audit_module._RUNNERS, "faithfulness", interrupted)
+    argv = ["audit", str(good), "--out", str(out), "-m", "gradient", "--model", str(model_path)]
+    argv += ["--trust-model", "--input-size", "16", "-q", "--check", "faithfulness"]
+    assert cli.main(argv) == cli.EXIT_INTERRUPTED
+    assert not out.exists()
+    assert list(tmp_path.glob("*.html*")) == []
+    assert "interrupted" in capsys.readouterr().err
