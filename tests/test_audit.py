@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
 from torch import nn
 
 from salience import cli
-from salience.metrics import audit as audit_module
 from salience.metrics import deletion, insertion
 from salience.metrics.audit import Reading, _versus_chance, audit
 from test_report import _chromium_counts, _parse, _photo
 
+# The module, not the function salience.metrics.audit that shadows it.
+audit_module = importlib.import_module("salience.metrics.audit")
 pytestmark = pytest.mark.filterwarnings("ignore:unpickling:UserWarning")
 
 
