@@ -107,6 +107,7 @@ def test_help_explains_every_option(capsys):
         "methods",
         "evaluate",
         "audit",
+        "batch",
     }
     for name, sub in commands.choices.items():
         for action in sub._actions:

@@ -51,6 +51,7 @@ __all__ = [
 ]
 
 _LAZY_SUBMODULES = {
+    "batch": "batch",
     "features": "features",
     "metrics": "metrics",
     "models": "models",

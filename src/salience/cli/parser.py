@@ -17,6 +17,7 @@ from ._options import (
     _wrap,
 )
 from .audit import cmd_audit
+from .batch import cmd_batch
 from .compare import cmd_compare
 from .evaluate import cmd_evaluate
 from .explain import cmd_explain
@@ -166,6 +167,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random map and checks")
     p.add_argument("--title", default="salience audit", help="page title")
     p.set_defaults(handler=cmd_audit)
+
+    p = sub.add_parser(
+        "batch",
+        parents=[
+            _image_options(
+                "the store directory (created, or resumed if it exists)",
+                os.path.join(DEFAULT_OUT, "store"),
+                "grad_cam",
+            ),
+            model,
+        ],
+        help="explain a whole folder or glob of images into an on-disk store (resumable)",
+        description=_wrap(
+            "IMAGE may be a directory (searched recursively), a glob such as "
+            "'data/**/*.jpg' or files. Images are decoded in --workers processes and "
+            "explained in batches; each map is written to <out>/maps/<method>/<key>.npz as "
+            "soon as it is computed (atomically), with <out>/index.csv and failures.csv at the "
+            "end. Rerun the same command to resume: stored maps are skipped. Read the store "
+            "back with salience.batch.Store(<out>)."
+        ),
+        epilog=EPILOG,
+        formatter_class=_Formatter,
+    )
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=8, help="images per batch of each method"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="processes decoding and preprocessing images (0: none)",
+    )
+    p.add_argument(
+        "--overlays", action="store_true", help="also write each map over its image as a PNG"
+    )
+    p.set_defaults(handler=cmd_batch)
 
     p = sub.add_parser(
         "visualize-class",

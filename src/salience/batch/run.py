@@ -1,0 +1,329 @@
+"""Explaining a whole dataset: stream the images, run the methods, store every map.
+
+:func:`run` reads the inputs with a :class:`torch.utils.data.DataLoader` (``num_workers``
+processes decode and preprocess while the model works), runs each method on batches, and
+writes each map to a :class:`~salience.batch.Store` as soon as it is computed. A rerun with the
+same ``out`` skips the maps already stored, so an interrupted job resumes where it stopped; an
+entry is never half-written. An input that cannot be read or explained is recorded in
+``failures.csv`` with the reason, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._io import Progress
+from ..registry import check_options, explain, get_method
+from .store import Store, entry_key
+
+__all__ = ["IMAGE_EXTENSIONS", "BatchSummary", "find_images", "run"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+"""File endings :func:`find_images` picks up in a directory (case does not matter)."""
+
+
+@dataclass
+class BatchSummary:
+    """What a :func:`run` did.
+
+    Attributes:
+        store: The store the maps are in.
+        written: Maps computed and written by this run.
+        skipped: Maps already in the store (from an earlier run), not recomputed.
+        failures: ``(source, reason)`` of every input or map that failed.
+        seconds: Wall time of the run.
+    """
+
+    store: Store
+    written: int = 0
+    skipped: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    images: int = 0
+
+    @property
+    def images_per_second(self) -> float:
+        """Inputs explained (by every method) per second of this run."""
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    def __repr__(self) -> str:
+        return (
+            f"BatchSummary(written={self.written}, skipped={self.skipped}, "
+            f"failed={len(self.failures)}, images/s={self.images_per_second:.2f}, "
+            f"store={os.fspath(self.store.path)!r})"
+        )
+
+
+def find_images(sources: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
+    """Expand directories (recursively, :data:`IMAGE_EXTENSIONS`) and glob patterns into files.
+
+    Files named explicitly are kept whatever their ending (a bad one fails later, reported).
+
+    Raises:
+        FileNotFoundError: a source that is neither a file, a directory nor a matching glob.
+    """
+    if isinstance(sources, str | os.PathLike):
+        sources = [sources]
+    files: list[str] = []
+    for source in sources:
+        text = os.fspath(source)
+        path = Path(text)
+        if path.is_dir():
+            files.extend(
+                sorted(
+                    os.fspath(p)
+                    for p in path.rglob("*")
+                    if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                )
+            )
+        elif path.is_file():
+            files.append(text)
+        elif glob.has_magic(text):
+            matched = sorted(p for p in glob.glob(text, recursive=True) if Path(p).is_file())
+            if not matched:
+                raise FileNotFoundError(f"{text}: no file matches this pattern")
+            files.extend(matched)
+        else:
+            raise FileNotFoundError(f"{text}: no such file or directory")
+    seen: set[str] = set()
+    return [f for f in files if not (f in seen or seen.add(f))]
+
+
+class _Inputs(torch.utils.data.Dataset):
+    """The items of a run: ``(position, source, input, image, label, error)``.
+
+    Reading errors are returned, not raised, so that a worker never stops the loader.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[Any],
+        sources: Sequence[str],
+        preprocess: Callable[[Any], Tensor] | None,
+        crop: Callable[[Any], Any] | None,
+        max_pixels: int | None,
+    ) -> None:
+        self.items = items
+        self.sources = sources
+        self.preprocess = preprocess
+        self.crop = crop
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[int, str, Tensor | None, Any, Any, str | None]:
+        source = self.sources[i]
+        try:
+            item = self.items[i]
+            label = None
+            image = None
+            if isinstance(item, str | os.PathLike):
+                from .._io import load_image
+
+                image = load_image(item, max_pixels=self.max_pixels)
+                if self.preprocess is None:
+                    raise ValueError("files need a preprocess function (or a model that has one)")
+                x = self.preprocess(image)
+                image = self.crop(image) if self.crop is not None else None
+            else:
+                if isinstance(item, tuple | list):
+                    item, label = item[0], (item[1] if len(item) > 1 else None)
+                x = self.preprocess(item) if self.preprocess is not None else item
+            if not isinstance(x, Tensor):
+                raise TypeError(f"the input is a {type(x).__name__}, not a tensor")
+            x = x.detach().cpu()
+            if x.ndim == 4 and x.shape[0] == 1:
+                x = x[0]
+            if x.ndim != 3:
+                raise ValueError(f"an input must be (C, H, W), got shape {tuple(x.shape)}")
+            if isinstance(label, Tensor):
+                label = int(label)
+            return i, source, x, image, label, None
+        except Exception as exc:
+            text = " ".join(str(exc).split()) or type(exc).__name__
+            text = text.removeprefix(f"{source}: ")  # the source is said once, by the caller
+            return i, source, None, None, None, text
+
+
+def _collate(batch: list[Any]) -> list[Any]:
+    return batch
+
+
+def run(
+    model: nn.Module,
+    dataset: str | os.PathLike[str] | Sequence[Any] | torch.utils.data.Dataset,
+    methods: Sequence[str],
+    out: str | os.PathLike[str],
+    *,
+    target: int | str | Callable[..., Any] | None = None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    batch_size: int = 8,
+    num_workers: int = 0,
+    preprocess: Callable[[Any], Tensor] | None = None,
+    crop: Callable[[Any], Any] | None = None,
+    overlays: bool = False,
+    max_pixels: int | None = None,
+    device: torch.device | str | None = None,
+    progress: bool | None = None,
+    log: Callable[[str], None] | None = None,
+) -> BatchSummary:
+    """Explain every input of ``dataset`` with ``methods`` and store the maps in ``out``.
+
+    Args:
+        model: A classifier, in eval mode.
+        dataset: A directory, a glob pattern or a list of image files (decoded and
+            preprocessed in the loader's workers), or a map-style dataset / sequence of
+            ``(C, H, W)`` tensors or ``(tensor, label)`` pairs.
+        methods: Registered method names.
+        out: The store directory (created if new; an existing store is resumed).
+        target: ``None``: the predicted class; a class index; ``"label"``: the dataset's
+            label of each input; or a callable target (see :mod:`salience.targets`).
+        options: ``{method: {option: value}}``.
+        batch_size: Inputs per batch (each method runs on a batch at once).
+        num_workers: Loader processes decoding images (0: in this process).
+        preprocess: ``image -> (1, C, H, W) or (C, H, W)`` tensor, run in the workers;
+            default the model's ``preprocess`` for files. It should return a CPU tensor.
+        crop: ``image -> the PIL image the model sees``, for overlays; default ``model.crop``.
+        overlays: Also write each map drawn over the image as a PNG.
+        max_pixels: Refuse larger images (decompression-bomb guard; ``None``: Pillow's limit).
+        device: Where the model runs; default the device of its parameters.
+        progress: Show a progress bar with images/s on stderr (``None``: on a terminal).
+        log: Called with a line for each failure (the CLI prints them); default silent.
+
+    Returns:
+        A :class:`BatchSummary`; ``summary.store`` reads the maps back.
+
+    Raises:
+        ValueError: unknown methods or options, a ``target`` of the wrong kind, or ``out``
+            an existing directory that is not a store — before anything is computed.
+        FileNotFoundError: a file, directory or pattern that does not exist.
+    """
+    specs = {name: get_method(name) for name in methods}
+    if not specs:
+        raise ValueError("run needs at least one method")
+    opts = {name: dict((options or {}).get(name, {})) for name in methods}
+    for name, spec in specs.items():
+        check_options(spec, opts[name])
+    if isinstance(target, str) and target != "label":
+        raise ValueError(
+            f"target must be None, a class index, 'label' or a callable; got {target!r}"
+        )
+    if isinstance(dataset, str | os.PathLike) or (
+        isinstance(dataset, Sequence) and dataset and isinstance(dataset[0], str | os.PathLike)
+    ):
+        items: Sequence[Any] = find_images(dataset)  # type: ignore[arg-type]
+        sources = list(items)
+        preprocess = preprocess or getattr(model, "preprocess", None)
+        crop = crop or getattr(model, "crop", None)
+    else:
+        items = dataset  # type: ignore[assignment]
+        sources = [f"item {i}" for i in range(len(items))]  # type: ignore[arg-type]
+    if device is None:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+    store = Store(out, create=True, description={"methods": list(methods)})
+    keys = [entry_key(s) for s in sources]
+    summary = BatchSummary(store)
+    say = log or (lambda _line: None)
+    todo = [i for i, key in enumerate(keys) if not all(store.has(key, m) for m in methods)]
+    summary.skipped = sum(store.has(key, m) for key in keys for m in methods)
+    loader = torch.utils.data.DataLoader(
+        _Inputs(items, sources, preprocess, crop, max_pixels),
+        batch_size=max(1, int(batch_size)),
+        sampler=todo,
+        num_workers=num_workers,
+        collate_fn=_collate,
+    )
+    start = time.perf_counter()
+    with Progress(len(todo), "batch", enabled=progress) as bar:
+        for batch in loader:
+            good = []
+            for i, source, x, image, label, error in batch:
+                if error is not None:
+                    summary.failures.append((source, error))
+                    say(f"{source}: {error}")
+                else:
+                    good.append((i, source, x, image, label))
+            for group in _same_size(good):
+                _explain_group(model, group, methods, opts, target, keys, store, device,
+                               overlays, summary, say)  # fmt: skip
+            summary.images += len(good)
+            elapsed = time.perf_counter() - start
+            rate = summary.images / elapsed if elapsed > 0 else 0.0
+            bar.update(len(batch), label=f"batch {rate:.1f} images/s")
+    summary.seconds = time.perf_counter() - start
+    store.write_index()
+    store.write_failures(summary.failures)
+    return summary
+
+
+def _same_size(items: list[Any]) -> list[list[Any]]:
+    """Split a batch into runs of inputs of one shape (each method needs a tensor batch)."""
+    groups: dict[tuple[int, ...], list[Any]] = {}
+    for item in items:
+        groups.setdefault(tuple(item[2].shape), []).append(item)
+    return list(groups.values())
+
+
+def _explain_group(
+    model: nn.Module,
+    group: list[Any],
+    methods: Sequence[str],
+    options: Mapping[str, Mapping[str, Any]],
+    target: Any,
+    keys: Sequence[str],
+    store: Store,
+    device: Any,
+    overlays: bool,
+    summary: BatchSummary,
+    say: Callable[[str], None],
+) -> None:
+    if target == "label":
+        for item in [item for item in group if item[4] is None]:
+            summary.failures.append((item[1], "target='label' but the dataset gives no label"))
+            say(f"{item[1]}: target='label' but the dataset gives no label")
+        group = [item for item in group if item[4] is not None]
+        if not group:
+            return
+    x = torch.stack([item[2] for item in group]).to(device)
+    chosen: Any = target
+    if target == "label":
+        chosen = torch.tensor([int(item[4]) for item in group], device=x.device)
+    for method in methods:
+        rows = [n for n, item in enumerate(group) if not store.has(keys[item[0]], method)]
+        if not rows:
+            continue
+        picked = chosen[rows] if isinstance(chosen, Tensor) else chosen
+        try:
+            result = explain(model, x[rows], method, picked, **options[method])
+        except Exception as exc:
+            text = " ".join(str(exc).split()) or type(exc).__name__
+            for n in rows:
+                summary.failures.append((group[n][1], f"{method}: {text}"))
+                say(f"{group[n][1]}: {method}: {text}")
+            continue
+        for j, n in enumerate(rows):
+            i, source, _x, image, _label = group[n]
+            store.write(keys[i], source, result, j)
+            if overlays:
+                _write_overlay(store, keys[i], method, result, j, image)
+            summary.written += 1
+
+
+def _write_overlay(
+    store: Store, key: str, method: str, result: Any, index: int, image: Any
+) -> None:
+    from .. import viz
+    from .._io import save_png
+
+    save_png(viz.render(result, image, index=index), store.overlay_path(key, method))

@@ -1,0 +1,87 @@
+"""``salience batch``: every image of a folder or glob, every method, every map on disk."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from ._common import EXIT_FAILURE, EXIT_OK, EXIT_PARTIAL, CLIError, UsageError, _err, _one_line
+from ._options import method_options, parse_methods
+from ._pipeline import Pipeline, load_pipeline, parse_targets
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    """``salience batch``: stream the images through the methods into a store."""
+    from ..batch import find_images, run
+
+    methods = parse_methods(args.method, ["grad_cam"])
+    options = method_options(args.option, methods, args.layer)
+    try:
+        files = find_images(args.images)
+    except FileNotFoundError as exc:
+        raise CLIError(str(exc)) from None
+    if not files:
+        raise CLIError(f"no image files in {', '.join(args.images)}")
+    pipe = load_pipeline(args)
+    specs = parse_targets(args.target, pipe)
+    if len(specs) != 1 or specs[0].top > 1:
+        raise UsageError("batch explains one class per image: --target top1 or a class")
+    target = specs[0].index  # None: the predicted class
+    workers = args.workers
+    preprocess = _cpu_preprocess(pipe, args)
+    if preprocess is None:
+        preprocess, workers = pipe.preprocess, 0
+    try:
+        summary = run(
+            pipe.model,
+            files,
+            methods,
+            args.out,
+            target=target,
+            options=options,
+            batch_size=args.batch_size,
+            num_workers=workers,
+            preprocess=preprocess,
+            crop=pipe.crop,
+            overlays=args.overlays,
+            max_pixels=args.max_pixels or None,
+            device=pipe.device,
+            progress=False if args.quiet else None,
+            log=lambda line: _err(f"salience batch: error: {line}"),
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        raise CLIError(_one_line(exc)) from None
+    print(
+        f"{summary.written} maps written, {summary.skipped} already stored, "
+        f"{len(summary.failures)} failures; {summary.images} images in {summary.seconds:.1f} s "
+        f"({summary.images_per_second:.2f} images/s); store: {os.fspath(summary.store.path)}",
+        flush=True,
+    )
+    if summary.failures:
+        _err(f"salience batch: {len(summary.failures)} failures (listed in failures.csv)")
+        return EXIT_PARTIAL if summary.written or summary.skipped else EXIT_FAILURE
+    return EXIT_OK
+
+
+def _cpu_preprocess(pipe: Pipeline, args: argparse.Namespace) -> Any:
+    """Return a preprocess giving CPU tensors, safe in loader workers; ``None`` if unknown."""
+    import torch
+
+    if torch.device(pipe.device).type == "cpu":
+        return pipe.preprocess
+    from ..models import preprocess_image
+
+    model = pipe.model
+    size = getattr(model, "input_size", None) or pipe.input_size
+    resize = getattr(model, "resize_size", None) or max(
+        args.resize or round(pipe.input_size[0] * 256 / 224), pipe.input_size[0]
+    )
+    if pipe.mean is None or pipe.std is None:
+        return None
+    mean, std = tuple(pipe.mean), tuple(pipe.std)
+
+    def preprocess(image: Any) -> Any:
+        return preprocess_image(image, size=size, resize=resize, mean=mean, std=std)
+
+    return preprocess

@@ -1,0 +1,192 @@
+"""salience.batch: dataset-scale runs into an on-disk store, resumable, read back exactly."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import salience
+from salience import cli
+from salience.batch import Store, find_images, run
+from salience.metrics import deletion
+
+pytestmark = pytest.mark.filterwarnings("ignore:unpickling:UserWarning")
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(6, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 5),
+    ).eval()
+
+
+def _preprocess(image: Image.Image) -> torch.Tensor:
+    pixels = np.asarray(image.convert("RGB").resize((16, 16)), dtype=np.float32) / 255
+    return torch.from_numpy(pixels).permute(2, 0, 1)[None] * 2 - 1
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "images"
+    (root / "sub").mkdir(parents=True)
+    for i in range(5):
+        pixels = np.random.default_rng(i).integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / ("sub" if i % 2 else ".") / f"im{i}.png")
+    (root / "bad.png").write_text("not an image")
+    (root / "notes.txt").write_text("not picked up: not an image ending")
+    return root
+
+
+def _run(folder, out, **kwargs):
+    kwargs.setdefault("preprocess", _preprocess)
+    return run(_model(), folder, ["gradient", "grad_cam"], out, **kwargs)
+
+
+def test_maps_are_those_of_the_methods(folder, tmp_path):
+    summary = _run(folder, tmp_path / "store", batch_size=2)
+    assert summary.written == 10
+    assert summary.skipped == 0
+    assert [s.endswith("bad.png") for s, _ in summary.failures] == [True]
+    assert "not an image" in summary.failures[0][1]
+    store = Store(tmp_path / "store")
+    assert len(store) == 10
+    assert store.methods() == ["grad_cam", "gradient"]
+    model = _model()
+    for entry in store.entries():
+        with Image.open(entry.source) as image:
+            x = _preprocess(image)
+        expected = salience.explain(model, x, entry.method)
+        stored = store.load(entry.key, entry.method)
+        torch.testing.assert_close(stored.values, expected.values, rtol=1e-6, atol=1e-7)
+        assert int(stored.target[0]) == int(expected.target[0]) == entry.target
+        assert stored.method == entry.method
+        assert stored.extras["source"] == entry.source
+        if entry.method == "grad_cam":
+            assert stored.layer == expected.layer
+    with open(tmp_path / "store" / "index.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 10
+    assert {r["method"] for r in rows} == {"gradient", "grad_cam"}
+    with open(tmp_path / "store" / "failures.csv", newline="") as handle:
+        failures = list(csv.DictReader(handle))
+    assert [f["source"].endswith("bad.png") for f in failures] == [True]
+
+
+def test_results_do_not_depend_on_batch_size_or_workers(folder, tmp_path):
+    _run(folder, tmp_path / "a", batch_size=1)
+    _run(folder, tmp_path / "b", batch_size=4, num_workers=2)
+    a, b = Store(tmp_path / "a"), Store(tmp_path / "b")
+    assert [e.key for e in a] == [e.key for e in b]
+    for entry in a:
+        torch.testing.assert_close(
+            a.load(entry.key, entry.method).values, b.load(entry.key, entry.method).values
+        )
+
+
+def test_a_rerun_resumes_and_an_interruption_leaves_no_partial_entry(folder, tmp_path, monkeypatch):
+    out = tmp_path / "store"
+    writes = []
+    original = Store.write
+
+    def interrupted(self, *args, **kwargs):
+        if len(writes) == 3:
+            raise KeyboardInterrupt
+        writes.append(args[0])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run(folder, out, batch_size=2)
+    monkeypatch.setattr(Store, "write", original)
+    assert len(Store(out)) == 3
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    summary = _run(folder, out, batch_size=2)
+    assert (summary.written, summary.skipped) == (7, 3)
+    again = _run(folder, out, batch_size=2)
+    assert (again.written, again.skipped) == (0, 10)
+    assert again.images == 0  # nothing was even decoded
+    # the resumed store equals an uninterrupted run
+    _run(folder, tmp_path / "whole", batch_size=2)
+    whole = Store(tmp_path / "whole")
+    for entry in whole:
+        torch.testing.assert_close(
+            Store(out).load(entry.key, entry.method).values,
+            whole.load(entry.key, entry.method).values,
+        )
+
+
+def test_a_dataset_of_tensors_with_labels(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    data = [(torch.randn(3, 16, 16, generator=generator), i % 5) for i in range(6)]
+    summary = run(_model(), data, ["gradient"], tmp_path / "s", target="label", batch_size=4)
+    assert summary.written == 6
+    store = Store(tmp_path / "s")
+    assert sorted(e.target for e in store) == sorted(label for _, label in data)
+    keys, maps = store.maps("gradient")
+    assert maps.shape == (6, 16, 16)
+    # The store is readable by the metrics: deletion on the stored maps.
+    index = {e.key: int(e.source.split()[-1]) for e in store}
+    x = torch.stack([data[index[k]][0] for k in keys])
+    labels = torch.tensor([data[index[k]][1] for k in keys])
+    curve = deletion(_model(), x, maps, labels, steps=4)
+    assert curve.auc.shape == (6,)
+
+
+def test_overlays_are_written_on_request(folder, tmp_path):
+    _run(folder, tmp_path / "s", overlays=True, crop=lambda image: image.resize((16, 16)))
+    pictures = sorted((tmp_path / "s" / "overlays").rglob("*.png"))
+    assert len(pictures) == 10
+    with Image.open(pictures[0]) as picture:
+        assert picture.size == (16, 16)
+
+
+def test_bad_arguments_are_refused_before_any_work(folder, tmp_path):
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "file.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a salience store"):
+        _run(folder, tmp_path / "other")
+    with pytest.raises(ValueError, match="grad_cam"):
+        run(_model(), folder, ["grad_cma"], tmp_path / "new")
+    with pytest.raises(ValueError, match="label"):
+        run(_model(), folder, ["gradient"], tmp_path / "new", target="labels")
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        find_images(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="no file matches"):
+        find_images(str(tmp_path / "*.jpeg"))
+    with pytest.raises(FileNotFoundError, match="no salience store"):
+        Store(tmp_path / "nowhere")
+
+
+def test_find_images_walks_folders_and_globs(folder):
+    files = find_images(folder)
+    assert len(files) == 6  # five images and bad.png; notes.txt is not an image ending
+    assert find_images(str(folder / "sub" / "*.png")) == sorted(
+        str(p) for p in (folder / "sub").glob("*.png")
+    )
+
+
+def test_batch_command(folder, tmp_path, capsys):
+    model_path = tmp_path / "tiny.pt"
+    torch.save(_model(), model_path)
+    out = tmp_path / "store"
+    argv = ["batch", str(folder), "-m", "gradient,grad_cam", "--out", str(out), "-q"]
+    argv += ["--model", str(model_path), "--trust-model", "--input-size", "16", "--workers", "0"]
+    assert cli.main(argv) == cli.EXIT_PARTIAL
+    captured = capsys.readouterr()
+    assert "10 maps written" in captured.out
+    assert "bad.png: not an image" in captured.err
+    assert cli.main(argv) == cli.EXIT_PARTIAL
+    assert "0 maps written, 10 already stored" in capsys.readouterr().out
+    assert cli.main([*argv[:-2], "--target", "top2"]) == cli.EXIT_USAGE
