@@ -190,3 +190,29 @@ def test_batch_command(folder, tmp_path, capsys):
     assert cli.main(argv) == cli.EXIT_PARTIAL
     assert "0 maps written, 10 already stored" in capsys.readouterr().out
     assert cli.main([*argv[:-2], "--target", "top2"]) == cli.EXIT_USAGE
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Data's own, at start-up
+def test_the_ray_engine_gives_the_local_results(tmp_path):
+    pytest.importorskip("ray.data", reason="the optional Ray engine: pip install 'ray[data]'")
+    generator = torch.Generator().manual_seed(1)
+    data = [(torch.randn(3, 16, 16, generator=generator), i % 5) for i in range(8)]
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    remote = run(
+        model, data, ["gradient", "grad_cam"], tmp_path / "ray", engine="ray", num_workers=2,
+        batch_size=3, target="label",
+    )  # fmt: skip
+    local = run(model, data, ["gradient", "grad_cam"], tmp_path / "local", target="label")
+    assert (remote.written, local.written) == (16, 16)
+    a, b = Store(tmp_path / "ray"), Store(tmp_path / "local")
+    assert [(e.key, e.method, e.target) for e in a] == [(e.key, e.method, e.target) for e in b]
+    for entry in a:
+        assert torch.equal(
+            a.load(entry.key, entry.method).values, b.load(entry.key, entry.method).values
+        )
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+    # resuming on Ray skips what is stored
+    again = run(model, data, ["gradient"], tmp_path / "ray", engine="ray", num_workers=2)
+    assert (again.written, again.skipped) == (0, 8)

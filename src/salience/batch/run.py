@@ -25,7 +25,7 @@ from .._io import Progress
 from ..registry import check_options, explain, get_method
 from .store import Store, entry_key
 
-__all__ = ["IMAGE_EXTENSIONS", "BatchSummary", "find_images", "run"]
+__all__ = ["IMAGE_EXTENSIONS", "BatchSummary", "Outcome", "find_images", "run"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 """File endings :func:`find_images` picks up in a directory (case does not matter)."""
@@ -176,6 +176,8 @@ def run(
     device: torch.device | str | None = None,
     progress: bool | None = None,
     log: Callable[[str], None] | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
 ) -> BatchSummary:
     """Explain every input of ``dataset`` with ``methods`` and store the maps in ``out``.
 
@@ -199,6 +201,11 @@ def run(
         device: Where the model runs; default the device of its parameters.
         progress: Show a progress bar with images/s on stderr (``None``: on a terminal).
         log: Called with a line for each failure (the CLI prints them); default silent.
+        engine: ``"local"`` (this process, with ``num_workers`` loader processes) or
+            ``"ray"``: the same job on Ray Data, ``num_workers`` actors each holding a copy
+            of the model (one GPU each when the model is on CUDA); see
+            :mod:`salience.batch.ray_engine`. Needs ``pip install "ray[data]"``.
+        ray_address: The Ray cluster to join (``None``: a local one is started).
 
     Returns:
         A :class:`BatchSummary`; ``summary.store`` reads the maps back.
@@ -231,40 +238,92 @@ def run(
     if device is None:
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
+    if engine not in ("local", "ray"):
+        raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
     store = Store(out, create=True, description={"methods": list(methods)})
-    keys = [entry_key(s) for s in sources]
+    job = _Job(
+        model=model,
+        inputs=_Inputs(items, sources, preprocess, crop, max_pixels),
+        methods=tuple(methods),
+        options=opts,
+        target=target,
+        keys=[entry_key(s) for s in sources],
+        store=store,
+        device=device,
+        overlays=overlays,
+    )
     summary = BatchSummary(store)
     say = log or (lambda _line: None)
-    todo = [i for i, key in enumerate(keys) if not all(store.has(key, m) for m in methods)]
-    summary.skipped = sum(store.has(key, m) for key in keys for m in methods)
-    loader = torch.utils.data.DataLoader(
-        _Inputs(items, sources, preprocess, crop, max_pixels),
-        batch_size=max(1, int(batch_size)),
-        sampler=todo,
-        num_workers=num_workers,
-        collate_fn=_collate,
-    )
+    todo = [i for i, key in enumerate(job.keys) if not all(store.has(key, m) for m in methods)]
+    summary.skipped = sum(store.has(key, m) for key in job.keys for m in methods)
     start = time.perf_counter()
     with Progress(len(todo), "batch", enabled=progress) as bar:
-        for batch in loader:
-            good = []
-            for i, source, x, image, label, error in batch:
-                if error is not None:
-                    summary.failures.append((source, error))
-                    say(f"{source}: {error}")
-                else:
-                    good.append((i, source, x, image, label))
-            for group in _same_size(good):
-                _explain_group(model, group, methods, opts, target, keys, store, device,
-                               overlays, summary, say)  # fmt: skip
-            summary.images += len(good)
+        if engine == "ray":
+            from .ray_engine import run_on_ray
+
+            outcomes = run_on_ray(job, todo, max(1, int(batch_size)), num_workers, ray_address)
+        else:
+            loader = torch.utils.data.DataLoader(
+                job.inputs,
+                batch_size=max(1, int(batch_size)),
+                sampler=todo,
+                num_workers=num_workers,
+                collate_fn=_collate,
+            )
+            outcomes = (job.process(batch) for batch in loader)
+        for outcome in outcomes:
+            summary.written += outcome.written
+            summary.images += outcome.images
+            for source, error in outcome.failures:
+                summary.failures.append((source, error))
+                say(f"{source}: {error}")
             elapsed = time.perf_counter() - start
             rate = summary.images / elapsed if elapsed > 0 else 0.0
-            bar.update(len(batch), label=f"batch {rate:.1f} images/s")
+            bar.update(outcome.inputs, label=f"batch {rate:.1f} images/s")
     summary.seconds = time.perf_counter() - start
+    summary.failures.sort()
     store.write_index()
     store.write_failures(summary.failures)
     return summary
+
+
+@dataclass
+class Outcome:
+    """What processing one batch of inputs did (picklable, for remote workers)."""
+
+    inputs: int = 0
+    images: int = 0
+    written: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class _Job:
+    """Everything needed to explain a batch of inputs, in this process or a remote worker."""
+
+    model: nn.Module
+    inputs: _Inputs
+    methods: tuple[str, ...]
+    options: Mapping[str, Mapping[str, Any]]
+    target: Any
+    keys: Sequence[str]
+    store: Store
+    device: Any
+    overlays: bool
+
+    def process(self, batch: list[Any]) -> Outcome:
+        """Explain loaded items ``(i, source, x, image, label, error)``; write their maps."""
+        outcome = Outcome(inputs=len(batch))
+        good = []
+        for i, source, x, image, label, error in batch:
+            if error is not None:
+                outcome.failures.append((source, error))
+            else:
+                good.append((i, source, x, image, label))
+        outcome.images = len(good)
+        for group in _same_size(good):
+            _explain_group(self, group, outcome)
+        return outcome
 
 
 def _same_size(items: list[Any]) -> list[list[Any]]:
@@ -275,49 +334,35 @@ def _same_size(items: list[Any]) -> list[list[Any]]:
     return list(groups.values())
 
 
-def _explain_group(
-    model: nn.Module,
-    group: list[Any],
-    methods: Sequence[str],
-    options: Mapping[str, Mapping[str, Any]],
-    target: Any,
-    keys: Sequence[str],
-    store: Store,
-    device: Any,
-    overlays: bool,
-    summary: BatchSummary,
-    say: Callable[[str], None],
-) -> None:
-    if target == "label":
+def _explain_group(job: _Job, group: list[Any], outcome: Outcome) -> None:
+    """Run every method on one batch of same-size inputs and store each map."""
+    if job.target == "label":
         for item in [item for item in group if item[4] is None]:
-            summary.failures.append((item[1], "target='label' but the dataset gives no label"))
-            say(f"{item[1]}: target='label' but the dataset gives no label")
+            outcome.failures.append((item[1], "target='label' but the dataset gives no label"))
         group = [item for item in group if item[4] is not None]
         if not group:
             return
-    x = torch.stack([item[2] for item in group]).to(device)
-    chosen: Any = target
-    if target == "label":
+    x = torch.stack([item[2] for item in group]).to(job.device)
+    chosen: Any = job.target
+    if job.target == "label":
         chosen = torch.tensor([int(item[4]) for item in group], device=x.device)
-    for method in methods:
-        rows = [n for n, item in enumerate(group) if not store.has(keys[item[0]], method)]
+    for method in job.methods:
+        rows = [n for n, item in enumerate(group) if not job.store.has(job.keys[item[0]], method)]
         if not rows:
             continue
         picked = chosen[rows] if isinstance(chosen, Tensor) else chosen
         try:
-            result = explain(model, x[rows], method, picked, **options[method])
+            result = explain(job.model, x[rows], method, picked, **job.options[method])
         except Exception as exc:
             text = " ".join(str(exc).split()) or type(exc).__name__
-            for n in rows:
-                summary.failures.append((group[n][1], f"{method}: {text}"))
-                say(f"{group[n][1]}: {method}: {text}")
+            outcome.failures.extend((group[n][1], f"{method}: {text}") for n in rows)
             continue
         for j, n in enumerate(rows):
             i, source, _x, image, _label = group[n]
-            store.write(keys[i], source, result, j)
-            if overlays:
-                _write_overlay(store, keys[i], method, result, j, image)
-            summary.written += 1
+            job.store.write(job.keys[i], source, result, j)
+            if job.overlays:
+                _write_overlay(job.store, job.keys[i], method, result, j, image)
+            outcome.written += 1
 
 
 def _write_overlay(

@@ -49,8 +49,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
             device=pipe.device,
             progress=False if args.quiet else None,
             log=lambda line: _err(f"salience batch: error: {line}"),
+            engine=args.engine,
+            ray_address=args.ray_address,
         )
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, ImportError) as exc:
         raise CLIError(_one_line(exc)) from None
     print(
         f"{summary.written} maps written, {summary.skipped} already stored, "

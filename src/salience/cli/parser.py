@@ -202,6 +202,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--overlays", action="store_true", help="also write each map over its image as a PNG"
     )
+    p.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this process and --workers loader processes; ray: Ray Data with "
+        "--workers actors, each holding the model (pip install 'ray[data]')",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="with --engine ray, the cluster to join (default: start a local one)",
+    )
     p.set_defaults(handler=cmd_batch)
 
     p = sub.add_parser(
