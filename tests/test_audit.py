@@ -209,3 +209,27 @@ def test_an_interrupted_audit_leaves_no_page(tmp_path, monkeypatch, capsys):
     assert not out.exists()
     assert list(tmp_path.glob("*.html*")) == []
     assert "interrupted" in capsys.readouterr().err
+
+
+def test_randomization_and_invariance_are_those_of_the_metrics(vgg, images):
+    from salience.metrics import input_invariance, parameter_randomization
+
+    result = audit(
+        vgg, images, ["gradient", "input_x_gradient"], checks=["randomization", "invariance"],
+        checkpoints=3, seed=1,
+    )  # fmt: skip
+    target = vgg(images).argmax(1)
+    for row in result.methods:
+        check = parameter_randomization(vgg, images, row.method, target, seed=1, checkpoints=3)
+        reading = row.readings["randomization"]
+        assert reading.value == pytest.approx(check.average("spearman_abs"))
+        assert reading.verdict == {True: "good", False: "bad", None: "fair"}[check.passed]
+        change = input_invariance(vgg, images, [row.method], target)[row.method].change
+        assert row.readings["invariance"].value == pytest.approx(float(change.mean()))
+    # Kindermans et al.: the gradient is invariant to the mean shift, gradient x input is not.
+    assert result["gradient"].readings["invariance"].verdict == "good"
+    assert result["input_x_gradient"].readings["invariance"].verdict == "bad"
+    assert "Kindermans" in result["input_x_gradient"].readings["invariance"].text
+    page = result.to_html()
+    assert "Model randomization" in page
+    assert "similarity under randomization" in page

@@ -9,25 +9,53 @@ audit report are still to come.
 - :func:`box_from_map`, :func:`iou`, :func:`localization_error`, :func:`pointing_game` and
   :func:`pointing_energy`: whether a map points at the object (CAM, Zhou et al. 2016; the
   pointing game, Zhang et al. 2016; its energy variant, Score-CAM, Wang et al. 2020).
+- :func:`parameter_randomization`: the sanity check of Adebayo et al. (NeurIPS 2018):
+  randomize the layers of a copy of the model, from the top (cascading) or one at a time,
+  and measure how similar the maps stay (Spearman, SSIM, HOG; :class:`SanityCheck`).
+- :func:`input_invariance` and :func:`mean_shift_twin`: Kindermans et al. (2019): a twin
+  model whose first layer absorbs a constant input shift; does each map stay the same?
 """
 
 from __future__ import annotations
 
 from .audit import Audit, MethodAudit, audit
 from .faithfulness import PerturbationCurve, Substrate, deletion, insertion
+from .invariance import InputInvariance, MethodInvariance, input_invariance, mean_shift_twin
 from .localization import box_from_map, iou, localization_error, pointing_energy, pointing_game
+from .sanity import (
+    SanityCheck,
+    hog_features,
+    hog_similarity,
+    parameter_randomization,
+    plot_sanity_checks,
+    randomization_layers,
+    rank_correlation,
+    ssim,
+)
 
 __all__ = [
     "Audit",
+    "InputInvariance",
     "MethodAudit",
+    "MethodInvariance",
     "PerturbationCurve",
+    "SanityCheck",
     "Substrate",
     "audit",
     "box_from_map",
     "deletion",
+    "hog_features",
+    "hog_similarity",
+    "input_invariance",
     "insertion",
     "iou",
     "localization_error",
+    "mean_shift_twin",
+    "parameter_randomization",
+    "plot_sanity_checks",
     "pointing_energy",
     "pointing_game",
+    "randomization_layers",
+    "rank_correlation",
+    "ssim",
 ]

@@ -1,0 +1,1098 @@
+r"""Sanity checks: whether a saliency map changes when the model's weights are destroyed.
+
+Adebayo et al. (*Sanity Checks for Saliency Maps*, NeurIPS 2018, Sec. 3) randomize the
+parameters of a trained network and re-explain the same inputs. A map that still looks the same
+explains the image (an edge detector would draw it too), not the model. Two orders:
+
+- **cascading** randomization: from the top layer (the logits) down, cumulatively: row ``k``
+  of the result is the model whose top ``k + 1`` layers are random;
+- **independent** randomization: one layer at a time, the others keep their trained values.
+
+What is computed, exactly, for each sample ``i`` and randomized model ``k``:
+
+1. **A copy.** The model is deep-copied once; only the copy is changed. The user's model,
+   its parameters, buffers, ``requires_grad`` flags and training flag are never touched, also
+   when the method raises midway.
+2. **Layers.** A *unit* is a module with parameters of its own (conv, linear, norm, ...). A
+   forward pass on the inputs (forward hooks of :mod:`salience.hooks`) orders the units by
+   when their forward call returns; units the forward pass does not run are left out. Units
+   are grouped into layers (see :func:`randomization_layers`): by default, the units under the
+   same numbered block (``features.3``, ``_blocks.12``, ``layer2.1``), a normalization joining
+   the layer just before it. ``layers=`` names the layers instead.
+3. **Randomization.** A unit is re-initialized with its ``reset_parameters()`` (PyTorch's
+   default initialization; for a norm layer this also resets its running statistics) when it
+   has one, else each of its parameters is drawn from a Gaussian ``N(0, s^2)`` with ``s`` the
+   standard deviation of its trained values. Each unit draws from its own stream, seeded by
+   ``seed`` and the unit's position, so a unit gets the same random values in both orders and
+   whatever layers are evaluated. The global random state is left as it was.
+4. **Target.** The target is resolved once, on the original model (``None``: its predicted
+   class), and kept for every randomized model, as in the paper.
+5. **Maps.** ``A = method(copy, inputs, target).values`` of shape ``(N, C, H, W)``. The paper's
+   two maps (it uses the visualization of Smilkov et al., 2017):
+
+   - absolute: ``a = sum_c |A_c|``; signed: ``s = sum_c A_c``;
+   - for SSIM and HOG, ``a`` is normalized to ``[0, 1]`` per map:
+     ``clip((a - min a) / (p99(a) - min a), 0, 1)`` with ``p99`` the 99th percentile
+     (the maximum when the percentile equals the minimum).
+
+6. **Similarities** to the map of the trained model, per sample:
+
+   - ``"spearman_abs"``: Spearman rank correlation of the absolute maps ``a`` (before the
+     percentile clip: a rank statistic needs no normalization, and the clip would only tie
+     the top 1 %); ``"spearman"``: of the signed maps ``s``; ties get their average rank;
+   - ``"ssim"``: the structural similarity of the normalized maps (:func:`ssim`, Wang et al.
+     2004, Gaussian window ``sigma = 1.5``, data range 1);
+   - ``"hog"``: the Pearson correlation of the HOG descriptors of the normalized maps
+     (:func:`hog_features`, Dalal and Triggs 2005).
+
+   A measure that is undefined (a constant map has no ranks) is NaN, with a warning.
+
+The verdict (:meth:`SanityCheck.verdict`) reads the Spearman correlation of the absolute maps
+averaged over the layers evaluated (:meth:`SanityCheck.average`, the area under the curve):
+below 0.45 the maps follow the weights (passes), above 0.55 they barely do (fails).
+:meth:`SanityCheck.final` is the figure once every layer is random. These bounds are a
+convention of this library (see :attr:`SanityCheck.passed` for the measurements behind them);
+the paper compares methods, it does not grade them.
+
+References:
+    Adebayo, Gilmer, Muelly, Goodfellow, Hardt, Kim. Sanity Checks for Saliency Maps.
+    NeurIPS 2018, arXiv:1810.03292.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._checks import check_inputs, check_positive_int
+from .._forward import ForwardArgs, model_scope
+from .._io import Progress
+from ..attribution import Attribution
+from ..hooks import forward_hooks
+from ..targets import TargetLike, resolve_target
+
+__all__ = [
+    "MEASURES",
+    "SanityCheck",
+    "hog_features",
+    "hog_similarity",
+    "parameter_randomization",
+    "plot_sanity_checks",
+    "randomization_layers",
+    "rank_correlation",
+    "ssim",
+]
+
+MEASURES = ("spearman_abs", "spearman", "ssim", "hog")
+"""The similarity measures of :func:`parameter_randomization`, in the paper's order."""
+
+MEASURE_NAMES = {
+    "spearman_abs": "Spearman (abs)",
+    "spearman": "Spearman (signed)",
+    "ssim": "SSIM",
+    "hog": "HOG",
+}
+
+PASS_BELOW = 0.45
+"""Mean Spearman (abs) over the randomized layers below which the maps follow the weights."""
+FAIL_ABOVE = 0.55
+"""Mean Spearman (abs) over the randomized layers above which the maps barely follow them."""
+
+Method = str | Callable[[nn.Module, Tensor, Any], Attribution]
+"""A registered method name, or a callable ``(model, inputs, target) -> Attribution``."""
+
+Mode = Literal["cascading", "independent"]
+LayerSpec = str | Sequence[str]
+
+_NORMS = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+)
+
+
+# --------------------------------------------------------------------------- similarity
+
+
+def _rows(a: Tensor, b: Tensor, name: str) -> tuple[Tensor, Tensor]:
+    """Return ``a`` and ``b`` as ``(N, P)`` float64 rows, checked."""
+    for t, label in ((a, "a"), (b, "b")):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: {label} must be a tensor, got {type(t).__name__}")
+    if a.shape != b.shape:
+        raise ValueError(f"{name}: the maps differ in shape, {tuple(a.shape)} vs {tuple(b.shape)}")
+    if a.ndim < 2 or a.numel() == 0:
+        raise ValueError(
+            f"{name}: expected (N, ...) maps, one row per sample; got {tuple(a.shape)}"
+        )
+    a2 = a.detach().reshape(a.shape[0], -1).double()
+    b2 = b.detach().reshape(b.shape[0], -1).double().to(a2.device)
+    if not (torch.isfinite(a2).all() and torch.isfinite(b2).all()):
+        raise ValueError(f"{name}: the maps contain NaN or inf values")
+    return a2, b2
+
+
+def _pearson_rows(a: Tensor, b: Tensor) -> Tensor:
+    """Pearson correlation of each row pair; NaN where a row is constant."""
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    den = a.norm(dim=1) * b.norm(dim=1)
+    r = (a * b).sum(dim=1) / den
+    return torch.where(den > 0, r.clamp(-1.0, 1.0), torch.full_like(r, math.nan))
+
+
+def _average_ranks(x: Tensor) -> Tensor:
+    """Ranks ``1..P`` of each row of ``x`` (``(N, P)``), ties sharing their average rank."""
+    n, p = x.shape
+    sorted_x, order = x.sort(dim=1, stable=True)
+    new = torch.ones_like(sorted_x, dtype=torch.bool)
+    new[:, 1:] = sorted_x[:, 1:] != sorted_x[:, :-1]
+    group = new.long().cumsum(dim=1) - 1  # tie group of each sorted position
+    position = torch.arange(p, device=x.device, dtype=torch.float64).expand(n, p)
+    total = torch.zeros(n, p, dtype=torch.float64, device=x.device).scatter_add_(1, group, position)
+    count = torch.zeros(n, p, dtype=torch.float64, device=x.device).scatter_add_(
+        1, group, torch.ones_like(position)
+    )
+    mean = (total / count.clamp(min=1)).gather(1, group) + 1.0
+    return torch.empty_like(mean).scatter_(1, order, mean)
+
+
+def rank_correlation(a: Tensor, b: Tensor) -> Tensor:
+    r"""Spearman rank correlation of ``a[i]`` and ``b[i]`` for each sample ``i``.
+
+    .. math:: \rho = \mathrm{corr}(\mathrm{rank}(a), \mathrm{rank}(b))
+
+    the Pearson correlation of the ranks, ties given their average rank (as
+    ``scipy.stats.spearmanr``). Computed in float64 on the maps' device.
+
+    Args:
+        a: ``(N, ...)`` maps, one per sample (flattened per sample).
+        b: Maps of the same shape.
+
+    Returns:
+        ``(N,)`` float64 correlations in ``[-1, 1]``; NaN where a map is constant (it has no
+        ranking).
+
+    Raises:
+        ValueError: maps of different shapes, empty, or with NaN or inf values.
+    """
+    a2, b2 = _rows(a, b, "rank_correlation")
+    return _pearson_rows(_average_ranks(a2), _average_ranks(b2))
+
+
+def _gaussian_taps(sigma: float, radius: int, device: torch.device) -> Tensor:
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64, device=device)
+    taps = torch.exp(-0.5 * (t / sigma) ** 2)
+    return taps / taps.sum()
+
+
+def ssim(
+    a: Tensor,
+    b: Tensor,
+    *,
+    data_range: float | None = None,
+    sigma: float = 1.5,
+    truncate: float = 3.5,
+    k1: float = 0.01,
+    k2: float = 0.03,
+) -> Tensor:
+    r"""Mean structural similarity (Wang et al. 2004) of ``a[i]`` and ``b[i]`` per sample.
+
+    With Gaussian-weighted local means :math:`\mu`, variances :math:`\sigma^2` and covariance
+    :math:`\sigma_{ab}` (window of standard deviation ``sigma``, radius
+    ``int(truncate * sigma + 0.5)``: 11 x 11 by default),
+
+    .. math:: \mathrm{SSIM} = \frac{(2\mu_a\mu_b + C_1)(2\sigma_{ab} + C_2)}
+              {(\mu_a^2 + \mu_b^2 + C_1)(\sigma_a^2 + \sigma_b^2 + C_2)},
+              \quad C_1 = (k_1 L)^2,\ C_2 = (k_2 L)^2,
+
+    averaged over every position where the window fits inside the map (no padding). This is
+    ``skimage.metrics.structural_similarity(a, b, gaussian_weights=True, sigma=1.5,
+    use_sample_covariance=False, data_range=L)``, the settings of Wang et al.
+
+    Args:
+        a: ``(N, H, W)`` maps.
+        b: ``(N, H, W)`` maps.
+        data_range: ``L``, the range of values (1 for maps in ``[0, 1]``); ``None``: per sample,
+            the range of ``a`` and ``b`` together (as Quantus does).
+        sigma: Standard deviation of the window in pixels.
+        truncate: Window radius in standard deviations.
+        k1: Luminance constant.
+        k2: Contrast constant.
+
+    Returns:
+        ``(N,)`` float64 similarities in ``[-1, 1]``, 1 for identical maps.
+
+    Raises:
+        ValueError: maps not ``(N, H, W)``, of different shapes, smaller than the window, or
+            with NaN; a non-positive ``data_range`` or ``sigma``.
+    """
+    a2, b2 = _rows(a, b, "ssim")
+    if a.ndim != 3:
+        raise ValueError(f"ssim: expected (N, H, W) maps, got shape {tuple(a.shape)}")
+    if not sigma > 0:
+        raise ValueError(f"ssim: sigma must be positive, got {sigma!r}")
+    n, h, w = a.shape
+    radius = int(truncate * sigma + 0.5)
+    size = 2 * radius + 1
+    if h < size or w < size:
+        raise ValueError(
+            f"ssim: the maps are {h}x{w}, smaller than the {size}x{size} window "
+            f"(sigma={sigma}); use a smaller sigma"
+        )
+    x = a2.view(n, 1, h, w)
+    y = b2.view(n, 1, h, w)
+    if data_range is None:
+        both = torch.cat([a2, b2], dim=1)
+        span = both.amax(dim=1) - both.amin(dim=1)
+        span = torch.where(span > 0, span, torch.ones_like(span)).view(n, 1, 1, 1)
+    else:
+        if not data_range > 0:
+            raise ValueError(f"ssim: data_range must be positive, got {data_range!r}")
+        span = torch.tensor(float(data_range), dtype=torch.float64, device=x.device)
+    taps = _gaussian_taps(sigma, radius, x.device)
+    col, row = taps.view(1, 1, size, 1), taps.view(1, 1, 1, size)
+
+    def blur(t: Tensor) -> Tensor:
+        return F.conv2d(F.conv2d(t, col), row)
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x * mu_x
+    var_y = blur(y * y) - mu_y * mu_y
+    cov = blur(x * y) - mu_x * mu_y
+    c1 = (k1 * span) ** 2
+    c2 = (k2 * span) ** 2
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / (
+        (mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2)
+    )
+    return s.flatten(1).mean(dim=1)
+
+
+def hog_features(
+    maps: Tensor,
+    *,
+    orientations: int = 9,
+    cell: int = 8,
+    block: int = 3,
+    eps: float = 1e-5,
+) -> Tensor:
+    r"""Histogram of oriented gradients (Dalal and Triggs 2005) of each map, batched.
+
+    1. Gradients by central differences, ``g_y[r] = m[r+1] - m[r-1]`` (zero on the first and
+       last row), ``g_x`` likewise along columns; magnitude ``|g|`` and unsigned orientation
+       ``atan2(g_y, g_x)`` in ``[0, 180)`` degrees.
+    2. Each pixel of the ``H // cell`` x ``W // cell`` cells (``cell`` x ``cell`` pixels; the
+       remaining border rows and columns are dropped) adds its magnitude to the bin of its
+       orientation, ``orientations`` bins of equal width.
+    3. Each block of ``block`` x ``block`` cells (stride one cell) is L2-Hys normalized:
+       ``v / sqrt(|v|^2 + eps^2)``, clipped at 0.2, normalized again.
+
+    The descriptor is ``skimage.feature.hog(m, orientations, (cell, cell), (block, block),
+    block_norm="L2-Hys")`` flattened in the same order (block row, block column, cell row,
+    cell column, orientation).
+
+    Args:
+        maps: ``(N, H, W)`` maps.
+        orientations: Number of orientation bins over 180 degrees.
+        cell: Cell side in pixels.
+        block: Block side in cells.
+        eps: The normalization's regularizer.
+
+    Returns:
+        ``(N, F)`` float64 descriptors.
+
+    Raises:
+        ValueError: maps not ``(N, H, W)`` or smaller than one block of cells.
+    """
+    if not isinstance(maps, Tensor) or maps.ndim != 3:
+        shape = tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__
+        raise ValueError(f"hog_features: expected (N, H, W) maps, got {shape}")
+    orientations = check_positive_int("orientations", orientations)
+    cell = check_positive_int("cell", cell)
+    block = check_positive_int("block", block)
+    m = maps.detach().double()
+    n, h, w = m.shape
+    rows, cols = h // cell, w // cell
+    if rows < block or cols < block:
+        raise ValueError(
+            f"hog_features: {h}x{w} maps hold {rows}x{cols} cells of {cell} px, fewer than one "
+            f"block of {block}x{block} cells; they need at least {block * cell}x{block * cell} px"
+        )
+    g_row = torch.zeros_like(m)
+    g_col = torch.zeros_like(m)
+    g_row[:, 1:-1, :] = m[:, 2:, :] - m[:, :-2, :]
+    g_col[:, :, 1:-1] = m[:, :, 2:] - m[:, :, :-2]
+    magnitude = torch.hypot(g_row, g_col)
+    angle = torch.rad2deg(torch.atan2(g_row, g_col)) % 180.0
+    bins = (angle * (orientations / 180.0)).floor().long().clamp(0, orientations - 1)
+    hh, ww = rows * cell, cols * cell
+    votes = torch.zeros(n, orientations, hh, ww, dtype=torch.float64, device=m.device)
+    votes.scatter_(1, bins[:, None, :hh, :ww], magnitude[:, None, :hh, :ww])
+    hist = votes.view(n, orientations, rows, cell, cols, cell).sum(dim=(3, 5))
+    hist = hist.permute(0, 2, 3, 1)  # (N, rows, cols, orientations)
+    blocks = hist.unfold(1, block, 1).unfold(2, block, 1)  # (N, br, bc, o, block, block)
+    blocks = blocks.permute(0, 1, 2, 4, 5, 3).reshape(n, rows - block + 1, cols - block + 1, -1)
+    out = blocks / torch.sqrt((blocks**2).sum(-1, keepdim=True) + eps**2)
+    out = out.clamp(max=0.2)
+    out = out / torch.sqrt((out**2).sum(-1, keepdim=True) + eps**2)
+    return out.reshape(n, -1)
+
+
+def hog_similarity(a: Tensor, b: Tensor, *, cell: int = 8, block: int = 3) -> Tensor:
+    """Pearson correlation of the HOG descriptors (:func:`hog_features`) of ``a[i]`` and ``b[i]``.
+
+    Args:
+        a: ``(N, H, W)`` maps.
+        b: ``(N, H, W)`` maps.
+        cell: Cell side in pixels.
+        block: Block side in cells.
+
+    Two independent noise maps score slightly above 0 (uniform noise: 0.05 on average at
+    96 x 96 px, 0.1 at 48 x 48): on a pixel grid some orientation bins are likelier than
+    others in every image alike.
+
+    Returns:
+        ``(N,)`` float64 correlations; NaN where a descriptor is constant (a flat map).
+
+    Raises:
+        ValueError: maps of different shapes, with NaN, or too small for one block.
+    """
+    a2, b2 = _rows(a, b, "hog_similarity")
+    if a.ndim != 3:
+        raise ValueError(f"hog_similarity: expected (N, H, W) maps, got {tuple(a.shape)}")
+    fa = hog_features(a2.view(a.shape), cell=cell, block=block)
+    fb = hog_features(b2.view(a.shape), cell=cell, block=block)
+    return _pearson_rows(fa, fb)
+
+
+# --------------------------------------------------------------------------- maps
+
+
+def _abs_map(values: Tensor) -> Tensor:
+    """``sum_c |A_c|``: ``(N, H, W)``."""
+    return values.detach().abs().sum(dim=1) if values.ndim == 4 else values.detach().abs()
+
+
+def _signed_map(values: Tensor) -> Tensor:
+    """``sum_c A_c``: ``(N, H, W)``."""
+    return values.detach().sum(dim=1) if values.ndim == 4 else values.detach()
+
+
+def _normalized(a: Tensor) -> Tensor:
+    """Scale non-negative maps to ``[0, 1]``: ``(a - min) / (p99 - min)``, clipped."""
+    flat = a.double().flatten(1)
+    low = flat.amin(dim=1, keepdim=True)
+    high = torch.quantile(flat, 0.99, dim=1, keepdim=True)
+    top = flat.amax(dim=1, keepdim=True)
+    high = torch.where(high > low, high, top)
+    span = (high - low).clamp(min=torch.finfo(torch.float64).tiny)
+    return ((flat - low) / span).clamp(0.0, 1.0).view(a.shape)
+
+
+def _hog_cell(h: int, w: int) -> int:
+    """Return the HOG cell side for ``h x w`` maps: 8 px (skimage's default), less if small."""
+    return max(1, min(8, min(h, w) // 3))
+
+
+def _measure(values: Tensor, reference: Mapping[str, Tensor], hog_cell: int) -> dict[str, Tensor]:
+    """Every similarity of the maps of ``values`` to the reference maps."""
+    a = _abs_map(values)
+    norm = _normalized(a)
+    side = min(norm.shape[-2:])
+    # The 11 x 11 window of Wang et al.; maps smaller than that get the largest window inside.
+    sigma = 1.5 if side >= 11 else max((side - 1) // 2, 1) / 3.5
+    return {
+        "spearman_abs": _pearson_rows(_ranks_of(a), reference["abs_ranks"]),
+        "spearman": _pearson_rows(_ranks_of(_signed_map(values)), reference["signed_ranks"]),
+        "ssim": ssim(norm, reference["norm"], data_range=1.0, sigma=sigma),
+        "hog": hog_similarity(norm, reference["norm"], cell=hog_cell),
+    }
+
+
+def _ranks_of(maps: Tensor) -> Tensor:
+    return _average_ranks(maps.detach().reshape(maps.shape[0], -1).double())
+
+
+def _reference(values: Tensor) -> dict[str, Tensor]:
+    a = _abs_map(values)
+    return {
+        "abs_ranks": _ranks_of(a),
+        "signed_ranks": _ranks_of(_signed_map(values)),
+        "norm": _normalized(a),
+    }
+
+
+# --------------------------------------------------------------------------- layers
+
+
+@dataclass(frozen=True)
+class _Unit:
+    name: str
+    module: nn.Module
+    rank: int  # when its forward call returned, 0 first
+
+
+def _units(model: nn.Module, run: Callable[[], Any]) -> tuple[list[_Unit], list[str]]:
+    """Modules with own parameters, in the order their forward returns; and those never run."""
+    owners = [
+        (name, m)
+        for name, m in model.named_modules()
+        if any(True for _ in m.parameters(recurse=False))
+    ]
+    order: dict[str, int] = {}
+
+    def hook(name: str, module: nn.Module, args: Any, output: Any) -> None:
+        order.setdefault(name, len(order))
+
+    with forward_hooks(owners, hook):
+        run()
+    units = [_Unit(n, m, order[n]) for n, m in owners if n in order]
+    units.sort(key=lambda u: u.rank)
+    unused = [n for n, _ in owners if n not in order]
+    return units, unused
+
+
+def _block_key(name: str) -> str:
+    """Return a unit's default layer: its name up to and including the first numeric part."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return name
+
+
+def _default_groups(units: Sequence[_Unit]) -> list[tuple[str, list[_Unit]]]:
+    groups: list[tuple[str, list[_Unit]]] = []
+    for unit in units:
+        key = _block_key(unit.name) if unit.name else "(root)"
+        if groups and groups[-1][0] == key:
+            groups[-1][1].append(unit)
+        elif groups and isinstance(unit.module, _NORMS) and key == unit.name:
+            groups[-1][1].append(unit)  # a norm joins the layer it normalizes
+        else:
+            groups.append((key, [unit]))
+    return groups
+
+
+def _named_groups(
+    model: nn.Module, units: Sequence[_Unit], layers: Sequence[LayerSpec]
+) -> list[tuple[str, list[_Unit]]]:
+    names = dict(model.named_modules())
+    groups: list[tuple[str, list[_Unit]]] = []
+    for spec in layers:
+        members = [spec] if isinstance(spec, str) else list(spec)
+        if not members:
+            raise ValueError("layers: an empty group of module names")
+        chosen: list[_Unit] = []
+        for member in members:
+            if not isinstance(member, str):
+                raise TypeError(f"layers: module names must be strings, got {member!r}")
+            if member not in names:
+                close = difflib.get_close_matches(member, list(names), n=3)
+                hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+                raise ValueError(f"layers: the model has no module named {member!r}{hint}")
+            prefix = member + "." if member else ""
+            found = [u for u in units if u.name == member or u.name.startswith(prefix)]
+            if not found:
+                raise ValueError(
+                    f"layers: module {member!r} has no parameters that the forward pass uses: "
+                    "there is nothing to randomize in it"
+                )
+            chosen += [u for u in found if u not in chosen]
+        chosen.sort(key=lambda u: u.rank)
+        label = members[0] if len(members) == 1 else "+".join(members)
+        groups.append((label or "(root)", chosen))
+    return groups
+
+
+def randomization_layers(
+    model: nn.Module,
+    inputs: Tensor,
+    layers: Sequence[LayerSpec] | Literal["blocks", "units"] = "blocks",
+    *,
+    forward_args: ForwardArgs = None,
+) -> list[tuple[str, list[str]]]:
+    """Return the layers :func:`parameter_randomization` randomizes, from the input to the top.
+
+    A forward pass on ``inputs`` orders the modules with parameters of their own (*units*) by
+    when their forward call returns. ``layers`` groups them:
+
+    - ``"blocks"`` (default): units under the same numbered block share a layer. A unit's
+      layer is its name up to its first numeric part (``_blocks.12._bn1`` -> ``_blocks.12``,
+      ``features.3`` -> ``features.3``, ``layer2.1.conv1`` -> ``layer2.1``; without one, the
+      name itself), and a normalization layer (BatchNorm, LayerNorm, GroupNorm) that would be
+      a layer of its own joins the layer before it (``_conv_stem`` + ``_bn0``);
+    - ``"units"``: every unit is a layer;
+    - a sequence of module names (or of sequences of names, one layer each): each layer holds
+      the units inside the named modules.
+
+    Args:
+        model: The model.
+        inputs: ``(N, C, H, W)`` inputs for the forward pass.
+        layers: The grouping.
+        forward_args: Extra arguments of the model.
+
+    Returns:
+        ``[(layer, [unit names])]`` in forward order (the input side first).
+
+    Raises:
+        ValueError: an unknown module name, a module without parameters, a model without
+            parameters.
+    """
+    check_inputs(inputs)
+    units = _discover(model, inputs, forward_args, allow_tf32=False)[0]
+    return [(label, [u.name for u in group]) for label, group in _group(model, units, layers)]
+
+
+def _discover(
+    model: nn.Module, inputs: Tensor, forward_args: ForwardArgs, allow_tf32: bool
+) -> tuple[list[_Unit], Tensor | Any]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            "the sanity check randomizes the parameters of an nn.Module; got "
+            f"{type(model).__name__}"
+        )
+    out: list[Any] = []
+    with model_scope(model, inputs, forward_args=forward_args, allow_tf32=allow_tf32) as fwd:
+
+        def run() -> None:
+            with torch.no_grad():
+                out.append(fwd(inputs.detach().clone()))
+
+        units, _ = _units(model, run)
+    if not units:
+        raise ValueError(
+            "the model has no parameters that its forward pass uses: there is nothing to randomize"
+        )
+    return units, out[0]
+
+
+def _group(
+    model: nn.Module,
+    units: Sequence[_Unit],
+    layers: Sequence[LayerSpec] | Literal["blocks", "units"],
+) -> list[tuple[str, list[_Unit]]]:
+    if isinstance(layers, str):
+        if layers == "blocks":
+            return _default_groups(units)
+        if layers == "units":
+            return [(u.name or "(root)", [u]) for u in units]
+        raise ValueError(f"layers={layers!r}: expected 'blocks', 'units' or a list of module names")
+    if not isinstance(layers, Sequence) or not layers:
+        raise ValueError("layers must be 'blocks', 'units' or a non-empty list of module names")
+    return _named_groups(model, units, layers)
+
+
+# --------------------------------------------------------------------------- randomization
+
+
+def _unit_seed(seed: int, index: int) -> int:
+    return (seed * 1_000_003 + index * 7919 + 12345) % (2**63 - 1)
+
+
+def _randomize(unit: _Unit, seed: int) -> None:
+    """Re-initialize the unit's own parameters: ``reset_parameters()``, else a Gaussian."""
+    module = unit.module
+    reset = getattr(module, "reset_parameters", None)
+    devices = sorted(
+        {p.device.index or 0 for p in module.parameters(recurse=False) if p.device.type == "cuda"}
+    )
+    with torch.no_grad():
+        if callable(reset):
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                reset()
+            return
+        generator = torch.Generator().manual_seed(seed)
+        for p in module.parameters(recurse=False):
+            values = p.detach().double()
+            scale = values.std() if values.numel() > 1 else values.abs().reshape(())
+            if not bool(torch.isfinite(scale)) or float(scale) == 0.0:
+                scale = values.pow(2).mean().sqrt()
+            draw = torch.randn(p.shape, generator=generator, dtype=torch.float64) * float(scale)
+            p.copy_(draw.to(p.device, p.dtype))
+
+
+def _snapshot(unit: _Unit) -> list[tuple[Tensor, Tensor]]:
+    tensors = list(unit.module.parameters(recurse=False)) + [
+        b for b in unit.module.buffers(recurse=False) if b is not None
+    ]
+    return [(t, t.detach().clone()) for t in tensors]
+
+
+def _restore(saved: list[tuple[Tensor, Tensor]]) -> None:
+    with torch.no_grad():
+        for tensor, value in saved:
+            tensor.copy_(value)
+
+
+# --------------------------------------------------------------------------- result
+
+
+@dataclass(frozen=True, eq=False)
+class SanityCheck:
+    """The result of :func:`parameter_randomization` for one method.
+
+    Row ``k`` is the ``k``-th randomized model: in cascading mode, the top ``k + 1`` layers
+    evaluated are random (and every layer above them); in independent mode, only layer ``k``.
+
+    Attributes:
+        method: The method's name.
+        mode: ``"cascading"`` or ``"independent"``.
+        layers: ``(L,)`` the layer randomized at each row, the top first.
+        randomized: ``(L,)`` the units random in the model of each row.
+        similarity: ``{measure: (L, N) float64}`` similarity of each sample's map to its map
+            under the trained model (:data:`MEASURES`).
+        target: ``(N,)`` the classes explained (resolved on the trained model), or ``None``
+            for a callable target.
+        original: ``(N, H, W)`` the normalized absolute maps of the trained model (on the CPU).
+        maps: ``(L, N, H, W)`` the normalized absolute maps of each randomized model (on the
+            CPU), or ``None`` with ``keep_maps=False``.
+        seed: The randomization seed.
+        hog_cell: The HOG cell side used, in pixels.
+    """
+
+    method: str
+    mode: str
+    layers: tuple[str, ...]
+    randomized: tuple[tuple[str, ...], ...]
+    similarity: dict[str, Tensor]
+    target: Tensor | None
+    original: Tensor
+    maps: Tensor | None
+    seed: int
+    hog_cell: int
+    units: tuple[str, ...] = field(default=())
+
+    @property
+    def samples(self) -> int:
+        """Number of samples."""
+        return int(self.original.shape[0])
+
+    def mean(self, measure: str = "spearman_abs") -> Tensor:
+        """``(L,)`` the measure per row, averaged over the samples (NaN ignored)."""
+        _check_measure(measure)
+        return self.similarity[measure].nanmean(dim=1)
+
+    def final(self, measure: str = "spearman_abs") -> float:
+        """Return the measure for the last model evaluated, averaged over the samples.
+
+        In cascading mode that model has every layer random: the one figure that sums up the
+        check (the lower, the more the maps depend on the weights).
+        """
+        return float(self.mean(measure)[-1])
+
+    def average(self, measure: str = "spearman_abs") -> float:
+        """Return the measure averaged over the samples and over the layers evaluated.
+
+        In cascading mode, the area under the similarity curve of the paper's Fig. 4 (per
+        layer): low when the maps change as soon as the top layers are random, high when they
+        survive the randomization of much of the network. Quantus calls it
+        ``return_average_correlation``.
+        """
+        return float(self.mean(measure).nanmean())
+
+    @property
+    def passed(self) -> bool | None:
+        """Whether the check passes: :meth:`average` Spearman (abs) below 0.45.
+
+        ``False`` above 0.55, ``None`` in between (unclear) or when undefined. Why the
+        average and not :meth:`final`: on EfficientNet-Lite0 (cascading, 5 evenly spread
+        checkpoints, the cat and coffee images, seeds 0-4) guided backprop keeps a
+        similarity of 0.8 down to the middle of the network, yet ends at 0.12-0.38 once every
+        layer is random, close to the gradient (0.05-0.12); Grad-CAM ends anywhere from -0.13
+        to 0.62 (its map has 7 x 7 degrees of freedom). The averages separate them: guided
+        backprop 0.63-0.73, gradient 0.25-0.39, Grad-CAM -0.11-0.38. The bounds are a
+        convention of this library, not the paper's.
+        """
+        value = self.average()
+        if math.isnan(value):
+            return None
+        if value < PASS_BELOW:
+            return True
+        if value > FAIL_ABOVE:
+            return False
+        return None
+
+    def table(self) -> list[dict[str, Any]]:
+        """One row per randomized layer: ``{"layer", "units", <measure>: mean over samples}``."""
+        means = {m: self.mean(m).tolist() for m in MEASURES}
+        return [
+            {"layer": layer, "units": len(units), **{m: means[m][k] for m in MEASURES}}
+            for k, (layer, units) in enumerate(zip(self.layers, self.randomized, strict=True))
+        ]
+
+    def to_markdown(self) -> str:
+        """Return the :meth:`table` as a Markdown table (2 decimals)."""
+        head = "| layer randomized | " + " | ".join(MEASURE_NAMES[m] for m in MEASURES) + " |"
+        rule = "|---|" + "---:|" * len(MEASURES)
+        rows = [
+            f"| {r['layer']} | " + " | ".join(_fmt(r[m]) for m in MEASURES) + " |"
+            for r in self.table()
+        ]
+        return "\n".join([head, rule, *rows])
+
+    def verdict(self) -> str:
+        """Return one line saying whether the maps follow the weights."""
+        first, last = float(self.mean()[0]), self.final()
+        if self.mode == "cascading":
+            what = f"from the top layer to all {len(self.layers)} randomized"
+        else:
+            what = f"{len(self.layers)} layers randomized one at a time"
+        trend = (
+            f"Spearman |map| {_fmt(first)} → {_fmt(last)} {what}, {_fmt(self.average())} on average"
+        )
+        if self.passed is True:
+            return f"{self.method}: maps change when the model is randomized ({trend}): passes"
+        if self.passed is False:
+            return (
+                f"{self.method}: maps stay similar when the model is randomized ({trend}): "
+                "fails, the map does not depend on what the model learned"
+            )
+        return f"{self.method}: maps change only partly when the model is randomized ({trend})"
+
+    def __repr__(self) -> str:
+        return (
+            f"SanityCheck(method={self.method!r}, mode={self.mode!r}, layers={len(self.layers)}, "
+            f"samples={self.samples}): {self.verdict()}"
+        )
+
+    def __str__(self) -> str:
+        return self.verdict() + "\n" + self.to_markdown()
+
+    def plot(self, ax: Any = None, measures: Sequence[str] = MEASURES) -> Any:
+        """Draw the similarity against the layer randomized, one line per measure.
+
+        As Fig. 2 and 4 of the paper: the first point is the trained model (similarity 1),
+        then one point per randomized layer, from the top; the band shows the range over the
+        samples. Uses matplotlib (object-oriented API, no pyplot state).
+
+        Args:
+            ax: A matplotlib ``Axes`` to draw in; ``None`` makes a new figure.
+            measures: Which measures to draw.
+
+        Returns:
+            The matplotlib ``Figure``.
+        """
+        own = ax is None
+        if ax is None:
+            from matplotlib.figure import Figure
+
+            fig = Figure(figsize=(max(5.0, 0.35 * len(self.layers) + 2.5), 3.6), dpi=100)
+            ax = fig.add_subplot(1, 1, 1)
+        x = list(range(len(self.layers) + 1))
+        for measure in measures:
+            _check_measure(measure)
+            sim = self.similarity[measure]
+            mean = [1.0, *self.mean(measure).tolist()]
+            ax.plot(x, mean, marker="o", markersize=3, label=MEASURE_NAMES[measure])
+            if sim.shape[1] > 1:
+                low = [1.0, *_nan_reduce(sim, "min").tolist()]
+                high = [1.0, *_nan_reduce(sim, "max").tolist()]
+                ax.fill_between(x, low, high, alpha=0.15)
+        _axes(ax, self.layers, f"{self.method}: {self.mode} randomization")
+        if own:
+            ax.figure.tight_layout()
+        return ax.figure
+
+
+def _nan_reduce(t: Tensor, how: str) -> Tensor:
+    filled = torch.nan_to_num(t, nan=math.inf if how == "min" else -math.inf)
+    return filled.amin(dim=1) if how == "min" else filled.amax(dim=1)
+
+
+def _axes(ax: Any, layers: Sequence[str], title: str, ylabel: bool = True) -> None:
+    ax.set_xticks(range(len(layers) + 1))
+    ax.set_xticklabels(["trained", *layers], rotation=60, ha="right", fontsize=7)
+    ax.axhline(0.0, color="0.6", linewidth=0.8)
+    ax.set_ylim(-0.5, 1.05)
+    if ylabel:
+        ax.set_ylabel("similarity to the trained model's map")
+    ax.set_xlabel("layers randomized (top first)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="lower left")
+
+
+def plot_sanity_checks(
+    checks: Sequence[SanityCheck] | Mapping[str, SanityCheck],
+    measures: Sequence[str] = ("spearman_abs", "ssim"),
+    *,
+    axes: Any = None,
+) -> Any:
+    """Compare methods: one panel per measure, one line per method (as the paper's Fig. 4).
+
+    Args:
+        checks: Results of :func:`parameter_randomization` on the same layers.
+        measures: One panel each.
+        axes: A sequence of matplotlib ``Axes``, one per measure; ``None`` makes a figure.
+
+    Returns:
+        The matplotlib ``Figure``.
+
+    Raises:
+        ValueError: no result, or results over different layers.
+    """
+    items = list(checks.values()) if isinstance(checks, Mapping) else list(checks)
+    if not items:
+        raise ValueError("plot_sanity_checks needs at least one result")
+    layers = items[0].layers
+    if any(c.layers != layers for c in items):
+        raise ValueError("the results were computed over different layers; plot them apart")
+    own = axes is None
+    if axes is None:
+        from matplotlib.figure import Figure
+
+        width = max(4.5, 0.3 * len(layers) + 2.5)
+        fig = Figure(figsize=(width * len(measures), 3.8), dpi=100)
+        axes = [fig.add_subplot(1, len(measures), i + 1) for i in range(len(measures))]
+    x = list(range(len(layers) + 1))
+    for i, (ax, measure) in enumerate(zip(axes, measures, strict=True)):
+        _check_measure(measure)
+        for check in items:
+            ax.plot(x, [1.0, *check.mean(measure).tolist()], marker="o", markersize=3,
+                    label=check.method)  # fmt: skip
+        _axes(ax, layers, f"{MEASURE_NAMES[measure]} ({items[0].mode})", ylabel=i == 0)
+    if own:
+        axes[0].figure.tight_layout()
+    return axes[0].figure
+
+
+def _fmt(v: float) -> str:
+    return "nan" if math.isnan(v) else f"{v:.2f}"
+
+
+def _check_measure(measure: str) -> None:
+    if measure not in MEASURES:
+        raise ValueError(f"unknown measure {measure!r}; expected one of: {', '.join(MEASURES)}")
+
+
+# --------------------------------------------------------------------------- the check
+
+
+def _method_runner(
+    method: Method, options: Mapping[str, Any] | None
+) -> tuple[str, Callable[[nn.Module, Tensor, Any], Attribution]]:
+    if isinstance(method, str):
+        from ..registry import check_options, get_method
+
+        spec = get_method(method)
+        opts = dict(options or {})
+        check_options(spec, opts)
+        return method, lambda m, x, t: spec.func(m, x, t, **opts)
+    if callable(method):
+        if options:
+            raise ValueError(
+                "options= applies to a registered method name; bind them in your callable"
+            )
+        name = getattr(method, "__name__", type(method).__name__)
+        return name, method
+    raise TypeError(
+        f"method must be a registered method name or a callable (model, inputs, target) -> "
+        f"Attribution; got {type(method).__name__}"
+    )
+
+
+def _run(
+    run: Callable[[nn.Module, Tensor, Any], Attribution],
+    name: str,
+    model: nn.Module,
+    x: Tensor,
+    target: Any,
+    where: str,
+) -> Tensor:
+    result = run(model, x, target)
+    if not isinstance(result, Attribution):
+        raise TypeError(f"the method {name!r} returned {type(result).__name__}, not an Attribution")
+    values = result.values
+    if values.ndim == 4 and values.shape[1] != 1 and result.reduction == "none":
+        raise ValueError(
+            f"{name} returned {values.shape[1]} maps per sample (several targets); the sanity "
+            "check compares one map per sample: give one target per sample"
+        )
+    if values.shape[0] != x.shape[0] or values.ndim not in (3, 4):
+        raise ValueError(
+            f"{name} returned values of shape {tuple(values.shape)} for {x.shape[0]} inputs; "
+            "expected (N, C, H, W) maps"
+        )
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(f"{name} gave NaN or inf values on the {where}")
+    return values.detach()
+
+
+def _checkpoints(count: int, checkpoints: int | None) -> list[int]:
+    if checkpoints is None:
+        return list(range(count))
+    checkpoints = check_positive_int("checkpoints", checkpoints)
+    if checkpoints >= count:
+        return list(range(count))
+    if checkpoints == 1:
+        return [count - 1]
+    return sorted({round(i * (count - 1) / (checkpoints - 1)) for i in range(checkpoints)})
+
+
+def parameter_randomization(
+    model: nn.Module,
+    inputs: Tensor,
+    method: Method = "gradient",
+    target: TargetLike = None,
+    *,
+    mode: Mode = "cascading",
+    layers: Sequence[LayerSpec] | Literal["blocks", "units"] = "blocks",
+    checkpoints: int | None = None,
+    seed: int = 0,
+    options: Mapping[str, Any] | None = None,
+    keep_maps: bool = True,
+    forward_args: ForwardArgs = None,
+    allow_tf32: bool = False,
+    progress: bool | None = False,
+) -> SanityCheck:
+    """Model parameter randomization test (Adebayo et al. 2018) of one method on ``inputs``.
+
+    Randomizes the layers of a deep copy of ``model`` from the top down (cascading) or one at
+    a time (independent), re-runs ``method`` on the same inputs and target after each, and
+    measures how similar each map stays to the map of the trained model; see
+    :mod:`salience.metrics.sanity` for exactly what is computed.
+
+    Example:
+        >>> check = parameter_randomization(model, x, "guided_backprop", checkpoints=5)
+        >>> check.verdict()  # doctest: +SKIP
+        'guided_backprop: maps stay similar when the model is randomized (...): fails, ...'
+        >>> check.plot().savefig("sanity.png")  # doctest: +SKIP
+
+    Args:
+        model: The classifier (an ``nn.Module``); it is not modified.
+        inputs: ``(N, C, H, W)`` preprocessed images.
+        method: A registered method name, or a callable ``(model, inputs, target) ->
+            Attribution`` (called with class indices when the target resolves to classes).
+        target: What to explain; resolved once on the trained model (see
+            :mod:`salience.targets`).
+        mode: ``"cascading"`` (top-down, cumulative) or ``"independent"`` (one layer at a
+            time).
+        layers: The layers: ``"blocks"``, ``"units"`` or module names (see
+            :func:`randomization_layers`).
+        checkpoints: Evaluate only this many layers, evenly spread from the top layer to the
+            bottom one (both included); in cascading mode the layers in between are still
+            randomized along the way. ``None``: every layer.
+        seed: Seed of the randomization.
+        options: Options of a registered method, e.g. ``{"steps": 16}``.
+        keep_maps: Keep the normalized maps of every randomized model (on the CPU).
+        forward_args: Extra arguments of the model (see :func:`salience.gradient`).
+        allow_tf32: Let CUDA use TF32 for the forward pass that finds the layers.
+        progress: Show a progress bar on stderr (``None``: only on a terminal).
+
+    Returns:
+        A :class:`SanityCheck`: ``.table()``, ``.plot()``, ``.verdict()``, ``.final()``.
+
+    Raises:
+        ValueError: an unknown mode, method or layer name; a model without parameters; a
+            method giving NaN maps or several maps per sample.
+        TypeError: a model that is not an ``nn.Module`` or cannot be deep-copied.
+    """
+    check_inputs(inputs)
+    if mode not in ("cascading", "independent"):
+        raise ValueError(f"unknown mode {mode!r}; expected 'cascading' or 'independent'")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    name, run = _method_runner(method, options)
+    x = inputs.detach()
+    n = x.shape[0]
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            "the sanity check randomizes the parameters of an nn.Module; got "
+            f"{type(model).__name__}"
+        )
+    try:
+        twin = copy.deepcopy(model)
+    except Exception as error:
+        raise TypeError(
+            f"the model cannot be deep-copied ({type(error).__name__}: {error}); the sanity "
+            "check randomizes a copy and never your model"
+        ) from error
+
+    units, output = _discover(twin, x, forward_args, allow_tf32)
+    resolved = resolve_target(target, output, n)
+    fixed = resolved.classes if resolved.classes is not None else target
+    groups = _group(twin, units, layers)
+    # From the top: the layer whose units run last comes first.
+    groups.sort(key=lambda g: -max(u.rank for u in g[1]))
+    index = {u.name: i for i, u in enumerate(units)}
+    rows = _checkpoints(len(groups), checkpoints)
+
+    reference_values = _run(run, name, twin, x, fixed, "trained model")
+    reference = _reference(reference_values)
+    h, w = reference["norm"].shape[-2:]
+    hog_cell = _hog_cell(h, w)
+    scores: dict[str, list[Tensor]] = {m: [] for m in MEASURES}
+    kept: list[Tensor] = []
+    randomized: list[tuple[str, ...]] = []
+    done: set[str] = set()
+    low = math.inf
+    with Progress(len(rows), f"sanity check {name}", enabled=progress) as bar:
+        for k, (label, group) in enumerate(groups):
+            if mode == "cascading":
+                low = min(low, *(u.rank for u in group))
+                todo = [u for u in units if u.name not in done and (u.rank >= low or u in group)]
+                for unit in todo:
+                    _randomize(unit, _unit_seed(seed, index[unit.name]))
+                    done.add(unit.name)
+                if k not in rows:
+                    continue
+                state = tuple(u.name for u in units if u.name in done)
+                values = _run(run, name, twin, x, fixed, f"model randomized down to {label!r}")
+            else:
+                if k not in rows:
+                    continue
+                saved = [s for u in group for s in _snapshot(u)]
+                try:
+                    for unit in group:
+                        _randomize(unit, _unit_seed(seed, index[unit.name]))
+                    state = tuple(u.name for u in group)
+                    values = _run(run, name, twin, x, fixed, f"model with {label!r} randomized")
+                finally:
+                    _restore(saved)
+            if tuple(values.shape) != tuple(reference_values.shape):
+                raise ValueError(
+                    f"{name} gave maps of shape {tuple(values.shape)} on the randomized model, "
+                    f"{tuple(reference_values.shape)} on the trained one"
+                )
+            for measure, value in _measure(values, reference, hog_cell).items():
+                scores[measure].append(value.cpu())
+            if keep_maps:
+                kept.append(_normalized(_abs_map(values)).float().cpu())
+            randomized.append(state)
+            bar.update()
+
+    labels = tuple(groups[k][0] for k in rows)
+    similarity = {m: torch.stack(v) for m, v in scores.items()}
+    for measure, value in similarity.items():
+        bad = torch.isnan(value).nonzero().tolist()
+        if bad:
+            where = ", ".join(f"{labels[r]!r} sample {s}" for r, s in bad[:5])
+            warnings.warn(
+                f"{name}: {MEASURE_NAMES[measure]} is undefined (a constant map) at {where}"
+                f"{', ...' if len(bad) > 5 else ''}; it is NaN there and left out of the means",
+                stacklevel=2,
+            )
+    return SanityCheck(
+        method=name,
+        mode=mode,
+        layers=labels,
+        randomized=tuple(randomized),
+        similarity=similarity,
+        target=resolved.classes,
+        original=reference["norm"].float().cpu(),
+        maps=torch.stack(kept) if keep_maps else None,
+        seed=seed,
+        hog_cell=hog_cell,
+        units=tuple(u.name for u in units),
+    )
