@@ -82,7 +82,7 @@ from .._forward import ForwardArgs, model_scope
 from ..attribution import Attribution
 from ..hooks import forward_hooks
 from ..targets import TargetLike, resolve_target
-from .sanity import rank_correlation
+from .similarity import rank_correlation
 
 __all__ = [
     "InputInvariance",
