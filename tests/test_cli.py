@@ -108,6 +108,7 @@ def test_help_explains_every_option(capsys):
         "evaluate",
         "audit",
         "batch",
+        "features",
     }
     for name, sub in commands.choices.items():
         for action in sub._actions:

@@ -21,6 +21,7 @@ from .batch import cmd_batch
 from .compare import cmd_compare
 from .evaluate import cmd_evaluate
 from .explain import cmd_explain
+from .features import cmd_features
 from .methods import cmd_methods
 from .report import cmd_report
 from .visualize_class import cmd_visualize_class
@@ -50,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
         "  salience explain cat.jpg dog.png -m grad_cam -m integrated_gradients -t top3\n"
         "  salience report cat.jpg --out report.html\n"
         "  salience audit sample:chelsea sample:coffee -m gradient,grad_cam\n"
-        "  salience visualize-class goldfish\n",
+        "  salience visualize-class goldfish\n"
+        "  salience features photos/ --layer _blocks.5 --channel 42\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"salience {__version__}")
@@ -224,11 +226,25 @@ def build_parser() -> argparse.ArgumentParser:
         description=_wrap(
             "Class model visualization (Simonyan et al. 2013, §2): gradient ascent on "
             "the class score minus an L2 penalty, from the zero image, with jitter, occasional "
-            "blur and clipping. Writes <out>/class_model.<class>.png."
+            "blur and clipping. Writes <out>/class_model.<class>.png. With --layer and "
+            "--channel, maximizes the mean activation of that channel instead (Olah et al. "
+            "2017) and writes <out>/unit.<layer>.<channel>.png."
         ),
         formatter_class=_Formatter,
     )
-    p.add_argument("cls", metavar="CLASS", help="class index or name, e.g. 1 or goldfish")
+    p.add_argument(
+        "cls", metavar="CLASS", nargs="?", help="class index or name, e.g. 1 or goldfish"
+    )
+    p.add_argument(
+        "--layer", metavar="NAME", help="maximize a channel of this layer (dotted module name)"
+    )
+    p.add_argument("--channel", type=int, metavar="C", help="the channel of --layer to maximize")
+    p.add_argument(
+        "--param",
+        choices=("pixel", "fourier"),
+        default="pixel",
+        help="optimize pixels, or a decorrelated Fourier spectrum with Adam (Olah et al. 2017)",
+    )
     p.add_argument("--steps", type=_positive_int, default=200, help="gradient-ascent steps")
     p.add_argument("--lr", type=float, default=0.05, help="step size, in input units")
     p.add_argument("--l2", type=float, default=1e-4, help="weight of the L2 penalty")
@@ -238,6 +254,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the jitter")
     p.add_argument("-o", "--out", default=DEFAULT_OUT, help="output directory")
     p.set_defaults(handler=cmd_visualize_class)
+
+    p = sub.add_parser(
+        "features",
+        parents=[model],
+        help="the image patches that excite a channel most, beside their reconstructions",
+        description=_wrap(
+            "Zeiler & Fergus (2013): scans the images of a folder, keeps the K whose "
+            "strongest activation of the channel is largest, and draws each receptive-field "
+            "patch beside its DeconvNet reconstruction, as one PNG. Unreadable files are "
+            "reported and skipped. Prints the images, activations, positions and patches."
+        ),
+        formatter_class=_Formatter,
+    )
+    p.add_argument("folder", metavar="DIR", help="a folder of images")
+    p.add_argument("--layer", required=True, metavar="NAME", help="layer (dotted module name)")
+    p.add_argument("--channel", required=True, type=int, metavar="C", help="channel of the layer")
+    p.add_argument("-k", type=_positive_int, default=9, help="how many images to show")
+    p.add_argument(
+        "--out",
+        metavar="FILE.png",
+        help=f"the figure (default {DEFAULT_OUT}/features.<layer>.<C>.png)",
+    )
+    p.set_defaults(handler=cmd_features)
 
     p = sub.add_parser(
         "methods",
