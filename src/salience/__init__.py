@@ -11,6 +11,7 @@ from .attribution import Attribution
 from .methods import (
     cam,
     deconvnet,
+    deeplift,
     grad_cam,
     grad_cam_plus_plus,
     gradient,
@@ -33,6 +34,7 @@ __all__ = [
     "available_methods",
     "cam",
     "deconvnet",
+    "deeplift",
     "explain",
     "get_method",
     "grad_cam",

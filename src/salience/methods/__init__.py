@@ -2,6 +2,7 @@
 
 - :mod:`.gradient`: gradient, gradient × input, DeconvNet, guided backprop, SmoothGrad;
 - :mod:`.integrated`: Integrated Gradients;
+- :mod:`.deeplift`: DeepLIFT (Rescale, RevealCancel);
 - :mod:`.cam`: CAM, Grad-CAM, Guided Grad-CAM, Grad-CAM++, LayerCAM;
 - :mod:`.score_cam`: Score-CAM.
 
@@ -16,12 +17,16 @@ from .score_cam import score_cam
 
 # isort: split
 # Methods are listed (by the registry and the CLI) in the order they register: gradient methods
-# (imported by .cam), CAMs, Score-CAM, then Integrated Gradients.
+# (imported by .cam), CAMs, Score-CAM, then Integrated Gradients, then the others.
 from .integrated import integrated_gradients
+
+# isort: split
+from .deeplift import deeplift
 
 __all__ = [
     "cam",
     "deconvnet",
+    "deeplift",
     "grad_cam",
     "grad_cam_plus_plus",
     "gradient",
