@@ -466,6 +466,7 @@ def test_compare_methods_follow_the_registry(monkeypatch):
         "grad_cam",
         "guided_grad_cam",
         "integrated_gradients",
+        "lrp",
     ]
     spec = MethodSpec("lrp_epsilon", salience.gradient, "LRP", "pixel")
     monkeypatch.setitem(registry._REGISTRY, "lrp_epsilon", spec)

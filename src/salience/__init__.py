@@ -20,6 +20,7 @@ from .methods import (
     input_x_gradient,
     integrated_gradients,
     layer_cam,
+    lrp,
     score_cam,
     smoothgrad,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "input_x_gradient",
     "integrated_gradients",
     "layer_cam",
+    "lrp",
     "mask_target",
     "resolve_target",
     "score_cam",

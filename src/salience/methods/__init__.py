@@ -22,6 +22,7 @@ from .integrated import integrated_gradients
 
 # isort: split
 from .deeplift import deeplift
+from .lrp import lrp
 
 __all__ = [
     "cam",
@@ -35,6 +36,7 @@ __all__ = [
     "input_x_gradient",
     "integrated_gradients",
     "layer_cam",
+    "lrp",
     "score_cam",
     "smoothgrad",
 ]

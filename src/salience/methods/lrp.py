@@ -1,0 +1,1120 @@
+r"""Layer-wise relevance propagation (Bach et al. 2015; Montavon et al. 2019).
+
+LRP is computed here in **gradient form**: the relevance of a tensor ``a`` is
+:math:`R_a = a \odot c_a`, where :math:`c` is back-propagated like a gradient, once, from
+:math:`c = 1` at the explained score (so the total relevance starts as the score itself). The
+result is :math:`x \odot c_x`. In this form:
+
+- every **linear operation without parameters** keeps its ordinary gradient: residual
+  additions (relevance splits in proportion to each branch's contribution), concatenation,
+  reshapes, flatten, padding, average and adaptive pooling, upsampling; max-pooling is
+  winner-take-all. LRP-0 on a layer is its gradient, so LRP-0 / ε → 0 equals gradient × input
+  on ReLU networks (Ancona et al. 2018);
+- **ReLU**'s gradient is exactly the Pass rule; any other elementwise activation (ReLU6,
+  GELU, SiLU, Hardswish, ...) gets the Pass rule :math:`R_{in} = R_{out}`, i.e.
+  :math:`c_{in} = c_{out} f(x) / x`;
+- **linear layers and convolutions** (``F.linear``, ``conv1d/2d/3d``, transposed too, also
+  called functionally) apply their composite rule (:mod:`.rules`);
+- **BatchNorm** right after a convolution or a linear layer (the BatchNorm's input is that
+  layer's output) is folded into it for the call: the rule applies to the folded weights
+  :math:`a W`, :math:`a b + \beta - a \mu` (:math:`a = \gamma / \sqrt{\sigma^2 + \epsilon}`),
+  computed on the side; no module is changed. A BatchNorm after anything else (DenseNet's
+  pre-activation) is an affine layer under LRP-0: its shift absorbs relevance. In training
+  mode the batch statistics are taken as constants;
+- **LayerNorm / GroupNorm / RMSNorm** are linearized (AttnLRP, Achtibat et al. 2024): the
+  standard deviation is a constant, the centering keeps its gradient;
+- **gates and attention** (CP-LRP, Ali et al. 2022): in an elementwise or matrix product of two
+  input-dependent tensors, a softmax or sigmoid output, or the operand broadcast to the other's
+  shape (squeeze-and-excitation gates), is a constant: relevance flows through the other
+  operand (the attention's values);
+- at activations with :math:`f(0) \ne 0` (sigmoid, softplus) the Pass rule's ratio
+  :math:`f(x)/x` grows near 0: relevance is conserved but concentrated there. Sigmoids are
+  mostly gates, which are constants (below);
+- **input-layer rules** (w², flat, z^B) give relevance to inputs that are 0: their relevance
+  is collected at the layer and added to the map directly when the layer reads the model input
+  or a zero padding of it (TensorFlow "SAME" padding of EfficientNet); the padding gets none.
+
+Operations without a rule raise a ``ValueError`` naming them and the module they run in
+(eagerly for parameters used in an unknown way, e.g. ``x @ self.weight`` or
+``nn.MultiheadAttention``; when relevance reaches them for nonlinear functions such as
+``exp``, a softmax outside a product, a division by an input-dependent tensor). Everything is
+installed through :mod:`salience.hooks` for the call only; weights are never edited.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._forward import ForwardArgs, model_scope
+from ..attribution import Attribution
+from ..hooks import call_rule, forward_hooks
+from ..rectifiers import SITES
+from ..registry import register
+from ..targets import Score, TargetLike, resolve_target
+from .gradient import _result
+from .rules import (
+    AlphaBeta,
+    Composite,
+    Epsilon,
+    Flat,
+    Gamma,
+    Pass,
+    Rule,
+    WSquare,
+    ZBox,
+    Zero,
+    ZPlus,
+    resolve_composite,
+)
+
+__all__ = ["lrp"]
+
+STABILIZER = 1e-6
+"""The ε added (sign-aware) to the denominators of the γ rule. The rules whose contributions
+share the sign of their denominator (z⁺, αβ, w², flat, z^B) divide exactly, and give no
+relevance where the denominator is 0 (all contributions are 0 there), so they conserve to
+rounding."""
+
+
+def _stab(d: Tensor, eps: float = STABILIZER) -> Tensor:
+    """``d + eps * sign(d)``, with ``sign(0) = +1``."""
+    return torch.where(d >= 0, d + eps, d - eps)
+
+
+# -- what a layer call is --------------------------------------------------------------------
+
+
+@dataclass
+class _Direct:
+    """How a layer input derives from the model input: zero paddings and reshapes, in order.
+
+    Steps are ``("pad", pad)`` (``F.pad`` with zeros) and ``("reshape", shape_before,
+    shape_after)`` (``flatten``, ``view``, ``reshape``).
+    """
+
+    steps: tuple[tuple[Any, ...], ...] = ()
+
+    def then(self, *step: Any) -> _Direct:
+        return _Direct((*self.steps, step))
+
+    def apply(self, t: Tensor) -> Tensor:
+        """Transform ``t`` (the model input's shape) as the model did, padding with zeros."""
+        for step in self.steps:
+            t = F.pad(t, step[1]) if step[0] == "pad" else t.reshape(step[2])
+        return t
+
+    def crop(self, t: Tensor) -> Tensor:
+        """Undo :meth:`apply`: the entries of ``t`` that come from the model input."""
+        for step in reversed(self.steps):
+            if step[0] == "reshape":
+                t = t.reshape(step[1])
+                continue
+            pad = step[1]
+            index: list[slice] = [slice(None)] * t.ndim
+            for k in range(len(pad) // 2):
+                dim = t.ndim - 1 - k
+                before, after = pad[2 * k], pad[2 * k + 1]
+                index[dim] = slice(before, t.shape[dim] - after)
+            t = t[tuple(index)]
+        return t
+
+
+@dataclass
+class _Layer:
+    """One call of a linear layer or convolution: ``fn(x, weight, bias)`` and its rule."""
+
+    fn: Callable[[Tensor, Tensor, Tensor | None], Tensor]
+    x: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    rule: Rule
+    name: str
+    transposed: bool
+    direct: _Direct | None
+    folded: bool = False
+
+
+# -- the rules at layers ---------------------------------------------------------------------
+
+
+def _positive_negative(
+    layer: _Layer,
+    xx: Tensor,
+    wp: Tensor,
+    wn: Tensor,
+    bp: Tensor | None,
+    bn: Tensor | None,
+    negative_inputs: bool,
+    need_negative: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """``fn(x⁺, wp, bp) + fn(x⁻, wn)`` and (if needed) ``fn(x⁺, wn, bn) + fn(x⁻, wp)``."""
+    fn = layer.fn
+    xp = xx.clamp(min=0) if negative_inputs else xx
+    zp = fn(xp, wp, bp)
+    zn = fn(xp, wn, bn) if need_negative else None
+    if negative_inputs:
+        xn = xx.clamp(max=0)
+        zp = zp + fn(xn, wn, None)
+        if zn is not None:
+            zn = zn + fn(xn, wp, None)
+    return zp, zn
+
+
+def rule_backward(
+    layer: _Layer,
+    relevance: Tensor,
+    z: Tensor,
+    ones: Tensor | None = None,
+    bounds: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """Apply the input side of ``layer``'s rule for output relevance ``relevance`` (= ``z ⊙ c``).
+
+    Returns ``c_in`` (``R_in / x``) for the rules that vanish at ``x = 0``, and ``R_in`` itself
+    for the input-layer rules (``rule.input_layer``). ``ones`` marks the real inputs for w² and
+    flat (zeros on padding); ``bounds`` are the z^B bounds, the input's shape.
+    """
+    rule, w, b, x = layer.rule, layer.weight, layer.bias, layer.x.detach()
+    xx = layer.x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        if isinstance(rule, ZPlus | AlphaBeta):
+            alpha, beta = (1.0, 0.0) if isinstance(rule, ZPlus) else (rule.alpha, rule.beta)
+            negative = bool((x < 0).any())
+            wp, wn = w.clamp(min=0), w.clamp(max=0)
+            zp, zn = _positive_negative(layer, xx, wp, wn, None, None, negative, bool(beta))
+            outs, grads = [zp], [alpha * _safe(relevance, zp.detach())]
+            if zn is not None:
+                outs.append(zn)
+                grads.append(-beta * _safe(relevance, zn.detach()))
+            return _sum(torch.autograd.grad(outs, xx, grads))
+        if isinstance(rule, Gamma):
+            g = rule.gamma
+            negative = bool((x < 0).any())
+            wp, wn = w + g * w.clamp(min=0), w + g * w.clamp(max=0)
+            bp = b + g * b.clamp(min=0) if b is not None else None
+            bn = b + g * b.clamp(max=0) if b is not None else None
+            zpos, zneg = _positive_negative(layer, xx, wp, wn, bp, bn, negative)
+            assert zneg is not None
+            positive = z >= 0
+            zero = torch.zeros_like(relevance)
+            sp = torch.where(positive, relevance / _stab(zpos.detach()), zero)
+            sn = torch.where(positive, zero, relevance / _stab(zneg.detach()))
+            return _sum(torch.autograd.grad([zpos, zneg], xx, [sp, sn]))
+        if isinstance(rule, WSquare | Flat):
+            v = (ones if ones is not None else torch.ones_like(x)).detach().requires_grad_(True)
+            w2 = w * w if isinstance(rule, WSquare) else torch.ones_like(w)
+            zw = layer.fn(v, w2, None)
+            (g_,) = torch.autograd.grad(zw, v, _safe(relevance, zw.detach()))
+            return v.detach() * g_
+        if isinstance(rule, ZBox):
+            assert bounds is not None
+            low = bounds[0].detach().requires_grad_(True)
+            high = bounds[1].detach().requires_grad_(True)
+            zb = (
+                layer.fn(xx, w, None)
+                - layer.fn(low, w.clamp(min=0), None)
+                - layer.fn(high, w.clamp(max=0), None)
+            )
+            gx, gl, gh = torch.autograd.grad(zb, (xx, low, high), _safe(relevance, zb.detach()))
+            return x * gx + low.detach() * gl + high.detach() * gh
+    raise TypeError(f"no implementation of rule {rule!r} at a layer")  # pragma: no cover
+
+
+def _sum(grads: tuple[Tensor, ...]) -> Tensor:
+    total = grads[0]
+    for g in grads[1:]:
+        total = total + g
+    return total
+
+
+def _safe(num: Tensor, den: Tensor) -> Tensor:
+    """``num / den`` where ``den != 0``, else 0."""
+    nonzero = den != 0
+    return torch.where(nonzero, num / torch.where(nonzero, den, 1.0), 0.0)
+
+
+class _Scale(torch.autograd.Function):
+    """The ε rule on a layer output ``z``: identity forward, ``c · z / (z + ε sign z)`` back.
+
+    The layer's own backward then applies :math:`W^T`. The ratio is
+    :math:`|z| / (|z| + ε)`, computed in the forward; ``z`` is returned itself (marked as
+    modified, so no copy is made and the model may still change it in place). When the layer
+    was folded with the BatchNorm after it, the rule applies at the BatchNorm output instead
+    and this passes the signal through.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, layer: _Layer) -> Tensor:  # type: ignore[override]
+        ctx.layer = layer
+        assert isinstance(layer.rule, Epsilon)
+        magnitude = z.abs()
+        ratio = magnitude.div_(magnitude + layer.rule.epsilon)
+        ctx.save_for_backward(ratio)
+        ctx.mark_dirty(z)
+        return z
+
+    @staticmethod
+    def backward(ctx: Any, c: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        if ctx.layer.folded:
+            return c, None
+        (ratio,) = ctx.saved_tensors
+        return c * ratio, None
+
+
+class _Deferred(torch.autograd.Function):
+    """A layer under a rule with modified weights or inputs (z⁺, αβ, γ, w², flat, z^B).
+
+    The forward returns the layer's output: ``z`` itself (marked as modified: its history
+    becomes this function, and no copy is handed on), or ``compute()`` when ``z`` is ``None``;
+    the backward evaluates the rule (:func:`rule_backward`) from ``x`` and a copy of the
+    output. Input-layer rules hand their relevance to the state.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        z: Tensor | None,
+        layer: _Layer,
+        state: _State,
+        compute: Callable[[], Tensor] | None,
+    ) -> Tensor:
+        ctx.layer, ctx.state = layer, state
+        if z is None:
+            assert compute is not None
+            out = compute()
+        else:
+            ctx.mark_dirty(z)
+            out = z
+        ctx.save_for_backward(x, out.clone())
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, c: Tensor) -> tuple[Tensor | None, None, None, None, None]:  # type: ignore[override]
+        layer: _Layer = ctx.layer
+        state: _State = ctx.state
+        if layer.folded:
+            return None, None, None, None, None  # pragma: no cover - a folded output is unread
+        x, z = ctx.saved_tensors
+        layer = dataclasses.replace(layer, x=x)
+        relevance = z * c
+        rule = layer.rule
+        if not rule.input_layer:
+            return rule_backward(layer, relevance, z), None, None, None, None
+        ones = bounds = None
+        if isinstance(rule, WSquare | Flat) and layer.direct is not None:
+            ones = layer.direct.apply(torch.ones_like(state.model_input))
+        if isinstance(rule, ZBox):
+            low, high = state.bounds(rule)
+            if layer.direct is not None:
+                low, high = layer.direct.apply(low), layer.direct.apply(high)
+            elif low.shape != x.shape:
+                raise ValueError(
+                    f"the z^B rule at {layer.name!r} reads a tensor of shape {tuple(x.shape)}, "
+                    "not the model input; its bounds cannot be placed there. Use z^B on the "
+                    "input layer only"
+                )
+            bounds = (low, high)
+        r_in = rule_backward(layer, relevance, z, ones=ones, bounds=bounds)
+        if layer.direct is not None:
+            state.collect(layer.direct.crop(r_in))
+            return None, None, None, None, None
+        return _safe(r_in, x), None, None, None, None
+
+
+class _Affine(torch.autograd.Function):
+    """A normalization taken as affine: forward ``compute()``, backward ``c · a``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, a: Tensor, compute: Callable[[], Tensor]
+    ) -> Tensor:
+        ctx.save_for_backward(a)
+        return compute()
+
+    @staticmethod
+    def backward(ctx: Any, c: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        (a,) = ctx.saved_tensors
+        return c * a, None, None
+
+
+class _Pass(torch.autograd.Function):
+    """The Pass rule at an elementwise activation ``f``: backward ``c · f(x) / x``.
+
+    ``fn`` is ``None`` for a rectifier ``clamp(x, 0, upper)``. At ``x = 0`` the ratio is
+    ``f'(0)`` (0 for rectifiers).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        fn: Callable[[Tensor], Tensor] | None,
+        upper: float | None,
+        inplace: bool,
+    ) -> Tensor:
+        if fn is None:
+            out = x.clamp(min=0.0, max=upper)
+            # out / x is 1, upper / x above the clip, 0 below, and 0 / 0 = NaN -> 0 at x = 0.
+            ratio = (out / x).nan_to_num_(nan=0.0)
+        else:
+            out = fn(x)
+            zero = x == 0
+            ratio = torch.where(zero, 0.0, out / torch.where(zero, 1.0, x))
+            if bool(zero.any()):
+                with torch.enable_grad():
+                    t = torch.zeros_like(x).requires_grad_(True)
+                    (slope,) = torch.autograd.grad(fn(t).sum(), t)
+                ratio = torch.where(zero, slope, ratio)
+        ctx.save_for_backward(ratio)
+        if inplace:
+            x.copy_(out)
+            ctx.mark_dirty(x)
+            return x
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, c: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
+        (ratio,) = ctx.saved_tensors
+        return c * ratio, None, None, None
+
+
+class _NoRule(torch.autograd.Function):
+    """Identity; raises in the backward if relevance reaches it (an operation without a rule)."""
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor, message: str) -> Tensor:  # type: ignore[override]
+        ctx.message = message
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx: Any, c: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        if bool((c != 0).any()):
+            raise ValueError(ctx.message)
+        return c, None
+
+
+# -- which calls get which treatment ---------------------------------------------------------
+
+_LAYERS: dict[Any, tuple[type[nn.Module], bool]] = {
+    F.linear: (nn.Linear, False),
+    torch.conv1d: (nn.Conv1d, False),
+    torch.conv2d: (nn.Conv2d, False),
+    torch.conv3d: (nn.Conv3d, False),
+    torch.conv_transpose1d: (nn.ConvTranspose1d, True),
+    torch.conv_transpose2d: (nn.ConvTranspose2d, True),
+    torch.conv_transpose3d: (nn.ConvTranspose3d, True),
+}
+_PRODUCTS: dict[Any, str] = {
+    torch.mul: "mul",
+    Tensor.mul: "mul",
+    Tensor.__mul__: "mul",
+    Tensor.__rmul__: "mul",
+    torch.matmul: "matmul",
+    Tensor.matmul: "matmul",
+    Tensor.__matmul__: "matmul",
+    torch.bmm: "matmul",
+    Tensor.bmm: "matmul",
+    torch.mm: "matmul",
+    Tensor.mm: "matmul",
+}
+_RESHAPES = {
+    torch.flatten,
+    Tensor.flatten,
+    Tensor.view,
+    Tensor.reshape,
+    torch.reshape,
+    Tensor.contiguous,
+}
+_SOFTMAX = {torch.softmax, F.softmax, Tensor.softmax}
+_NONLINEAR: dict[Any, str] = {
+    torch.exp: "exp",
+    Tensor.exp: "exp",
+    torch.log: "log",
+    Tensor.log: "log",
+    torch.sqrt: "sqrt",
+    Tensor.sqrt: "sqrt",
+    torch.rsqrt: "rsqrt",
+    Tensor.rsqrt: "rsqrt",
+    torch.reciprocal: "reciprocal",
+    Tensor.reciprocal: "reciprocal",
+    torch.log_softmax: "log_softmax",
+    F.log_softmax: "log_softmax",
+    Tensor.log_softmax: "log_softmax",
+    torch.logsumexp: "logsumexp",
+    Tensor.logsumexp: "logsumexp",
+    torch.var: "var",
+    Tensor.var: "var",
+    torch.std: "std",
+    Tensor.std: "std",
+    torch.norm: "norm",
+    Tensor.norm: "norm",
+    torch.linalg.vector_norm: "vector_norm",
+    torch.square: "square",
+    Tensor.square: "square",
+}
+_POWERS = {torch.pow, Tensor.pow, Tensor.__pow__}
+_DIVISIONS = {torch.div, Tensor.div, Tensor.__truediv__, torch.true_divide, Tensor.true_divide}
+_OPAQUE = {
+    F.multi_head_attention_forward,
+    F.bilinear,
+    torch.einsum,
+    torch.addmm,
+    torch.baddbmm,
+    torch.lstm,
+    torch.gru,
+    torch.rnn_tanh,
+    torch.rnn_relu,
+}
+
+
+_LINEAR_OPS = {
+    torch.add,
+    Tensor.add,
+    Tensor.__add__,
+    Tensor.__radd__,
+    Tensor.__iadd__,
+    torch.sub,
+    Tensor.sub,
+    Tensor.__sub__,
+    Tensor.__rsub__,
+    torch.neg,
+    Tensor.neg,
+    Tensor.__neg__,
+    torch.cat,
+    torch.concat,
+    torch.stack,
+    Tensor.expand,
+    Tensor.expand_as,
+    Tensor.transpose,
+    torch.transpose,
+    Tensor.permute,
+    torch.permute,
+    Tensor.unsqueeze,
+    Tensor.squeeze,
+    Tensor.repeat,
+    Tensor.__getitem__,
+    Tensor.to,
+    Tensor.type_as,
+    Tensor.clone,
+}
+_METADATA = {
+    Tensor.dim,
+    Tensor.size,
+    Tensor.numel,
+    Tensor.stride,
+    Tensor.is_contiguous,
+    Tensor.is_floating_point,
+    Tensor.is_complex,
+    Tensor.__len__,
+    Tensor.shape.__get__,  # type: ignore[attr-defined]
+    Tensor.ndim.__get__,  # type: ignore[attr-defined]
+    Tensor.dtype.__get__,  # type: ignore[attr-defined]
+    Tensor.device.__get__,  # type: ignore[attr-defined]
+    Tensor.requires_grad.__get__,  # type: ignore[attr-defined]
+    Tensor.is_cuda.__get__,  # type: ignore[attr-defined]
+    Tensor.grad_fn.__get__,  # type: ignore[attr-defined]
+}
+"""Calls that only read a tensor's metadata: they do not put a pending rule in place."""
+_COVERED = (
+    set(_LAYERS)
+    | set(SITES)
+    | set(_PRODUCTS)
+    | _DIVISIONS
+    | _RESHAPES
+    | _LINEAR_OPS
+    | {F.batch_norm, F.layer_norm, F.group_norm}
+    | ({F.rms_norm} if hasattr(F, "rms_norm") else set())
+)
+"""Calls whose use of a parameter has a rule (a layer, a norm, a scale, a bias, a token)."""
+
+
+def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], i: int, name: str, default: Any) -> Any:
+    if len(args) > i:
+        return args[i]
+    return kwargs.get(name, default)
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, tuple | list):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
+
+
+def _grad_tensor(t: Any) -> bool:
+    return isinstance(t, Tensor) and t.requires_grad and torch.is_grad_enabled()
+
+
+@dataclass
+class _State:
+    """Everything one call of :func:`lrp` knows while the model runs, and the handler."""
+
+    composite: Composite
+    inputs: Tensor
+    params: dict[int, tuple[str, nn.Module]]
+    model_input: Tensor = field(default_factory=lambda: torch.empty(0))
+    counts: Counter[str] = field(default_factory=Counter)
+    canonized: int = 0
+    last: str = ""
+    collected: Tensor | None = None
+    first_seen: bool = False
+    ran: set[int] = field(default_factory=set)
+    consumed: set[int] = field(default_factory=set)
+    _layers: dict[int, tuple[Any, _Layer]] = field(default_factory=dict)
+    _pending: dict[int, tuple[Any, _Layer]] = field(default_factory=dict)
+    _direct: dict[int, tuple[Any, _Direct]] = field(default_factory=dict)
+    _gates: dict[int, Any] = field(default_factory=dict)
+
+    # -- bookkeeping -------------------------------------------------------------------------
+
+    def module_done(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
+        self.last = name or type(module).__name__
+        self.ran.add(id(module))
+
+    def check_modules(self, modules: list[tuple[str, nn.Module]]) -> None:
+        """Raise for a module without submodules whose parameters reached no rule.
+
+        That is a module that ran and used its parameters only in operations that no rule
+        covers (none of them reached a layer, a norm or a linear operation).
+        """
+        for name, module in modules:
+            if id(module) not in self.ran or next(module.children(), None) is not None:
+                continue
+            params = list(module.parameters(recurse=False))
+            if params and not any(id(p) in self.consumed for p in params):
+                raise ValueError(
+                    f"LRP has no rule for module {name or type(module).__name__!r} "
+                    f"({type(module).__name__}) in the {self.composite.describe()}: it uses its "
+                    "parameters in operations that no LRP rule covers. Write it with "
+                    "nn.Linear / nn.Conv layers and elementwise activations, or use another "
+                    "method"
+                )
+
+    def where(self) -> str:
+        return f"after module {self.last!r}" if self.last else "before any module"
+
+    def _find(self, table: dict[int, tuple[Any, Any]], t: Any) -> Any:
+        entry = table.get(id(t))
+        if entry is None or entry[0]() is not t:
+            return None
+        return entry[1]
+
+    def direct_of(self, x: Tensor) -> _Direct | None:
+        if x is self.model_input:
+            return _Direct()
+        return self._find(self._direct, x)
+
+    def is_gate(self, t: Tensor) -> bool:
+        ref = self._gates.get(id(t))
+        return ref is not None and ref() is t
+
+    def tag_gate(self, t: Tensor) -> None:
+        self._gates[id(t)] = weakref.ref(t)
+
+    def remember(self, out: Tensor, layer: _Layer) -> None:
+        self._layers[id(out)] = (weakref.ref(out), layer)
+
+    def collect(self, relevance: Tensor) -> None:
+        self.collected = relevance if self.collected is None else self.collected + relevance
+
+    def bounds(self, rule: ZBox) -> tuple[Tensor, Tensor]:
+        """Return the z^B bounds, the input's shape (each sample's min/max for None)."""
+        x = self.inputs.detach()
+        flat = x.flatten(1)
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        out = []
+        for name, value, default in (
+            ("low", rule.low, flat.amin(1).view(shape)),
+            ("high", rule.high, flat.amax(1).view(shape)),
+        ):
+            t = default if value is None else torch.as_tensor(value, dtype=x.dtype, device=x.device)
+            try:
+                out.append(torch.broadcast_to(t, x.shape).to(x.dtype))
+            except RuntimeError:
+                raise ValueError(
+                    f"z^B bound {name}= of shape {tuple(t.shape)} does not broadcast to the "
+                    f"input shape {tuple(x.shape)}; pass a number or e.g. a (C, 1, 1) tensor"
+                ) from None
+        return out[0], out[1]
+
+    def no_rule(self, what: str) -> str:
+        return (
+            f"LRP has no rule for {what} ({self.where()}), which the relevance reaches: its "
+            f"result would not be LRP. The {self.composite.describe()} covers linear layers, "
+            "convolutions, normalizations, elementwise activations and linear operations; "
+            "explain another layer or use another method (salience.gradient, "
+            "salience.integrated_gradients)"
+        )
+
+    def owner(self, t: Tensor) -> tuple[str, nn.Module] | None:
+        return self.params.get(id(t))
+
+    # -- the handler -------------------------------------------------------------------------
+
+    def __call__(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self._pending and func not in _METADATA and func is not F.batch_norm:
+            self.flush(args, kwargs)
+        if func in _COVERED:
+            for t in _tensors(args) + _tensors(kwargs):
+                if id(t) in self.params:
+                    self.consumed.add(id(t))
+        layer = _LAYERS.get(func)
+        if layer is not None:
+            return self.layer(func, layer, args, kwargs)
+        parse = SITES.get(func)
+        if parse is not None:
+            return self.activation(parse, args, kwargs)
+        if func is F.batch_norm:
+            return self.batch_norm(func, args, kwargs)
+        if func is F.layer_norm or func is F.group_norm or func is getattr(F, "rms_norm", None):
+            return self.norm(func, args, kwargs)
+        if func is F.pad:
+            return self.pad(func, args, kwargs)
+        if func in _RESHAPES:
+            return self.reshape(func, args, kwargs)
+        kind = _PRODUCTS.get(func)
+        if kind is not None:
+            return self.product(func, kind, args, kwargs)
+        if func in _SOFTMAX:
+            return self.softmax(func, args, kwargs)
+        if func in _NONLINEAR or func in _POWERS or func in _DIVISIONS:
+            return self.nonlinear(func, args, kwargs)
+        if func in _OPAQUE:
+            return self.opaque(func, args, kwargs)
+        return NotImplemented
+
+    def layer(
+        self,
+        func: Any,
+        kind: tuple[type[nn.Module], bool],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        x = _arg(args, kwargs, 0, "input", None)
+        weight = _arg(args, kwargs, 1, "weight", None)
+        bias = _arg(args, kwargs, 2, "bias", None)
+        if not _grad_tensor(x) or not isinstance(weight, Tensor):
+            return NotImplemented
+        owner = self.owner(weight)
+        path, module_type = (owner[0], type(owner[1])) if owner else (None, kind[0])
+        name = path if path is not None else f"functional {getattr(func, '__name__', func)}"
+        direct = self.direct_of(x)
+        rule = self.composite.rule_for(path, module_type, direct is not None)
+        if direct is not None:
+            self.first_seen = True
+        if rule is None or isinstance(rule, Pass):
+            raise ValueError(
+                f"LRP has no rule for module {name!r} ({module_type.__name__}) in the "
+                f"{self.composite.describe()}: add its type or its path to the composite "
+                "(salience.methods.rules.Composite)"
+                + (" (Pass is for activations, not layers)" if rule is not None else "")
+            )
+        rest = tuple(args[3:])
+        options = {k: v for k, v in kwargs.items() if k not in ("input", "weight", "bias")}
+
+        def fn(t: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+            return func(t, w, b, *rest, **options)
+
+        record = _Layer(
+            fn,
+            x,
+            weight.detach(),
+            bias.detach() if isinstance(bias, Tensor) else None,
+            rule,
+            name,
+            kind[1],
+            direct,
+        )
+        self.counts[rule.name] += 1
+        out = func(*args, **kwargs)
+        if not (isinstance(rule, Zero) or (isinstance(rule, Epsilon) and rule.epsilon == 0)):
+            # The rule is put on the output when something reads it (wrap): a BatchNorm that
+            # reads it first is folded with the layer instead, and the rule goes after it.
+            self._pending[id(out)] = (weakref.ref(out), record)
+        self.remember(out, record)
+        return out
+
+    def wrap(self, t: Tensor, layer: _Layer) -> None:
+        """Put ``layer``'s rule on its output ``t``, in place (``t`` keeps its identity)."""
+        del self._pending[id(t)]
+        if isinstance(layer.rule, Epsilon):
+            _Scale.apply(t, layer)
+        else:
+            _Deferred.apply(layer.x, t, layer, self, None)
+
+    def flush(self, args: Any = (), kwargs: Any = None, *, everything: bool = False) -> None:
+        """Wrap the pending layer outputs among ``args``/``kwargs`` (or all of them)."""
+        if everything:
+            found = [entry[0]() for entry in list(self._pending.values())]
+        else:
+            found = _tensors(args) + _tensors(kwargs or {})
+        for t in found:
+            if t is None:
+                continue
+            layer = self._find(self._pending, t)
+            if layer is not None:
+                self.wrap(t, layer)
+
+    def batch_norm(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        x = _arg(args, kwargs, 0, "input", None)
+        if not _grad_tensor(x):
+            return NotImplemented
+        mean = _arg(args, kwargs, 1, "running_mean", None)
+        var = _arg(args, kwargs, 2, "running_var", None)
+        weight = _arg(args, kwargs, 3, "weight", None)
+        bias = _arg(args, kwargs, 4, "bias", None)
+        training = bool(_arg(args, kwargs, 5, "training", False))
+        eps = float(_arg(args, kwargs, 7, "eps", 1e-5))
+        with torch.no_grad():
+            dims = [d for d in range(x.ndim) if d != 1]
+            if training or mean is None or var is None:
+                mean, var = x.mean(dims), x.var(dims, unbiased=False)
+            a = torch.rsqrt(var + eps)
+            if weight is not None:
+                a = a * weight
+            shift = -mean * a
+            if bias is not None:
+                shift = shift + bias
+        owner = self.owner(weight) if isinstance(weight, Tensor) else None
+        bn_name = owner[0] if owner else "functional batch_norm"
+
+        def compute() -> Tensor:
+            return func(*args, **kwargs)
+
+        prev = self._find(self._layers, x)
+        channels = a.numel()
+        foldable = (
+            prev is not None
+            and not prev.transposed
+            and not prev.folded
+            and prev.weight.shape[0] == channels
+        )
+        view = [1] * x.ndim
+        view[1] = channels
+        if not foldable:
+            self.flush((x,))
+            self.counts["BatchNorm (affine, LRP-0)"] += 1
+            return _Affine.apply(x, a.view(view), compute)
+        self._pending.pop(id(x), None)  # folded: the layer's rule goes after the BatchNorm
+        if isinstance(prev.rule, Zero) or (
+            isinstance(prev.rule, Epsilon) and prev.rule.epsilon == 0
+        ):
+            prev.folded = True
+            self.canonized += 1  # LRP-0 on the folded layer is its gradient: nothing to do
+            return _Affine.apply(x, a.view(view), compute)
+        # Fold: the rule of the layer applies to W' = a W, b' = a b + shift.
+        prev.folded = True
+        self.canonized += 1
+        w_view = [channels] + [1] * (prev.weight.ndim - 1)
+        weight_f = prev.weight * a.view(w_view)
+        bias_f = shift + (a * prev.bias if prev.bias is not None else 0.0)
+        record = dataclasses.replace(
+            prev, weight=weight_f, bias=bias_f, name=f"{prev.name}+{bn_name}", folded=False
+        )
+        if isinstance(prev.rule, Epsilon):
+            out = _Scale.apply(_Affine.apply(x, a.view(view), compute), record)
+        else:
+            out = _Deferred.apply(prev.x, None, record, self, compute)
+        self.remember(out, record)
+        return out
+
+    def norm(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """LayerNorm, GroupNorm, RMSNorm with the standard deviation held constant."""
+        x = _arg(args, kwargs, 0, "input", None)
+        if not _grad_tensor(x):
+            return NotImplemented
+        if func is F.group_norm:
+            groups = int(_arg(args, kwargs, 1, "num_groups", 1))
+            weight = _arg(args, kwargs, 2, "weight", None)
+            bias = _arg(args, kwargs, 3, "bias", None)
+            eps = float(_arg(args, kwargs, 4, "eps", 1e-5))
+            t = x.reshape(x.shape[0], groups, -1)
+            centered = t - t.mean(-1, keepdim=True)
+            sigma = torch.sqrt(t.detach().var(-1, unbiased=False, keepdim=True) + eps)
+            y = (centered / sigma).reshape(x.shape)
+            shape = [1] * x.ndim
+            shape[1] = x.shape[1]
+            if weight is not None:
+                y = y * weight.view(shape)
+            if bias is not None:
+                y = y + bias.view(shape)
+            self.counts["GroupNorm (linearized)"] += 1
+            return y
+        normalized = _arg(args, kwargs, 1, "normalized_shape", None)
+        dims = tuple(range(-len(tuple(normalized)), 0))
+        weight = _arg(args, kwargs, 2, "weight", None)
+        if func is F.layer_norm:
+            bias = _arg(args, kwargs, 3, "bias", None)
+            eps = float(_arg(args, kwargs, 4, "eps", 1e-5))
+            centered = x - x.mean(dims, keepdim=True)
+            sigma = torch.sqrt(x.detach().var(dims, unbiased=False, keepdim=True) + eps)
+            name = "LayerNorm (linearized)"
+        else:
+            bias = None
+            eps_arg = _arg(args, kwargs, 3, "eps", None)
+            eps = float(eps_arg) if eps_arg is not None else torch.finfo(x.dtype).eps
+            centered = x
+            sigma = torch.sqrt(x.detach().pow(2).mean(dims, keepdim=True) + eps)
+            name = "RMSNorm (linearized)"
+        y = centered / sigma
+        if weight is not None:
+            y = y * weight
+        if bias is not None:
+            y = y + bias
+        self.counts[name] += 1
+        return y
+
+    def activation(self, parse: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        try:
+            site = parse(args, kwargs)
+        except (TypeError, ValueError, IndexError, KeyError, RuntimeError):
+            return NotImplemented
+        if site is None or not _grad_tensor(site.x):
+            return NotImplemented
+        self.counts["Pass"] += 1
+        if site.fn is None and site.upper is None:
+            return NotImplemented  # ReLU: its gradient is the Pass rule
+        out = _Pass.apply(site.x, site.fn, site.upper, site.inplace)
+        if site.name in ("Sigmoid", "Hardsigmoid"):
+            self.tag_gate(out)
+        return out
+
+    def pad(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        x = _arg(args, kwargs, 0, "input", None)
+        if not isinstance(x, Tensor):
+            return NotImplemented
+        direct = self.direct_of(x)
+        if direct is None:
+            return NotImplemented
+        pad = tuple(int(p) for p in _arg(args, kwargs, 1, "pad", ()))
+        mode = _arg(args, kwargs, 2, "mode", "constant")
+        value = _arg(args, kwargs, 3, "value", None)
+        out = func(*args, **kwargs)
+        if mode == "constant" and value in (None, 0, 0.0) and all(p >= 0 for p in pad):
+            self._direct[id(out)] = (weakref.ref(out), direct.then("pad", pad))
+        return out
+
+    def reshape(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Follow the model input through ``flatten``/``view``/``reshape``."""
+        x = _arg(args, kwargs, 0, "input", None)
+        if not isinstance(x, Tensor):
+            return NotImplemented
+        direct = self.direct_of(x)
+        if direct is None:
+            return NotImplemented
+        out = func(*args, **kwargs)
+        if isinstance(out, Tensor) and out.numel() == x.numel():
+            step = direct.then("reshape", tuple(x.shape), tuple(out.shape))
+            self._direct[id(out)] = (weakref.ref(out), step)
+        return out
+
+    def product(self, func: Any, kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        a = _arg(args, kwargs, 0, "input", None)
+        b = _arg(args, kwargs, 1, "other", None)
+        if not (_grad_tensor(a) and _grad_tensor(b)):
+            return NotImplemented
+        owners = [o for o in (self.owner(a), self.owner(b)) if o is not None]
+        if owners:
+            if kind == "mul":
+                return NotImplemented  # a scale by a parameter: linear
+            path, module = owners[0]
+            raise ValueError(
+                f"module {path!r} ({type(module).__name__}) multiplies its parameter with an "
+                f"input-dependent tensor through {getattr(func, '__name__', func)}, which has no "
+                f"LRP rule in the {self.composite.describe()}: write the layer as nn.Linear / "
+                "F.linear so that a rule applies"
+            )
+        ga, gb = self.is_gate(a), self.is_gate(b)
+        if kind == "mul" and ga == gb:
+            ga, gb = a.numel() < b.numel(), b.numel() < a.numel()
+        if ga != gb:
+            self.counts["gate (constant)"] += 1
+            rest = tuple(args[2:])
+            options = {k: v for k, v in kwargs.items() if k not in ("input", "other")}
+            a2, b2 = (a.detach(), b) if ga else (a, b.detach())
+            return func(a2, b2, *rest, **options)
+        what = "the product of two input-dependent tensors" + (
+            " (a matrix product)" if kind == "matmul" else ""
+        )
+        return _NoRule.apply(func(*args, **kwargs), self.no_rule(what))
+
+    def softmax(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        x = _arg(args, kwargs, 0, "input", None)
+        if not _grad_tensor(x):
+            return NotImplemented
+        out = _NoRule.apply(
+            func(*args, **kwargs),
+            self.no_rule("a softmax whose output is not a factor of a product (attention)"),
+        )
+        self.tag_gate(out)
+        return out
+
+    def nonlinear(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        a = _arg(args, kwargs, 0, "input", None)
+        b = _arg(args, kwargs, 1, "other", _arg(args, kwargs, 1, "exponent", None))
+        name = getattr(func, "__name__", str(func))
+        if func in _DIVISIONS:
+            if not _grad_tensor(b) or self.owner(b) is not None:
+                return NotImplemented  # division by a constant: linear
+            what = "a division by an input-dependent tensor"
+        elif func in _POWERS:
+            if not _grad_tensor(a) or (not isinstance(b, Tensor) and b == 1):
+                return NotImplemented
+            what = "a power"
+        else:
+            if not _grad_tensor(a):
+                return NotImplemented
+            what = f"the nonlinear function {name}"
+        return _NoRule.apply(func(*args, **kwargs), self.no_rule(what))
+
+    def opaque(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        tensors = _tensors(args) + _tensors(kwargs)
+        if not any(_grad_tensor(t) for t in tensors):
+            return NotImplemented
+        owners = [self.owner(t) for t in tensors if self.owner(t) is not None]
+        name = getattr(func, "__name__", str(func))
+        if owners:
+            path, module = owners[0]  # type: ignore[misc]
+            raise ValueError(
+                f"LRP has no rule for module {path!r} ({type(module).__name__}), which computes "
+                f"{name}, in the {self.composite.describe()}: write it with nn.Linear layers "
+                "(and a softmax attention, treated as constant), or use another method"
+            )
+        return _NoRule.apply(func(*args, **kwargs), self.no_rule(f"the operation {name}"))
+
+
+def _parameters(model: Any) -> dict[int, tuple[str, nn.Module]]:
+    if not isinstance(model, nn.Module):
+        return {}
+    return {
+        id(p): (name, module)
+        for name, module in model.named_modules()
+        for p in module.parameters(recurse=False)
+    }
+
+
+@register("lrp")
+def lrp(
+    model: nn.Module,
+    inputs: Tensor,
+    target: TargetLike = None,
+    *,
+    composite: str | Composite = "epsilon_plus",
+    epsilon: float | None = None,
+    gamma: float | None = None,
+    low: float | Tensor | None = None,
+    high: float | Tensor | None = None,
+    score: Score = "logit",
+    forward_args: ForwardArgs = None,
+    allow_tf32: bool = False,
+) -> Attribution:
+    r"""Layer-wise relevance propagation (Bach et al. 2015; Montavon et al. 2019).
+
+    The score :math:`S_c(x)` is redistributed layer by layer onto the input,
+    :math:`\sum_i R_i \approx S_c(x)`, each layer following its rule in ``composite``
+    (:mod:`salience.methods.rules`). One forward and one backward pass, in gradient form
+    (:mod:`salience.methods.lrp`): :math:`R = x \odot c`.
+
+    Args:
+        model: A PyTorch model written in Python (not TorchScript).
+        inputs: ``(N, C, H, W)`` preprocessed images.
+        target: What to explain; see :mod:`salience.targets`.
+        composite: A preset name (``"epsilon_plus"``: z⁺ on convolutions, ε on linear layers;
+            ``"epsilon"``, ``"epsilon_gamma_box"`` (z^B input layer, γ on convolutions),
+            ``"epsilon_plus_flat"`` (flat input layer), ``"epsilon_alpha2_beta1"``,
+            ``"zero"`` (LRP-0)) or a :class:`~salience.methods.rules.Composite`.
+        epsilon: ε of the composite's :class:`~salience.methods.rules.Epsilon` rules (default
+            1e-6).
+        gamma: γ of its :class:`~salience.methods.rules.Gamma` rules (default 0.25).
+        low: Lower input bound of its z^B rule: a number or a tensor broadcastable to the
+            input (e.g. ``(3, 1, 1)``); default each sample's minimum value. For
+            ImageNet-normalized images pass ``(0 - mean) / std``.
+        high: Upper bound, likewise; default each sample's maximum.
+        score: The initial relevance: ``"logit"`` (default), ``"probability"`` or
+            ``"log_probability"`` of the class, placed on the target logit.
+        forward_args: Extra arguments for the model (see :func:`salience.gradient`).
+        allow_tf32: Let CUDA use TF32 (faster, less exact); off by default.
+
+    Returns:
+        An :class:`Attribution` (channel reduction ``"sum"``) with ``extras``:
+        ``"rules"`` (how many layer calls each rule, and the Pass rule, handled),
+        ``"composite"`` (its name), ``"canonized"`` (convolution/linear + BatchNorm pairs
+        folded), ``"relevance"`` (:math:`\sum_i R_i` per sample) and ``"conservation"``
+        (``relevance - score`` per sample: 0 where every rule conserves; biases, ε and the
+        BatchNorm shifts absorb relevance).
+
+    Raises:
+        ValueError: a layer with no rule in the composite, a parameter used in a way no rule
+            covers (the message names the module and its path), an operation without a rule
+            that the relevance reaches, an option that no rule of the composite takes.
+        TypeError: a TorchScript model; a bad ``composite``.
+
+    References:
+        Bach, Binder, Montavon, Klauschen, Müller, Samek. On Pixel-Wise Explanations for
+        Non-Linear Classifier Decisions by Layer-Wise Relevance Propagation. PLoS ONE 2015.
+        Montavon, Binder, Lapuschkin, Samek, Müller. Layer-Wise Relevance Propagation: An
+        Overview. In Explainable AI, LNCS 11700, 2019.
+        Achtibat et al. AttnLRP: Attention-Aware Layer-Wise Relevance Propagation for
+        Transformers. ICML 2024. Ali et al. XAI for Transformers: Better Explanations through
+        Conservative Propagation. ICML 2022.
+    """
+    resolved_composite = resolve_composite(
+        composite, epsilon=epsilon, gamma=gamma, low=low, high=high
+    )
+    with model_scope(model, inputs, forward_args=forward_args, allow_tf32=allow_tf32) as fwd:
+        state = _State(resolved_composite, inputs, _parameters(model))
+        leaf = inputs.detach().requires_grad_(True)
+        modules = list(model.named_modules()) if isinstance(model, nn.Module) else []
+        with torch.enable_grad():
+            state.model_input = leaf.clone()  # the model may change its input in place
+            with forward_hooks(modules, state.module_done), call_rule(model, state, method="lrp"):
+                output = fwd(state.model_input)
+            state.flush(everything=True)  # layer outputs that nothing read (the model output)
+            state.check_modules(modules)
+            if resolved_composite.first is not None and not state.first_seen:
+                raise ValueError(
+                    f"the {resolved_composite.describe()} has a first-layer rule, but no linear "
+                    "layer or convolution reads the model input (or a zero padding or reshape "
+                    "of it): the model transforms its input first (a normalization inside "
+                    "forward?). Pass a composite without a first-layer rule, or map the first "
+                    "layer by its path"
+                )
+            resolved = resolve_target(target, output, inputs.shape[0], score=score)
+            scores = resolved.scores(output)
+            start = scores
+            if resolved.fn is None and score != "logit":
+                logits = dataclasses.replace(resolved, score="logit").scores(output)
+                start = logits * _safe(scores, logits).detach()
+            if not start.requires_grad:
+                raise ValueError(
+                    "the explained score does not depend on the inputs through autograd (is "
+                    "the model or the target detached, or run under torch.no_grad inside "
+                    "forward?)"
+                )
+            (grad,) = torch.autograd.grad(start.sum(), leaf, allow_unused=True)
+        values = inputs.detach() * grad if grad is not None else torch.zeros_like(inputs)
+        if state.collected is not None:
+            values = values + state.collected.to(values.dtype)
+        values = values.detach()
+    relevance = values.flatten(1).sum(1)
+    extras = {
+        "composite": resolved_composite.name,
+        "rules": dict(state.counts),
+        "canonized": state.canonized,
+        "relevance": relevance,
+        "conservation": relevance - scores.detach().reshape(relevance.shape),
+    }
+    detached = output.detach() if isinstance(output, Tensor) else output
+    return _result("lrp", values, detached, scores.detach(), resolved, "sum", extras)
