@@ -14,12 +14,23 @@ audit report are still to come.
   and measure how similar the maps stay (Spearman, SSIM, HOG; :class:`SanityCheck`).
 - :func:`input_invariance` and :func:`mean_shift_twin`: Kindermans et al. (2019): a twin
   model whose first layer absorbs a constant input shift; does each map stay the same?
+- :func:`fragility` (Ghorbani et al. 2019): a label-preserving attack within an L∞ budget that
+  moves the map, beside random noise of the same size; :func:`max_sensitivity` (Yeh et al.
+  2019), as Quantus computes it.
 """
 
 from __future__ import annotations
 
 from .audit import Audit, MethodAudit, audit
 from .faithfulness import PerturbationCurve, Substrate, deletion, insertion
+from .fragility import (
+    Fragility,
+    FragilityScores,
+    Sensitivity,
+    fragility,
+    max_sensitivity,
+    top_k_intersection,
+)
 from .invariance import InputInvariance, MethodInvariance, input_invariance, mean_shift_twin
 from .localization import box_from_map, iou, localization_error, pointing_energy, pointing_game
 from .sanity import (
@@ -35,21 +46,26 @@ from .sanity import (
 
 __all__ = [
     "Audit",
+    "Fragility",
+    "FragilityScores",
     "InputInvariance",
     "MethodAudit",
     "MethodInvariance",
     "PerturbationCurve",
     "SanityCheck",
+    "Sensitivity",
     "Substrate",
     "audit",
     "box_from_map",
     "deletion",
+    "fragility",
     "hog_features",
     "hog_similarity",
     "input_invariance",
     "insertion",
     "iou",
     "localization_error",
+    "max_sensitivity",
     "mean_shift_twin",
     "parameter_randomization",
     "plot_sanity_checks",
@@ -58,4 +74,5 @@ __all__ = [
     "randomization_layers",
     "rank_correlation",
     "ssim",
+    "top_k_intersection",
 ]
