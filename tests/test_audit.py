@@ -233,3 +233,27 @@ def test_randomization_and_invariance_are_those_of_the_metrics(vgg, images):
     page = result.to_html()
     assert "Model randomization" in page
     assert "similarity under randomization" in page
+
+
+def test_stability_is_max_sensitivity(vgg, images):
+    from salience.metrics import max_sensitivity
+
+    result = audit(vgg, images, ["gradient", "grad_cam"], checks=["stability"], samples=3)
+    target = vgg(images).argmax(1)
+    radius = 0.02 * float(images.amax() - images.amin())
+    for row in result.methods:
+        expected = max_sensitivity(vgg, images, row.method, radius, target=target, samples=3)
+        torch.testing.assert_close(row.sensitivity, expected.max)
+        reading = row.readings["stability"]
+        assert reading.value == pytest.approx(float(expected.max.mean()))
+        assert reading.verdict in ("good", "fair", "bad")
+    assert "max-sensitivity" in result.to_markdown()
+
+
+def test_a_constant_method_is_perfectly_stable():
+    from salience.metrics.audit import _read_stability
+
+    row = audit_module.MethodAudit("x", sensitivity=torch.zeros(2))
+    assert _read_stability(row).verdict == "good"
+    row = audit_module.MethodAudit("x", sensitivity=torch.full((2,), 0.9))
+    assert _read_stability(row).verdict == "bad"

@@ -406,10 +406,35 @@ def _invariance(
     row.invariance = result[row.method]
 
 
+def _stability(
+    row: MethodAudit,
+    model: nn.Module,
+    x: Tensor,
+    target: Any,
+    options: Mapping[str, Any],
+    settings: Mapping[str, Any],
+) -> None:
+    from .fragility import max_sensitivity
+
+    value_range = float((x.amax() - x.amin()).clamp(min=1e-12))
+    result = max_sensitivity(
+        model,
+        x,
+        row.method,
+        settings["radius"] * value_range,
+        target=target,
+        samples=settings["samples"],
+        seed=settings["seed"],
+        method_options=dict(options),
+    )
+    row.sensitivity = result.max
+
+
 _RUNNERS: dict[str, Callable[..., None]] = {
     "faithfulness": _faithfulness,
     "randomization": _randomization,
     "invariance": _invariance,
+    "stability": _stability,
 }
 
 
@@ -530,11 +555,24 @@ def _read_invariance(row: MethodAudit, *_: Any) -> Reading | None:
     )
 
 
+def _read_stability(row: MethodAudit, *_: Any) -> Reading | None:
+    value = _mean(row.sensitivity)
+    if value is None:
+        return None if row.sensitivity is None else Reading(None, "undefined (zero maps)", "error")
+    moved = f"small random perturbations move the map by up to {100 * value:.0f} % of its norm"
+    if value < _STABLE:
+        return Reading(value, f"stable: {moved}", "good")
+    if value > _UNSTABLE:
+        return Reading(value, f"unstable: {moved}", "bad")
+    return Reading(value, moved, "fair")
+
+
 _READERS: dict[str, Callable[[MethodAudit, float | None, float | None], Reading | None]] = {
     "deletion": _read_deletion,
     "insertion": _read_insertion,
     "randomization": _read_randomization,
     "invariance": _read_invariance,
+    "stability": _read_stability,
 }
 
 
