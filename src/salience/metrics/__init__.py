@@ -23,14 +23,7 @@ from __future__ import annotations
 
 from .audit import Audit, MethodAudit, audit
 from .faithfulness import PerturbationCurve, Substrate, deletion, insertion
-from .fragility import (
-    Fragility,
-    FragilityScores,
-    Sensitivity,
-    fragility,
-    max_sensitivity,
-    top_k_intersection,
-)
+from .fragility import Fragility, FragilityScores, fragility, top_k_intersection
 from .invariance import InputInvariance, MethodInvariance, input_invariance, mean_shift_twin
 from .localization import box_from_map, iou, localization_error, pointing_energy, pointing_game
 from .sanity import (
@@ -43,6 +36,7 @@ from .sanity import (
     rank_correlation,
     ssim,
 )
+from .sensitivity import Sensitivity, max_sensitivity
 
 __all__ = [
     "Audit",

@@ -414,7 +414,7 @@ def _stability(
     options: Mapping[str, Any],
     settings: Mapping[str, Any],
 ) -> None:
-    from .fragility import max_sensitivity
+    from .sensitivity import max_sensitivity
 
     value_range = float((x.amax() - x.amin()).clamp(min=1e-12))
     result = max_sensitivity(
