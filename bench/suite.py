@@ -1,0 +1,405 @@
+"""One command for every registered method and its peers, on CPU or CUDA: bench/RESULTS.md.
+
+    python bench/suite.py                         # Lite0, VGG-, ResNet-style; batch 1 and 8
+    python bench/suite.py --device cuda --batch 1 8 32
+    python bench/suite.py --models lite0 --batch 1 --quick
+
+For each model and batch size, every registered method runs on the same 224 x 224 inputs and
+target (the predicted class) as its peer equivalents where one is installed (Captum 0.9 in the
+main environment; pytorch-grad-cam and torchcam in the peers' one), interleaved, after a warm-up:
+the median wall time of ``--repeats`` runs, the peak memory of the call (CUDA:
+``max_memory_allocated``; CPU: the resident set sampled every 2 ms, above its level before the
+call), and the answers compared in the same run (Pearson correlation of the two maps, so a
+speed-up never hides a different map). For the multi-pass methods the table also gives the
+*limit*: passes x the time of one forward + backward pass of the same model and batch.
+
+The results go to ``--out`` (default ``bench/RESULTS.md``) with a description of the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import salience
+from salience import models
+
+# Options of salience's methods in the suite, and what their peers are given to do the same work.
+OPTIONS: dict[str, dict[str, Any]] = {
+    "smoothgrad": {"samples": 32},
+    "integrated_gradients": {"steps": 50},
+    "occlusion": {"window": 16, "stride": 8},
+    "rise": {"masks": 1000},
+}
+# Passes of one forward + backward (or forward only, ~1/3) each method needs: its limit.
+PASSES: dict[str, float] = {"smoothgrad": 32, "integrated_gradients": 50}
+
+
+# -- models ----------------------------------------------------------------------------------
+
+
+class VGGStyle(nn.Module):
+    """VGG-style: 3x3 convolutions and max-pooling, most of the work at high resolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = 3
+        for width, convs in ((32, 2), (64, 2), (128, 2), (128, 2)):
+            for _ in range(convs):
+                layers += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(inplace=True)]
+                channels = width
+            layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 1000))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.skip = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else nn.Identity()
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(y)) + self.skip(x))
+
+
+class ResNetStyle(nn.Module):
+    """ResNet-18-like at a quarter width: residual blocks with BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 16, 7, 2, 3, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, 2, 1),
+        )  # fmt: skip
+        blocks, cin = [], 16
+        for cout, stride in ((16, 1), (16, 1), (32, 2), (32, 1), (64, 2), (64, 1), (128, 2)):
+            blocks.append(Block(cin, cout, stride))
+            cin = cout
+        self.layers = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 1000))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.layers(self.stem(x)))
+
+
+def load(name: str) -> nn.Module:
+    if name == "lite0":
+        return models.load("efficientnet_lite0")
+    torch.manual_seed(0)
+    model = {"vgg": VGGStyle, "resnet": ResNetStyle}[name]()
+    for module in model.modules():  # trained-like BatchNorm statistics, not the identity
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def inputs_for(model: nn.Module, n: int) -> Tensor:
+    lite = models.load("efficientnet_lite0") if not hasattr(model, "preprocess") else model
+    pool = [lite.preprocess(models.sample_image(s)) for s in ("chelsea", "coffee")]
+    pool += [p.flip(-1) for p in pool]
+    return torch.cat([pool[i % len(pool)] for i in range(n)])
+
+
+# -- peers -----------------------------------------------------------------------------------
+
+
+def captum_peer(name: str, model: nn.Module, layer: nn.Module | None) -> Callable | None:
+    try:
+        from captum import attr
+    except ImportError:
+        return None
+    peers: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+        "gradient": lambda x, t: attr.Saliency(model).attribute(x, target=t, abs=False),
+        "input_x_gradient": lambda x, t: attr.InputXGradient(model).attribute(x, target=t),
+        "guided_backprop": lambda x, t: attr.GuidedBackprop(model).attribute(x, target=t),
+        "deconvnet": lambda x, t: attr.Deconvolution(model).attribute(x, target=t),
+        "integrated_gradients": lambda x, t: attr.IntegratedGradients(model).attribute(
+            x, target=t, n_steps=50, method="riemann_trapezoid", internal_batch_size=10
+        ),
+        "smoothgrad": lambda x, t: attr.NoiseTunnel(attr.Saliency(model)).attribute(
+            x,
+            target=t,
+            nt_type="smoothgrad",
+            nt_samples=32,
+            nt_samples_batch_size=8,
+            stdevs=0.15 * float(x.max() - x.min()),
+            abs=False,
+        ),
+        "deeplift": lambda x, t: attr.DeepLift(model).attribute(x, target=t),
+        "lrp": lambda x, t: attr.LRP(model).attribute(x, target=t),
+        "occlusion": lambda x, t: attr.Occlusion(model).attribute(
+            x,
+            target=t,
+            sliding_window_shapes=(3, 16, 16),
+            strides=(3, 8, 8),
+            perturbations_per_eval=32,
+        ),
+    }
+    if layer is not None:
+        peers["grad_cam"] = lambda x, t: attr.LayerAttribution.interpolate(
+            attr.LayerGradCam(model, layer).attribute(x, target=t, relu_attributions=True),
+            x.shape[-2:], "bilinear",
+        )  # fmt: skip
+    return peers.get(name)
+
+
+# -- measuring -------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    model: str
+    batch: int
+    method: str
+    ours: float
+    ours_mem: float
+    peer: str = ""
+    theirs: float = float("nan")
+    theirs_mem: float = float("nan")
+    agreement: float = float("nan")
+    limit: float = float("nan")
+    note: str = ""
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _PeakRSS:
+    """The highest resident set size seen (sampled every 2 ms) while the block runs."""
+
+    def __enter__(self) -> _PeakRSS:
+        self.base = self.high = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.high = max(self.high, _rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.high = max(self.high, _rss())
+
+
+def measure(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[float, float, Any]:
+    """Median seconds over ``repeats`` runs after a warm-up, peak memory in MB, the last result."""
+    result = fn()  # warm-up
+    times = []
+    peak = 0.0
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            start = time.perf_counter()
+            result = fn()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+            peak = max(peak, (torch.cuda.max_memory_allocated() - base) / 2**20)
+        else:
+            with _PeakRSS() as rss:
+                start = time.perf_counter()
+                result = fn()
+                times.append(time.perf_counter() - start)
+            peak = max(peak, (rss.high - rss.base) / 2**20)
+    return statistics.median(times), peak, result
+
+
+def _forward_backward(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
+    leaf = x.detach().clone().requires_grad_(True)
+    out = model(leaf)
+    return torch.autograd.grad(out.gather(1, target[:, None]).sum(), leaf)[0]
+
+
+def _ours(model: nn.Module, x: Tensor, method: str, target: Tensor, options: dict) -> Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return salience.explain(model, x, method, target, **options).values
+
+
+def _theirs(peer: Callable, x: Tensor, target: Tensor) -> Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peer(x, target)
+
+
+def agreement(a: Any, b: Any) -> float:
+    """Pearson correlation of two maps (channels summed), or NaN when they cannot compare."""
+    if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
+        return float("nan")
+    a, b = a.detach().double(), b.detach().double()
+    if a.shape != b.shape:
+        if a.ndim == 4 and b.ndim == 4 and a.shape[-2:] == b.shape[-2:]:
+            a, b = a.sum(1), b.sum(1)
+        else:
+            return float("nan")
+    a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
+    den = float(a.norm() * b.norm())
+    return float((a @ b) / den) if den > 0 else float("nan")
+
+
+def run(args: argparse.Namespace) -> list[Row]:
+    device = torch.device(args.device)
+    rows: list[Row] = []
+    methods = args.methods or list(salience.available_methods())
+    for model_name in args.models:
+        model = load(model_name).to(device)
+        layer = None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cam = salience.grad_cam(model, inputs_for(model, 1).to(device))
+        layer = model.get_submodule(cam.layer) if cam.layer else None
+        for n in args.batch:
+            x = inputs_for(model, n).to(device)
+            with torch.no_grad():
+                target = model(x).argmax(1)
+
+            one, _, _ = measure(partial(_forward_backward, model, x, target), device, args.repeats)
+            for method in methods:
+                options = dict(OPTIONS.get(method, {}))
+                if args.quick and method in ("score_cam", "occlusion", "rise"):
+                    continue
+                ours = partial(_ours, model, x, method, target, options)
+                try:
+                    t, mem, ours_map = measure(ours, device, args.repeats)
+                except Exception as exc:
+                    note = f"raises: {str(exc).splitlines()[0][:80]}"
+                    rows.append(Row(model_name, n, method, float("nan"), float("nan"), note=note))
+                    continue
+                row = Row(model_name, n, method, t, mem)
+                if method in PASSES:
+                    row.limit = PASSES[method] * one
+                peer = captum_peer(method, model, layer)
+                if peer is not None:
+                    row.peer = "Captum"
+                    try:
+                        row.theirs, row.theirs_mem, theirs_map = measure(
+                            partial(_theirs, peer, x, target), device, args.repeats
+                        )
+                        row.agreement = agreement(ours_map, theirs_map)
+                    except Exception as exc:
+                        row.note = f"Captum raises: {str(exc).splitlines()[0][:60]}"
+                rows.append(row)
+                print(format_row(row), flush=True)
+    return rows
+
+
+def format_row(r: Row) -> str:
+    ratio = r.theirs / r.ours if r.ours == r.ours and r.theirs == r.theirs else float("nan")
+    limit = r.ours / r.limit if r.limit == r.limit else float("nan")
+    cells = [
+        r.model, str(r.batch), r.method, _s(r.ours), _mb(r.ours_mem),
+        r.peer, _s(r.theirs), _mb(r.theirs_mem), _x(ratio), _f(r.agreement), _x(limit), r.note,
+    ]  # fmt: skip
+    return "| " + " | ".join(cells) + " |"
+
+
+def _s(v: float) -> str:
+    return "" if v != v else (f"{v * 1000:.1f} ms" if v < 1 else f"{v:.2f} s")
+
+
+def _mb(v: float) -> str:
+    return "" if v != v else f"{v:.0f} MB"
+
+
+def _x(v: float) -> str:
+    return "" if v != v else f"{v:.2f}"
+
+
+def _f(v: float) -> str:
+    return "" if v != v else f"{v:.4f}"
+
+
+def machine(device: torch.device) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            names = [line.split(":", 1)[1].strip() for line in handle if "model name" in line]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    text = (
+        f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), Python {platform.python_version()}"
+    )
+    if device.type == "cuda":
+        text += f", {torch.cuda.get_device_name(device)}"
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["lite0", "vgg", "resnet"],
+                        choices=["lite0", "vgg", "resnet"])  # fmt: skip
+    parser.add_argument("--batch", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--methods", nargs="+", default=None)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="skip the slowest methods")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    header = (
+        "| model | batch | method | salience | memory | peer | peer time | peer memory | "
+        "peer / salience | agreement | salience / limit | note |\n"
+        "|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---|"
+    )
+    print(header, flush=True)
+    rows = run(args)
+    text = (
+        "# Benchmark results\n\n"
+        f"`python bench/suite.py {' '.join(argv if argv is not None else sys.argv[1:])}` on "
+        f"{machine(device)}, device {device}, {time.strftime('%Y-%m-%d')}.\n\n"
+        "Median of the repeats after a warm-up; memory is the peak above the level before the "
+        "call; agreement is the Pearson correlation of the two maps (channels summed where the "
+        "shapes differ); limit = passes x one forward + backward of the same batch.\n\n"
+        + header
+        + "\n"
+        + "\n".join(format_row(r) for r in rows)
+        + "\n"
+    )
+    with open(args.out, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
