@@ -112,8 +112,6 @@ def test_help_explains_every_option(capsys):
     }
     for name, sub in commands.choices.items():
         for action in sub._actions:
-            if name == "evaluate" and action.dest == "args":
-                continue
             assert action.help, (name, action.dest)
             assert action.help != argparse.SUPPRESS, (name, action.dest)
         with pytest.raises(SystemExit) as exit_info:
@@ -138,12 +136,6 @@ def test_methods_lists_the_registry(capsys):
     code, out, _ = run(["methods", "--kind", "cam"], capsys)
     assert "grad_cam" in out
     assert "integrated_gradients" not in out
-
-
-def test_evaluate_says_it_is_not_available(capsys):
-    code, _out, err = run(["evaluate", "x.png"], capsys)
-    assert code == cli.EXIT_FAILURE
-    assert "not available yet" in err
 
 
 def test_installed_entry_point():

@@ -23,6 +23,7 @@ FAST: dict[str, dict[str, Any]] = {
     "smoothgrad": {"samples": 4},
     "integrated_gradients": {"steps": 8},
     "score_cam": {"batch_size": 4},
+    "rise": {"masks": 256},
 }
 METHODS = sorted(salience.available_methods())
 MODELS = {"vgg": (VGGish, 0), "resnet": (ResNetish, 1)}

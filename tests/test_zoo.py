@@ -35,6 +35,8 @@ CHEAP: dict[str, dict[str, Any]] = {
     "smoothgrad": {"samples": 4},
     "integrated_gradients": {"steps": 8},
     "score_cam": {"batch_size": 64},
+    "rise": {"masks": 16},
+    "occlusion": {"window": 16, "stride": 16},
 }
 CAM_METHODS = {"cam", "grad_cam", "grad_cam_plus_plus", "layer_cam", "score_cam"}
 # Methods that read a layer: the CAM family, and Guided Grad-CAM (pixel-shaped).

@@ -11,7 +11,7 @@ from torch import Tensor
 
 __all__ = ["Attribution", "Reduction"]
 
-Reduction = Literal["abs_max", "sum", "abs_sum", "none"]
+Reduction = Literal["abs_max", "sum", "abs_sum", "mean", "none"]
 """How :meth:`Attribution.saliency` collapses the channel axis.
 
 - ``"abs_max"``: max over channels of ``|values|`` (Simonyan et al. 2013, Eq. 10).
@@ -61,6 +61,8 @@ class Attribution:
         The reduction is :attr:`reduction`: Simonyan et al. take the max over channels of the
         absolute gradient; gradient × input and Integrated Gradients sum the signed
         attributions over channels, so that the map still sums to the explained score change.
+        Perturbation methods (occlusion, RISE) give every channel the pixel's value: the mean
+        is that value.
         """
         v = self.values
         if v.ndim < 3:
@@ -71,6 +73,8 @@ class Attribution:
             return v.abs().sum(dim=1)
         if self.reduction == "sum":
             return v.sum(dim=1)
+        if self.reduction == "mean":  # occlusion, RISE: every channel holds the pixel's value
+            return v.mean(dim=1)
         if v.shape[1] != 1:
             raise ValueError(
                 f"these values hold {v.shape[1]} maps per sample, one per target: there is no "

@@ -85,6 +85,8 @@ def _reduce(values: np.ndarray, reduction: Reduction) -> np.ndarray:
         return np.abs(values).sum(axis=0)
     if reduction == "sum":
         return values.sum(axis=0)
+    if reduction == "mean":
+        return values.mean(axis=0)
     if values.shape[0] != 1:
         raise ValueError(
             f"a map with {values.shape[0]} channels needs a reduction "

@@ -19,7 +19,7 @@ from ._options import (
 from .audit import cmd_audit
 from .batch import cmd_batch
 from .compare import cmd_compare
-from .evaluate import cmd_evaluate
+from .evaluate import add_evaluate_parser
 from .explain import cmd_explain
 from .features import cmd_features
 from .methods import cmd_methods
@@ -286,16 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=("pixel", "cam"), help="only methods of this kind")
     p.set_defaults(handler=cmd_methods)
 
-    p = sub.add_parser(
-        "evaluate",
-        help="faithfulness and sanity metrics (not available yet)",
-        description=_wrap(
-            "Not available yet: salience does not ship attribution metrics in this "
-            "version. This command exits with status 1."
-        ),
-    )
-    p.add_argument("args", nargs="*", help=argparse.SUPPRESS)
-    p.set_defaults(handler=cmd_evaluate)
+    add_evaluate_parser(sub, EPILOG)
     return parser
 
 

@@ -4,7 +4,8 @@
 - :mod:`.integrated`: Integrated Gradients;
 - :mod:`.deeplift`: DeepLIFT (Rescale, RevealCancel);
 - :mod:`.cam`: CAM, Grad-CAM, Guided Grad-CAM, Grad-CAM++, LayerCAM;
-- :mod:`.score_cam`: Score-CAM.
+- :mod:`.score_cam`: Score-CAM;
+- :mod:`.perturbation`: occlusion, RISE.
 
 Users call them as ``salience.<method>`` or through :func:`salience.explain`.
 """
@@ -23,6 +24,7 @@ from .integrated import integrated_gradients
 # isort: split
 from .deeplift import deeplift
 from .lrp import lrp
+from .perturbation import occlusion, rise
 
 __all__ = [
     "cam",
@@ -37,6 +39,8 @@ __all__ = [
     "integrated_gradients",
     "layer_cam",
     "lrp",
+    "occlusion",
+    "rise",
     "score_cam",
     "smoothgrad",
 ]

@@ -1,8 +1,7 @@
 """Judging saliency maps: whether a map follows the model, and whether it points at the object.
 
 Each metric returns one figure per sample (or a curve per sample), computed in batches on the
-model's device, without changing the model. Sanity checks, input invariance, fragility and the
-audit report are still to come.
+model's device, without changing the model; :func:`audit` turns them into a scorecard.
 
 - :func:`deletion` and :func:`insertion`: perturb pixels in the order of the map and follow
   the score (Petsiuk, Das and Saenko, RISE, BMVC 2018).
@@ -17,15 +16,24 @@ audit report are still to come.
 - :func:`fragility` (Ghorbani et al. 2019): a label-preserving attack within an L∞ budget that
   moves the map, beside random noise of the same size; :func:`max_sensitivity` (Yeh et al.
   2019), as Quantus computes it.
+- :func:`occlusion_correlation`: rank correlation of a map with the occlusion map
+  (Grad-CAM, Selvaraju et al. 2017).
+- :func:`evaluate`: run methods through these metrics on images with known objects, one
+  row per method (:class:`EvaluationTable`, CSV/JSON/Markdown); :mod:`.synthetic` draws such
+  images (shapes on clutter, with distractors) for the shipped model
+  :func:`salience.models.synthetic_cnn`.
 """
 
 from __future__ import annotations
 
+from . import synthetic
 from .audit import Audit, MethodAudit, audit
+from .evaluate import EvaluationTable, evaluate
 from .faithfulness import PerturbationCurve, Substrate, deletion, insertion
 from .fragility import Fragility, FragilityScores, fragility, top_k_intersection
 from .invariance import InputInvariance, MethodInvariance, input_invariance, mean_shift_twin
 from .localization import box_from_map, iou, localization_error, pointing_energy, pointing_game
+from .occlusion import occlusion_correlation
 from .sanity import (
     SanityCheck,
     hog_features,
@@ -40,6 +48,7 @@ from .sensitivity import Sensitivity, max_sensitivity
 
 __all__ = [
     "Audit",
+    "EvaluationTable",
     "Fragility",
     "FragilityScores",
     "InputInvariance",
@@ -52,6 +61,7 @@ __all__ = [
     "audit",
     "box_from_map",
     "deletion",
+    "evaluate",
     "fragility",
     "hog_features",
     "hog_similarity",
@@ -61,6 +71,7 @@ __all__ = [
     "localization_error",
     "max_sensitivity",
     "mean_shift_twin",
+    "occlusion_correlation",
     "parameter_randomization",
     "plot_sanity_checks",
     "pointing_energy",
@@ -68,5 +79,6 @@ __all__ = [
     "randomization_layers",
     "rank_correlation",
     "ssim",
+    "synthetic",
     "top_k_intersection",
 ]

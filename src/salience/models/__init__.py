@@ -5,6 +5,9 @@
 its input pipeline (:meth:`~EfficientNetLite0.preprocess`, :meth:`~EfficientNetLite0.crop`,
 :meth:`~EfficientNetLite0.to_image`) and :attr:`~EfficientNetLite0.class_names`.
 
+:func:`synthetic_cnn` gives the small CNN of the synthetic benchmark
+(:mod:`salience.metrics.synthetic`), trained and shipped with the package (about 100 KB).
+
 ``load(path)`` reads a TorchScript archive, or a ``torch.save`` file:
 
 - a whole pickled :class:`torch.nn.Module` is only unpickled with ``trust=True``, because
@@ -49,12 +52,14 @@ from salience.models.efficientnet_lite import (
     pretrained_weights_path,
 )
 from salience.models.imagenet import class_index, class_name, class_names
+from salience.models.synthetic import SyntheticCNN, synthetic_cnn, synthetic_weights_path
 
 __all__ = [
     "IMAGENET_INCEPTION_MEAN",
     "IMAGENET_INCEPTION_STD",
     "EfficientNetLite0",
     "ImageInput",
+    "SyntheticCNN",
     "available_models",
     "class_index",
     "class_name",
@@ -67,6 +72,8 @@ __all__ = [
     "resize_center_crop",
     "sample_image",
     "sample_images",
+    "synthetic_cnn",
+    "synthetic_weights_path",
     "to_rgb",
 ]
 
