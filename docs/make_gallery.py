@@ -17,7 +17,7 @@ from PIL import Image
 from salience import cli
 
 GALLERY = Path(__file__).resolve().parent / "gallery"
-MAX_BYTES = 150_000
+MAX_BYTES = 250_000
 
 # (CLI arguments, file the CLI writes, name in the gallery)
 PICTURES = [
@@ -32,6 +32,18 @@ PICTURES = [
         "explain_chelsea_grad_cam.png",
     ),
     (["visualize-class", "goldfish"], "class_model.1-goldfish.png", "class_model_goldfish.png"),
+    (
+        [
+            "compare",
+            "sample:chelsea",
+            "--panel-size",
+            "1.9",
+            "-m",
+            "grad_cam,integrated_gradients,lrp,deeplift,occlusion,rise",
+        ],
+        "chelsea.compare.285-Egyptian_cat.png",
+        "compare_chelsea_relevance_perturbation.png",
+    ),
 ]
 
 

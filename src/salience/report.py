@@ -57,6 +57,9 @@ _DISPLAY = {
     "score_cam": "Score-CAM",
     "integrated_gradients": "Integrated Gradients",
     "lrp": "LRP",
+    "deeplift": "DeepLIFT",
+    "occlusion": "Occlusion",
+    "rise": "RISE",
 }
 
 

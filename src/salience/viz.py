@@ -67,6 +67,16 @@ GRADIENT_CMAP = "gray"
 """Colormap :func:`render` uses for gradient magnitudes, as in Simonyan et al.'s figures."""
 
 _RGB_METHODS = frozenset({"guided_backprop", "deconvnet", "guided_grad_cam"})
+# Relevance and contribution maps are drawn diverging around a white zero even when every value
+# is positive (as the LRP and DeepLIFT papers do), so that "no relevance" is always white.
+_SIGNED_METHODS = frozenset(
+    {"lrp", "deeplift", "integrated_gradients", "input_x_gradient", "occlusion"}
+)
+# Maps drawn over the image with a sequential colormap, as their papers do (CAMs by reduction).
+_OVERLAY_METHODS = frozenset({"rise"})
+# Maps whose every value sits on a large positive level (RISE: the mean score of the masked
+# images): drawn from their minimum, as the paper's figures are, or they would be one colour.
+_FROM_MINIMUM = frozenset({"rise"})
 
 
 # -- maps ------------------------------------------------------------------------------------
@@ -350,13 +360,15 @@ def default_style(attribution: Attribution) -> Style:
     """Return the picture the papers show for ``attribution.method``.
 
     - ``"rgb"`` (:func:`guided_image`) for guided backprop, DeconvNet and Guided Grad-CAM;
-    - ``"overlay"`` (jet, over the image) for the one-channel CAM maps;
+    - ``"overlay"`` (jet, over the image) for the one-channel CAM maps and RISE (RISE drawn
+      from its minimum: every value of its map sits on the mean masked score);
     - ``"heatmap"`` for pixel maps: gradient magnitudes in gray (Simonyan et al.), signed maps
-      (Integrated Gradients, gradient × input, relevance) in a diverging colormap.
+      (Integrated Gradients, gradient × input, LRP, DeepLIFT, occlusion) in a diverging
+      colormap with zero white, also when every value is positive.
     """
     if attribution.method in _RGB_METHODS and attribution.values.shape[1] == 3:
         return "rgb"
-    if attribution.reduction == "none":
+    if attribution.reduction == "none" or attribution.method in _OVERLAY_METHODS:
         return "overlay"
     return "heatmap"
 
@@ -391,9 +403,13 @@ def render(
     if chosen == "rgb":
         return guided_image(attribution, index=index)
     if chosen == "overlay" and image is not None:
+        shown: MapLike = attribution
+        if style == "auto" and attribution.method in _FROM_MINIMUM:
+            m = saliency_map(attribution, index=index, target=target)
+            shown, index, target = m - m.min(), 0, 0
         return overlay(
             image,
-            attribution,
+            shown,
             cmap=cmap,
             alpha=alpha,
             percentile=percentile,
@@ -404,7 +420,10 @@ def render(
         raise ValueError(f"unknown style {style!r}; expected auto, overlay, heatmap or rgb")
     if cmap is None and style == "auto" and attribution.reduction == "abs_max":
         cmap = GRADIENT_CMAP
-    return heatmap(attribution, cmap=cmap, percentile=percentile, index=index, target=target)
+    signed = True if style == "auto" and attribution.method in _SIGNED_METHODS else None
+    return heatmap(
+        attribution, cmap=cmap, signed=signed, percentile=percentile, index=index, target=target
+    )
 
 
 # -- figures ---------------------------------------------------------------------------------
