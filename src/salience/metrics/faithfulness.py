@@ -182,13 +182,7 @@ def _curve(
     steps = check_positive_int("steps", steps)
     x = inputs.detach()
     n, _, h, w = x.shape
-    if (
-        target is None
-        and isinstance(saliency, Attribution)
-        and saliency.target is not None
-        and saliency.target.ndim == 1
-    ):
-        target = saliency.target
+    target = attribution_target(saliency, target)
     ranks = _ranks(_as_map(saliency, x), n, h, w)  # (N, P): position of each pixel
     pixels = h * w
     counts = torch.arange(steps + 1, dtype=torch.long) * pixels // steps
@@ -229,6 +223,18 @@ def _curve(
         target=resolved.classes,
         counts=counts,
     )
+
+
+def attribution_target(saliency: Any, target: TargetLike) -> TargetLike:
+    """``target``, or when it is ``None`` the classes of an :class:`Attribution` given as map."""
+    if (
+        target is None
+        and isinstance(saliency, Attribution)
+        and saliency.target is not None
+        and saliency.target.ndim == 1
+    ):
+        return saliency.target
+    return target
 
 
 def _as_map(saliency: Tensor | Attribution, x: Tensor) -> Tensor:

@@ -25,6 +25,7 @@ from .._forward import ForwardArgs
 from ..attribution import Attribution
 from ..methods.perturbation import Fill, occlusion
 from ..targets import Score, TargetLike
+from .faithfulness import attribution_target
 
 __all__ = ["occlusion_correlation", "spearman"]
 
@@ -76,13 +77,7 @@ def occlusion_correlation(
     """
     check_inputs(inputs)
     n, _, h, w = inputs.shape
-    if (
-        target is None
-        and isinstance(saliency, Attribution)
-        and saliency.target is not None
-        and saliency.target.ndim == 1
-    ):
-        target = saliency.target
+    target = attribution_target(saliency, target)
     maps = _as_maps(saliency, n, h, w, "saliency")
     if reference is None:
         reference = occlusion(
