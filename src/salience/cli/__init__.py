@@ -1,11 +1,12 @@
-"""The ``salience`` command: explain images, compare methods, write reports, draw class models.
+"""The ``salience`` command: explain, compare, report, audit, evaluate, batch runs, features.
 
 Run ``salience --help`` or ``salience COMMAND --help``. Exit status: 0 when everything
 succeeded, 1 when nothing did (or a fatal error such as an unreadable model), 2 for a bad
 command line, 3 when some inputs failed and others succeeded, 130 when interrupted.
 
-One module per command (:mod:`.explain`, :mod:`.compare`, :mod:`.report`,
-:mod:`.visualize_class`, :mod:`.methods`, :mod:`.evaluate`), the parser and :func:`main` in
+One module per command (:mod:`.explain`, :mod:`.compare`, :mod:`.report`, :mod:`.audit`,
+:mod:`.evaluate`, :mod:`.batch`, :mod:`.features`, :mod:`.visualize_class`, :mod:`.methods`),
+the parser and :func:`main` in
 :mod:`.parser`, and the pieces they share in :mod:`._common` (exit statuses, errors),
 :mod:`._pipeline` (model loading, classes and targets), :mod:`._options` (method options,
 option groups) and :mod:`._run` (running over images).
