@@ -451,7 +451,7 @@ def _smoothgrad(
     activations: Activations = "rectifiers",
 ) -> Attribution:
     n = inputs.shape[0]
-    rows_per_pass = auto_batch_size(inputs, batch_size)
+    rows_per_pass = auto_batch_size(inputs, batch_size, backward=True)
 
     x = inputs.detach()
     with torch.no_grad():

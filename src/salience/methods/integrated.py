@@ -175,7 +175,7 @@ def _integrate(
             "equals its 'uniform' and 'blur' baselines)",
             stacklevel=4,
         )
-    rows_per_pass = auto_batch_size(inputs, batch_size)
+    rows_per_pass = auto_batch_size(inputs, batch_size, backward=True)
 
     with torch.no_grad():  # S(x) and S(x') in one pass when the output is a plain batch
         samples = torch.arange(n, device=x.device)
