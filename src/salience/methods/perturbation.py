@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Literal, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 import torch
 import torch.nn.functional as F
@@ -154,7 +154,7 @@ def occlusion(
         ys, xs = _starts(h, wh, sh), _starts(w, ww, sw)
         if blur_sigma is None:
             blur_sigma = max(wh, ww) / 2
-        base = _fill(fill, x, blur_sigma)
+        base = replacement_image(fill, x, blur_sigma)
         output, resolved = _resolve(fwd, x, target, score)
         multi = resolved.classes is not None and resolved.classes.ndim == 2
         k = resolved.classes.shape[1] if multi else 1  # type: ignore[union-attr]
@@ -286,31 +286,45 @@ def _starts(size: int, window: int, stride: int) -> list[int]:
     return [i * stride for i in range(count)]
 
 
-def _fill(fill: Fill, x: Tensor, blur_sigma: float) -> Tensor:
-    """Return the ``(N, C, H, W)`` image an occluded patch takes its pixels from."""
-    if isinstance(fill, str):
-        if fill == "zeros":
+def replacement_image(
+    spec: Any,
+    x: Tensor,
+    blur_sigma: float,
+    *,
+    name: str = "fill",
+    choices: tuple[str, ...] = _FILLS,
+) -> Tensor:
+    """Return the ``(N, C, H, W)`` image hidden pixels take their values from.
+
+    Shared by occlusion's ``fill`` and the deletion/insertion ``substrate``
+    (:mod:`salience.metrics.faithfulness`), which names it with ``name`` and allows the
+    strings in ``choices``: ``"zeros"``, ``"mean"`` (each image's channel means), ``"blur"``
+    (a Gaussian blur, ``blur_sigma`` pixels); or a finite number (a constant image); or a
+    tensor broadcastable to ``x`` (a baseline image).
+    """
+    if isinstance(spec, str) and spec in choices:
+        if spec == "zeros":
             return torch.zeros_like(x)
-        if fill == "mean":
+        if spec == "mean":
             return x.mean(dim=(2, 3), keepdim=True).expand_as(x).contiguous()
-        if fill == "blur":
+        if spec == "blur":
             if not (isinstance(blur_sigma, numbers.Real) and blur_sigma > 0):
                 raise ValueError(f"blur_sigma must be a positive number, got {blur_sigma!r}")
             return gaussian_blur(x, float(blur_sigma))
-    elif isinstance(fill, numbers.Real) and not isinstance(fill, bool):
-        if not math.isfinite(float(fill)):
-            raise ValueError(f"fill must be finite, got {fill}")
-        return torch.full_like(x, float(fill))
-    elif isinstance(fill, Tensor):
+    elif isinstance(spec, numbers.Real) and not isinstance(spec, bool):
+        if not math.isfinite(float(spec)):
+            raise ValueError(f"{name} must be finite, got {spec}")
+        return torch.full_like(x, float(spec))
+    elif isinstance(spec, Tensor):
         try:
-            return fill.detach().to(x.device, x.dtype).expand_as(x).contiguous()
+            return spec.detach().to(x.device, x.dtype).expand_as(x).contiguous()
         except RuntimeError as error:
             raise ValueError(
-                f"a fill tensor (baseline image) must broadcast to the inputs "
-                f"{tuple(x.shape)}; got shape {tuple(fill.shape)}"
+                f"a {name} tensor (baseline image) must broadcast to the inputs "
+                f"{tuple(x.shape)}; got shape {tuple(spec.shape)}"
             ) from error
     raise ValueError(
-        f"unknown fill {fill!r}; expected one of: {', '.join(_FILLS)}, a number or a tensor "
+        f"unknown {name} {spec!r}; expected one of: {', '.join(choices)}, a number or a tensor "
         "broadcastable to the inputs (a baseline image)"
     )
 

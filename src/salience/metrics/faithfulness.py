@@ -37,7 +37,6 @@ are restored, TF32 is off unless ``allow_tf32=True``; the inputs are never modif
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
@@ -48,7 +47,7 @@ from .._checks import auto_batch_size, check_inputs, check_positive_int, even_ch
 from .._forward import ForwardArgs, model_scope
 from .._io import Progress
 from ..attribution import Attribution
-from ..methods.integrated import gaussian_blur
+from ..methods.perturbation import replacement_image
 from ..targets import Score, TargetLike, resolve_target
 
 __all__ = ["PerturbationCurve", "Substrate", "deletion", "insertion"]
@@ -189,7 +188,7 @@ def _curve(
     fractions = counts.double() / pixels
 
     with model_scope(model, inputs, forward_args=forward_args, allow_tf32=allow_tf32) as fwd:
-        base = _substrate(substrate, x, blur_sigma)
+        base = replacement_image(substrate, x, blur_sigma, name="substrate", choices=_SUBSTRATES)
         samples = torch.arange(n, device=x.device)
         with torch.no_grad():
             out = fwd(x.clone(), samples)
@@ -280,32 +279,3 @@ def _ranks(m: Tensor, n: int, h: int, w: int) -> Tensor:
     ranks = torch.empty_like(order)
     positions = torch.arange(h * w, device=order.device).expand(n, -1)
     return ranks.scatter_(1, order, positions)
-
-
-def _substrate(substrate: Substrate, x: Tensor, blur_sigma: float) -> Tensor:
-    """Return the ``(N, C, H, W)`` image that perturbed pixels are taken from."""
-    if isinstance(substrate, str):
-        if substrate == "zeros":
-            return torch.zeros_like(x)
-        if substrate == "blur":
-            if not (isinstance(blur_sigma, numbers.Real) and blur_sigma > 0):
-                raise ValueError(f"blur_sigma must be a positive number, got {blur_sigma!r}")
-            return gaussian_blur(x, float(blur_sigma))
-        raise ValueError(
-            f"unknown substrate {substrate!r}; expected one of: {', '.join(_SUBSTRATES)}, a "
-            "number or a tensor broadcastable to the inputs"
-        )
-    if isinstance(substrate, numbers.Real) and not isinstance(substrate, bool):
-        return torch.full_like(x, float(substrate))
-    if isinstance(substrate, Tensor):
-        try:
-            return substrate.detach().to(x.device, x.dtype).expand_as(x).contiguous()
-        except RuntimeError as error:
-            raise ValueError(
-                f"a substrate tensor must broadcast to the inputs {tuple(x.shape)}; got shape "
-                f"{tuple(substrate.shape)}"
-            ) from error
-    raise ValueError(
-        f"unknown substrate {substrate!r}; expected one of: {', '.join(_SUBSTRATES)}, a number "
-        "or a tensor broadcastable to the inputs"
-    )
