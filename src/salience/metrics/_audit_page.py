@@ -38,6 +38,11 @@ def _figure_png(draw: Callable[[Any], None], size: tuple[float, float]) -> str:
     FigureCanvasAgg(fig)
     draw(fig)
     fig.tight_layout()
+    return _png_uri(fig)
+
+
+def _png_uri(fig: Any) -> str:
+    """Return a matplotlib figure as a PNG ``data:`` URI."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -80,10 +85,7 @@ def _randomization_figure(result: Audit) -> str | None:
         figure = plot_sanity_checks(checks)
     except ValueError:  # results over different layers cannot share axes
         return None
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return _png_uri(figure)
 
 
 def _map_pictures(result: Audit) -> list[tuple[str, str]]:
