@@ -10,11 +10,15 @@ batches of maps ``(N, H, W)`` (or ``(N, P)`` for rank correlation) and returns `
 - :func:`hog_features` / :func:`hog_similarity`: histograms of oriented gradients (Dalal and
   Triggs 2005) with scikit-image's defaults (9 bins, 8-pixel cells, 3 x 3 blocks, L2-Hys),
   compared by Pearson correlation.
+
+The last section builds the two maps of the sanity check (absolute and signed, the absolute
+one normalized at its 99th percentile) and computes every measure between them.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -274,3 +278,62 @@ def hog_similarity(a: Tensor, b: Tensor, *, cell: int = 8, block: int = 3) -> Te
     fa = hog_features(a2.view(a.shape), cell=cell, block=block)
     fb = hog_features(b2.view(a.shape), cell=cell, block=block)
     return _pearson_rows(fa, fb)
+
+
+# ----------------------------------------------------------------- the sanity check's maps
+# Adebayo et al.'s two maps of an attribution and every similarity between them
+# (salience.metrics.sanity, step 5 and 6).
+
+
+def _abs_map(values: Tensor) -> Tensor:
+    """``sum_c |A_c|``: ``(N, H, W)``."""
+    return values.detach().abs().sum(dim=1) if values.ndim == 4 else values.detach().abs()
+
+
+def _signed_map(values: Tensor) -> Tensor:
+    """``sum_c A_c``: ``(N, H, W)``."""
+    return values.detach().sum(dim=1) if values.ndim == 4 else values.detach()
+
+
+def _normalized(a: Tensor) -> Tensor:
+    """Scale non-negative maps to ``[0, 1]``: ``(a - min) / (p99 - min)``, clipped."""
+    flat = a.double().flatten(1)
+    low = flat.amin(dim=1, keepdim=True)
+    high = torch.quantile(flat, 0.99, dim=1, keepdim=True)
+    top = flat.amax(dim=1, keepdim=True)
+    high = torch.where(high > low, high, top)
+    span = (high - low).clamp(min=torch.finfo(torch.float64).tiny)
+    return ((flat - low) / span).clamp(0.0, 1.0).view(a.shape)
+
+
+def _hog_cell(h: int, w: int) -> int:
+    """Return the HOG cell side for ``h x w`` maps: 8 px (skimage's default), less if small."""
+    return max(1, min(8, min(h, w) // 3))
+
+
+def _measure(values: Tensor, reference: Mapping[str, Tensor], hog_cell: int) -> dict[str, Tensor]:
+    """Every similarity of the maps of ``values`` to the reference maps."""
+    a = _abs_map(values)
+    norm = _normalized(a)
+    side = min(norm.shape[-2:])
+    # The 11 x 11 window of Wang et al.; maps smaller than that get the largest window inside.
+    sigma = 1.5 if side >= 11 else max((side - 1) // 2, 1) / 3.5
+    return {
+        "spearman_abs": _pearson_rows(_ranks_of(a), reference["abs_ranks"]),
+        "spearman": _pearson_rows(_ranks_of(_signed_map(values)), reference["signed_ranks"]),
+        "ssim": ssim(norm, reference["norm"], data_range=1.0, sigma=sigma),
+        "hog": hog_similarity(norm, reference["norm"], cell=hog_cell),
+    }
+
+
+def _ranks_of(maps: Tensor) -> Tensor:
+    return _average_ranks(maps.detach().reshape(maps.shape[0], -1).double())
+
+
+def _reference(values: Tensor) -> dict[str, Tensor]:
+    a = _abs_map(values)
+    return {
+        "abs_ranks": _ranks_of(a),
+        "signed_ranks": _ranks_of(_signed_map(values)),
+        "norm": _normalized(a),
+    }
