@@ -57,17 +57,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._forward import Forward, ForwardArgs, model_scope
 from ..attribution import Attribution
 from ..hooks import forward_hooks
-from ..layers import LayerLike, LayerRecord, find_layer, search_layers
-from ..layouts import Layout, Reshape, check_reshape
+from ..layers import LayerLike, find_layer
+from ..layouts import Reshape
 from ..rectifiers import Activations, resolve_activations
 from ..registry import register
-from ..targets import ResolvedTarget, Score, TargetLike, resolve_target
+from ..targets import Score, TargetLike
+from ._cam_capture import _Capture, _capture, _combine, _gradients, _result, _size
 from .gradient import guided_backprop
 
 __all__ = [
@@ -77,194 +77,6 @@ __all__ = [
     "guided_grad_cam",
     "layer_cam",
 ]
-
-
-# -- capture: one forward pass, the layer's activation and the scores ---------------------------
-
-
-@dataclass
-class _Capture:
-    """One forward pass: the layer activation, the model output and the explained scores."""
-
-    layer: str
-    calls: int
-    raw: Tensor  # the layer output, in the graph when gradients are on
-    activation: Tensor  # (N, K, h, w): ``reshape(raw)``
-    reshape: Reshape | None  # raw -> activation (and gradients alike); None: raw is the map
-    layout: Layout  # how raw was read: NCHW, NHWC, tokens, or custom (the user's reshape=)
-    output: Any  # detached model output
-    resolved: ResolvedTarget
-    scores: Tensor  # (N, T), in the graph when gradients are on
-    multi: bool  # an (N, T) target: keep the target axis in ``scores``
-
-
-def _capture(
-    forward: Forward,
-    inputs: Tensor,
-    target: TargetLike,
-    *,
-    layer: LayerLike | None,
-    reshape: Reshape | None,
-    score: Score,
-    grad: bool,
-    _search_with_grad: bool = False,
-) -> _Capture:
-    model = forward.model
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"CAM methods read an inner layer, so the model must be an nn.Module, got "
-            f"{type(model).__name__}"
-        )
-    if isinstance(model, torch.jit.ScriptModule):
-        raise TypeError(
-            "CAM methods record a layer with forward hooks, which TorchScript models do not "
-            "run; load the model as a Python nn.Module instead"
-        )
-    if reshape is not None and not callable(reshape):
-        raise TypeError(f"reshape must be a callable, got {type(reshape).__name__}")
-    if reshape is not None and layer is None:
-        raise ValueError(
-            "reshape= applies to a layer you choose: pass layer= as well (the default layer is "
-            "read as a map without it)"
-        )
-    n = inputs.shape[0]
-    named = None if layer is None else find_layer(model, layer)
-    # Autograd is on for the gradient methods, and for a gradient-free method only to check that
-    # the score depends on the patch tokens of a default token layer (see salience.layers).
-    track = grad or _search_with_grad
-    x = inputs.detach().clone()
-    if track:
-        x.requires_grad_(True)
-    multi = isinstance(target, Tensor) and target.ndim == 2
-    with torch.set_grad_enabled(track), search_layers(model, inputs, named) as search:
-        fed = x.clone() if track else x  # the model may modify its input in place
-        search.seed(fed)
-        output = forward(fed)
-        resolved = resolve_target(target, output, n, score=score, multi=True)
-        scores = resolved.scores(output)
-        scores = scores if multi else scores.unsqueeze(1)  # (N, T), in the graph
-    layout: Layout | None = None
-    if named is None:
-        choice = search.choose(output, scores if track else None)
-        if choice.needs_gradients:
-            return _capture(
-                forward,
-                inputs,
-                target,
-                layer=None,
-                reshape=None,
-                score=score,
-                grad=grad,
-                _search_with_grad=True,
-            )
-        record: LayerRecord = choice.record
-        layout = choice.layout
-        changed = record.output is not None and record.output._version != record._version
-        if changed or (_search_with_grad and not grad):
-            # the chosen map was changed in place later on (record it again, with a copy), or
-            # was found with gradients for a method that runs without them (record it again,
-            # without a graph)
-            return _capture(
-                forward, inputs, target, layer=record.name, reshape=None, score=score, grad=grad
-            )
-    else:
-        assert search.record is not None
-        record = search.record
-    raw = record.activation()
-    if grad and not (scores.requires_grad and raw.requires_grad):
-        what = "explained score" if not scores.requires_grad else f"output of layer {record.name!r}"
-        raise ValueError(
-            f"the {what} does not depend on the inputs through autograd (is the model or the "
-            "target detached, or run under torch.no_grad inside forward?)"
-        )
-    if reshape is not None:
-        check_reshape(reshape, raw, record.name)
-        layout = Layout("custom")
-    else:
-        layout = layout or search.layer_layout()
-        reshape = None if layout.kind == "NCHW" else layout.to_map
-    if not grad:
-        raw, scores = raw.detach(), scores.detach()
-    return _Capture(
-        layer=record.name,
-        calls=record.calls,
-        raw=raw,
-        activation=raw if reshape is None else reshape(raw),
-        reshape=reshape,
-        layout=layout,
-        output=output.detach() if isinstance(output, Tensor) else output,
-        resolved=resolved,
-        scores=scores,
-        multi=multi,
-    )
-
-
-def _gradients(cap: _Capture, *, sign: float = 1.0) -> Tensor:
-    """Return ``d score_t / d A``: ``(N, T, K, h, w)``, one batched backward pass for ``T``."""
-    scores = cap.scores
-    t = scores.shape[1]
-    with torch.enable_grad():  # also under the caller's torch.no_grad()
-        if t == 1:
-            (grad,) = torch.autograd.grad(scores.sum(), cap.raw, allow_unused=True)
-            grads = None if grad is None else grad.unsqueeze(0)
-        else:
-            picks = torch.eye(t, dtype=scores.dtype, device=scores.device)
-            picks = picks.unsqueeze(1).expand(t, scores.shape[0], t).contiguous()
-            (grads,) = torch.autograd.grad(
-                scores, cap.raw, grad_outputs=picks, is_grads_batched=True, allow_unused=True
-            )
-    if grads is None:
-        raise ValueError(
-            f"the explained score does not depend on layer {cap.layer!r}: it runs outside the "
-            "path from the inputs to the output; pick a layer before the classifier"
-        )
-    if cap.reshape is not None:
-        grads = torch.stack([cap.reshape(g) for g in grads])
-    grads = grads.transpose(0, 1).detach()
-    return -grads if sign < 0 else grads
-
-
-def _combine(weights: Tensor, activation: Tensor, *, relu: bool, size: Any) -> Tensor:
-    """Compute the shared kernel ``Up(ReLU(sum_k w_k * A_k))`` for ``T`` targets at once.
-
-    Args:
-        weights: ``(N, T, K, 1, 1)`` channel weights or ``(N, T, K, h, w)`` position weights.
-        activation: ``(N, K, h, w)``.
-        relu: Rectify the map (before resizing, as the papers do).
-        size: ``(H, W)`` to resize to (bilinear), or ``None``.
-
-    Returns:
-        ``(N, T, H, W)``, or ``(N, T, h, w)`` without ``size``.
-    """
-    maps = (weights * activation.detach().unsqueeze(1)).sum(2)
-    if relu:
-        maps = maps.clamp(min=0)
-    if size is not None and tuple(maps.shape[-2:]) != tuple(size):
-        maps = F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
-    return maps
-
-
-def _result(
-    method: str,
-    cap: _Capture,
-    values: Tensor,
-    extras: dict[str, Any] | None = None,
-) -> Attribution:
-    scores = cap.scores.detach()
-    return Attribution(
-        values=values,
-        target=cap.resolved.classes,
-        scores=scores if cap.multi else scores[:, 0],
-        method=method,
-        output=cap.output,
-        extras={"layer_calls": cap.calls, "layout": str(cap.layout), **(extras or {})},
-        reduction="none",
-        layer=cap.layer,
-    )
-
-
-def _size(inputs: Tensor, upsample: bool) -> tuple[int, int] | None:
-    return (int(inputs.shape[-2]), int(inputs.shape[-1])) if upsample else None
 
 
 # -- CAM -------------------------------------------------------------------------------------
