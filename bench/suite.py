@@ -34,7 +34,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import salience
+from _results import write_block
 from salience import models
 
 # Options of salience's methods in the suite, and what their peers are given to do the same work.
@@ -291,7 +293,8 @@ def run(args: argparse.Namespace) -> list[Row]:
             one, _, _ = measure(partial(_forward_backward, model, x, target), device, args.repeats)
             for method in methods:
                 options = dict(OPTIONS.get(method, {}))
-                if args.quick and method in ("score_cam", "occlusion", "rise"):
+                heavy = method in ("score_cam", "occlusion", "rise")
+                if heavy and (args.quick or n not in args.heavy_batches):
                     continue
                 ours = partial(_ours, model, x, method, target, options)
                 try:
@@ -371,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="skip the slowest methods")
+    parser.add_argument("--heavy-batches", nargs="+", type=int, default=[1],
+                        help="batch sizes at which Score-CAM, occlusion and RISE run")  # fmt: skip
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
     args = parser.parse_args(argv)
     if args.threads:
@@ -384,7 +389,6 @@ def main(argv: list[str] | None = None) -> int:
     print(header, flush=True)
     rows = run(args)
     text = (
-        "# Benchmark results\n\n"
         f"`python bench/suite.py {' '.join(argv if argv is not None else sys.argv[1:])}` on "
         f"{machine(device)}, device {device}, {time.strftime('%Y-%m-%d')}.\n\n"
         "Median of the repeats after a warm-up; memory is the peak above the level before the "
@@ -395,9 +399,9 @@ def main(argv: list[str] | None = None) -> int:
         + "\n".join(format_row(r) for r in rows)
         + "\n"
     )
-    with open(args.out, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    print(f"wrote {args.out}")
+    # Only the block of the suite is replaced: the notes around it are written by hand.
+    write_block(args.out, "suite", text, title="Benchmark results")
+    print(f"wrote the suite block of {args.out}; then: python bench/readme_speed.py")
     return 0
 
 

@@ -1,0 +1,92 @@
+"""Write the README's table of measured speed from bench/RESULTS.md, or check that it is current.
+
+    python bench/readme_speed.py            # after python bench/suite.py: rewrite the README block
+    python bench/readme_speed.py --check    # exit 1 if the README differs from RESULTS.md (tests)
+
+The README's figures are never typed by hand: the block ``<!-- speed-suite:begin -->`` of
+README.md is rendered from the block ``<!-- suite:begin -->`` that ``bench/suite.py`` writes into
+``bench/RESULTS.md``, for the rows chosen in :data:`SELECTION`. A chosen row that RESULTS.md does
+not have is an error, so the two files cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _results import read_block, table_rows, write_block
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "RESULTS.md")
+README = os.path.join(os.path.dirname(HERE), "README.md")
+
+# (model, batch, method, what the README calls it)
+SELECTION: list[tuple[str, int, str, str]] = [
+    ("lite0", 1, "gradient", "gradient, Lite0"),
+    ("lite0", 1, "guided_backprop", "guided backprop, Lite0"),
+    ("lite0", 1, "integrated_gradients", "Integrated Gradients 50 steps, Lite0"),
+    ("lite0", 8, "integrated_gradients", "Integrated Gradients 50 steps, Lite0, batch 8"),
+    ("lite0", 1, "smoothgrad", "SmoothGrad 32 samples, Lite0"),
+    ("lite0", 1, "grad_cam", "Grad-CAM, Lite0"),
+    ("vgg", 1, "deeplift", "DeepLIFT, VGG-style"),
+    ("lite0", 1, "deeplift", "DeepLIFT, Lite0"),
+    ("lite0", 1, "lrp", "LRP ε⁺ (default composite), Lite0"),
+    ("vgg", 1, "lrp", "LRP ε⁺, VGG-style"),
+    ("vgg", 1, "occlusion", "occlusion 16/8 (729 windows), VGG-style"),
+    ("lite0", 1, "occlusion", "occlusion 16/8, Lite0"),
+]
+
+
+def render(results: str = RESULTS) -> str:
+    """The README block: the command and machine of the run, then the chosen rows."""
+    block = read_block(results, "suite")
+    rows = {(r["model"], r["batch"], r["method"]): r for r in table_rows(block)}
+    run = next((line for line in block.splitlines() if line.startswith("`python bench/")), "")
+    lines = [
+        f"From `bench/RESULTS.md` ({run.split(' on ', 1)[-1].rstrip('.')}):" if run else "",
+        "",
+        "| work (batch 1 unless said) | salience | Captum | Captum / salience | agreement |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for model, batch, method, label in SELECTION:
+        row = rows.get((model, str(batch), method))
+        if row is None:
+            raise SystemExit(
+                f"bench/RESULTS.md has no row for {model}, batch {batch}, {method}: run "
+                f"python bench/suite.py --models {model} --batch {batch} --methods {method}, "
+                "or drop it from SELECTION"
+            )
+        note = row.get("note", "")
+        theirs = row["peer time"] or ("raises" if note.startswith("Captum raises") else "—")
+        ratio = f"**{row['peer / salience']}**" if row["peer / salience"] else "—"
+        lines.append(
+            f"| {label} | {row['salience']} | {theirs} | {ratio} | {row['agreement'] or '—'} |"
+        )
+    return "\n".join(lines).strip("\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="compare only; exit 1 if stale")
+    parser.add_argument("--results", default=RESULTS)
+    parser.add_argument("--readme", default=README)
+    args = parser.parse_args(argv)
+    text = render(args.results)
+    if args.check:
+        if read_block(args.readme, "speed-suite") != text:
+            print(
+                "README.md's speed table differs from bench/RESULTS.md: run "
+                "python bench/readme_speed.py",
+                file=sys.stderr,
+            )
+            return 1
+        return 0
+    write_block(args.readme, "speed-suite", text)
+    print(f"wrote the speed-suite block of {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
