@@ -133,25 +133,32 @@ def inputs_for(model: nn.Module, n: int) -> Tensor:
 # -- peers -----------------------------------------------------------------------------------
 
 
-def captum_peer(name: str, model: nn.Module, layer: nn.Module | None) -> Callable | None:
+def captum_peer(
+    name: str, model: nn.Module, layer: nn.Module | None, tuned: bool = True
+) -> Callable | None:
+    """Captum's equivalent of ``name``; ``tuned``: with the chunk sizes best on 2 CPU cores
+    (``internal_batch_size=10``, ``nt_samples_batch_size=8``), else Captum's defaults (every
+    step or sample in one pass, the fair reference on a GPU)."""
     try:
         from captum import attr
     except ImportError:
         return None
+    ig_batch = 10 if tuned else None
+    nt_batch = 8 if tuned else None
     peers: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
         "gradient": lambda x, t: attr.Saliency(model).attribute(x, target=t, abs=False),
         "input_x_gradient": lambda x, t: attr.InputXGradient(model).attribute(x, target=t),
         "guided_backprop": lambda x, t: attr.GuidedBackprop(model).attribute(x, target=t),
         "deconvnet": lambda x, t: attr.Deconvolution(model).attribute(x, target=t),
         "integrated_gradients": lambda x, t: attr.IntegratedGradients(model).attribute(
-            x, target=t, n_steps=50, method="riemann_trapezoid", internal_batch_size=10
+            x, target=t, n_steps=50, method="riemann_trapezoid", internal_batch_size=ig_batch
         ),
         "smoothgrad": lambda x, t: attr.NoiseTunnel(attr.Saliency(model)).attribute(
             x,
             target=t,
             nt_type="smoothgrad",
             nt_samples=32,
-            nt_samples_batch_size=8,
+            nt_samples_batch_size=nt_batch,
             stdevs=0.15 * float(x.max() - x.min()),
             abs=False,
         ),
@@ -223,15 +230,15 @@ def measure(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[
     times = []
     peak = 0.0
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
+        if device.type == "cuda":  # the counters of this device (--device cuda:1 too)
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
             start = time.perf_counter()
             result = fn()
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
             times.append(time.perf_counter() - start)
-            peak = max(peak, (torch.cuda.max_memory_allocated() - base) / 2**20)
+            peak = max(peak, (torch.cuda.max_memory_allocated(device) - base) / 2**20)
         else:
             with _PeakRSS() as rss:
                 start = time.perf_counter()
@@ -248,6 +255,7 @@ def _forward_backward(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
 
 
 def _ours(model: nn.Module, x: Tensor, method: str, target: Tensor, options: dict) -> Tensor:
+    """salience's map (the methods switch TF32 off unless ``allow_tf32`` is in ``options``)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return salience.explain(model, x, method, target, **options).values
@@ -293,6 +301,8 @@ def run(args: argparse.Namespace) -> list[Row]:
             one, _, _ = measure(partial(_forward_backward, model, x, target), device, args.repeats)
             for method in methods:
                 options = dict(OPTIONS.get(method, {}))
+                if args.tf32 == "on":
+                    options["allow_tf32"] = True
                 heavy = method in ("score_cam", "occlusion", "rise")
                 if heavy and (args.quick or n not in args.heavy_batches):
                     continue
@@ -306,7 +316,7 @@ def run(args: argparse.Namespace) -> list[Row]:
                 row = Row(model_name, n, method, t, mem)
                 if method in PASSES:
                     row.limit = PASSES[method] * one
-                peer = captum_peer(method, model, layer)
+                peer = captum_peer(method, model, layer, tuned=args.peer_batch == "tuned")
                 if peer is not None:
                     row.peer = "Captum"
                     try:
@@ -364,6 +374,26 @@ def machine(device: torch.device) -> str:
     return text
 
 
+def precision(device: torch.device, args: argparse.Namespace) -> str:
+    """What the header says about TF32 and the peers' chunk sizes."""
+    peers = (
+        "peers with their default chunk sizes"
+        if args.peer_batch == "default"
+        else "peers with the chunk sizes best on 2 CPU cores"
+    )
+    if device.type != "cuda":
+        return f"Float32; {peers}."
+    tf32 = (
+        "TF32 on for both sides (salience allow_tf32=True)"
+        if args.tf32 == "on"
+        else "TF32 off for both sides (full float32)"
+    )
+    return (
+        f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}; {tf32}; {peers}; "
+        "salience's batch_size='auto' (probe-measured chunks)."
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["lite0", "vgg", "resnet"],
@@ -376,11 +406,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="skip the slowest methods")
     parser.add_argument("--heavy-batches", nargs="+", type=int, default=[1],
                         help="batch sizes at which Score-CAM, occlusion and RISE run")  # fmt: skip
+    parser.add_argument("--tf32", choices=["off", "on"], default="off",
+                        help="TF32 for both sides on CUDA (off: full float32, salience's "
+                        "default; peers run under the same global flags)")  # fmt: skip
+    parser.add_argument("--peer-batch", choices=["tuned", "default"], default=None,
+                        help="peers' chunk sizes: tuned for 2 CPU cores, or their defaults "
+                        "(default: tuned on the CPU, the peers' defaults on CUDA)")  # fmt: skip
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.peer_batch is None:
+        args.peer_batch = "default" if device.type == "cuda" else "tuned"
+    # The peers follow the global TF32 flags (PyTorch's default: TF32 on for cuDNN
+    # convolutions): set them as salience runs, so that both sides do the same arithmetic.
+    torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
     header = (
         "| model | batch | method | salience | memory | peer | peer time | peer memory | "
         "peer / salience | agreement | salience / limit | note |\n"
@@ -390,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(args)
     text = (
         f"`python bench/suite.py {' '.join(argv if argv is not None else sys.argv[1:])}` on "
-        f"{machine(device)}, device {device}, {time.strftime('%Y-%m-%d')}.\n\n"
+        f"{machine(device)}, device {device}, {time.strftime('%Y-%m-%d')}. "
+        f"{precision(device, args)}\n\n"
         "Median of the repeats after a warm-up; memory is the peak above the level before the "
         "call; agreement is the Pearson correlation of the two maps (channels summed where the "
         "shapes differ); limit = passes x one forward + backward of the same batch.\n\n"

@@ -79,8 +79,28 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"unknown {name} {value!r}; expected one of: {', '.join(choices)}")
 
 
-def auto_batch_size(inputs: Tensor, batch_size: int | None, *, backward: bool = False) -> int:
-    """Rows per forward pass for batched steps and samples.
+def check_batch_size(value: Any, name: str = "batch_size") -> int | None:
+    """Return ``value`` as rows per pass, or ``None`` for ``"auto"`` (``None`` is an alias).
+
+    Raises:
+        TypeError: ``value`` is neither an int nor a string (a float, a bool).
+        ValueError: an int below 1, or a string other than ``"auto"``.
+    """
+    if value is None or (isinstance(value, str) and value == "auto"):
+        return None
+    if isinstance(value, str):
+        raise ValueError(f"{name} must be a positive integer or 'auto', got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"{name} must be a positive integer or 'auto', got {value!r} ({type(value).__name__})"
+        )
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer or 'auto', got {value!r}")
+    return value
+
+
+def cpu_rows(inputs: Tensor, *, backward: bool = False) -> int:
+    """Rows per pass of the automatic chunk size on the CPU (and devices other than CUDA).
 
     Forward-only passes (Score-CAM, occlusion, RISE, deletion curves): about ten 3x224x224
     images per pass. Passes with a backward (Integrated Gradients, SmoothGrad): about four.
@@ -89,11 +109,18 @@ def auto_batch_size(inputs: Tensor, batch_size: int | None, *, backward: bool = 
     14.8 s (Captum: 18.6 s): the activations and gradients of a small chunk stay in cache.
     Memory stays bounded either way.
     """
-    if batch_size is not None:
-        return check_positive_int("batch_size", batch_size)
     per_row = max(1, inputs[0].numel())
     rows = 4 if backward else 10
     return max(1, min(256, (rows * 3 * 224 * 224) // per_row))
+
+
+def auto_batch_size(inputs: Tensor, batch_size: Any, *, backward: bool = False) -> int:
+    """Rows per pass: ``batch_size`` if it is an int, else the CPU rule (:func:`cpu_rows`).
+
+    Loops that should follow the device use :class:`salience._chunks.Chunker` instead.
+    """
+    rows = check_batch_size(batch_size)
+    return rows if rows is not None else cpu_rows(inputs, backward=backward)
 
 
 def even_chunks(total: int, most: int, unit: int = 1) -> int:

@@ -17,13 +17,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .._checks import (
-    auto_batch_size,
-    check_choice,
-    check_positive_int,
-    even_chunks,
-    warn_zero_maps,
-)
+from .._checks import check_choice, check_positive_int, warn_zero_maps
+from .._chunks import BatchSize, Chunker, add_rows
 from .._forward import Forward, ForwardArgs, model_scope
 from ..attribution import Attribution, Reduction
 from ..hooks import rectifier_rule
@@ -370,7 +365,7 @@ def smoothgrad(
     noise_level: float = 0.15,
     variant: SmoothVariant = "mean",
     seed: int = 0,
-    batch_size: int | None = None,
+    batch_size: BatchSize = "auto",
     score: Score = "logit",
     activations: Activations = "rectifiers",
     forward_args: ForwardArgs = None,
@@ -397,8 +392,10 @@ def smoothgrad(
         samples: Number of noisy copies ``n`` (the paper uses 50).
         noise_level: ``sigma`` as a fraction of each input's value range (paper: 10-20 %).
         variant: ``"mean"``, ``"squared"`` or ``"vargrad"``.
-        seed: Seed of the noise.
-        batch_size: Rows per forward pass; ``None`` picks it from the input size.
+        seed: Seed of the noise, drawn on the inputs' device: the same seed gives the same
+            maps on the same device (not across devices, whose generators differ).
+        batch_size: Rows per forward pass, or ``"auto"``: from the device (the CPU: a few
+            rows; CUDA: what fits in free memory, see :mod:`salience._chunks`).
         score: See :func:`gradient`.
         activations: For the ``"deconvnet"`` and ``"guided_backprop"`` bases, where their rule
             applies; see :func:`guided_backprop`. Those bases raise, as they do alone, on a
@@ -445,13 +442,15 @@ def _smoothgrad(
     noise_level: float,
     variant: SmoothVariant,
     seed: int,
-    batch_size: int | None,
+    batch_size: BatchSize,
     score: Score,
     *,
     activations: Activations = "rectifiers",
 ) -> Attribution:
     n = inputs.shape[0]
-    rows_per_pass = auto_batch_size(inputs, batch_size, backward=True)
+    chunker = Chunker(
+        inputs, batch_size, backward=True, owner=forward.model, kind=f"smoothgrad/{base}"
+    )
 
     x = inputs.detach()
     with torch.no_grad():
@@ -459,10 +458,15 @@ def _smoothgrad(
     resolved = resolve_target(target, output, n, score=score)
     clean_scores = resolved.scores(output)
 
-    generator = torch.Generator().manual_seed(seed)
+    # The noise is drawn on the inputs' device, not on the host and copied (50 noise images
+    # of 3 x 224 x 224 are 7.5 million draws): the same seed gives the same noise on the same
+    # device, not across devices.
+    generator = torch.Generator(device=x.device).manual_seed(seed)
     noise_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    noise = torch.randn((samples, *x.shape[1:]), generator=generator, dtype=noise_dtype)
-    noise = noise.to(device=x.device, dtype=x.dtype)
+    noise = torch.randn(
+        (samples, *x.shape[1:]), generator=generator, dtype=noise_dtype, device=x.device
+    )
+    noise = noise.to(dtype=x.dtype)
     value_range = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).view(n, 1, 1, 1)
     sigma = noise_level * value_range
     flat = (value_range.flatten() == 0).nonzero().flatten().tolist()
@@ -476,15 +480,14 @@ def _smoothgrad(
 
     total = samples * n
     unit = n if resolved.fn is not None else 1  # callables see whole copies of the batch
-    rows_per_pass = even_chunks(total, rows_per_pass, unit)
     # VarGrad subtracts two close moments: accumulate those in float64.
     acc_dtype = torch.float64 if variant == "vargrad" else x.dtype
     acc = torch.zeros((n, *x.shape[1:]), dtype=acc_dtype, device=x.device)
     acc_sq = torch.zeros_like(acc) if variant != "mean" else None
     rule = _SMOOTH_BASES[base]
     report: dict[str, Any] = {}  # what the rule modified, in the first forward pass
-    for start in range(0, total, rows_per_pass):
-        rows = torch.arange(start, min(start + rows_per_pass, total), device=x.device)
+    for start, stop in chunker.split(total, unit):
+        rows = torch.arange(start, stop, device=x.device)
         draw, sample = rows // n, rows % n
         # Differentiate with respect to the noise: the same gradient as with respect to the
         # noisy input, which stays a non-leaf that the model may change in place.
@@ -503,9 +506,9 @@ def _smoothgrad(
         if base == "input_x_gradient":
             values = values * (x[sample] + shift.detach())
         values = values.to(acc_dtype)
-        acc.index_add_(0, sample, values)
+        add_rows(acc, values, start)  # in a fixed order on every device
         if acc_sq is not None:
-            acc_sq.index_add_(0, sample, values * values)
+            add_rows(acc_sq, values * values, start)
 
     mean = acc / samples
     if variant == "mean":

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import auto_batch_size, check_choice, check_positive_int, even_chunks
+from .._checks import check_choice, check_positive_int
+from .._chunks import BatchSize, Chunker, add_rows
 from .._forward import Forward, ForwardArgs, model_scope
 from ..attribution import Attribution
 from ..registry import register
@@ -70,7 +71,7 @@ def integrated_gradients(
     quadrature: Quadrature | None = None,
     tolerance: float | None = None,
     max_steps: int = 1024,
-    batch_size: int | None = None,
+    batch_size: BatchSize = "auto",
     score: Score = "logit",
     blur_sigma: float | None = None,
     seed: int = 0,
@@ -114,7 +115,8 @@ def integrated_gradients(
             path.
         max_steps: Cap on gradient evaluations per sample for the adaptive path. Node gradients
             are kept until the end, so memory grows with the nodes used.
-        batch_size: Rows per forward pass; ``None`` picks it from the input size.
+        batch_size: Rows per forward pass, or ``"auto"``: from the device (the CPU: a few
+            rows; CUDA: what fits in free memory, see :mod:`salience._chunks`).
         score: ``"logit"``, ``"probability"`` or ``"log_probability"``.
         blur_sigma: Standard deviation in pixels of the ``"blur"`` baseline (default: 1/20 of
             the larger image side).
@@ -162,7 +164,7 @@ def _integrate(
     quadrature: Quadrature,
     tolerance: float | None,
     max_steps: int,
-    batch_size: int | None,
+    batch_size: BatchSize,
     score: Score,
 ) -> Attribution:
     x = inputs.detach()
@@ -175,7 +177,9 @@ def _integrate(
             "equals its 'uniform' and 'blur' baselines)",
             stacklevel=4,
         )
-    rows_per_pass = auto_batch_size(inputs, batch_size, backward=True)
+    chunker = Chunker(
+        inputs, batch_size, backward=True, owner=forward.model, kind="integrated_gradients"
+    )
 
     with torch.no_grad():  # S(x) and S(x') in one pass when the output is a plain batch
         samples = torch.arange(n, device=x.device)
@@ -186,7 +190,7 @@ def _integrate(
             out_x, out_b = forward(x.clone()), forward(base.clone())
     resolved = resolve_target(target, out_x, n, score=score)
     f_x, f_b = resolved.scores(out_x), resolved.scores(out_b)
-    path = _Path(forward, resolved, base, x - base, rows_per_pass)
+    path = _Path(forward, resolved, base, x - base, chunker)
 
     if tolerance is None:
         alphas, weights = quadrature_nodes(quadrature, steps)
@@ -334,21 +338,20 @@ class _Path:
         target: ResolvedTarget,
         base: Tensor,
         diff: Tensor,
-        rows_per_pass: int,
+        chunker: Chunker,
     ) -> None:
         self.forward = forward
         self.target = target
         self.base = base
         self.diff = diff
         self.n = base.shape[0]
-        self.rows_per_pass = rows_per_pass
+        self.chunker = chunker
 
     def _chunks(self, samples: Tensor, alphas: Tensor) -> Iterator[tuple[slice, Tensor, Tensor]]:
         """Yield ``(rows, scores, grads)`` for the rows ``(samples[r], alphas[r])``."""
         unit = self.n if self.target.fn is not None else 1  # callables see whole batches
-        step = even_chunks(samples.shape[0], self.rows_per_pass, unit)
-        for start in range(0, samples.shape[0], step):
-            rows = slice(start, start + step)
+        for start, stop in self.chunker.split(samples.shape[0], unit):
+            rows = slice(start, stop)
             s = samples[rows]
             a = alphas[rows].to(self.base.dtype).view(-1, 1, 1, 1)
             point = (self.base[s] + a * self.diff[s]).requires_grad_(True)
@@ -364,8 +367,8 @@ class _Path:
         row_alphas = alphas.to(device)[step]
         row_weights = weights.to(device, dtype)[step]
         acc = torch.zeros(self.base.shape, dtype=dtype, device=device)
-        for chunk, _, grad in self._chunks(samples, row_alphas):
-            acc.index_add_(0, samples[chunk], grad * row_weights[chunk].view(-1, 1, 1, 1))
+        for chunk, _, grad in self._chunks(samples, row_alphas):  # row r: sample r % N
+            add_rows(acc, grad * row_weights[chunk].view(-1, 1, 1, 1), chunk.start)
         return acc
 
     def _evaluate(self, grids: list[_Grid], wanted: list[list[float]]) -> None:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import auto_batch_size
+from .._chunks import BatchSize, Chunker
 from .._forward import ForwardArgs, model_scope
 from ..attribution import Attribution
 from ..layers import LayerLike
@@ -37,7 +37,7 @@ def score_cam(
     relu: bool = True,
     upsample: bool = True,
     score: Score | None = None,
-    batch_size: int | None = None,
+    batch_size: BatchSize = "auto",
     forward_args: ForwardArgs = None,
     allow_tf32: bool = False,
 ) -> Attribution:
@@ -86,7 +86,7 @@ def score_cam(
         score: For class targets, ``"probability"`` (the default, ``None``), ``"logit"`` or
             ``"log_probability"``; a callable target gives its own score.
         batch_size: Masked inputs per forward pass (rounded down to a multiple of ``N``,
-            at least ``N``); ``None`` picks it from the input size.
+            at least ``N``), or ``"auto"``: from the device (see :mod:`salience._chunks`).
         forward_args: Extra arguments for the model after the image (see
             :func:`salience.gradient`).
         allow_tf32: Let CUDA use TF32 (faster, less exact); off by default.
@@ -109,8 +109,7 @@ def score_cam(
         activation = cap.activation
         n, k = activation.shape[:2]
         size = (int(inputs.shape[-2]), int(inputs.shape[-1]))
-        rows_per_pass = max(1, auto_batch_size(inputs, batch_size) // n) * n
-        channels_per_pass = rows_per_pass // n
+        chunker = Chunker(inputs, batch_size, owner=fwd.model, kind="score_cam")
 
         # s(Up(s(A))) = s(Up(A)) for the min-max normalisation s, since bilinear upsampling commutes
         # with positive affine maps; channels whose normalised maps s(A) are bitwise equal in every
@@ -137,8 +136,10 @@ def score_cam(
         scores = x.new_zeros(distinct.shape[0], n, cap.scores.shape[1], dtype=activation.dtype)
         masked = 0
         with torch.no_grad():
-            for start in range(0, distinct.shape[0], channels_per_pass):
-                maps = distinct[start : start + channels_per_pass].flatten(0, 1)  # channel-major
+            # Whole copies of the batch per pass: rows r0 .. r1 are channels r0 / n .. r1 / n.
+            for r0, r1 in chunker.split(distinct.shape[0] * n, n, even=False):
+                start = r0 // n
+                maps = distinct[start : r1 // n].flatten(0, 1)  # channel-major
                 if tuple(maps.shape[-2:]) != size:
                     maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
                 lo = maps.amin(dim=(2, 3), keepdim=True)

@@ -44,7 +44,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from .._checks import check_inputs, check_positive_int
+from .._checks import check_batch_size, check_inputs, check_positive_int
+from .._chunks import BatchSize
 from .._forward import model_scope
 from .._io import Progress, atomic_write
 from ..registry import available_methods, explain, get_method
@@ -278,7 +279,7 @@ def evaluate(
     deletion_substrate: Literal["zeros", "blur"] | float = "zeros",
     insertion_substrate: Literal["zeros", "blur"] | float = "blur",
     score: Literal["probability", "logit", "log_probability"] = "probability",
-    perturbation_batch_size: int | None = None,
+    perturbation_batch_size: BatchSize = "auto",
     seed: int = 0,
     on_error: Literal["raise", "record"] = "raise",
     progress: bool | None = False,
@@ -317,7 +318,7 @@ def evaluate(
         insertion_substrate: What insertion starts from (the paper's blur by default).
         score: What the curves follow: the paper's softmax ``"probability"`` by default.
         perturbation_batch_size: Perturbed images per forward pass of the curves
-            (``None``: automatic).
+            (``"auto"``: from the device, see :mod:`salience._chunks`).
         seed: Seed of the ``random`` reference map.
         on_error: ``"raise"`` (default) stops at the first method that fails; ``"record"``
             keeps its row with NaN figures and the error message (see
@@ -364,6 +365,7 @@ def evaluate(
         if name not in names:
             raise ValueError(f"options given for {name!r}, which is not among the methods")
     batch_size = check_positive_int("batch_size", batch_size)
+    check_batch_size(perturbation_batch_size, "perturbation_batch_size")
     if tolerance is None:
         tolerance = 15 * max(h, w) / 224
     if on_error not in ("raise", "record"):

@@ -43,7 +43,8 @@ from typing import Any, Literal, TypeAlias
 import torch
 from torch import Tensor
 
-from .._checks import auto_batch_size, check_inputs, check_positive_int, even_chunks
+from .._checks import check_inputs, check_positive_int
+from .._chunks import BatchSize, Chunker
 from .._forward import ForwardArgs, model_scope
 from .._io import Progress
 from ..attribution import Attribution
@@ -98,7 +99,7 @@ def deletion(
     substrate: Substrate = "zeros",
     score: Score = "probability",
     blur_sigma: float = 5.0,
-    batch_size: int | None = None,
+    batch_size: BatchSize = "auto",
     forward_args: ForwardArgs = None,
     allow_tf32: bool = False,
     progress: bool | None = False,
@@ -119,7 +120,8 @@ def deletion(
         score: ``"probability"`` (default, the paper's), ``"logit"`` or ``"log_probability"``;
             a callable target needs ``"logit"`` (it defines its own score).
         blur_sigma: Standard deviation in pixels of the ``"blur"`` substrate (RISE: 5).
-        batch_size: Perturbed images per forward pass; ``None`` picks one from the image size.
+        batch_size: Perturbed images per forward pass, or ``"auto"``: from the device (see
+            :mod:`salience._chunks`).
         forward_args: Extra arguments of the model; per-sample tensors follow their rows.
         allow_tf32: Let cuDNN/CUDA use TF32 (off by default: full float32).
         progress: Show a progress bar on stderr (``None``: only on a terminal).
@@ -144,7 +146,7 @@ def insertion(
     substrate: Substrate = "blur",
     score: Score = "probability",
     blur_sigma: float = 5.0,
-    batch_size: int | None = None,
+    batch_size: BatchSize = "auto",
     forward_args: ForwardArgs = None,
     allow_tf32: bool = False,
     progress: bool | None = False,
@@ -172,7 +174,7 @@ def _curve(
     substrate: Substrate,
     score: Score,
     blur_sigma: float,
-    batch_size: int | None,
+    batch_size: BatchSize,
     forward_args: ForwardArgs,
     allow_tf32: bool,
     progress: bool | None,
@@ -190,29 +192,33 @@ def _curve(
     with model_scope(model, inputs, forward_args=forward_args, allow_tf32=allow_tf32) as fwd:
         base = replacement_image(substrate, x, blur_sigma, name="substrate", choices=_SUBSTRATES)
         samples = torch.arange(n, device=x.device)
-        with torch.no_grad():
+        chunker = Chunker(inputs, batch_size, owner=fwd.model, kind=f"{kind} curve")
+        with torch.no_grad(), chunker.measure(n):  # the clean pass is the probe (CUDA)
             out = fwd(x.clone(), samples)
         resolved = resolve_target(target, out, n, score=score)
         # Rows are step-major (row r = step r // N of sample r % N): a pass holds whole copies
         # of the batch when a callable target needs them.
         total = n * (steps + 1)
         unit = n if resolved.fn is not None else 1
-        per_pass = even_chunks(total, auto_batch_size(inputs, batch_size), unit)
         row_sample = samples.repeat(steps + 1)
         row_count = counts.to(x.device).repeat_interleave(n)
-        parts = []
+        scores: Tensor | None = None
         label = f"{kind} curve"
-        with torch.no_grad(), Progress(-(-total // per_pass), label, enabled=progress) as bar:
-            for start in range(0, total, per_pass):
-                ids = row_sample[start : start + per_pass]
-                done = (ranks[ids] < row_count[start : start + per_pass, None]).view(-1, 1, h, w)
+        with torch.no_grad(), Progress(total, label, enabled=progress) as bar:  # rows done
+            for start, stop in chunker.split(total, unit):
+                ids = row_sample[start:stop]
+                done = (ranks[ids] < row_count[start:stop, None]).view(-1, 1, h, w)
                 if kind == "deletion":
                     images = torch.where(done, base[ids], x[ids])
                 else:
                     images = torch.where(done, x[ids], base[ids])
-                parts.append(resolved.scores(fwd(images, ids), ids).detach())
-                bar.update()
-    curve = torch.cat(parts).view(steps + 1, n).T.contiguous()
+                part = resolved.scores(fwd(images, ids), ids).detach()
+                if scores is None:  # written in place, pass by pass
+                    scores = part.new_empty(total)
+                scores[start:stop] = part
+                bar.update(stop - start)
+    assert scores is not None
+    curve = scores.view(steps + 1, n).T.contiguous()
     auc = torch.trapezoid(curve.double(), fractions.to(curve.device), dim=1).to(curve.dtype)
     return PerturbationCurve(
         kind=kind,

@@ -52,7 +52,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import auto_batch_size, check_inputs, check_positive_int, even_chunks
+from .._checks import (
+    auto_batch_size,
+    check_batch_size,
+    check_inputs,
+    check_positive_int,
+    even_chunks,
+)
+from .._chunks import BatchSize
 from .._forward import Forward, ForwardArgs, _expand, model_scope
 from .._io import Progress
 from ..attribution import Attribution, Reduction
@@ -555,7 +562,7 @@ def fragility(
     bounds: tuple[float, float] | None = None,
     seed: int = 0,
     method_options: Mapping[str, Any] | None = None,
-    batch_size: int | None = None,
+    batch_size: BatchSize = "auto",
     forward_args: ForwardArgs = None,
     allow_tf32: bool = False,
     progress: bool | None = False,
@@ -606,7 +613,8 @@ def fragility(
         seed: Seed of the random-sign baseline and of the center attack's first direction.
         method_options: Options of the method (e.g. ``{"steps": 8}`` for Integrated
             Gradients, ``{"layer": "features"}`` for Grad-CAM).
-        batch_size: Samples attacked per pass (default: from the image size).
+        batch_size: Samples attacked per pass, or ``"auto"``: from the image size (on every
+            device).
         forward_args: Extra arguments of the model; per-sample tensors follow their rows.
         allow_tf32: Let CUDA use TF32; off by default.
         progress: Show a progress bar on stderr (``None``: only on a terminal).
@@ -658,9 +666,8 @@ def fragility(
         (meth.options.get("steps") or 50) if meth.name == "integrated_gradients" else 1
     )
     most = max(1, auto_batch_size(x, None) // (2 * rows_per_sample))
-    if batch_size is not None:
-        check_positive_int("batch_size", batch_size)
-    per_pass = even_chunks(n, batch_size if batch_size is not None else most)
+    fixed = check_batch_size(batch_size)
+    per_pass = even_chunks(n, fixed if fixed is not None else most)
 
     parts: dict[str, list[Tensor]] = {}
     with model_scope(model, inputs, forward_args=forward_args, allow_tf32=allow_tf32) as fwd:

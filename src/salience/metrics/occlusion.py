@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_inputs
+from .._chunks import BatchSize
 from .._forward import ForwardArgs
 from ..attribution import Attribution
 from ..methods.perturbation import Fill, occlusion
@@ -41,7 +42,7 @@ def occlusion_correlation(
     stride: int | tuple[int, int] | None = None,
     fill: Fill = "zeros",
     score: Score = "logit",
-    batch_size: int | None = None,
+    batch_size: BatchSize = "auto",
     forward_args: ForwardArgs = None,
     allow_tf32: bool = False,
 ) -> Tensor:
@@ -61,7 +62,7 @@ def occlusion_correlation(
         stride: Occlusion stride.
         fill: What occluded patches show.
         score: The score occlusion follows (``"logit"`` by default).
-        batch_size: Occluded images per forward pass.
+        batch_size: Occluded images per forward pass, or ``"auto"`` (from the device).
         forward_args: Extra arguments of the model.
         allow_tf32: Let CUDA use TF32.
 

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._checks import auto_batch_size, check_inputs, check_positive_int
+from .._checks import check_inputs, check_positive_int
+from .._chunks import BatchSize, Chunker
 from .._forward import ForwardArgs, model_scope
 from .._io import Progress
 from ..targets import TargetLike
@@ -92,7 +93,7 @@ def max_sensitivity(
     samples: int = 200,
     seed: int = 0,
     method_options: Mapping[str, Any] | None = None,
-    batch_size: int | None = None,
+    batch_size: BatchSize = "auto",
     forward_args: ForwardArgs = None,
     allow_tf32: bool = False,
     progress: bool | None = False,
@@ -111,11 +112,13 @@ def max_sensitivity(
     label); the target (default: the predicted class) is fixed on the clean inputs, as
     Quantus's ``y_batch``. The average over the draws is returned as well.
 
-    **The draws.** ``torch.Generator().manual_seed(seed)`` draws, for ``k = 0, 1, ...``, one
-    ``torch.rand(C, H, W, dtype=torch.float64)`` ``u_k``; :math:`\delta_k = (2 u_k - 1) r`,
-    shared by every sample of the batch (so a batch gives the figures of its samples one by
-    one). The noisy input ``(x.double() + delta_k)`` is cast to the dtype of ``x``. All the
-    ``N * samples`` noisy copies go through the method ``batch_size`` rows at a time.
+    **The draws.** ``torch.Generator(device=inputs.device).manual_seed(seed)`` draws, on the
+    inputs' device, for ``k = 0, 1, ...``, one ``torch.rand(C, H, W, dtype=torch.float64)``
+    ``u_k`` (the same seed gives the same draws on the same device, not across devices);
+    :math:`\delta_k = (2 u_k - 1) r`, shared by every sample of the batch (so a batch gives
+    the figures of its samples one by one). The noisy input ``(x.double() + delta_k)`` is
+    cast to the dtype of ``x``. All the ``N * samples`` noisy copies go through the method
+    ``batch_size`` rows at a time.
 
     A map that is zero everywhere has no relative change: its sensitivity is ``inf`` if a
     draw makes it nonzero, else 0, and a warning names the samples.
@@ -130,7 +133,8 @@ def max_sensitivity(
         samples: Number of draws :math:`K` (Quantus: 200).
         seed: Seed of the draws.
         method_options: Options of the method, e.g. ``{"steps": 16}``.
-        batch_size: Noisy rows per method call (default: from the image size).
+        batch_size: Noisy rows per method call, or ``"auto"``: from the device (on CUDA the
+            first clean call is the probe; see :mod:`salience._chunks`).
         forward_args: Extra arguments of the model; per-sample tensors follow their rows.
         allow_tf32: Let CUDA use TF32; off by default.
         progress: Show a progress bar on stderr (``None``: only on a terminal).
@@ -148,14 +152,14 @@ def max_sensitivity(
     meth = _resolve_method(method, method_options)
     x = inputs.detach()
     n = x.shape[0]
-    per_pass = auto_batch_size(x, batch_size)
-    gen = torch.Generator().manual_seed(seed)
+    chunker = Chunker(x, batch_size, owner=model, kind=f"max_sensitivity/{meth.name}")
+    gen = torch.Generator(device=x.device).manual_seed(seed)
     ratios = torch.empty(samples, n, dtype=torch.float64, device=x.device)
     with model_scope(model, inputs, forward_args=forward_args, allow_tf32=allow_tf32) as fwd:
         target_fixed, _ = _fixed_target(fwd, x, target)
         clean_parts = []
-        for start in range(0, n, per_pass):
-            ids = torch.arange(start, min(start + per_pass, n), device=x.device)
+        for start, stop in chunker.split(n, even=False):
+            ids = torch.arange(start, stop, device=x.device)
             m, _ = meth.maps(
                 model, x[ids].clone(), _chunk_target(target_fixed, ids), _chunk_args(fwd, ids),
                 allow_tf32,
@@ -163,15 +167,20 @@ def max_sensitivity(
             clean_parts.append(m.double())
         clean = torch.cat(clean_parts)
         norm0 = clean.flatten(1).norm(dim=1)
+        per_pass = chunker.most()
         draws_per_pass = max(1, per_pass // n)
         passes = -(-samples // draws_per_pass) * -(-n // min(n, per_pass))
         with Progress(passes, "max-sensitivity", enabled=progress) as bar:
             for k0 in range(0, samples, draws_per_pass):
                 kk = min(draws_per_pass, samples - k0)
+                # One draw at a time (the draws do not depend on the chunking), on the device.
                 noise = torch.stack(
-                    [torch.rand(x.shape[1:], generator=gen, dtype=torch.float64) for _ in range(kk)]
+                    [
+                        torch.rand(x.shape[1:], generator=gen, dtype=torch.float64, device=x.device)
+                        for _ in range(kk)
+                    ]
                 )
-                delta = ((2 * noise - 1) * radius).to(x.device)
+                delta = (2 * noise - 1) * radius
                 noisy = (x.double()[None] + delta[:, None]).to(x.dtype)  # (kk, N, C, H, W)
                 noisy = noisy.reshape(kk * n, *x.shape[1:])
                 row_sample = torch.arange(n, device=x.device).repeat(kk)

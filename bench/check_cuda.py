@@ -1,0 +1,204 @@
+"""GPU check of the batched methods: automatic chunks, host syncs, copies, answers, speed.
+
+    python bench/check_cuda.py                      # VGG- and ResNet-style, 224 x 224, batch 1
+    python bench/check_cuda.py --batch 1 32 --models vgg resnet lite0
+    python bench/check_cuda.py --device cpu --size 32 --repeats 1   # a smoke test on the CPU
+
+For SmoothGrad-50, IG-50, Score-CAM, occlusion and RISE on each model, one line each:
+
+- the passes ``batch_size="auto"`` ran (rows per forward pass: on CUDA the probe, then what
+  fits) and the footprint per row it measured;
+- the median time of ``"auto"``, of ``batch_size=64`` and of Captum's default where it has the
+  method, and the peak memory of ``"auto"``;
+- the host synchronisations of one call (``torch.cuda.set_sync_debug_mode("warn")``) and the
+  host-to-device copies (the profiler's ``Memcpy HtoD``): a per-chunk sync or copy shows up as
+  a count that grows with the passes;
+- the largest difference between the ``"auto"`` map and the map with ``batch_size=8``,
+  relative to the map's largest value (the chunking must not change the answer), and whether
+  two calls give the same bits (cuDNN may choose nondeterministic algorithms: then not).
+
+Exit status 1 if a map depends on the chunking beyond 1e-4. Nothing is written to
+``bench/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import salience
+import salience._chunks as chunks
+from suite import load
+
+METHODS: dict[str, dict[str, Any]] = {
+    "smoothgrad": {"samples": 50},
+    "integrated_gradients": {"steps": 50, "quadrature": "riemann_trapezoid"},
+    "score_cam": {},
+    "occlusion": {"window": 16, "stride": 8},
+    "rise": {"masks": 1000},
+}
+
+
+class Recording(nn.Module):
+    """The model, recording the rows of each forward pass."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.passes: list[int] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.passes.append(int(x.shape[0]))
+        return self.model(x)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    fn()  # warm-up (and, on CUDA, the probe of the automatic chunk size)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_mb(fn: Callable[[], Any], device: torch.device) -> float:
+    if device.type != "cuda":
+        return float("nan")
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def syncs_and_copies(fn: Callable[[], Any], device: torch.device) -> tuple[int, int]:
+    """Host synchronisations and host-to-device copies of one call (CUDA; else -1)."""
+    if device.type != "cuda":
+        return -1, -1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = sum("synchroniz" in str(w.message) for w in caught)
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    copies = sum(e.count for e in prof.key_averages() if "HtoD" in e.key)
+    return syncs, copies
+
+
+def captum_default(method: str, model: nn.Module) -> Callable[[Tensor, Tensor], Any] | None:
+    try:
+        from captum import attr
+    except ImportError:
+        return None
+    if method == "integrated_gradients":
+        ig = attr.IntegratedGradients(model)
+        return lambda x, t: ig.attribute(x, target=t, n_steps=50, method="riemann_trapezoid")
+    if method == "smoothgrad":
+        nt = attr.NoiseTunnel(attr.Saliency(model))
+        return lambda x, t: nt.attribute(
+            x, target=t, nt_type="smoothgrad", nt_samples=50, stdevs=0.15, abs=False
+        )
+    return None
+
+
+def check(model_name: str, n: int, args: argparse.Namespace, device: torch.device) -> bool:
+    net = load(model_name).to(device)
+    model = Recording(net).eval()
+    x = torch.randn(n, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
+    x = x.to(device)
+    with torch.no_grad():
+        target = net(x).argmax(1)
+    ok = True
+    for method, options in METHODS.items():
+        if args.methods and method not in args.methods:
+            continue
+
+        def ours(batch_size: Any = "auto", m: str = method, o: dict = options) -> Tensor:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return salience.explain(model, x, m, target, batch_size=batch_size, **o).values
+
+        chunks.forget_footprints()
+        model.passes.clear()
+        auto_map = ours()  # the first call: on CUDA, with the probe
+        first = list(model.passes)
+        model.passes.clear()
+        again = ours()
+        later = list(model.passes)
+        repeat = "bitwise" if torch.equal(again, ours()) else "NOT bitwise"
+        footprint = [v for d in chunks._FOOTPRINTS.values() for v in d.values()]
+        t_auto = timed(ours, device, args.repeats)
+        t_64 = timed(lambda: ours(64), device, args.repeats)
+        mem = peak_mb(ours, device)
+        syncs, copies = syncs_and_copies(ours, device)
+        ref = ours(8)
+        scale = float(ref.abs().max()) or 1.0
+        diff = float((auto_map - ref).abs().max()) / scale
+        ok &= diff <= 1e-4
+        peer = captum_default(method, net)
+        t_peer = float("nan")
+        if peer is not None:
+            t_peer = timed(lambda p=peer: p(x, target), device, args.repeats)
+        print(
+            f"{model_name} batch {n} {method}: auto {t_auto * 1e3:.1f} ms, batch_size=64 "
+            f"{t_64 * 1e3:.1f} ms, Captum default {t_peer * 1e3:.1f} ms; peak {mem:.0f} MB; "
+            f"passes first call {_short(first)}, later {_short(later)}; footprint/row "
+            f"{[f'{v / 2**20:.1f} MB' for v in footprint]}; syncs {syncs}, HtoD copies "
+            f"{copies}; map vs batch_size=8: {diff:.1e}{'' if diff <= 1e-4 else '  <-- DIFFERS'}; "
+            f"two calls: {repeat}",
+            flush=True,
+        )
+    return ok
+
+
+def _short(passes: list[int]) -> str:
+    return str(passes) if len(passes) <= 8 else f"{passes[:6]} ... ({len(passes)} passes)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--models", nargs="+", default=["vgg", "resnet"],
+                        choices=["lite0", "vgg", "resnet"])  # fmt: skip
+    parser.add_argument("--batch", nargs="+", type=int, default=[1])
+    parser.add_argument("--methods", nargs="+", default=None, choices=list(METHODS))
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    # salience switches TF32 off in its calls; Captum follows the global flags: set them so.
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    if device.type == "cuda":
+        print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, TF32 off")
+    ok = all([check(m, n, args, device) for m in args.models for n in args.batch])
+    print("OK" if ok else "FAILED: a map depends on the chunking")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
