@@ -21,7 +21,7 @@ from ..layers import LayerLike
 from ..layouts import Reshape
 from ..registry import register
 from ..targets import Score, TargetLike
-from .cam import _capture, _combine, _result, _size
+from ._cam_capture import _capture, _combine, _result, _size
 
 __all__ = ["score_cam"]
 
