@@ -84,6 +84,9 @@ def bench_deeplift(model: nn.Module, inputs: Tensor, args: argparse.Namespace) -
     def ours() -> salience.Attribution:
         return salience.deeplift(model, inputs, target)
 
+    def reveal() -> salience.Attribution:
+        return salience.deeplift(model, inputs, target, rule="reveal_cancel")
+
     def captum() -> Tensor:
         return lift.attribute(inputs, base, target=target)
 
@@ -96,25 +99,34 @@ def bench_deeplift(model: nn.Module, inputs: Tensor, args: argparse.Namespace) -
             model(base)
 
     t = interleaved(
-        {"ours": ours, "captum": captum, "gradient": gradient, "budget": gradient_and_forward},
+        {
+            "ours": ours,
+            "reveal": reveal,
+            "captum": captum,
+            "gradient": gradient,
+            "budget": gradient_and_forward,
+        },
         args.repeats,
     )
-    result = ours()
+    result, revealed = ours(), reveal()
     with torch.no_grad():
         rows = torch.arange(inputs.shape[0])
         fx, f0 = model(inputs)[rows, target], model(base)[rows, target]
     theirs = captum().detach()
     ours_gap, captum_gap = gap(result.values, fx, f0), gap(theirs, fx, f0)
+    reveal_gap = gap(revealed.values, fx, f0)
     ratio = t["ours"] / t["budget"]
     verdict = "OK" if ratio <= BUDGET else "OVER"
     return [
         f"| deeplift (rescale) | {t['ours']:.4f} | {ours_gap:.1e} | {t['captum']:.4f} | "
         f"{captum_gap:.1e} | {t['captum'] / t['ours']:.2f} |",
+        f"| deeplift (reveal_cancel) | {t['reveal']:.4f} | {reveal_gap:.1e} | — | — | — |",
         "",
         f"salience.gradient {t['gradient']:.4f} s; gradient + no-grad forward "
         f"{t['budget']:.4f} s; deeplift / (gradient + forward) = {ratio:.2f} "
         f"(target <= {BUDGET}): {verdict}; deeplift / gradient = "
-        f"{t['ours'] / t['gradient']:.2f}",
+        f"{t['ours'] / t['gradient']:.2f}; reveal_cancel / (gradient + forward) = "
+        f"{t['reveal'] / t['budget']:.2f} (no target: Captum has no RevealCancel)",
     ]
 
 

@@ -7,7 +7,9 @@ over max-pooling windows), in float64, without salience's function mode or autog
 
 from __future__ import annotations
 
+import re
 import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -339,7 +341,7 @@ class ConvBNNet(nn.Module):
         return self.fc(self.act(F.linear(self.body(x).flatten(1), torch.eye(200))))
 
 
-def test_reveal_cancel_conserves_through_batchnorm_and_refuses_residuals() -> None:
+def test_reveal_cancel_conserves_through_batchnorm() -> None:
     net = _init(ConvBNNet(), 16)
     with torch.no_grad():  # negative BatchNorm scales swap the positive and negative parts
         net.body[1].weight[::2] *= -1
@@ -348,8 +350,257 @@ def test_reveal_cancel_conserves_through_batchnorm_and_refuses_residuals() -> No
     assert float(relative_gap(result).max()) < 1e-4
     rescale = salience.deeplift(net, x, baseline=inputs(1, seed=18))
     assert not torch.allclose(result.values, rescale.values, atol=1e-4)
-    with pytest.raises(NotImplementedError, match="rule='rescale'"):
-        salience.deeplift(_init(ResNetish(), 1), x, rule="reveal_cancel")
+
+
+# -- RevealCancel after residual sums, concatenations and other linear combinations -----------
+
+
+class TinyRes(nn.Module):
+    """Residual sums (identity and projection skips), BatchNorm, a 1x1 conv after a concat."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.c1, self.bn1 = nn.Conv2d(3, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3)
+        self.c2, self.bn2 = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.c3, self.c4 = nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.skip, self.bn_skip = nn.Conv2d(3, 4, 1, stride=2), nn.BatchNorm2d(4)
+        self.mix = nn.Conv2d(7, 2, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def pieces(self) -> dict[str, Callable[[Tensor], Tensor]]:
+        """Each linear piece (an affine map of one neuron) between two activations."""
+        return {
+            "x>h1": lambda t: self.bn0(self.stem(t)),
+            "h1>a": lambda t: self.bn1(self.c1(t)),
+            "a>h2": lambda t: self.bn2(self.c2(t)),
+            "h1>h2": lambda t: t,  # the identity skip
+            "h2>c": self.c3,
+            "c>h3": self.c4,
+            "h2>h3": lambda t: self.bn_skip(self.skip(t)),  # the projection skip
+            "h2>p": lambda t: F.avg_pool2d(t, 2),  # linear, no activation after it
+            "h3>h4": lambda t: self.mix(torch.cat([t, t.new_zeros(t.shape[0], 3, 2, 2)], 1)),
+            "p>h4": lambda t: F.conv2d(  # without the bias, counted in "h3>h4"
+                torch.cat([t.new_zeros(t.shape[0], 4, 2, 2), t], 1), self.mix.weight
+            ),
+        }
+
+    def forward(self, x: Tensor) -> Tensor:
+        h1 = F.relu(self.bn0(self.stem(x)))
+        a = torch.relu(self.bn1(self.c1(h1)))
+        h2 = F.relu(self.bn2(self.c2(a)) + h1)
+        c = F.relu(self.c3(h2))
+        h3 = F.relu(torch.add(self.c4(c), self.bn_skip(self.skip(h2))))
+        h4 = torch.tanh(self.mix(torch.cat([h3, F.avg_pool2d(h2, 2)], 1)))
+        return self.fc(h4.flatten(1))
+
+
+# each node: its output, its activation (None: a linear node) and the (piece, source) summed
+# into its input
+GRAPH = [
+    ("h1", torch.relu, [("x>h1", "x")]),
+    ("a", torch.relu, [("h1>a", "h1")]),
+    ("h2", torch.relu, [("a>h2", "a"), ("h1>h2", "h1")]),
+    ("p", None, [("h2>p", "h2")]),
+    ("c", torch.relu, [("h2>c", "h2")]),
+    ("h3", torch.relu, [("c>h3", "c"), ("h2>h3", "h2")]),
+    ("h4", torch.tanh, [("h3>h4", "h3"), ("p>h4", "p")]),
+]
+
+
+def reference_reveal_cancel(net: TinyRes, x: Tensor, x0: Tensor, target: int) -> Tensor:
+    """RevealCancel term by term (paper, Sec. 3.5.1 and 3.5.3) on one sample, in float64.
+
+    Each linear piece is an explicit matrix (its response to the basis vectors); the input of
+    each activation is the sum of the terms ``M[j, i] dv[i]`` of every piece that feeds it
+    (``dv`` the whole difference of the piece's input, a neuron or the linear node ``p``), and
+    ``dy+``, ``dy-`` are the sums of the positive and negative terms. Where a term is 0 its
+    weight goes half to each part (the paper's rule for ``dx_i = 0``).
+    """
+    pieces = net.pieces()
+    with torch.no_grad():
+        values = {"x": (x.double()[None], x0.double()[None])}
+        for name, f, feeds in GRAPH:
+            z = [sum(pieces[p](values[src][k]) for p, src in feeds) for k in (0, 1)]
+            values[name] = (z[0], z[1]) if f is None else (f(z[0]), f(z[1]))
+
+        def matrix(piece: str, src: str) -> Tensor:
+            shape = values[src][0].shape[1:]
+            basis = torch.eye(values[src][0].numel(), dtype=torch.float64).view(-1, *shape)
+            fn = pieces[piece]
+            return (fn(basis) - fn(torch.zeros_like(basis[:1]))).flatten(1).T
+
+        mult = {k: torch.zeros(v[0].numel(), dtype=torch.float64) for k, v in values.items()}
+        mult["h4"] = net.fc.weight.double()[target].clone()
+        for name, f, feeds in reversed(GRAPH):
+            if f is None:  # a linear node: the multipliers go back by the piece's transpose
+                for piece, src in feeds:
+                    mult[src] += mult[name] @ matrix(piece, src)
+                continue
+            terms = []
+            for piece, src in feeds:
+                dv = (values[src][0] - values[src][1]).flatten()
+                m = matrix(piece, src)
+                terms.append((m, m * dv[None, :], src))
+            pos = sum(t.clamp(min=0).sum(1) for _, t, _ in terms)
+            neg = sum(t.clamp(max=0).sum(1) for _, t, _ in terms)
+            z0 = sum((pieces[p](values[src][1])).flatten() for p, src in feeds)
+            up = 0.5 * (f(z0 + pos) - f(z0)) + 0.5 * (f(z0 + neg + pos) - f(z0 + neg))
+            down = 0.5 * (f(z0 + neg) - f(z0)) + 0.5 * (f(z0 + pos + neg) - f(z0 + pos))
+            # a part that is exactly 0 (no term of that sign): the derivative at z0, as the
+            # limit of the secant (what salience does below float resolution)
+            slope = (z0 > 0).double() if f is torch.relu else 1 - torch.tanh(z0) ** 2
+            m_pos = mult[name] * torch.where(pos != 0, up / pos.where(pos != 0, 1.0), slope)
+            m_neg = mult[name] * torch.where(neg != 0, down / neg.where(neg != 0, 1.0), slope)
+            for m, t, src in terms:
+                tie = 0.5 * (m_pos + m_neg)[:, None]
+                share = torch.where(t > 0, m_pos[:, None], torch.where(t < 0, m_neg[:, None], tie))
+                mult[src] += (m * share).sum(0)
+    return ((x - x0).double().flatten() * mult["x"]).view_as(x)
+
+
+def tiny_res(seed: int) -> TinyRes:
+    net = _init(TinyRes(), seed).double()
+    with torch.no_grad():  # some negative BatchNorm scales: the parts swap there
+        net.bn1.weight[1] *= -1
+        net.bn_skip.weight[::2] *= -1
+    return net
+
+
+def test_reveal_cancel_after_residual_sums_equals_a_term_by_term_reference() -> None:
+    net = tiny_res(40)
+    x = inputs(2, 2, 4, seed=41).double()
+    x0 = inputs(1, 2, 4, seed=42).double().expand_as(x)
+    result = salience.deeplift(net, x, [0, 2], baseline=x0, rule="reveal_cancel")
+    expected = torch.stack(
+        [reference_reveal_cancel(net, x[k], x0[k], t) for k, t in enumerate([0, 2])]
+    )
+    torch.testing.assert_close(result.values, expected, rtol=1e-9, atol=1e-12)
+    assert float(exact_gap(net, x, x0, result).abs().max()) < 1e-10
+    rescale = salience.deeplift(net, x, [0, 2], baseline=x0)
+    assert not torch.allclose(rescale.values, expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("rule", ["rescale", "reveal_cancel"])
+def test_resnet_with_batchnorm_conserves(rule: str) -> None:
+    net = _init(ResNetish(), 43)
+    x = inputs(3, seed=44)
+    for baseline in ("zeros", inputs(1, seed=45)):
+        result = salience.deeplift(net, x, baseline=baseline, rule=rule)  # type: ignore[arg-type]
+        assert float(relative_gap(result).max()) < 1e-4
+        gap = exact_gap(net, x, result.extras["baseline"], result)
+        assert float(gap.abs().max()) < 1e-4 * float(result.scores.abs().max())
+
+
+class TwoWays(nn.Module):
+    """``relu(conv_a(h) + conv_b(g))`` written as two convolutions summed, or as one on a concat.
+
+    Both spell the same linear unit with the same terms, so RevealCancel must agree.
+    """
+
+    def __init__(self, summed: bool) -> None:
+        super().__init__()
+        self.summed = summed
+        self.h, self.g = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 2, 3, padding=1)
+        self.a, self.b = nn.Conv2d(4, 5, 3, padding=1), nn.Conv2d(2, 5, 3, padding=1)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, g = F.relu(self.h(x)), torch.sigmoid(self.g(x))
+        if self.summed:
+            z = torch.sub(self.a(h), self.b(g), alpha=-1.0)  # a(h) + b(g), spelled oddly
+        else:
+            w = torch.cat([self.a.weight, self.b.weight], 1)
+            z = F.conv2d(torch.cat([h, g], 1), w, self.a.bias + self.b.bias, padding=1)
+        return self.fc(F.relu(z).mean((2, 3)))
+
+
+def test_reveal_cancel_sum_of_branches_equals_one_layer_on_their_concatenation() -> None:
+    summed = _init(TwoWays(True), 46).double()
+    concat = TwoWays(False).double()
+    concat.load_state_dict(summed.state_dict())
+    x, x0 = inputs(2, seed=47).double(), inputs(1, seed=48).double()
+    a = salience.deeplift(summed, x, [0, 1], baseline=x0, rule="reveal_cancel")
+    b = salience.deeplift(concat, x, [0, 1], baseline=x0, rule="reveal_cancel")
+    torch.testing.assert_close(a.values, b.values, rtol=1e-10, atol=1e-12)
+    assert float(relative_gap(a).max()) < 1e-10
+
+
+class LinearZoo(nn.Module):
+    """Activations fed through every kind of linear call the parts follow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.ModuleList(nn.Conv2d(ci, 4, 3, padding=1) for ci in (3, 4, 8, 4))
+        self.up = nn.ConvTranspose2d(4, 4, 2, stride=2)
+        self.fc = nn.Linear(16, 3)
+        self.register_buffer("scale", torch.linspace(-1.5, 2.0, 4).view(1, 4, 1, 1))
+        self.register_buffer(
+            "proj", torch.randn(16, 16, generator=torch.Generator().manual_seed(0))
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu6(self.c[0](2.0 * x - 1.0))  # scalar product and difference on the input
+        r = -self.c[1](h) * self.scale + h / 3.0  # negation, signed constant tensor, quotient
+        g = F.gelu(F.pad(r, (1, 1, 1, 1), value=5.0)[..., 1:-1, 1:-1])  # padding, slicing
+        left, right = torch.chunk(g, 2, dim=1)  # several outputs
+        z = self.c[2](torch.cat([right, left, F.avg_pool2d(self.up(g), 2)], 1))
+        z = F.interpolate(F.avg_pool2d(z, 2), scale_factor=2.0, mode="nearest")
+        t = torch.tanh(z.permute(0, 2, 3, 1).reshape(x.shape[0], -1, 4).transpose(1, 2))
+        u = F.silu(t.flatten(1)[:, :16] @ self.proj)  # a matrix product with a constant
+        return self.fc(u) + self.c[3](t.reshape(-1, 4, 16, 16)).mean((1, 2, 3))[:, None]
+
+
+def test_reveal_cancel_follows_every_linear_call_and_conserves() -> None:
+    net = _init(LinearZoo(), 49)
+    x = inputs(2, seed=50)
+    for baseline in ("zeros", inputs(1, seed=51)):
+        result = salience.deeplift(net, x, baseline=baseline, rule="reveal_cancel")
+        assert float(relative_gap(result).max()) < 1e-4
+        assert result.extras["gradient_ops"] == {}
+        assert sum(result.extras["nonlinearities"].values()) == 4
+    rescale = salience.deeplift(net, x, rule="rescale")
+    assert not torch.allclose(rescale.values, result.values, atol=1e-5)
+
+
+class Uncovered(nn.Module):
+    """An activation fed directly by an operation with no DeepLIFT rule."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv(x)
+        if self.kind == "product":
+            h = torch.sigmoid(h) * h
+        elif self.kind == "layer_norm":
+            h = F.layer_norm(h, h.shape[1:])
+        elif self.kind == "division":
+            h = h / (1.0 + x.abs().mean((1, 2, 3), keepdim=True))
+        return self.fc(F.relu(h + 1.0).mean((2, 3)))
+
+
+@pytest.mark.parametrize(
+    ("kind", "named"),
+    [
+        ("product", "`mul` (a product of two input-dependent tensors)"),
+        ("layer_norm", "`layer_norm`"),
+        ("division", "`div` (a division by an input-dependent tensor)"),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:deeplift. . operation")
+def test_reveal_cancel_refuses_an_activation_fed_by_an_uncovered_operation(
+    kind: str, named: str
+) -> None:
+    net = _init(Uncovered(kind), 52)
+    with pytest.raises(NotImplementedError, match=re.escape(named)) as caught:
+        salience.deeplift(net, inputs(1, seed=53), rule="reveal_cancel")
+    assert "ReLU call" in str(caught.value)
+    assert "rule='rescale'" in str(caught.value)
+    salience.deeplift(net, inputs(1, seed=53))  # Rescale runs (with its warning)
 
 
 # -- Captum parity where Captum conserves ------------------------------------------------------
@@ -564,3 +815,52 @@ def test_equal_input_and_reference_fall_back_to_the_derivative(
     x = torch.tensor([1.5, 1.5]).view(1, 2, 1, 1)
     result = salience.deeplift(Tie(act, bias).eval(), x, 0)
     torch.testing.assert_close(result.values.flatten(), torch.tensor([1.5, -1.5]) * slope)
+
+
+class Dynamic(nn.Module):
+    """A linear layer whose weight is computed from the input (a product of two paths)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 9)
+
+    def forward(self, x: Tensor) -> Tensor:
+        v = x.mean((2, 3))
+        return F.linear(torch.relu(v), self.fc(v).view(-1, 3, 3)[0])
+
+
+@pytest.mark.parametrize("rule", ["rescale", "reveal_cancel"])
+def test_an_input_dependent_weight_is_reported(rule: str) -> None:
+    net = _init(Dynamic(), 54)
+    with pytest.warns(UserWarning, match="input-dependent weight"):
+        result = salience.deeplift(net, inputs(1, seed=55), rule=rule)  # type: ignore[arg-type]
+    assert result.extras["gradient_ops"] == {"linear (input-dependent weight)": 1}
+
+
+class InPlaceBlock(nn.Module):
+    """torchvision's ``out += identity`` then an in-place ReLU, or the same out of place."""
+
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        self.inplace = inplace
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=inplace)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = self.relu(self.stem(x))
+        out = self.bn(self.conv(identity))
+        if self.inplace:
+            out += identity
+        else:
+            out = out + identity
+        return self.fc(self.relu(out).mean((2, 3)))
+
+
+def test_reveal_cancel_follows_an_in_place_residual_addition() -> None:
+    x, x0 = inputs(2, seed=56), inputs(1, seed=57)
+    a = salience.deeplift(_init(InPlaceBlock(True), 58), x, baseline=x0, rule="reveal_cancel")
+    b = salience.deeplift(_init(InPlaceBlock(False), 58), x, baseline=x0, rule="reveal_cancel")
+    torch.testing.assert_close(a.values, b.values)
+    assert float(relative_gap(a).max()) < 1e-4

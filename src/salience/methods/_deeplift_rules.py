@@ -54,40 +54,46 @@ def _secant(
     hi: Tensor | None,
     rectifier: bool,
     upper: float | None,
-    *,
-    fast: bool = False,
+    lo_abs: Tensor | None = None,
 ) -> Tensor:
     """``dy / dx``, the secant of ``f`` between ``lo`` and ``hi = lo + dx``, computed safely.
 
-    For a rectifier ``clamp(x, 0, upper)`` and ``dy = f(hi) - f(lo)``, the ratio is exact
-    whenever ``dx != 0`` (the differences are of the same floats, ``|dy| <= |dx|``); where
-    ``dx == 0`` it is 0/0 and becomes the derivative ``f'(hi)``, the paper's fallback. This
-    ``fast`` path divides ``dy`` in place. Otherwise (a smooth activation, or RevealCancel's
-    parts) the secant falls back to ``f'`` at the midpoint where ``|dx|`` is below ``_SMALL``
-    relative to the operands: the ratio of two float differences would be rounding noise
-    there, while the midpoint derivative is the same secant to second order. ``hi=None``
-    stands for ``lo + dx``.
+    It falls back to ``f'`` at the midpoint where ``|dx|`` is below ``_SMALL`` relative to
+    the operands: the ratio of two float differences would be rounding noise there, while the
+    midpoint derivative is the same secant to second order. ``hi=None`` stands for
+    ``lo + dx``; ``lo_abs`` is ``|lo|`` if already computed. ``dy`` is overwritten.
+    (Rectifiers at Rescale take the exact :func:`_rectifier_secant`.)
     """
-    if fast and rectifier:
-        m = dy.div_(dx)
-        if bool(torch.isnan(m.sum())):  # m is in [0, 1]: a NaN sum means some 0/0
-            # Ties (dead channels, unchanged areas) get f'(lo), lo = hi there. Float ops only:
-            # they are several times faster than boolean masks on a CPU.
-            m.nan_to_num_(nan=-1.0)
-            tie = m.clamp(max=0.0)  # -1 at the ties, 0 elsewhere
-            ones = torch.ones((), dtype=m.dtype, device=m.device).expand_as(m)
-            if upper is None:
-                slope = torch.ops.aten.threshold_backward(ones, lo, 0.0)
-            else:
-                slope = torch.ops.aten.hardtanh_backward(ones, lo, 0.0, upper)
-            m.clamp_(min=0.0).addcmul_(tie, slope, value=-1.0)
-        return m
     if hi is None:
         hi = lo + dx
-    small = dx.abs() <= _SMALL * (hi.abs() + lo.abs())
-    m = dy / torch.where(small, torch.ones_like(dx), dx)
+    small = dx.abs() <= hi.abs().add_(lo.abs() if lo_abs is None else lo_abs).mul_(_SMALL)
+    m = dy.div_(dx)  # inf or NaN where dx == 0: small there, replaced below
     if bool(small.any()):
         m = torch.where(small, _slope(f, (hi + lo) / 2, rectifier, upper), m)
+    return m
+
+
+def _rectifier_secant(y: Tensor, y0: Tensor, dx: Tensor, upper: float | None) -> Tensor:
+    """``(y - y0) / dx`` for ``y = clamp(x, 0, upper)``, exact; ``f'(x)`` where ``dx == 0``.
+
+    The ratio is exact whenever ``dx != 0`` (differences of the same floats, ``|dy| <=
+    |dx|``, so ``m`` is in ``[0, 1]``); where ``dx == 0`` it is 0/0 and becomes the
+    derivative, the paper's fallback, read from ``y`` (``0 < y < upper`` exactly where
+    ``0 < x < upper``). Float operations only, in place where possible: on a CPU they are
+    several times faster than boolean masks, and fresh allocations cost as much as a pass.
+    ``dx`` is a temporary: it is overwritten.
+    """
+    m = torch.sub(y, y0).div_(dx)
+    if bool(torch.isnan(m.sum())):  # a NaN sum means some 0/0: ties (dead channels...)
+        m.nan_to_num_(nan=-1.0)  # -1 at the ties, m >= 0 elsewhere
+        # into dx, a temporary no longer needed: fresh memory costs as much as a pass
+        if upper is None:
+            tie = torch.ops.aten.threshold_backward.grad_input(m, y, 0.0, grad_input=dx)
+        else:
+            tie = torch.ops.aten.hardtanh_backward.grad_input(m, y, 0.0, upper, grad_input=dx)
+        # -tie is f'(x) at the ties and <= 0 elsewhere: the maximum picks the right one
+        # (torch.fmax on NaNs would save a pass, but is twice slower on a CPU)
+        torch.maximum(m, tie.neg_(), out=m)
     return m
 
 
@@ -104,27 +110,32 @@ class _Rescale(torch.autograd.Function):
         rectifier: bool,
         upper: float | None,
         inplace: bool,
+        scratch: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
         """Return ``f(x)`` (written back into ``x`` when ``inplace``) and keep the multiplier.
 
         ``x0`` is the reference input of the call and ``y0 = f(x0)``, both from the reference
-        pass.
+        pass. ``scratch(x)`` returns a reusable buffer shaped like ``x``.
         """
-        dx = x - x0
+        # dx is needed only until the multiplier is computed: a rectifier's goes to scratch
+        dx = torch.sub(x, x0, out=scratch(x)) if rectifier and scratch is not None else x - x0
         hi = None if inplace else x
         if inplace:
             y = x.clamp_(min=0.0, max=upper) if rectifier else x.copy_(f(x))
             ctx.mark_dirty(x)
         else:
             y = f(x)
-        ctx.save_for_backward(_secant(f, y - y0, dx, x0, hi, rectifier, upper, fast=True))
+        if rectifier:
+            ctx.save_for_backward(_rectifier_secant(y, y0, dx, upper))
+        else:
+            ctx.save_for_backward(_secant(f, torch.sub(y, y0), dx, x0, hi, rectifier, upper))
         return y
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         """Return ``grad * m``."""
         (m,) = ctx.saved_tensors
-        return grad * m, None, None, None, None, None, None
+        return grad * m, None, None, None, None, None, None, None
 
 
 class _RevealCancel(torch.autograd.Function):
@@ -136,7 +147,8 @@ class _RevealCancel(torch.autograd.Function):
     ``m- = dy- / N``, so that ``m+ P + m- N = f(y0 + P + N) - f(y0)``, which is
     ``f(y) - f(y0)`` up to rounding (``y0 + P + N`` is ``y`` computed another way). With
     ``P = 0`` exactly, ``dy+`` is exactly 0. No gradient goes to ``y`` itself: the input
-    difference of the function reaches the input through ``P`` and ``N``.
+    difference of the function reaches the input through ``P`` and ``N``. ``f0 = f(y0)``
+    comes from the reference pass.
     """
 
     @staticmethod
@@ -146,6 +158,7 @@ class _RevealCancel(torch.autograd.Function):
         pos: Tensor,
         neg: Tensor,
         y0: Tensor,
+        f0: Tensor,
         f: Callable[[Tensor], Tensor],
         rectifier: bool,
         upper: float | None,
@@ -153,13 +166,15 @@ class _RevealCancel(torch.autograd.Function):
     ) -> Tensor:
         """Return ``f(y)`` (into ``y`` when ``inplace``) and keep ``m+`` and ``m-``."""
         out = f(y)
-        f0, fp, fn = f(y0), f(y0 + pos), f(y0 + neg)
-        both = f(y0 + neg + pos)
-        up = 0.5 * (fp - f0) + 0.5 * (both - fn)
-        down = 0.5 * (fn - f0) + 0.5 * (both - fp)
+        at_pos, at_neg = y0 + pos, y0 + neg
+        fp, fn = f(at_pos), f(at_neg)
+        both = f(at_neg + pos)
+        up = (fp - f0).add_(both).sub_(fn).mul_(0.5)  # exactly 0 where pos == 0
+        down = (fn - f0).add_(both).sub_(fp).mul_(0.5)
+        lo_abs = y0.abs()
         ctx.save_for_backward(
-            _secant(f, up, pos, y0, y0 + pos, rectifier, upper),
-            _secant(f, down, neg, y0, y0 + neg, rectifier, upper),
+            _secant(f, up, pos, y0, at_pos, rectifier, upper, lo_abs),
+            _secant(f, down, neg, y0, at_neg, rectifier, upper, lo_abs),
         )
         if inplace:
             y.copy_(out)
@@ -171,7 +186,7 @@ class _RevealCancel(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         """Return ``grad * m+`` for ``P`` and ``grad * m-`` for ``N``."""
         m_pos, m_neg = ctx.saved_tensors
-        return None, grad * m_pos, grad * m_neg, None, None, None, None, None
+        return None, grad * m_pos, grad * m_neg, None, None, None, None, None, None
 
 
 class _MaxPool(torch.autograd.Function):
@@ -206,10 +221,11 @@ class _MaxPool(torch.autograd.Function):
         """
         y, i = pool(x)
         flat_x, flat_x0 = x.flatten(-spatial), x0.flatten(-spatial)
-        dx_i = y - flat_x0.gather(-1, i.flatten(-spatial)).view_as(y)
-        dx_j = flat_x.gather(-1, j.flatten(-spatial)).view_as(y) - y0
-        spread = dx_i - dx_j  # >= 0, see the class documentation
-        t = torch.where(spread > 0, (y - y0 - dx_j) / spread.clamp(min=1e-38), 1.0).clamp(0, 1)
+        # t = (dy - dx[j]) / (dx[i] - dx[j]) = a / (a + b), with a = x[i] - x[j] and
+        # b = x0[j] - x0[i], both >= 0 exactly in floats (maxima), so t is in [0, 1]
+        a = y - flat_x.gather(-1, j.flatten(-spatial)).view_as(y)
+        b = y0 - flat_x0.gather(-1, i.flatten(-spatial)).view_as(y)
+        t = a.div_(a + b).nan_to_num_(nan=1.0)  # 0 / 0: the same maximum, or equal shares
         ctx.save_for_backward(i, j, t)
         ctx.shape = x.shape
         ctx.spatial = spatial
@@ -222,6 +238,7 @@ class _MaxPool(torch.autograd.Function):
         i, j, t = ctx.saved_tensors
         s = ctx.spatial
         out = grad.new_zeros(ctx.shape).flatten(-s)
-        out.scatter_add_(-1, i.flatten(-s), (grad * t).flatten(-s))
-        out.scatter_add_(-1, j.flatten(-s), (grad * (1 - t)).flatten(-s))
+        share = grad * t
+        out.scatter_add_(-1, i.flatten(-s), share.flatten(-s))
+        out.scatter_add_(-1, j.flatten(-s), (grad - share).flatten(-s))
         return out.view(ctx.shape), None, None, None, None, None

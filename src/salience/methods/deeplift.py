@@ -10,7 +10,9 @@ nonlinearities, where the derivative is replaced by a ratio of differences:
   their ordinary gradient: that *is* the paper's linear rule;
 - **elementwise activations** (every rectifier spelling of :mod:`salience.rectifiers`, ReLU6 and
   clips, sigmoid, tanh, GELU, SiLU, Hardswish, ELU, ...): the Rescale rule
-  ``m = (f(x) - f(x0)) / (x - x0)``, or RevealCancel (``rule="reveal_cancel"``);
+  ``m = (f(x) - f(x0)) / (x - x0)``, or RevealCancel (``rule="reveal_cancel"``, which
+  follows the positive and negative parts of each activation's input through the linear calls
+  before it: :mod:`._deeplift_parts`);
 - **max-pooling**: a conserving rule of salience's own (see :class:`_MaxPool`).
 
 Implementation: one forward pass on the reference records, call by call, the inputs of these
@@ -39,7 +41,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_choice, warn_zero_maps
@@ -49,149 +50,26 @@ from ..hooks import call_rule
 from ..rectifiers import SITES, Site
 from ..registry import register
 from ..targets import Score, TargetLike, resolve_target
-from ._deeplift_rules import (
-    _activation,
-    _MaxPool,
-    _Rescale,
-    _RevealCancel,
+from ._deeplift_ops import (
+    _DIVISIONS,
+    _INERT,
+    _LAYERS,
+    _LINEAR,
+    _POOLS,
+    _PRODUCTS,
+    _arg,
+    _name,
+    _outputs,
+    _tensors,
 )
+from ._deeplift_parts import _Split
+from ._deeplift_rules import _activation, _MaxPool, _Rescale, _RevealCancel
 from .integrated import BaselineLike, make_baseline
 
 __all__ = ["DeepLiftRule", "deeplift"]
 
 DeepLiftRule = Literal["rescale", "reveal_cancel"]
 _RULES = ("rescale", "reveal_cancel")
-
-
-# -- which calls are what --------------------------------------------------------------------
-
-
-def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], i: int, name: str, default: Any) -> Any:
-    if len(args) > i:
-        return args[i]
-    return kwargs.get(name, default)
-
-
-def _max_pool(nd: int, with_indices: Callable[..., Any], dispatch: bool) -> Callable[..., Any]:
-    """Parse ``max_pool{nd}d(input, kernel_size, stride, padding, dilation, ceil_mode[, ri])``.
-
-    ``torch.max_poolNd`` (``dispatch=False``) has no ``return_indices`` and writes "stride =
-    kernel" as an empty list.
-    """
-
-    def parse(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Callable, int, bool]:
-        x = _arg(args, kwargs, 0, "input", None)
-        kernel = _arg(args, kwargs, 1, "kernel_size", None)
-        stride = _arg(args, kwargs, 2, "stride", None)
-        if stride is not None and not isinstance(stride, int) and len(stride) == 0:
-            stride = None
-        padding = _arg(args, kwargs, 3, "padding", 0)
-        dilation = _arg(args, kwargs, 4, "dilation", 1)
-        ceil_mode = bool(_arg(args, kwargs, 5, "ceil_mode", False))
-        indices = bool(_arg(args, kwargs, 6, "return_indices", False)) if dispatch else False
-
-        def pool(t: Tensor) -> tuple[Tensor, Tensor]:
-            return with_indices(t, kernel, stride, padding, dilation, ceil_mode)
-
-        return x, pool, nd, indices
-
-    return parse
-
-
-def _adaptive_max_pool(nd: int, with_indices: Callable[..., Any]) -> Callable[..., Any]:
-    def parse(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Callable, int, bool]:
-        x = _arg(args, kwargs, 0, "input", None)
-        size = _arg(args, kwargs, 1, "output_size", None)
-        indices = bool(_arg(args, kwargs, 2, "return_indices", False))
-
-        def pool(t: Tensor) -> tuple[Tensor, Tensor]:
-            return with_indices(t, size)
-
-        return x, pool, nd, indices
-
-    return parse
-
-
-_POOLS: dict[Any, Callable[..., Any]] = {}
-for _nd, _fn, _wi, _torch in (
-    (1, F.max_pool1d, F.max_pool1d_with_indices, torch.max_pool1d),
-    (2, F.max_pool2d, F.max_pool2d_with_indices, torch.max_pool2d),
-    (3, F.max_pool3d, F.max_pool3d_with_indices, torch.max_pool3d),
-):
-    _POOLS[_fn] = _max_pool(_nd, _wi, True)
-    _POOLS[_wi] = _max_pool(_nd, _wi, True)
-    _POOLS[_torch] = _max_pool(_nd, _wi, False)
-for _nd, _fn, _wi in (
-    (1, F.adaptive_max_pool1d, F.adaptive_max_pool1d_with_indices),
-    (2, F.adaptive_max_pool2d, F.adaptive_max_pool2d_with_indices),
-    (3, F.adaptive_max_pool3d, F.adaptive_max_pool3d_with_indices),
-):
-    _POOLS[_fn] = _adaptive_max_pool(_nd, _wi)
-    _POOLS[_wi] = _adaptive_max_pool(_nd, _wi)
-
-# Layers whose positive and negative contributions RevealCancel separates: (input, weight,
-# bias) first, the other arguments passed on unchanged.
-_LAYERS = {F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d"}
-
-# Linear in each input-dependent argument (the others constant): their gradient is the
-# linear rule. Named as ``func.__name__``.
-_LINEAR = frozenset(
-    """
-    conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d linear add __add__
-    __radd__ __iadd__ add_ sub __sub__ __rsub__ __isub__ sub_ neg __neg__ neg_ positive __pos__
-    cat concat concatenate stack hstack vstack dstack reshape view view_as flatten unflatten
-    permute transpose transpose_ t swapaxes movedim contiguous clone __getitem__ __setitem__
-    narrow select index_select gather take squeeze unsqueeze squeeze_ unsqueeze_ expand
-    expand_as repeat tile broadcast_to chunk split split_with_sizes unbind tensor_split roll
-    flip fliplr flipud rot90 mean sum nansum cumsum trace diagonal tril triu avg_pool1d
-    avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d pad
-    interpolate upsample upsample_nearest upsample_bilinear pixel_shuffle pixel_unshuffle
-    channel_shuffle native_channel_shuffle unfold fold dropout dropout1d dropout2d dropout3d
-    alpha_dropout feature_alpha_dropout to float double half bfloat16 type type_as cpu cuda
-    real
-    """.split()  # noqa: SIM905 (a word list reads better than 130 quoted strings)
-)
-# Linear when at most one operand depends on the input (a product with a constant).
-_PRODUCTS = frozenset(
-    """
-    mul __mul__ __rmul__ __imul__ mul_ multiply matmul __matmul__ __rmatmul__ mm bmm einsum
-    tensordot outer inner dot vdot kron baddbmm addmm addbmm bilinear
-    """.split()  # noqa: SIM905 (a word list reads better than 130 quoted strings)
-)
-# Linear in the numerator only.
-_DIVISIONS = frozenset(("div", "__truediv__", "__itruediv__", "div_", "divide", "true_divide"))
-# Calls that read a tensor without computing a floating tensor from it.
-_INERT = frozenset(
-    """
-    size dim numel __len__ __iter__ __bool__ __format__ __repr__ __hash__ __eq__ __ne__ __lt__
-    __le__ __gt__ __ge__ eq ne lt le gt ge argmax argmin argsort isfinite isnan isinf equal
-    allclose isclose any all item tolist shape data_ptr stride is_contiguous requires_grad_
-    untyped_storage storage_offset element_size nonzero __get__
-    """.split()  # noqa: SIM905 (a word list reads better than 130 quoted strings)
-)
-
-
-def _name(func: Any) -> str:
-    return str(getattr(func, "__name__", None) or func)
-
-
-def _tensors(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Tensor]:
-    """Return the tensors among a call's arguments, also in lists and tuples (``torch.cat``)."""
-    found = []
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, Tensor):
-            found.append(value)
-        elif isinstance(value, list | tuple):
-            found.extend(v for v in value if isinstance(v, Tensor))
-    return found
-
-
-def _outputs(result: Any) -> list[Tensor]:
-    if isinstance(result, Tensor):
-        return [result]
-    if isinstance(result, list | tuple):
-        return [r for r in result if isinstance(r, Tensor)]
-    return []
 
 
 # -- the two passes --------------------------------------------------------------------------
@@ -228,17 +106,31 @@ class _Tracer:
     nonlinearities: Counter[str] = field(default_factory=Counter)
     max_pools: int = 0
     gradient_ops: Counter[str] = field(default_factory=Counter)
-    # Tensors computed from the input in the replay pass, by id (weak: freed tensors leave).
-    tainted: weakref.WeakValueDictionary[int, Tensor] = field(
-        default_factory=weakref.WeakValueDictionary
-    )
-    # RevealCancel: for a layer output (by id), its version and a function computing its
-    # positive and negative parts (only if an activation asks for them).
-    parts: dict[int, tuple[Tensor, int, Callable[[], tuple[Tensor, Tensor]]]] = field(
-        default_factory=dict
-    )
+    # Tensors computed from the input in the replay pass, by id (weak references: a freed
+    # tensor's id, reused, is not mistaken for it).
+    tainted: dict[int, weakref.ref[Tensor]] = field(default_factory=dict)
+    # RevealCancel: the positive and negative parts of the tensors linear in the neurons.
+    split: _Split | None = None
+    buffer: Tensor | None = None  # scratch memory (see scratch()), and views of it by shape
+    views: dict[Any, Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.rule == "reveal_cancel":
+            self.split = _Split(self.is_tainted)
 
     # -- bookkeeping --
+
+    def scratch(self, like: Tensor) -> Tensor:
+        """Return a buffer shaped like ``like``, reused from call to call (temporaries only)."""
+        key = (like.shape, like.dtype, like.device)
+        view = self.views.get(key)
+        if view is None:
+            n, buffer = like.numel(), self.buffer
+            if buffer is None or buffer.numel() < n or (buffer.dtype, buffer.device) != key[1:]:
+                buffer = self.buffer = torch.empty(n, dtype=like.dtype, device=like.device)
+                self.views.clear()
+            view = self.views[key] = buffer[:n].view(like.shape)
+        return view
 
     def keep(self, t: Tensor) -> Tensor:
         """Return ``t`` to record: itself, watched for in-place changes, or a private copy."""
@@ -259,10 +151,24 @@ class _Tracer:
         self.copy = True
 
     def taint(self, t: Tensor) -> None:
-        self.tainted[id(t)] = t
+        self.tainted[id(t)] = weakref.ref(t)
 
-    def is_tainted(self, t: Tensor) -> bool:
-        return self.tainted.get(id(t)) is t
+    def is_tainted(self, t: Any) -> bool:
+        held = self.tainted.get(id(t))
+        return held is not None and held() is t
+
+    def _reads_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Whether a call's arguments include a tensor computed from the input (fast path)."""
+        tainted = self.tainted
+        for value in (*args, *kwargs.values()) if kwargs else args:
+            if isinstance(value, list | tuple):
+                if any(self.is_tainted(v) for v in value):
+                    return True
+                continue
+            held = tainted.get(id(value))
+            if held is not None and held() is value:
+                return True
+        return False
 
     def _next(self, kind: str, name: str, x: Tensor) -> _Step:
         """Return the recorded step this replayed call corresponds to, checked."""
@@ -300,33 +206,39 @@ class _Tracer:
     # -- the handler --
 
     def __call__(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self.phase != "replay":
+            return self._handle(func, args, kwargs)
+        if not self._reads_input(args, kwargs):
+            return self._handle(func, args, kwargs)
+        # RevealCancel reads the operands' parts before the call: it may change them in place.
+        plan = self.split.plan(func, args, kwargs) if self.split is not None else None
         result = self._handle(func, args, kwargs)
-        if self.phase == "replay":
-            inputs = _tensors(args, kwargs)
-            if any(self.is_tainted(t) for t in inputs):
-                if result is NotImplemented:
-                    result = func(*args, **kwargs)
-                    self._classify(func, args, kwargs, inputs, result)
-                for out in _outputs(result):
-                    self.taint(out)
-                if _name(func) == "__setitem__" and isinstance(args[0], Tensor):
-                    self.taint(args[0])
+        handled = result is not NotImplemented
+        if not handled:
+            result = func(*args, **kwargs)
+            self._classify(func, args, kwargs, result)
+        outs = _outputs(result)
+        for out in outs:
+            self.taint(out)
+        if _name(func) == "__setitem__" and isinstance(args[0], Tensor):
+            self.taint(args[0])
+            outs = [args[0]]
+        if plan is not None and not handled:  # activations, pools and layers register their own
+            plan(outs)
         return result
 
     def _classify(
-        self,
-        func: Any,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        inputs: list[Tensor],
-        result: Any,
+        self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any
     ) -> None:
         """Count a call not covered by the rules that computes nonlinearly from the input."""
         name = _name(func)
-        outs = _outputs(result)
-        if name in _INERT or not any(o.is_floating_point() for o in outs):
+        if name in _INERT:
             return
-        if name in _LINEAR:
+        if func in _LAYERS:
+            if self.is_tainted(_arg(args, kwargs, 1, "weight", None)):
+                self.gradient_ops[f"{name} (input-dependent weight)"] += 1
+            return
+        if name in _LINEAR or not any(o.is_floating_point() for o in _outputs(result)):
             return
         if name == "batch_norm":
             training = bool(_arg(args, kwargs, 5, "training", False))
@@ -334,7 +246,7 @@ class _Tracer:
                 return
             self.gradient_ops["batch_norm (training mode: batch statistics)"] += 1
             return
-        dependent = [t for t in inputs if self.is_tainted(t)]
+        dependent = [t for t in _tensors(args, kwargs) if self.is_tainted(t)]
         if name in _PRODUCTS:
             if len(dependent) <= 1:
                 return
@@ -367,11 +279,8 @@ class _Tracer:
             if isinstance(x, Tensor) and x.is_floating_point():
                 return self._max_pool(x, fn, spatial, indices)
             return NotImplemented
-        if self.rule == "reveal_cancel":
-            if func in _LAYERS:
-                return self._layer(func, args, kwargs)
-            if func is F.batch_norm and self.phase == "replay":
-                return self._batch_norm(func, args, kwargs)
+        if self.split is not None and func in _LAYERS:
+            return self._layer(func, args, kwargs)
         return NotImplemented
 
     def _activation(self, site: Site) -> Any:
@@ -391,21 +300,27 @@ class _Tracer:
         step = self._next("activation", site.name, x)
         self.nonlinearities[site.name] += 1
         rectifier = site.fn is None
-        if self.rule == "reveal_cancel" and self.is_tainted(x):
-            held = self.parts.get(id(x))
-            if held is None or held[0] is not x or held[1] != x._version:
-                raise NotImplementedError(
-                    f"deeplift: rule='reveal_cancel' separates positive and negative "
-                    f"contributions at nonlinearities whose input is the output of a convolution "
-                    f"or linear layer (optionally followed by an eval-mode BatchNorm), as in the "
-                    f"paper. The {site.name} call {self.cursor} (input shape "
-                    f"{tuple(x.shape)}) takes its input from another operation (a residual "
-                    "addition, a concatenation, a pooling...), where the paper defines no such "
-                    "split. Use rule='rescale' for this model"
-                )
-            pos, neg = held[2]()
-            return _RevealCancel.apply(x, pos, neg, step.x0, f, rectifier, site.upper, site.inplace)
-        return _Rescale.apply(x, step.x0, step.y0, f, rectifier, site.upper, site.inplace)
+        if self.split is None or not self.is_tainted(x):
+            return _Rescale.apply(
+                x, step.x0, step.y0, f, rectifier, site.upper, site.inplace, self.scratch
+            )
+        held = self.split.get(x)
+        if held is None:
+            raise NotImplementedError(
+                f"deeplift: rule='reveal_cancel' splits the input of each activation into the "
+                f"sums of its positive and negative terms, which needs that input to be a linear "
+                f"function (convolutions, linear layers, eval-mode BatchNorm, sums, products by "
+                f"constants, concatenation, padding, average pooling, reshapes) of the previous "
+                f"activations or the input. The {site.name} call {self.cursor} (input shape "
+                f"{tuple(x.shape)}) is fed by {self.split.why(x)}, which is not linear in "
+                "them: the paper defines no split there. Use rule='rescale' for this model"
+            )
+        pos, neg = held.get()
+        y = _RevealCancel.apply(
+            x, pos, neg, step.x0, step.y0, f, rectifier, site.upper, site.inplace
+        )
+        self.split.neuron(y, step.y0)
+        return y
 
     def _max_pool(
         self,
@@ -424,16 +339,15 @@ class _Tracer:
         step = self._next("max_pool", name, x)
         self.max_pools += 1
         y, i = _MaxPool.apply(x, step.x0, step.y0, step.index, pool, spatial)
+        if self.split is not None:
+            self.split.neuron(y, step.y0)
         return (y, i) if indices else y
 
     def _layer(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """RevealCancel: a conv / linear layer, with its output's positive and negative parts.
+        """RevealCancel: a conv / linear layer, whose output's parts :class:`_Split` tracks.
 
-        For ``y = W x + b`` and ``d = x - x0`` (paper, Sec. 3.5.1, with ``W d`` split by the
-        sign of each term ``w_i d_i``): ``P = W+ d+ + W- d-`` and ``N = W- d+ + W+ d-``, where
-        ``W+``, ``d+`` are the positive parts and ``W-``, ``d-`` the negative ones. Their
-        gradient with respect to ``x`` sends ``w_i`` to ``P`` when ``w_i d_i > 0``, to ``N``
-        when ``w_i d_i < 0``: the paper's multipliers.
+        The reference pass records the layer's input ``x0``; the paper's rule splits the terms
+        ``w_i (x - x0)_i`` by sign (:meth:`_Split.layer`).
         """
         x = _arg(args, kwargs, 0, "input", None)
         weight = _arg(args, kwargs, 1, "weight", None)
@@ -444,56 +358,12 @@ class _Tracer:
             self.steps.append(_Step("layer", name, tuple(x.shape), self.keep(x)))
             return NotImplemented
         step = self._next("layer", name, x)
+        if self.is_tainted(weight):
+            return NotImplemented  # a product of two input-dependent tensors
         y = func(*args, **kwargs)
-        if not self.is_tainted(x):
-            return y
-        rest = list(args[3:])
-        options = {k: v for k, v in kwargs.items() if k not in ("input", "weight", "bias")}
-        d = x - step.x0  # computed now: the model may change x in place later
-        w = weight.detach()
-
-        def parts() -> tuple[Tensor, Tensor]:
-            d_pos, d_neg = d.clamp(min=0), d.clamp(max=0)
-            w_pos, w_neg = w.clamp(min=0), w.clamp(max=0)
-
-            def apply(t: Tensor, k: Tensor) -> Tensor:
-                return func(t, k, None, *rest, **options)
-
-            pos = apply(d_pos, w_pos) + apply(d_neg, w_neg)
-            neg = apply(d_pos, w_neg) + apply(d_neg, w_pos)
-            return pos, neg
-
-        self.parts[id(y)] = (y, y._version, parts)
-        return y
-
-    def _batch_norm(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """RevealCancel: carry the parts of a layer output through an eval-mode BatchNorm.
-
-        BatchNorm in eval mode scales channel ``c`` by ``a_c = weight_c / sqrt(var_c + eps)``:
-        fused into the layer before it, the sums of its positive and negative terms are
-        ``a P`` and ``a N`` (swapped where ``a < 0``: RevealCancel's formulas are symmetric in
-        the two parts, so they need not be reordered).
-        """
-        x = _arg(args, kwargs, 0, "input", None)
-        training = bool(_arg(args, kwargs, 5, "training", False))
-        held = self.parts.get(id(x)) if isinstance(x, Tensor) else None
-        if training or held is None or held[0] is not x or held[1] != x._version:
-            return NotImplemented
-        y = func(*args, **kwargs)
-        var = _arg(args, kwargs, 2, "running_var", None)
-        weight = _arg(args, kwargs, 3, "weight", None)
-        eps = float(_arg(args, kwargs, 7, "eps", 1e-5))
-        scale = torch.rsqrt(var.detach() + eps)
-        if weight is not None:
-            scale = scale * weight.detach()
-        scale = scale.view(1, -1, *([1] * (x.ndim - 2)))
-        before = held[2]
-
-        def parts() -> tuple[Tensor, Tensor]:
-            pos, neg = before()
-            return scale * pos, scale * neg
-
-        self.parts[id(y)] = (y, y._version, parts)
+        if self.is_tainted(x):
+            assert self.split is not None
+            self.split.layer(func, args, kwargs, y, step.x0)
         return y
 
 
@@ -555,9 +425,14 @@ def deeplift(
             ``"zeros"`` (default), ``"black"``, ``"blur"``, ``"uniform"``, a number or a
             tensor broadcastable to ``inputs``.
         rule: ``"rescale"`` or ``"reveal_cancel"``. RevealCancel splits the input difference
-            of each activation into the sums of positive and negative terms of the
-            convolution or linear layer computing it (through an eval-mode BatchNorm, folded
-            in); an activation fed by anything else (a residual addition, a concatenation)
+            of each activation into the sums of its positive and negative terms, the terms
+            of the linear function from the previous activations (or the input) that
+            computes it, however it is written: convolutions and linear layers, eval-mode
+            BatchNorm folded in, residual sums (each branch brings its own terms; an identity
+            skip brings the difference of the activation it carries, split by sign),
+            concatenation, padding, average pooling, products by constants
+            (:mod:`._deeplift_parts`). An activation fed directly by an operation without a
+            DeepLIFT rule (a product of two input-dependent tensors, LayerNorm, softmax...)
             raises ``NotImplementedError``.
         score: ``"logit"`` (the paper's choice), ``"probability"`` or ``"log_probability"``.
         forward_args: Extra arguments for the model, the same for the input and the reference
@@ -574,8 +449,8 @@ def deeplift(
 
     Raises:
         RuntimeError: the model ran different operations on the input and the reference.
-        NotImplementedError: ``rule="reveal_cancel"`` at an activation that is not fed by a
-            convolution or linear layer.
+        NotImplementedError: ``rule="reveal_cancel"`` at an activation whose input is not a
+            linear function of the previous activations; the message names the operation.
         TypeError: a TorchScript model.
 
     References:
@@ -599,6 +474,8 @@ def deeplift(
             tracer.phase = "replay"
             start = leaf.clone()  # the model may modify its input in place
             tracer.taint(start)
+            if tracer.split is not None:
+                tracer.split.neuron(start, base)
             with call_rule(model, tracer, method="deeplift"):
                 out = fwd(start)
             resolved = resolve_target(target, out, x.shape[0], score=score)
