@@ -59,6 +59,12 @@ def dense_form(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return w.detach(), b.detach(), receptive.detach() != 0
 
 
+def share(contrib: Tensor) -> Tensor:
+    """Each contribution's share of their sum; none when the sum is 0 (all are 0 there)."""
+    total = contrib.sum()
+    return contrib / total if total != 0 else torch.zeros_like(contrib)
+
+
 def reference(rule, w: Tensor, b: Tensor, x: Tensor, r: Tensor, receptive: Tensor, bounds=None):
     """``R_in`` of one layer by the textbook formulas, one output ``j`` at a time."""
     k, d = w.shape
@@ -87,15 +93,13 @@ def reference(rule, w: Tensor, b: Tensor, x: Tensor, r: Tensor, receptive: Tenso
             alpha, beta = (1.0, 0.0) if isinstance(rule, ZPlus) else (rule.alpha, rule.beta)
             pos = xp * wpj + xn * wnj
             neg = xp * wnj + xn * wpj
-            out += (alpha * pos / pos.sum() - beta * neg / neg.sum()) * r[j]
+            out += (alpha * share(pos) - beta * share(neg)) * r[j]
         elif isinstance(rule, WSquare | Flat):
             contrib = wj**2 if isinstance(rule, WSquare) else receptive[j].to(x.dtype)
-            contrib = contrib * receptive[j]
-            out += contrib / contrib.sum() * r[j]
+            out += share(contrib * receptive[j]) * r[j]
         elif isinstance(rule, ZBox):
             low, high = bounds
-            contrib = x * wj - low * wpj - high * wnj
-            out += contrib / contrib.sum() * r[j]
+            out += share(x * wj - low * wpj - high * wnj) * r[j]
         else:  # pragma: no cover
             raise AssertionError(rule)
     return out
@@ -118,6 +122,11 @@ def one_layer(kind: str) -> nn.Module:
         model = nn.Sequential(nn.Flatten(), nn.Linear(2 * 3 * 3, 5))
     elif kind == "conv":
         model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, stride=2), nn.Flatten())
+    elif kind == "grouped_dilated_conv":
+        model = nn.Sequential(nn.Conv2d(2, 4, 2, padding=1, dilation=2, groups=2), nn.Flatten())
+    elif kind == "transposed_conv":  # weight [in, out / groups, ...]; output 6 x 6
+        layer = nn.ConvTranspose2d(2, 4, 3, stride=2, padding=1, output_padding=1, groups=2)
+        model = nn.Sequential(layer, nn.Flatten())
     else:  # a zero padding before the convolution, as TensorFlow "SAME" convs do
         model = nn.Sequential(
             nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(2, 3, 3, stride=2), nn.Flatten()
@@ -128,7 +137,10 @@ def one_layer(kind: str) -> nn.Module:
     return model.double().eval()
 
 
-@pytest.mark.parametrize("kind", ["dense", "conv", "padded_conv"])
+KINDS = ["dense", "conv", "padded_conv", "grouped_dilated_conv", "transposed_conv"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("rule", LAYER_RULES + INPUT_RULES, ids=lambda r: repr(r))
 def test_each_rule_matches_the_matrix_form(kind: str, rule) -> None:
     model = one_layer(kind)
@@ -137,7 +149,7 @@ def test_each_rule_matches_the_matrix_form(kind: str, rule) -> None:
         composite = Composite({nn.Linear: Zero(), CONV: Zero()}, first=rule)
     else:
         composite = Composite({nn.Linear: rule, CONV: rule})
-    target = 2
+    target = 4 if kind == "grouped_dilated_conv" else 2  # an output that reads the input
     result = salience.lrp(model, x, target=target, composite=composite)
     w, b, receptive = dense_form(model, x)
     z = w @ x.reshape(-1) + b
@@ -149,7 +161,9 @@ def test_each_rule_matches_the_matrix_form(kind: str, rule) -> None:
     expected = reference(rule, w, b, x.reshape(-1), r, receptive, bounds)
     torch.testing.assert_close(result.values.reshape(-1), expected, rtol=1e-9, atol=1e-12)
     assert result.extras["rules"][rule.name] == 1
-    if not isinstance(rule, Zero | Epsilon | Gamma):  # the bias-free rules conserve
+    # The bias-free rules conserve (αβ where the output has contributions of both signs: the
+    # few taps of a grouped or transposed convolution's output may all have one sign).
+    if not isinstance(rule, Zero | Epsilon | Gamma) and kind in ("dense", "conv", "padded_conv"):
         assert abs(float(result.extras["conservation"][0])) < 1e-12 * abs(float(z[target]))
 
 
@@ -345,6 +359,87 @@ def test_batchnorm_shifts_absorb_relevance_and_the_gap_is_reported() -> None:
     result = salience.lrp(model, x, target=[0, 1], composite="epsilon_plus")
     gap = result.extras["conservation"]
     torch.testing.assert_close(gap, result.values.flatten(1).sum(1) - result.scores)
+
+
+class Decoder(nn.Module):
+    """Bias-free encoder-decoder: conv, then grouped transposed convolutions, each + BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.up1 = nn.ConvTranspose2d(8, 6, 4, stride=2, padding=1, groups=2, bias=False)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.up2 = nn.ConvTranspose2d(6, 4, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.bn0(self.down(x)))
+        x = torch.relu(self.bn1(self.up1(x)))
+        x = torch.relu(self.bn2(self.up2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def decoder(shifts: bool) -> Decoder:
+    torch.manual_seed(12)
+    model = Decoder()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, -1.5, 1.5)
+            m.running_var.uniform_(0.5, 1.5)
+            if shifts:
+                nn.init.uniform_(m.bias, -0.2, 0.2)
+                m.running_mean.uniform_(-0.2, 0.2)
+    return model.double().eval()
+
+
+def transposed_folded_by_hand(model: Decoder) -> nn.Module:
+    """Fold each BatchNorm into the transposed convolution before it, channel by channel.
+
+    A transposed convolution's weight is ``[in, out / groups, kh, kw]``: output channel ``o``
+    of group ``g = o // (out / groups)`` is column ``o % (out / groups)`` of that group's rows.
+    """
+    folded = copy.deepcopy(model)
+    for conv_name, bn_name in (("up1", "bn1"), ("up2", "bn2")):
+        conv, bn = getattr(folded, conv_name), getattr(folded, bn_name)
+        a = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        per_in = conv.in_channels // conv.groups
+        per_out = conv.out_channels // conv.groups
+        with torch.no_grad():
+            weight = conv.weight.clone()
+            for o in range(conv.out_channels):
+                g, j = divmod(o, per_out)
+                weight[g * per_in : (g + 1) * per_in, j] *= a[o]
+            conv.weight.copy_(weight)
+            conv.bias = nn.Parameter(bn.bias - bn.running_mean * a)
+        setattr(folded, bn_name, nn.Identity())
+    return folded.eval()
+
+
+@pytest.mark.parametrize("composite", ["epsilon_plus", "epsilon_gamma_box", "epsilon_alpha2_beta1"])
+def test_batchnorm_is_folded_into_a_transposed_convolution(composite: str) -> None:
+    model = decoder(shifts=True)
+    by_hand = transposed_folded_by_hand(model)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    torch.testing.assert_close(by_hand(x), model(x))  # folding keeps the output
+    ours = salience.lrp(model, x, target=[0, 2], composite=composite)
+    theirs = salience.lrp(by_hand, x, target=[0, 2], composite=composite)
+    assert ours.extras["canonized"] == 3
+    assert theirs.extras["canonized"] == 1
+    torch.testing.assert_close(ours.output, model(x))
+    torch.testing.assert_close(ours.values, theirs.values, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("composite", ["zero", "epsilon_plus"])
+def test_decoder_with_transposed_convolutions_conserves(composite: str) -> None:
+    model = decoder(shifts=False)
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
+    options = {"epsilon": 1e-12} if composite != "zero" else {}
+    result = salience.lrp(model, x, target=[0, 1, 2], composite=composite, **options)
+    assert result.extras["canonized"] == 3
+    assert "BatchNorm (affine, LRP-0)" not in result.extras["rules"]
+    torch.testing.assert_close(result.values.flatten(1).sum(1), result.scores, rtol=1e-5, atol=0)
 
 
 # -- transformers ----------------------------------------------------------------------------

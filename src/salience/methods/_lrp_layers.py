@@ -2,16 +2,18 @@
 
 In the gradient form of :mod:`.lrp`, a rule is a modified backward pass of one linear layer or
 convolution call: :func:`rule_backward` computes it from the layer's input and output for every
-rule of :mod:`.rules`; :class:`_Scale` (ε), :class:`_Deferred` (the rules that need the layer
-output, applied when it is first read, so that a following BatchNorm can be folded in),
-:class:`_Affine` (a BatchNorm on its own), :class:`_Pass` (activations) and :class:`_NoRule`
-(an operation relevance must not reach) put them in the graph. :class:`_Direct` and
-:class:`_Layer` describe a layer call.
+rule of :mod:`.rules`, with the layer's own backward kernel (:func:`_input_grad`) rather
+than a nested autograd pass; :class:`_Scale` (ε), :class:`_EpsilonPass` (ε and the rectifier
+that reads the layer output), :class:`_Deferred` (the rules that need the layer output,
+applied when it is first read, so that a following BatchNorm can be folded in),
+:class:`_Affine` (a BatchNorm with batch statistics), :class:`_Pass` (activations) and
+:class:`_NoRule` (an operation relevance must not reach) put them in the graph.
+:class:`_Direct` and :class:`_Layer` describe a layer call.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -88,32 +90,77 @@ class _Layer:
     transposed: bool
     direct: _Direct | None
     folded: bool = False
+    conv: tuple[Any, ...] | None = None
+    """``(stride, padding, dilation, transposed, output_padding, groups)`` of a convolution,
+    for :func:`_input_grad`; ``None`` for a linear layer or a convolution with string
+    padding."""
+    linear: bool = False
+    read: bool = False
+    """Whether its rule was put on its output for a reader (then no BatchNorm folds it)."""
+
+    def but(self, **changes: Any) -> _Layer:
+        """Return a copy with ``changes`` (``dataclasses.replace``, without its overhead)."""
+        new = copy.copy(self)
+        for name, value in changes.items():
+            setattr(new, name, value)
+        return new
 
 
 # -- the rules at layers ---------------------------------------------------------------------
 
 
-def _positive_negative(
+def _input_grad(layer: _Layer, s: Tensor, w: Tensor, x: Tensor) -> Tensor:
+    """``∂⟨s, fn(x, w)⟩ / ∂x``, the layer's backward with weight ``w``, without autograd."""
+    if layer.linear:
+        return s.matmul(w)
+    if layer.conv is not None:
+        stride, padding, dilation, transposed, output_padding, groups = layer.conv
+        return torch.ops.aten.convolution_backward(
+            s,
+            x,
+            w,
+            None,
+            stride,
+            padding,
+            dilation,
+            transposed,
+            output_padding,
+            groups,
+            [True, False, False],
+        )[0]
+    xx = x.detach().requires_grad_(True)  # pragma: no cover - string padding
+    with torch.enable_grad():
+        (g,) = torch.autograd.grad(layer.fn(xx, w, None), xx, s)
+    return g
+
+
+def _split(
     layer: _Layer,
-    xx: Tensor,
+    x: Tensor,
+    negative: bool,
     wp: Tensor,
     wn: Tensor,
-    bp: Tensor | None,
-    bn: Tensor | None,
-    negative_inputs: bool,
-    need_negative: bool = True,
-) -> tuple[Tensor, Tensor | None]:
-    """``fn(x⁺, wp, bp) + fn(x⁻, wn)`` and (if needed) ``fn(x⁺, wn, bn) + fn(x⁻, wp)``."""
-    fn = layer.fn
-    xp = xx.clamp(min=0) if negative_inputs else xx
-    zp = fn(xp, wp, bp)
-    zn = fn(xp, wn, bn) if need_negative else None
-    if negative_inputs:
-        xn = xx.clamp(max=0)
-        zp = zp + fn(xn, wn, None)
-        if zn is not None:
-            zn = zn + fn(xn, wp, None)
-    return zp, zn
+    bp: Tensor | None = None,
+) -> Tensor:
+    """Return ``fn(x⁺, wp, bp) + fn(x⁻, wn)`` (``fn(x, wp, bp)`` if not ``negative``)."""
+    if not negative:
+        return layer.fn(x, wp, bp)
+    return layer.fn(x.clamp(min=0), wp, bp) + layer.fn(x.clamp(max=0), wn, None)
+
+
+def _split_grad(
+    layer: _Layer, x: Tensor, negative: bool, signals: list[tuple[Tensor, Tensor, Tensor]]
+) -> Tensor:
+    """Return the gradient of ``Σ ⟨s, _split(layer, x, wp, wn)⟩`` over ``signals``.
+
+    Computed with the layer's backward (:func:`_input_grad`), with the derivatives of
+    ``clamp`` as autograd takes them: ``x⁺`` passes where ``x >= 0``, ``x⁻`` where ``x <= 0``.
+    """
+    cp = _sum(tuple(_input_grad(layer, s, wp, x) for s, wp, _ in signals))
+    if not negative:
+        return cp
+    cn = _sum(tuple(_input_grad(layer, s, wn, x) for s, _, wn in signals))
+    return torch.where(x >= 0, cp, 0.0) + torch.where(x <= 0, cn, 0.0)
 
 
 def rule_backward(
@@ -128,33 +175,46 @@ def rule_backward(
     Returns ``c_in`` (``R_in / x``) for the rules that vanish at ``x = 0``, and ``R_in`` itself
     for the input-layer rules (``rule.input_layer``). ``ones`` marks the real inputs for w² and
     flat (zeros on padding); ``bounds`` are the z^B bounds, the input's shape.
+
+    z⁺, αβ and γ are computed without autograd: one forward of the layer with the modified
+    weights per sign, and its backward (:func:`_input_grad`) with the same weights.
     """
     rule, w, b, x = layer.rule, layer.weight, layer.bias, layer.x.detach()
+    if isinstance(rule, ZPlus | AlphaBeta):
+        # c_in = W⁺ᵀ (α R / z⁺) - W⁻ᵀ (β R / z⁻), per sign of the inputs.
+        alpha, beta = (1.0, 0.0) if isinstance(rule, ZPlus) else (rule.alpha, rule.beta)
+        negative = bool(x.amin() < 0)
+        wp, wn = w.clamp(min=0), w.clamp(max=0)
+        sp = _safe(relevance, _split(layer, x, negative, wp, wn))
+        if alpha != 1.0:
+            sp = sp.mul_(alpha)
+        signals = [(sp, wp, wn)]
+        if beta:
+            sn = _safe(relevance, _split(layer, x, negative, wn, wp)).mul_(-beta)
+            signals.append((sn, wn, wp))
+        return _split_grad(layer, x, negative, signals)
+    if isinstance(rule, Gamma):
+        # With u = x⁺w⁺ + x⁻w⁻ + b⁺ (one forward per sign of the inputs) and z the layer
+        # output: z_pos = z + γ u (weights w + γw⁺ on x⁺, w + γw⁻ on x⁻, bias b + γb⁺) and
+        # z_neg = (1 + γ) z - γ u (w + γw⁻ on x⁺, w + γw⁺ on x⁻, b + γb⁻). With s_p, s_n the
+        # signals R / z_pos (z >= 0) and R / z_neg (z < 0), the backward is
+        # c⁺ = wᵀ(s_p + (1+γ) s_n) + γ w⁺ᵀ(s_p - s_n), c⁻ = wᵀ((1+γ) s_p + s_n) - γ w⁺ᵀ(s_p - s_n).
+        g = rule.gamma
+        negative = bool(x.amin() < 0)
+        wp = w.clamp(min=0)
+        u = _split(
+            layer, x, negative, wp, w.clamp(max=0), b.clamp(min=0) if b is not None else None
+        )
+        positive = z >= 0
+        q = relevance / _stab(torch.where(positive, z + g * u, (1 + g) * z - g * u))
+        gd = _input_grad(layer, torch.where(positive, q, -q), wp, x).mul_(g)
+        cp = _input_grad(layer, torch.where(positive, q, (1 + g) * q), w, x) + gd
+        if not negative:
+            return cp
+        cn = _input_grad(layer, torch.where(positive, (1 + g) * q, q), w, x) - gd
+        return torch.where(x >= 0, cp, 0.0) + torch.where(x <= 0, cn, 0.0)
     xx = layer.x.detach().requires_grad_(True)
     with torch.enable_grad():
-        if isinstance(rule, ZPlus | AlphaBeta):
-            alpha, beta = (1.0, 0.0) if isinstance(rule, ZPlus) else (rule.alpha, rule.beta)
-            negative = bool((x < 0).any())
-            wp, wn = w.clamp(min=0), w.clamp(max=0)
-            zp, zn = _positive_negative(layer, xx, wp, wn, None, None, negative, bool(beta))
-            outs, grads = [zp], [alpha * _safe(relevance, zp.detach())]
-            if zn is not None:
-                outs.append(zn)
-                grads.append(-beta * _safe(relevance, zn.detach()))
-            return _sum(torch.autograd.grad(outs, xx, grads))
-        if isinstance(rule, Gamma):
-            g = rule.gamma
-            negative = bool((x < 0).any())
-            wp, wn = w + g * w.clamp(min=0), w + g * w.clamp(max=0)
-            bp = b + g * b.clamp(min=0) if b is not None else None
-            bn = b + g * b.clamp(max=0) if b is not None else None
-            zpos, zneg = _positive_negative(layer, xx, wp, wn, bp, bn, negative)
-            assert zneg is not None
-            positive = z >= 0
-            zero = torch.zeros_like(relevance)
-            sp = torch.where(positive, relevance / _stab(zpos.detach()), zero)
-            sn = torch.where(positive, zero, relevance / _stab(zneg.detach()))
-            return _sum(torch.autograd.grad([zpos, zneg], xx, [sp, sn]))
         if isinstance(rule, WSquare | Flat):
             v = (ones if ones is not None else torch.ones_like(x)).detach().requires_grad_(True)
             w2 = w * w if isinstance(rule, WSquare) else torch.ones_like(w)
@@ -175,6 +235,27 @@ def rule_backward(
     raise TypeError(f"no implementation of rule {rule!r} at a layer")  # pragma: no cover
 
 
+def zbox_bounds(inputs: Tensor, rule: ZBox) -> tuple[Tensor, Tensor]:
+    """Return the z^B bounds, the input's shape (each sample's min/max for None)."""
+    x = inputs.detach()
+    flat = x.flatten(1)
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    out = []
+    for name, value, default in (
+        ("low", rule.low, flat.amin(1).view(shape)),
+        ("high", rule.high, flat.amax(1).view(shape)),
+    ):
+        t = default if value is None else torch.as_tensor(value, dtype=x.dtype, device=x.device)
+        try:
+            out.append(torch.broadcast_to(t, x.shape).to(x.dtype))
+        except RuntimeError:
+            raise ValueError(
+                f"z^B bound {name}= of shape {tuple(t.shape)} does not broadcast to the "
+                f"input shape {tuple(x.shape)}; pass a number or e.g. a (C, 1, 1) tensor"
+            ) from None
+    return out[0], out[1]
+
+
 def _sum(grads: tuple[Tensor, ...]) -> Tensor:
     total = grads[0]
     for g in grads[1:]:
@@ -183,9 +264,8 @@ def _sum(grads: tuple[Tensor, ...]) -> Tensor:
 
 
 def _safe(num: Tensor, den: Tensor) -> Tensor:
-    """``num / den`` where ``den != 0``, else 0."""
-    nonzero = den != 0
-    return torch.where(nonzero, num / torch.where(nonzero, den, 1.0), 0.0)
+    """``num / den`` where ``den != 0``, else 0 (no gradient: ``num / 0`` is discarded)."""
+    return torch.where(den != 0, num / den, 0.0)
 
 
 class _Scale(torch.autograd.Function):
@@ -217,12 +297,18 @@ class _Scale(torch.autograd.Function):
 
 
 class _Deferred(torch.autograd.Function):
-    """A layer under a rule with modified weights or inputs (z⁺, αβ, γ, w², flat, z^B).
+    r"""A layer under a rule with modified weights or inputs (z⁺, αβ, γ, w², flat, z^B).
 
     The forward returns the layer's output: ``z`` itself (marked as modified: its history
     becomes this function, and no copy is handed on), or ``compute()`` when ``z`` is ``None``;
     the backward evaluates the rule (:func:`rule_backward`) from ``x`` and a copy of the
     output. Input-layer rules hand their relevance to the state.
+
+    With ``rectify = (upper, inplace)`` it also applies the rectifier ``clamp(z, 0, upper)``
+    that reads ``z`` and its Pass rule: the output is the rectifier's, and the relevance of
+    ``z`` is :math:`\mathrm{clamp}(z, 0, t) \cdot c` (:math:`z \cdot c \cdot
+    \mathrm{clamp}(z, 0, t) / z`). ``z`` is then saved without a copy (the model no longer
+    holds it, unless the rectifier is in place, which copies it).
     """
 
     @staticmethod
@@ -233,8 +319,20 @@ class _Deferred(torch.autograd.Function):
         layer: _Layer,
         state: _State,
         compute: Callable[[], Tensor] | None,
+        rectify: tuple[float | None, bool] | None = None,
     ) -> Tensor:
-        ctx.layer, ctx.state = layer, state
+        ctx.layer, ctx.state, ctx.rectify = layer, state, rectify
+        if rectify is not None:
+            assert z is not None
+            upper, inplace = rectify
+            out = z.clamp(min=0.0, max=upper)
+            saved = z.clone() if inplace else z
+            if inplace:
+                z.copy_(out)
+                ctx.mark_dirty(z)
+                out = z
+            ctx.save_for_backward(x, saved)
+            return out
         if z is None:
             assert compute is not None
             out = compute()
@@ -245,22 +343,26 @@ class _Deferred(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, c: Tensor) -> tuple[Tensor | None, None, None, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, c: Tensor) -> tuple[Tensor | None, None, None, None, None, None]:  # type: ignore[override]
         layer: _Layer = ctx.layer
         state: _State = ctx.state
+        none = (None,) * 5
         if layer.folded:
-            return None, None, None, None, None  # pragma: no cover - a folded output is unread
+            return (None, *none)  # pragma: no cover - a folded output is unread
         x, z = ctx.saved_tensors
-        layer = dataclasses.replace(layer, x=x)
-        relevance = z * c
+        layer = layer.but(x=x)
+        if ctx.rectify is not None:
+            relevance = z.clamp(min=0.0, max=ctx.rectify[0]).mul_(c)
+        else:
+            relevance = z * c
         rule = layer.rule
         if not rule.input_layer:
-            return rule_backward(layer, relevance, z), None, None, None, None
+            return (rule_backward(layer, relevance, z), *none)
         ones = bounds = None
         if isinstance(rule, WSquare | Flat) and layer.direct is not None:
             ones = layer.direct.apply(torch.ones_like(state.model_input))
         if isinstance(rule, ZBox):
-            low, high = state.bounds(rule)
+            low, high = zbox_bounds(state.inputs, rule)
             if layer.direct is not None:
                 low, high = layer.direct.apply(low), layer.direct.apply(high)
             elif low.shape != x.shape:
@@ -273,8 +375,40 @@ class _Deferred(torch.autograd.Function):
         r_in = rule_backward(layer, relevance, z, ones=ones, bounds=bounds)
         if layer.direct is not None:
             state.collect(layer.direct.crop(r_in))
-            return None, None, None, None, None
-        return _safe(r_in, x), None, None, None, None
+            return (None, *none)
+        return (_safe(r_in, x), *none)
+
+
+class _EpsilonPass(torch.autograd.Function):
+    r"""The ε rule on a layer output ``z`` and the Pass rule of the rectifier that reads it.
+
+    Forward :math:`\mathrm{clamp}(z, 0, t)`; backward
+    :math:`c \cdot \mathrm{clamp}(z, 0, t) / (\max(z, 0) + ε)`, the product of the ε ratio
+    :math:`|z| / (|z| + ε)` and the Pass ratio :math:`\mathrm{clamp}(z, 0, t) / z` (0 for
+    :math:`z \le 0`).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, z: Tensor, epsilon: float, upper: float | None, inplace: bool
+    ) -> Tensor:
+        out = z.clamp(min=0.0, max=upper)
+        den = (out if upper is None else z.clamp(min=0.0)) + epsilon
+        if epsilon == 0:
+            ratio = torch.where(den != 0, out / den, 0.0)
+        else:
+            ratio = torch.div(out, den, out=den)
+        ctx.save_for_backward(ratio)
+        if inplace:
+            z.copy_(out)
+            ctx.mark_dirty(z)
+            return z
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, c: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
+        (ratio,) = ctx.saved_tensors
+        return c * ratio, None, None, None
 
 
 class _Affine(torch.autograd.Function):
