@@ -9,27 +9,35 @@ predicted class, on two networks:
   the photo with flips).
 
 Captum runs at each ``perturbations_per_eval`` of ``--ppe`` (its best is reported),
-salience with its default rows per pass (and ``--rows`` if given), with full forward passes
-and with exact incremental inference (:mod:`salience.methods.incremental`). The maps are
-compared in the same run (max absolute difference to salience's full-pass map, relative to
-its max) and the speed ratios are printed.
+salience with its default rows per pass (and ``--rows`` if given), with full forward passes,
+with exact incremental inference (:mod:`salience.methods.incremental`) and in Krypton's
+approximate modes (``approximate=``: projective-field thresholding ``tau``, adaptive
+drill-down). The runs are interleaved (``--repeats`` rounds, each run once per round; the
+median is reported) so that a shared machine's load hits all of them alike. The maps are
+compared in the same run: exact ones by the max absolute difference to salience's full-pass
+map (relative to its max), approximate ones against the exact map (max absolute difference
+relative to its max, and the mean SSIM of :func:`salience.metrics.similarity.ssim`).
 
-    python bench/bench_perturbation.py [--threads 1] [--batch 1] [--ppe 8 32 64]
-        [--models vgg lite0] [--repeats 1]
+    python bench/bench_perturbation.py [--threads 1] [--batch 1 8] [--ppe 1 8 32]
+        [--models vgg lite0] [--repeats 3] [--no-approximate] [--no-full]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import time
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
 
 import salience
 from salience import models
+from salience.metrics.similarity import ssim
 
 WINDOW, STRIDE = 16, 8
 
@@ -71,37 +79,45 @@ def lite0_case(batch: int) -> tuple[nn.Module, torch.Tensor]:
     return model, torch.cat([views[i % 4] for i in range(batch)])
 
 
-def timed(fn: Callable[[], torch.Tensor], repeats: int) -> tuple[float, torch.Tensor]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    assert out is not None
-    return best, out
+APPROXIMATE: list[dict[str, float]] = [
+    {"tau": 0.5},
+    {"tau": 0.9},
+    {"drill_down": 0.25},
+    {"tau": 0.9, "drill_down": 0.25},
+]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--ppe", type=int, nargs="+", default=[8, 32, 64])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1])
+    parser.add_argument("--ppe", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--rows", type=int, nargs="*", default=[], help="extra batch_size")
     parser.add_argument("--models", nargs="+", default=["vgg", "lite0"])
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds")
+    parser.add_argument("--no-approximate", action="store_true")
+    parser.add_argument("--no-full", action="store_true", help="skip salience's full passes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from captum.attr import Occlusion
 
     print(
-        f"torch {torch.__version__}, {args.threads} thread(s), batch {args.batch}, window "
-        f"{WINDOW}, stride {STRIDE}, 224 x 224 (729 windows per image)\n"
+        f"torch {torch.__version__}, {args.threads} thread(s), window {WINDOW}, stride "
+        f"{STRIDE}, 224 x 224 (729 windows per image), {args.repeats} interleaved round(s), "
+        f"median times; {os.cpu_count()} CPUs, load average at start "
+        f"{os.getloadavg()[0]:.2f}\n"
     )
-    print("| model | run | time (s) | max abs diff / max abs map |")
-    print("|---|---|---:|---:|")
-    for name in args.models:
-        model, x = (vgg_case if name == "vgg" else lite0_case)(args.batch)
-        bench(name, model, x, args.ppe, args.rows, args.repeats, Occlusion)
+    print(
+        "| model | batch | run | time (s) | vs Captum's best | max abs diff / max abs map "
+        "| SSIM to exact |"
+    )
+    print("|---|---:|---|---:|---:|---:|---:|")
+    specs = [] if args.no_approximate else APPROXIMATE
+    for batch in args.batch:
+        for name in args.models:
+            model, x = (vgg_case if name == "vgg" else lite0_case)(batch)
+            bench(name, model, x, args.ppe, args.rows, args.repeats, Occlusion, specs, args.no_full)
+    print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
 
 
 def bench(
@@ -112,8 +128,10 @@ def bench(
     extra_rows: list[int],
     repeats: int,
     occlusion_cls: type,
+    specs: list[dict[str, float]],
+    no_full: bool = False,
 ) -> None:
-    """Time Captum at each ``perturbations_per_eval`` and salience; print the table rows."""
+    """Time Captum at each ``perturbations_per_eval`` and salience, interleaved; print rows."""
     with torch.no_grad():
         target = model(x).argmax(1)
     c = x.shape[1]
@@ -128,36 +146,67 @@ def bench(
                 perturbations_per_eval=ppe,
             )
 
-    def ours(rows: int | None, incremental: bool) -> torch.Tensor:
+    def ours(rows: int | None, incremental: bool, approximate: dict | None = None) -> Any:
         return salience.occlusion(
             model,
             x,
             target,
             window=WINDOW,
             stride=STRIDE,
-            batch_size=rows,
+            batch_size=rows if rows else "auto",
             incremental=incremental,
-        ).values
+            approximate=approximate,
+        )
 
-    results: dict[str, tuple[float, torch.Tensor]] = {}
+    runs: dict[str, Callable[[], Any]] = {}
     for ppe in ppes:
-        results[f"Captum, perturbations_per_eval={ppe}"] = timed(partial(captum, ppe), repeats)
-    for incremental in (False, True):
+        runs[f"Captum, perturbations_per_eval={ppe}"] = partial(captum, ppe)
+    for incremental in (True,) if no_full else (False, True):
         for rows in [None, *extra_rows]:
             label = f"salience, incremental={incremental}, batch_size={rows if rows else 'auto'}"
-            results[label] = timed(partial(ours, rows, incremental), repeats)
-    reference = next(v for k, v in results.items() if k.startswith("salience"))[1]
+            runs[label] = partial(ours, rows, incremental)
+    for spec in specs:
+        runs[f"salience, approximate={spec}"] = partial(ours, None, True, spec)
+    times: dict[str, list[float]] = {label: [] for label in runs}
+    outs: dict[str, Any] = {}
+    for _ in range(repeats):  # interleaved: every run once per round
+        for label, fn in runs.items():
+            start = time.perf_counter()
+            outs[label] = fn()
+            times[label].append(time.perf_counter() - start)
+    median = {label: statistics.median(t) for label, t in times.items()}
+    maps = {k: (v if isinstance(v, torch.Tensor) else v.values) for k, v in outs.items()}
+    exact = maps["salience, incremental=True, batch_size=auto"]
+    reference = maps.get("salience, incremental=False, batch_size=auto", exact)
     scale = float(reference.abs().max())
-    for label, (seconds, values) in results.items():
-        diff = float((values - reference).abs().max()) / scale
-        print(f"| {name} | {label} | {seconds:.1f} | {diff:.1e} |", flush=True)
-    captum_best = min(s for k, (s, _) in results.items() if k.startswith("Captum"))
-    for mode in ("False", "True"):
-        ours_best = min(s for k, (s, _) in results.items() if f"incremental={mode}" in k)
-        print(
-            f"| {name} | **speed-up vs Captum's best, incremental={mode}** | "
-            f"**{captum_best / ours_best:.2f}x** | |"
-        )
+    captum_best = min(t for k, t in median.items() if k.startswith("Captum"))
+    exact_time = median["salience, incremental=True, batch_size=auto"]
+    n = x.shape[0]
+    for label, seconds in median.items():
+        ratio = f"{captum_best / seconds:.2f}x"
+        if "approximate" in label:
+            diff = float((maps[label] - exact).abs().max()) / float(exact.abs().max())
+            record = outs[label].extras["approximate"]
+            done = outs[label].extras["windows_evaluated"].float().mean()
+            similar = float(ssim(maps[label][:, 0], exact[:, 0]).mean())
+            label += (
+                f" ({done:.0f} of {record['windows']} windows, recomputed "
+                f"{_fraction(record['recomputed_fraction'])}; "
+                f"{exact_time / seconds:.2f}x our exact)"
+            )
+            print(
+                f"| {name} | {n} | {label} | {seconds:.2f} | {ratio} | {diff:.1e} | {similar:.3f} |"
+            )
+        else:
+            diff = float((maps[label] - reference).abs().max()) / scale
+            print(
+                f"| {name} | {n} | {label} | {seconds:.2f} | {ratio} | {diff:.1e} | |", flush=True
+            )
+    print(f"<!-- {name} batch {n}: load average {os.getloadavg()[0]:.2f} -->", flush=True)
+
+
+def _fraction(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} of exact"
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from torch import nn
 
 import salience
 from conftest import ResNetish, VGGish, _init
+from salience.methods.incremental import plan_incremental
 from salience.methods.perturbation import rise_masks
 from salience.metrics import occlusion_correlation
 from salience.metrics.occlusion import spearman
@@ -597,3 +598,43 @@ def test_tracing_leaves_the_model_alone() -> None:
     ran = assert_same_as_full(model, images(2), 1, window=4, stride=4)
     assert "conv" in ran
     assert {name: sorted(vars(m)) for name, m in model.named_modules()} == before
+
+
+class Fusable(nn.Module):
+    """The patterns the incremental kernels rewrite: conv -> BN -> ReLU6 (folded, in place),
+    a BN output read twice (a residual: not in place), a depthwise convolution
+    (channels-last); optionally a BatchNorm without running statistics."""
+
+    def __init__(self, batch_stats: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.ReLU6()
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.act2 = nn.ReLU()
+        self.mix = nn.Conv2d(8, 8, 1)
+        self.stats = nn.BatchNorm2d(8, track_running_stats=False) if batch_stats else None
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.bn(self.conv(x)))
+        y = self.bn2(self.depthwise(x))
+        x = self.mix(self.act2(y)) + y  # bn2's output has two readers
+        if self.stats is not None:
+            x = self.stats(x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_incremental_kernels_fold_and_alias_exactly() -> None:
+    model = _init(Fusable(), 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ran = assert_same_as_full(model, images(3, 20, 18), [0, 3, 1], window=5, stride=3)
+    assert {"conv", "bn", "act", "depthwise", "bn2", "act2", "mix"} <= set(ran)
+    after = model.state_dict()  # folding works on copies: parameters and buffers untouched
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # Batch statistics (no running ones): not an elementwise layer, never run by box.
+    plan, _ = plan_incremental(Fusable(batch_stats=True).eval(), False)
+    assert plan is not None
+    assert "model_stats" not in {node.name for node in plan.layers}
+    assert "model_bn2" in {node.name for node in plan.layers}
