@@ -4,7 +4,7 @@
     python bench/readme_speed.py --check    # exit 1 if the README differs from RESULTS.md (tests)
 
 The README's figures are never typed by hand: the block ``<!-- speed-suite:begin -->`` of
-README.md is rendered from the block ``<!-- suite:begin -->`` that ``bench/suite.py`` writes into
+README.md is rendered from the blocks (:data:`BLOCKS`) that ``bench/suite.py`` writes into
 ``bench/RESULTS.md``, for the rows chosen in :data:`SELECTION`. A chosen row that RESULTS.md does
 not have is an error, so the two files cannot drift apart.
 """
@@ -22,6 +22,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "RESULTS.md")
 README = os.path.join(os.path.dirname(HERE), "README.md")
 
+BLOCKS = ("suite", "suite-batch8", "suite-occlusion")
+"""The blocks of RESULTS.md the table is taken from (bench/suite.py --block)."""
+
 # (model, batch, method, what the README calls it)
 SELECTION: list[tuple[str, int, str, str]] = [
     ("lite0", 1, "gradient", "gradient, Lite0"),
@@ -29,7 +32,9 @@ SELECTION: list[tuple[str, int, str, str]] = [
     ("lite0", 1, "integrated_gradients", "Integrated Gradients 50 steps, Lite0"),
     ("lite0", 8, "integrated_gradients", "Integrated Gradients 50 steps, Lite0, batch 8"),
     ("lite0", 1, "smoothgrad", "SmoothGrad 32 samples, Lite0"),
+    ("lite0", 8, "smoothgrad", "SmoothGrad 32 samples, Lite0, batch 8"),
     ("lite0", 1, "grad_cam", "Grad-CAM, Lite0"),
+    ("lite0", 8, "grad_cam", "Grad-CAM, Lite0, batch 8"),
     ("vgg", 1, "deeplift", "DeepLIFT, VGG-style"),
     ("lite0", 1, "deeplift", "DeepLIFT, Lite0"),
     ("lite0", 1, "lrp", "LRP ε⁺ (default composite), Lite0"),
@@ -41,11 +46,20 @@ SELECTION: list[tuple[str, int, str, str]] = [
 
 def render(results: str = RESULTS) -> str:
     """The README block: the command and machine of the run, then the chosen rows."""
-    block = read_block(results, "suite")
-    rows = {(r["model"], r["batch"], r["method"]): r for r in table_rows(block)}
-    run = next((line for line in block.splitlines() if line.startswith("`python bench/")), "")
+    rows: dict[tuple[str, str, str], dict[str, str]] = {}
+    runs: list[str] = []
+    machine = ""
+    for name in BLOCKS:
+        block = read_block(results, name)
+        rows.update({(r["model"], r["batch"], r["method"]): r for r in table_rows(block)})
+        for line in block.splitlines():
+            if line.startswith("`python bench/"):
+                command, machine = line.split(" on ", 1)
+                runs.append(f"- {command}")
     lines = [
-        f"From `bench/RESULTS.md` ({run.split(' on ', 1)[-1].rstrip('.')}):" if run else "",
+        f"From `bench/RESULTS.md`, measured on {machine}",
+        "",
+        *runs,
         "",
         "| work (batch 1 unless said) | salience | Captum | Captum / salience | agreement |",
         "|---|---:|---:|---:|---:|",
