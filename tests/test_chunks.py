@@ -130,10 +130,11 @@ def test_cli_option_value_auto_reaches_the_method() -> None:
 # -- the CPU rule ------------------------------------------------------------------------------
 
 
-def test_cpu_rule_is_four_or_ten_224_images_per_pass() -> None:
+def test_cpu_rule_is_four_224_images_per_pass() -> None:
     big = torch.zeros(1, 3, 224, 224)
-    assert cpu_rows(big, backward=True) == 4
-    assert cpu_rows(big) == 10
+    assert cpu_rows(big) == 4
+    assert cpu_rows(big, images=10) == 10
+    assert cpu_rows(torch.zeros(1, 3, 448, 448)) == 1
     assert cpu_rows(torch.zeros(1, 3, 8, 8)) == 256  # capped
     model = Recording()
     salience.smoothgrad(model, images(1), samples=300)

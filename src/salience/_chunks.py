@@ -5,9 +5,9 @@ curves and max-sensitivity run many rows (steps, noisy copies, masked images) th
 model, ``batch_size`` rows per forward pass. An int fixes it; ``"auto"`` (the default, and
 ``None``, its old spelling) picks it from the device:
 
-- **CPU** (and any device other than CUDA): a fixed number of rows, about ten 224² images
-  per forward-only pass and four per pass with a backward (:func:`salience._checks.cpu_rows`,
-  measured on two cores: small chunks keep their activations in cache).
+- **CPU** (and any device other than CUDA): a fixed number of rows, about four 224² images
+  per pass (:func:`salience._checks.cpu_rows`, measured on two cores: small chunks keep their
+  activations in cache; incremental occlusion, cheap per row, takes ten).
 - **CUDA**: from the free memory and the measured footprint of one row. The first pass of a
   call is a probe of at most :data:`PROBE_ROWS` rows, a real pass whose result is kept; its
   peak allocation over what was allocated before it (``torch.cuda.reset_peak_memory_stats``
@@ -36,7 +36,7 @@ from typing import Any, Literal, TypeAlias
 import torch
 from torch import Tensor
 
-from ._checks import check_batch_size, cpu_rows, even_chunks
+from ._checks import CPU_IMAGES, check_batch_size, cpu_rows, even_chunks
 
 __all__ = ["CUDA_MEMORY_FRACTION", "MAX_ROWS", "PROBE_ROWS", "BatchSize", "Chunker", "add_rows"]
 
@@ -121,6 +121,7 @@ class Chunker:
             ``None`` remembers nothing.
         kind: Names the kind of pass in the record (``"smoothgrad"``, ``"score_cam"``...).
         name: The argument's name in error messages.
+        images: 224² images per pass of the CPU rule (:data:`salience._checks.CPU_IMAGES`).
 
     Raises:
         TypeError, ValueError: a bad ``batch_size``, naming ``name``.
@@ -135,10 +136,11 @@ class Chunker:
         owner: Any = None,
         kind: str = "",
         name: str = "batch_size",
+        images: int = CPU_IMAGES,
     ) -> None:
         fixed = check_batch_size(batch_size, name)
         self.device = like.device
-        self.cpu_rows = cpu_rows(like, backward=backward)
+        self.cpu_rows = cpu_rows(like, images=images)
         self.measured = fixed is None and _measures_memory(self.device)
         self.fixed: int | None = fixed if fixed is not None or self.measured else self.cpu_rows
         self._owner = owner

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_positive_int, even_chunks, warn_zero_maps
+from .._checks import CPU_IMAGES, check_positive_int, even_chunks, warn_zero_maps
 from .._chunks import BatchSize, Chunker
 from .._forward import Forward, ForwardArgs, model_scope
 from .._io import Progress
@@ -180,7 +180,10 @@ def occlusion(
         if blur_sigma is None:
             blur_sigma = max(wh, ww) / 2
         base = replacement_image(fill, x, blur_sigma)
-        chunker = Chunker(inputs, batch_size, owner=fwd.model, kind="occlusion")
+        chain, why = plan_incremental(model, fwd.has_args) if incremental else (None, "off")
+        # Incremental passes are cheap per row: ten 224² images per pass on the CPU.
+        images = 10 if chain is not None else CPU_IMAGES
+        chunker = Chunker(inputs, batch_size, owner=fwd.model, kind="occlusion", images=images)
         with chunker.measure(n):  # the clean pass measures a row's footprint (CUDA)
             output, resolved = _resolve(fwd, x, target, score)
         multi = resolved.classes is not None and resolved.classes.ndim == 2
@@ -198,7 +201,6 @@ def occlusion(
         in_y = (hh >= starts_y[:, None]) & (hh < (starts_y + wh)[:, None])  # (1 + P, H)
         in_x = (ww_ >= starts_x[:, None]) & (ww_ < (starts_x + ww)[:, None])  # (1 + P, W)
         most = chunker.most()
-        chain, why = plan_incremental(model, fwd.has_args) if incremental else (None, "off")
         found: tuple[Tensor, Tensor, Tensor] | None = None
         local: list[str] = []
         record: dict[str, Any] | None = None
