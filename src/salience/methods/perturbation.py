@@ -42,7 +42,7 @@ from ._incremental_approx import Approximation, approximate_scores, check_approx
 from .incremental import occlusion_scores, plan_incremental, record_pass
 from .integrated import gaussian_blur
 
-__all__ = ["Fill", "occlusion", "rise"]
+__all__ = ["Approximation", "Fill", "occlusion", "rise"]
 
 Fill: TypeAlias = "Literal['zeros', 'mean', 'blur'] | float | Tensor"
 """What an occluded patch shows: ``"zeros"``; ``"mean"``, each image's mean per channel (a
@@ -130,7 +130,7 @@ def occlusion(
             layers run incrementally, or why none was.
         approximate: ``None`` (default): the exact map. Else Krypton's approximate mode
             (Nakandala et al. 2019), faster and **not exact**: a dict (or
-            :class:`~salience.methods._incremental_approx.Approximation`) with ``tau``,
+            :class:`~salience.methods.perturbation.Approximation`) with ``tau``,
             the projective-field threshold in ``(0, 1]`` (each layer recomputes at most
             this fraction of its output height and width around the patch's projection and
             keeps clean activations outside; incremental models only), ``drill_down``, the
