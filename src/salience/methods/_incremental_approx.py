@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -41,7 +41,7 @@ from torch import Tensor
 from .._forward import Forward
 from .._io import Progress
 from ..targets import ResolvedTarget
-from .incremental import IncrementalPlan, occlusion_scores, record_pass
+from .incremental import IncrementalPlan, occlusion_scores, pass_count
 
 __all__ = ["Approximation", "approximate_scores", "check_approximation"]
 
@@ -105,68 +105,6 @@ def check_approximation(spec: Any) -> Approximation | None:
     return spec
 
 
-def _passes(windows: int, n: int, most: int, callable_target: bool) -> int:
-    """How many passes ``windows`` windows of ``n`` samples take (as the evaluators split)."""
-    if windows == 0:
-        return 0
-    if callable_target:
-        return -(-windows // max(1, most // n - 1))
-    return n * -(-windows // max(1, min(most - 1, windows)))
-
-
-def _full_scores(
-    fwd: Forward,
-    resolved: ResolvedTarget,
-    x: Tensor,
-    base: Tensor,
-    samples: Tensor,
-    starts_y: Tensor,
-    starts_x: Tensor,
-    window: tuple[int, int],
-    most: int,
-    tick: Callable[[], None],
-) -> Found:
-    """Scores of the windows at ``starts`` for ``samples``, with full forward passes.
-
-    The same passes as :func:`salience.occlusion`'s full path: every pass holds clean rows,
-    one sample per pass for class targets, whole copies of the batch for a callable target.
-    """
-    _, _, h, w = x.shape
-    wh, ww = window
-    device = x.device
-    count, n = starts_y.shape[0], samples.numel()
-    sy = torch.cat([torch.tensor([h], device=device), starts_y])  # window 0: the clean image
-    sx = torch.cat([torch.tensor([w], device=device), starts_x])
-    hh, ww_ = torch.arange(h, device=device), torch.arange(w, device=device)
-    in_y = (hh >= sy[:, None]) & (hh < (sy + wh)[:, None])
-    in_x = (ww_ >= sx[:, None]) & (ww_ < (sx + ww)[:, None])
-    local = torch.arange(n, device=device)
-    if resolved.fn is None:
-        per = max(1, min(most - 1, count))
-        plan = [
-            (local[i : i + 1], start, min(count, start + per))
-            for i in range(n)
-            for start in range(0, count, per)
-        ]
-    else:
-        per = max(1, most // n - 1)
-        plan = [(local, start, min(count, start + per)) for start in range(0, count, per)]
-    found: Found | None = None
-    for group, start, stop in plan:
-        win = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(start + 1, stop + 1)])
-        win = win.to(device).repeat_interleave(group.numel())
-        rows = group.repeat(stop - start + 1)
-        ids = samples[rows]
-        mask = in_y[win, None, :, None] & in_x[win, None, None, :]
-        with torch.inference_mode():
-            images = torch.where(mask, base[ids], x[ids])
-            part = resolved.scores(fwd(images, ids), ids).reshape(rows.numel(), -1).clone()
-        found = record_pass(found, part, rows, win, n, count)
-        tick()
-    assert found is not None
-    return found
-
-
 def _linear_weights(size: int, nodes: list[int], device: torch.device) -> Tensor:
     """``(size, len(nodes))`` weights of linear interpolation between the positions ``nodes``."""
     at = torch.tensor(nodes, dtype=torch.float64, device=device)
@@ -224,7 +162,7 @@ def approximate_scores(
     def evaluate(samples: Tensor, ids: Tensor, label: str) -> Found:
         nonlocal ran, why
         sy, sx = starts_y[ids], starts_x[ids]
-        total = _passes(ids.numel(), samples.numel(), most, callable_target)
+        total = pass_count(ids.numel(), samples.numel(), most, callable_target)
         with Progress(total, label, enabled=progress) as bar:
             if plan is not None and not why:
                 found, names = occlusion_scores(
@@ -245,7 +183,9 @@ def approximate_scores(
                     ran = names
                     return found
                 why = "no convolution or pooling of the model can run box by box"
-            return _full_scores(fwd, resolved, x, base, samples, sy, sx, window, most, bar.update)
+            from .perturbation import full_scores  # imports this module
+
+            return full_scores(fwd, resolved, x, base, samples, sy, sx, window, most, bar.update)
 
     everyone = torch.arange(n, device=device)
     evaluated = torch.zeros(n, count, dtype=torch.bool, device=device)

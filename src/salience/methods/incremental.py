@@ -53,7 +53,14 @@ from torch import Tensor, fx, nn
 
 from ._incremental_kernels import _conv, _fused, _gather, _groups, _last, _pad, _paste, _shortcuts
 
-__all__ = ["IncrementalPlan", "occlusion_scores", "plan_incremental", "record_pass"]
+__all__ = [
+    "IncrementalPlan",
+    "occlusion_scores",
+    "pass_count",
+    "plan_incremental",
+    "record_pass",
+    "windows_per_pass",
+]
 
 _ELEMENTWISE_MODULES = (
     nn.ReLU,
@@ -344,6 +351,21 @@ def _cap1(start: Tensor, length: int, out: int, tau: float) -> tuple[Tensor, int
     return centre.clamp(min=0, max=out - cap), cap
 
 
+def windows_per_pass(windows: int, n: int, most: int, callable_target: bool) -> int:
+    """Occluded windows per pass of ``most`` rows, each pass also holding the clean rows.
+
+    A callable target sees whole copies of the batch (``n`` rows per window); class targets
+    run one sample per pass.
+    """
+    return max(1, most // n - 1) if callable_target else max(1, min(most - 1, windows))
+
+
+def pass_count(windows: int, n: int, most: int, callable_target: bool) -> int:
+    """How many passes ``windows`` windows of ``n`` samples take, box by box or in full."""
+    passes = -(-windows // windows_per_pass(windows, n, most, callable_target))
+    return passes if callable_target else n * passes
+
+
 def occlusion_scores(
     plan: IncrementalPlan,
     score_rows: Callable[[Any, Tensor], Tensor],
@@ -421,11 +443,10 @@ def occlusion_scores(
         shortcut = _shortcuts(plan, clean, boxes, local)
         runs = _fused(plan, local, frontier, last)
         samples = torch.arange(n, device=device)
+        per = windows_per_pass(windows, n, most, callable_target)
         if callable_target:  # whole copies of the batch, window-major
-            per = max(1, most // n - 1)
             groups = [(samples, s, min(windows, s + per)) for s in range(0, windows, per)]
         else:  # one sample per pass, split the same way for every sample
-            per = max(1, min(most - 1, windows))
             groups = [
                 (samples[i : i + 1], s, min(windows, s + per))
                 for i in range(n)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from typing import Any, Literal, TypeAlias
 
 import torch
@@ -39,7 +40,7 @@ from ..attribution import Attribution
 from ..registry import register
 from ..targets import ResolvedTarget, Score, TargetLike, resolve_target
 from ._incremental_approx import Approximation, approximate_scores, check_approximation
-from .incremental import occlusion_scores, plan_incremental, record_pass
+from .incremental import occlusion_scores, pass_count, plan_incremental, record_pass
 from .integrated import gaussian_blur
 
 __all__ = ["Approximation", "Fill", "occlusion", "rise"]
@@ -191,15 +192,12 @@ def occlusion(
 
         device = x.device
         hh, ww_ = torch.arange(h, device=device), torch.arange(w, device=device)
-        # Window 0 is the clean image (its window starts past the border: it hides nothing).
-        # Every pass holds clean rows, and the drops of its windows are taken from the clean
-        # score of the same pass: a window that cannot change the score gives exactly 0, even
-        # where a batch's size changes the model's rounding.
-        starts_y = torch.tensor([h] + [y for y in ys for _ in xs], device=device)
-        starts_x = torch.tensor([w] + [c for _ in ys for c in xs], device=device)
+        # Every pass (box by box or full) holds clean rows, and the drops of its windows are
+        # taken from the clean score of the same pass: a window that cannot change the score
+        # gives exactly 0, even where a batch's size changes the model's rounding.
+        starts_y = torch.tensor([y for y in ys for _ in xs], device=device)
+        starts_x = torch.tensor([c for _ in ys for c in xs], device=device)
         windows = len(ys) * len(xs)
-        in_y = (hh >= starts_y[:, None]) & (hh < (starts_y + wh)[:, None])  # (1 + P, H)
-        in_x = (ww_ >= starts_x[:, None]) & (ww_ < (starts_x + ww)[:, None])  # (1 + P, W)
         most = chunker.most()
         found: tuple[Tensor, Tensor, Tensor] | None = None
         local: list[str] = []
@@ -207,24 +205,21 @@ def occlusion(
         per_sample: dict[str, Tensor] = {}
         if spec is not None:  # Krypton's approximate mode
             found, local, approx_why, record, per_sample = approximate_scores(
-                spec, chain, fwd, resolved, x, base, starts_y[1:], starts_x[1:], (wh, ww),
+                spec, chain, fwd, resolved, x, base, starts_y, starts_x, (wh, ww),
                 (len(ys), len(xs)), (sh, sw), most, progress,
             )  # fmt: skip
             why = approx_why or why
+        passes = pass_count(windows, n, most, resolved.fn is not None)
         if chain is not None and spec is None:
-            if resolved.fn is not None:
-                groups = -(-windows // max(1, most // n - 1))
-            else:
-                groups = n * -(-windows // max(1, min(most - 1, windows)))
-            with Progress(groups, "occlusion (incremental)", enabled=progress) as bar:
+            with Progress(passes, "occlusion (incremental)", enabled=progress) as bar:
                 found, local = occlusion_scores(
                     chain,
                     resolved.scores,
                     resolved.fn is not None,
                     x,
                     base,
-                    starts_y[1:],
-                    starts_x[1:],
+                    starts_y,
+                    starts_x,
                     (wh, ww),
                     most,
                     bar.update,
@@ -232,18 +227,16 @@ def occlusion(
             if found is None:
                 why = "no convolution or pooling of the model can run box by box"
         if found is None:
-            plan = _plan(n, windows, most, resolved, device)
-            with Progress(len(plan), "occlusion", enabled=progress) as bar:
-                for ids, win in plan:
-                    mask = in_y[win, None, :, None] & in_x[win, None, None, :]  # (R, 1, H, W)
-                    images = torch.where(mask, base[ids], x[ids])
-                    part = _scores(fwd, resolved, images, ids).view(-1, k)
-                    found = record_pass(found, part, ids, win, n, windows)
-                    bar.update()
+            with Progress(passes, "occlusion", enabled=progress) as bar:
+                found = full_scores(
+                    fwd, resolved, x, base, torch.arange(n, device=device), starts_y,
+                    starts_x, (wh, ww), most, bar.update,
+                )  # fmt: skip
         assert found is not None
         clean, occluded, drop = found  # (N, K), (P, N, K), (P, N, K)
         total = torch.empty(n, k, h, w, dtype=drop.dtype, device=device)
-        patch_y, patch_x = in_y[1:].to(drop.dtype), in_x[1:].to(drop.dtype)
+        patch_y = ((hh >= starts_y[:, None]) & (hh < (starts_y + wh)[:, None])).to(drop.dtype)
+        patch_x = ((ww_ >= starts_x[:, None]) & (ww_ < (starts_x + ww)[:, None])).to(drop.dtype)
         for i in range(n):  # one sample at a time: the same sums whatever the batch
             # Terms of windows that miss a pixel are exact zeros: a pixel that no window with a
             # non-zero drop covers gets exactly 0, not a rounding residue.
@@ -378,6 +371,46 @@ def _resolve(
         output = fwd(x.clone(), torch.arange(n, device=x.device))
     output = _normal(output)
     return output, resolve_target(target, output, n, score=score, multi=True)
+
+
+def full_scores(
+    fwd: Forward,
+    resolved: ResolvedTarget,
+    x: Tensor,
+    base: Tensor,
+    samples: Tensor,
+    starts_y: Tensor,
+    starts_x: Tensor,
+    window: tuple[int, int],
+    most: int,
+    tick: Callable[[], None],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Occlusion scores of the windows starting at ``starts`` ``(P,)``, with full passes.
+
+    For the rows ``samples`` of ``x`` (``n`` of them), in the passes of :func:`_plan`
+    (``tick`` after each): ``(clean (n, K), occluded (P, n, K), drop (P, n, K))`` as
+    :func:`~salience.methods.incremental.record_pass` stores them.
+    """
+    _, _, h, w = x.shape
+    wh, ww = window
+    device = x.device
+    n, count = samples.numel(), starts_y.shape[0]
+    # Window 0 is the clean image (its window starts past the border: it hides nothing).
+    sy = torch.cat([starts_y.new_tensor([h]), starts_y])
+    sx = torch.cat([starts_x.new_tensor([w]), starts_x])
+    hh, ww_ = torch.arange(h, device=device), torch.arange(w, device=device)
+    in_y = (hh >= sy[:, None]) & (hh < (sy + wh)[:, None])  # (1 + P, H)
+    in_x = (ww_ >= sx[:, None]) & (ww_ < (sx + ww)[:, None])  # (1 + P, W)
+    found: tuple[Tensor, Tensor, Tensor] | None = None
+    for rows, win in _plan(n, count, most, resolved, device):
+        ids = samples[rows]
+        mask = in_y[win, None, :, None] & in_x[win, None, None, :]  # (R, 1, H, W)
+        images = torch.where(mask, base[ids], x[ids])
+        part = _scores(fwd, resolved, images, ids).reshape(rows.numel(), -1)
+        found = record_pass(found, part, rows, win, n, count)
+        tick()
+    assert found is not None
+    return found
 
 
 def _plan(
