@@ -120,15 +120,6 @@ def cpu_rows(inputs: Tensor, *, images: int = CPU_IMAGES) -> int:
     return max(1, min(256, (images * 3 * 224 * 224) // per_row))
 
 
-def auto_batch_size(inputs: Tensor, batch_size: Any) -> int:
-    """Rows per pass: ``batch_size`` if it is an int, else the CPU rule (:func:`cpu_rows`).
-
-    Loops that should follow the device use :class:`salience._chunks.Chunker` instead.
-    """
-    rows = check_batch_size(batch_size)
-    return rows if rows is not None else cpu_rows(inputs)
-
-
 def even_chunks(total: int, most: int, unit: int = 1) -> int:
     """Rows per pass that split ``total`` rows into equal passes of at most ``most`` rows.
 

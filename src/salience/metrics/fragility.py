@@ -52,10 +52,10 @@ import torch
 from torch import Tensor
 
 from .._checks import (
-    auto_batch_size,
     check_batch_size,
     check_inputs,
     check_positive_int,
+    cpu_rows,
     even_chunks,
 )
 from .._chunks import BatchSize
@@ -386,7 +386,7 @@ def fragility(
     rows_per_sample = (
         (meth.options.get("steps") or 50) if meth.name == "integrated_gradients" else 1
     )
-    most = max(1, auto_batch_size(x, None) // (2 * rows_per_sample))
+    most = max(1, cpu_rows(x) // (2 * rows_per_sample))
     fixed = check_batch_size(batch_size)
     per_pass = even_chunks(n, fixed if fixed is not None else most)
 
