@@ -27,6 +27,7 @@ from ..attribution import Attribution
 from ..methods.perturbation import Fill, occlusion
 from ..targets import Score, TargetLike
 from .faithfulness import attribution_target
+from .similarity import rank_correlation
 
 __all__ = ["occlusion_correlation", "spearman"]
 
@@ -117,33 +118,10 @@ def occlusion_correlation(
 def spearman(a: Tensor, b: Tensor) -> Tensor:
     """Return Spearman's rank correlation of ``a[i]`` and ``b[i]`` for each row: ``(N,)``.
 
-    Ties get the mean of the ranks they span; a constant row gives ``nan``.
+    Ties get the mean of the ranks they span; a constant row gives ``nan``
+    (:func:`salience.metrics.similarity.rank_correlation`).
     """
-    ra, rb = _ranks(a.flatten(1)), _ranks(b.flatten(1))
-    ra = ra - ra.mean(dim=1, keepdim=True)
-    rb = rb - rb.mean(dim=1, keepdim=True)
-    num = (ra * rb).sum(1)
-    den = (ra.square().sum(1) * rb.square().sum(1)).sqrt()
-    return torch.where(den > 0, num / torch.where(den > 0, den, 1.0), torch.nan)
-
-
-def _ranks(x: Tensor) -> Tensor:
-    """Fractional ranks (1-based, ties averaged) along the last axis, in float64."""
-    x = x.double()
-    rows, size = x.shape
-    sorted_x, order = torch.sort(x, dim=1, stable=True)
-    # Start of each run of equal values, found on the sorted rows.
-    new_run = torch.ones_like(sorted_x, dtype=torch.bool)
-    new_run[:, 1:] = sorted_x[:, 1:] != sorted_x[:, :-1]
-    run_id = new_run.long().cumsum(1) - 1  # (rows, size): which run each sorted entry is in
-    positions = torch.arange(1, size + 1, dtype=torch.float64, device=x.device).expand(rows, -1)
-    run_sum = torch.zeros(rows, size, dtype=torch.float64, device=x.device)
-    run_len = torch.zeros_like(run_sum)
-    run_sum.scatter_add_(1, run_id, positions)
-    run_len.scatter_add_(1, run_id, torch.ones_like(positions))
-    mean_rank = (run_sum / run_len.clamp(min=1)).gather(1, run_id)
-    ranks = torch.empty_like(mean_rank)
-    return ranks.scatter_(1, order, mean_rank)
+    return rank_correlation(a, b)
 
 
 def _as_maps(maps: Tensor | Attribution, n: int, h: int, w: int, name: str) -> Tensor:
