@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -88,6 +90,35 @@ class FunctionalRelus(nn.Module):
         x = F.hardtanh(c[5](x), 0.0, 6.0)
         x = self.act(c[6](x))  # ... reused
         return self.fc(torch.flatten(F.max_pool2d(x, 2), 1))
+
+
+def slow_spearman(a: object, b: object) -> float:
+    """Spearman's rho written out: average ranks by a loop over tie groups, then Pearson.
+
+    The independent reference of every rank correlation in salience (``a``, ``b``: tensors
+    or arrays, flattened).
+    """
+
+    def ranks(v: list[float]) -> list[float]:
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        out = [0.0] * len(v)
+        i = 0
+        while i < len(v):
+            j = i
+            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                out[order[k]] = (i + j) / 2 + 1
+            i = j + 1
+        return out
+
+    ra = ranks(torch.as_tensor(a).flatten().tolist())
+    rb = ranks(torch.as_tensor(b).flatten().tolist())
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((p - ma) * (q - mb) for p, q in zip(ra, rb, strict=True))
+    va = math.sqrt(sum((p - ma) ** 2 for p in ra))
+    vb = math.sqrt(sum((q - mb) ** 2 for q in rb))
+    return cov / (va * vb)
 
 
 def _init(model: nn.Module, seed: int) -> nn.Module:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import salience
-from conftest import FunctionalRelus, ResNetish, VGGish, _init
+from conftest import FunctionalRelus, ResNetish, VGGish, _init, slow_spearman
 from salience.metrics import fragility, max_sensitivity, top_k_intersection
 from salience.metrics.fragility import _differentiable_map, _resolve_method, _Softplus
 from salience.metrics.fragility import _spearman as spearman
@@ -58,29 +56,6 @@ def constant_map(model: nn.Module, inputs: torch.Tensor, target: object = None) 
 # --------------------------------------------------------------------------- comparisons
 
 
-def ref_average_ranks(v: list[float]) -> list[float]:
-    order = sorted(range(len(v)), key=lambda i: v[i])
-    ranks = [0.0] * len(v)
-    i = 0
-    while i < len(v):
-        j = i
-        while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
-            j += 1
-        for t in range(i, j + 1):
-            ranks[order[t]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
-
-
-def ref_spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    ra, rb = ref_average_ranks(a.flatten().tolist()), ref_average_ranks(b.flatten().tolist())
-    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
-    cov = sum((p - ma) * (q - mb) for p, q in zip(ra, rb, strict=True))
-    va = math.sqrt(sum((p - ma) ** 2 for p in ra))
-    vb = math.sqrt(sum((q - mb) ** 2 for q in rb))
-    return cov / (va * vb)
-
-
 def test_spearman_and_top_k_against_slow_references() -> None:
     a = torch.randn(4, 7, 9, generator=GEN)
     b = a + 0.8 * torch.randn(4, 7, 9, generator=GEN)
@@ -88,7 +63,7 @@ def test_spearman_and_top_k_against_slow_references() -> None:
     b[2] = a[2].clamp(min=0)  # ties at zero, as a ReLU'd CAM has
     rho = spearman(a, b)
     for i in range(4):
-        assert rho[i].item() == pytest.approx(ref_spearman(a[i], b[i]), abs=1e-12)
+        assert rho[i].item() == pytest.approx(slow_spearman(a[i], b[i]), abs=1e-12)
     assert torch.allclose(spearman(a, a), torch.ones(4, dtype=torch.float64))
     assert torch.allclose(spearman(a, -a), -torch.ones(4, dtype=torch.float64))
     const = torch.ones(4, 7, 9)

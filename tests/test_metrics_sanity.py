@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import salience
+from conftest import slow_spearman
 from salience.attribution import Attribution
 from salience.metrics import (
     SanityCheck,
@@ -40,25 +41,6 @@ def _skimage():
 # ----------------------------------------------------------------------- rank correlation
 
 
-def _slow_spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Average ranks by an explicit loop over tie groups, then Pearson."""
-
-    def ranks(v: np.ndarray) -> np.ndarray:
-        order = sorted(range(len(v)), key=lambda i: v[i])
-        out = np.empty(len(v))
-        i = 0
-        while i < len(v):
-            j = i
-            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                out[order[k]] = (i + j) / 2 + 1
-            i = j + 1
-        return out
-
-    return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
-
-
 def test_rank_correlation_known_answers_and_slow_reference():
     a = torch.randn(3, 8, 8, generator=GEN)
     assert torch.allclose(rank_correlation(a, a), torch.ones(3, dtype=torch.float64))
@@ -69,7 +51,7 @@ def test_rank_correlation_known_answers_and_slow_reference():
     x = (torch.randn(4, 50, generator=GEN) * 2).round()
     y = (x + torch.randn(4, 50, generator=GEN)).round()
     got = rank_correlation(x, y)
-    want = [_slow_spearman(x[i].numpy(), y[i].numpy()) for i in range(4)]
+    want = [slow_spearman(x[i], y[i]) for i in range(4)]
     assert got.tolist() == pytest.approx(want, abs=1e-12)
 
 
