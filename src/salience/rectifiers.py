@@ -171,6 +171,7 @@ _Parser = Callable[[tuple[Any, ...], dict[str, Any]], "Site | None"]
 
 
 def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], i: int, name: str, default: Any) -> Any:
+    """Argument ``i`` of a call, positional or by keyword (also read by LRP and DeepLIFT)."""
     if len(args) > i:
         return args[i]
     return kwargs.get(name, default)

@@ -14,11 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], i: int, name: str, default: Any) -> Any:
-    if len(args) > i:
-        return args[i]
-    return kwargs.get(name, default)
+from ..rectifiers import _arg
 
 
 def _max_pool(nd: int, with_indices: Callable[..., Any], dispatch: bool) -> Callable[..., Any]:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..rectifiers import SITES
+from ..rectifiers import SITES, _arg
 
 _LAYERS: dict[Any, tuple[type[nn.Module], bool]] = {
     F.linear: (nn.Linear, False),
@@ -147,12 +147,6 @@ _COVERED = (
     | ({F.rms_norm} if hasattr(F, "rms_norm") else set())
 )
 """Calls whose use of a parameter has a rule (a layer, a norm, a scale, a bias, a token)."""
-
-
-def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], i: int, name: str, default: Any) -> Any:
-    if len(args) > i:
-        return args[i]
-    return kwargs.get(name, default)
 
 
 def _tensors(value: Any) -> list[Tensor]:
