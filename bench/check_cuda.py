@@ -9,7 +9,8 @@ For SmoothGrad-50, IG-50, Score-CAM, occlusion and RISE on each model, one line 
 - the passes ``batch_size="auto"`` ran (rows per forward pass: on CUDA the probe, then what
   fits) and the footprint per row it measured;
 - the median time of ``"auto"``, of ``batch_size=64`` and of Captum's default where it has the
-  method, and the peak memory of ``"auto"``;
+  method, and the peak memory of ``"auto"`` (``suite.measure``: CUDA's peak allocation, or the
+  resident set on the CPU);
 - the host synchronisations of one call (``torch.cuda.set_sync_debug_mode("warn")``) and the
   host-to-device copies (the profiler's ``Memcpy HtoD``): a per-chunk sync or copy shows up as
   a count that grows with the passes;
@@ -25,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -38,7 +37,7 @@ from torch import Tensor, nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import salience
 import salience._chunks as chunks
-from suite import load
+from suite import load, measure
 
 METHODS: dict[str, dict[str, Any]] = {
     "smoothgrad": {"samples": 50},
@@ -65,29 +64,6 @@ class Recording(nn.Module):
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
-    fn()  # warm-up (and, on CUDA, the probe of the automatic chunk size)
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def peak_mb(fn: Callable[[], Any], device: torch.device) -> float:
-    if device.type != "cuda":
-        return float("nan")
-    sync(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    fn()
-    sync(device)
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
 def syncs_and_copies(fn: Callable[[], Any], device: torch.device) -> tuple[int, int]:
@@ -152,9 +128,8 @@ def check(model_name: str, n: int, args: argparse.Namespace, device: torch.devic
         later = list(model.passes)
         repeat = "bitwise" if torch.equal(again, ours()) else "NOT bitwise"
         footprint = [v for d in chunks._FOOTPRINTS.values() for v in d.values()]
-        t_auto = timed(ours, device, args.repeats)
-        t_64 = timed(lambda: ours(64), device, args.repeats)
-        mem = peak_mb(ours, device)
+        t_auto, mem, _ = measure(ours, device, args.repeats)  # warm-up, median, peak memory
+        t_64 = measure(lambda: ours(64), device, args.repeats)[0]
         syncs, copies = syncs_and_copies(ours, device)
         ref = ours(8)
         scale = float(ref.abs().max()) or 1.0
@@ -163,7 +138,7 @@ def check(model_name: str, n: int, args: argparse.Namespace, device: torch.devic
         peer = captum_default(method, net)
         t_peer = float("nan")
         if peer is not None:
-            t_peer = timed(lambda p=peer: p(x, target), device, args.repeats)
+            t_peer = measure(lambda p=peer: p(x, target), device, args.repeats)[0]
         print(
             f"{model_name} batch {n} {method}: auto {t_auto * 1e3:.1f} ms, batch_size=64 "
             f"{t_64 * 1e3:.1f} ms, Captum default {t_peer * 1e3:.1f} ms; peak {mem:.0f} MB; "
