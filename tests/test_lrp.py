@@ -127,6 +127,8 @@ def one_layer(kind: str) -> nn.Module:
     elif kind == "transposed_conv":  # weight [in, out / groups, ...]; output 6 x 6
         layer = nn.ConvTranspose2d(2, 4, 3, stride=2, padding=1, output_padding=1, groups=2)
         model = nn.Sequential(layer, nn.Flatten())
+    elif kind == "transposed_conv_one_group":  # x⁺ and x⁻ stacked on the weight's axis 0
+        model = nn.Sequential(nn.ConvTranspose2d(2, 3, 2, stride=2), nn.Flatten())
     else:  # a zero padding before the convolution, as TensorFlow "SAME" convs do
         model = nn.Sequential(
             nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(2, 3, 3, stride=2), nn.Flatten()
@@ -137,7 +139,14 @@ def one_layer(kind: str) -> nn.Module:
     return model.double().eval()
 
 
-KINDS = ["dense", "conv", "padded_conv", "grouped_dilated_conv", "transposed_conv"]
+KINDS = [
+    "dense",
+    "conv",
+    "padded_conv",
+    "grouped_dilated_conv",
+    "transposed_conv",
+    "transposed_conv_one_group",
+]
 
 
 @pytest.mark.parametrize("kind", KINDS)
