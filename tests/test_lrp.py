@@ -128,7 +128,8 @@ def one_layer(kind: str) -> nn.Module:
         layer = nn.ConvTranspose2d(2, 4, 3, stride=2, padding=1, output_padding=1, groups=2)
         model = nn.Sequential(layer, nn.Flatten())
     elif kind == "transposed_conv_one_group":  # x⁺ and x⁻ stacked on the weight's axis 0
-        model = nn.Sequential(nn.ConvTranspose2d(2, 3, 2, stride=2), nn.Flatten())
+        layer = nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1)
+        model = nn.Sequential(layer, nn.Flatten())
     else:  # a zero padding before the convolution, as TensorFlow "SAME" convs do
         model = nn.Sequential(
             nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(2, 3, 3, stride=2), nn.Flatten()
@@ -158,7 +159,8 @@ def test_each_rule_matches_the_matrix_form(kind: str, rule) -> None:
         composite = Composite({nn.Linear: Zero(), CONV: Zero()}, first=rule)
     else:
         composite = Composite({nn.Linear: rule, CONV: rule})
-    target = 4 if kind == "grouped_dilated_conv" else 2  # an output that reads the input
+    # An output that reads the input, with positive contributions (z⁺ gives it relevance).
+    target = {"grouped_dilated_conv": 4, "transposed_conv_one_group": 7}.get(kind, 2)
     result = salience.lrp(model, x, target=target, composite=composite)
     w, b, receptive = dense_form(model, x)
     z = w @ x.reshape(-1) + b

@@ -143,7 +143,8 @@ class _Signed:
         self.layer, self.x = layer, x
         self.negative = bool(x.amin() < 0)
         self.stacked: Tensor | None = None
-        self.axis = 1  # the weight's input axis
+        self.axis, self.dim = 1, 1  # the weight's and the input's axis of the stacking
+        self._weights: dict[tuple[int, int], Tensor] = {}
         if not self.negative:
             return
         conv = layer.conv
@@ -158,13 +159,20 @@ class _Signed:
             torch.clamp(x, max=0, out=both.narrow(dim, size, size))
             self.stacked, self.dim = both, dim
 
+    def _stack(self, wp: Tensor, wn: Tensor) -> Tensor:
+        """``[wp, wn]`` on the weight's input axis (made once per pair)."""
+        key = (id(wp), id(wn))
+        if key not in self._weights:
+            self._weights[key] = torch.cat((wp, wn), self.axis)
+        return self._weights[key]
+
     def forward(self, wp: Tensor, wn: Tensor, bp: Tensor | None = None) -> Tensor:
         """Return ``fn(x⁺, wp, bp) + fn(x⁻, wn)`` (``fn(x, wp, bp)`` if not ``negative``)."""
         fn, x = self.layer.fn, self.x
         if not self.negative:
             return fn(x, wp, bp)
         if self.stacked is not None:
-            return fn(self.stacked, torch.cat((wp, wn), self.axis), bp)
+            return fn(self.stacked, self._stack(wp, wn), bp)
         return fn(x.clamp(min=0), wp, bp) + fn(x.clamp(max=0), wn, None)
 
     def backward(self, signals: list[tuple[Tensor, Tensor, Tensor]]) -> Tensor:
@@ -180,7 +188,7 @@ class _Signed:
         if self.stacked is not None:
             both = _sum(
                 tuple(
-                    _input_grad(layer, s, torch.cat((wp, wn), self.axis), self.stacked)
+                    _input_grad(layer, s, self._stack(wp, wn), self.stacked)
                     for s, wp, wn in signals
                 )
             )
