@@ -618,3 +618,26 @@ def test_incremental_kernels_fold_and_alias_exactly() -> None:
     assert plan is not None
     assert "model_stats" not in {node.name for node in plan.layers}
     assert "model_bn2" in {node.name for node in plan.layers}
+
+
+@pytest.mark.parametrize("case", ["tfstyle", "fusable", "resnetish_callable"])
+def test_incremental_crops_and_pastes_by_index_as_on_a_gpu(case, monkeypatch) -> None:
+    """Off the CPU, crops and pastes are one indexed copy each (no coordinates on the host):
+    forced here on the CPU, they give the row-by-row maps bit for bit."""
+    from salience.methods import _incremental_kernels
+
+    if case == "tfstyle":
+        model, x, target = _init(TFStyle(), 4), images(2, 33, 35), [1, 3]
+        options = {"window": 5, "stride": 3, "batch_size": 16}
+    elif case == "fusable":
+        model, x, target = _init(Fusable(), 3), images(3, 20, 18), [0, 3, 1]
+        options = {"window": 5, "stride": 3}
+    else:
+        model, x = _init(ResNetish(), 1), images(3)
+        target, options = (lambda out: out[:, 2] - out[:, 3]), {"window": 4, "stride": 2}
+    rows = salience.occlusion(model, x, target, **options)
+    monkeypatch.setattr(_incremental_kernels, "_row_wise", lambda device: False)
+    indexed = salience.occlusion(model, x, target, **options)
+    assert isinstance(indexed.extras["incremental"], list)
+    assert torch.equal(indexed.values, rows.values)
+    assert torch.equal(indexed.extras["occluded_scores"], rows.extras["occluded_scores"])

@@ -188,13 +188,29 @@ def _shortcuts(
     return found
 
 
+def _row_wise(device: torch.device) -> bool:
+    """Whether crops and pastes go row by row (the CPU) or as one indexed copy (elsewhere).
+
+    On the CPU a slice per row copies far less than an index grid, for the few rows of a
+    pass. On a GPU the coordinates would have to come back to the host (a synchronisation per
+    box layer) and each row would be a kernel launch: one gather or one masked write there.
+    """
+    return device.type == "cpu"
+
+
 def _gather(a: Tensor, samples: Tensor, cy: Tensor, cx: Tensor, h: int, w: int) -> Tensor:
     """Crops ``a[samples[r], :, cy[r]:cy[r]+h, cx[r]:cx[r]+w]``: ``(R, C, h, w)``.
 
-    A slice per row: a few rows per pass, and slicing copies far less than an index grid.
+    The crops lie inside ``a``. Same memory format as ``a``.
     """
-    rows = zip(samples.tolist(), cy.tolist(), cx.tolist(), strict=True)
     fmt = torch.channels_last if _is_last(a) else torch.contiguous_format
+    if not _row_wise(a.device):
+        iy = cy[:, None] + torch.arange(h, device=a.device)
+        ix = cx[:, None] + torch.arange(w, device=a.device)
+        # advanced indices around a slice: (R, h, w, C), the channels-last order
+        crops = a[samples[:, None, None], :, iy[:, :, None], ix[:, None, :]]
+        return crops.permute(0, 3, 1, 2).contiguous(memory_format=fmt)
+    rows = zip(samples.tolist(), cy.tolist(), cx.tolist(), strict=True)
     size = (samples.numel(), a.shape[1], h, w)
     out = torch.empty(size, dtype=a.dtype, device=a.device, memory_format=fmt)
     for r, (i, y, x) in enumerate(rows):
@@ -206,6 +222,15 @@ def _paste(target: Tensor, values: Tensor, oy: Tensor, ox: Tensor) -> None:
     """``target[r, :, oy[r] + i, ox[r] + j] = values[r, :, i, j]`` where inside ``target``."""
     h, w = values.shape[-2:]
     height, width = target.shape[-2:]
+    if not _row_wise(target.device):
+        # Each target entry pulls the value that lands on it, if any: no host coordinates.
+        iy = torch.arange(height, device=target.device) - oy[:, None]  # (R, height)
+        ix = torch.arange(width, device=target.device) - ox[:, None]
+        inside = ((iy >= 0) & (iy < h))[:, :, None] & ((ix >= 0) & (ix < w))[:, None, :]
+        rows = torch.arange(values.shape[0], device=target.device)[:, None, None]
+        pulled = values[rows, :, iy.clamp(0, h - 1)[:, :, None], ix.clamp(0, w - 1)[:, None, :]]
+        target.copy_(torch.where(inside[:, None], pulled.permute(0, 3, 1, 2), target))
+        return
     for r, (y, x) in enumerate(zip(oy.tolist(), ox.tolist(), strict=True)):
         y0, x0 = max(y, 0), max(x, 0)
         y1, x1 = min(y + h, height), min(x + w, width)
