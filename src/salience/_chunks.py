@@ -19,6 +19,22 @@ model, ``batch_size`` rows per forward pass. An int fixes it; ``"auto"`` (the de
   fits runs in one pass. The footprint is remembered per model, input shape, dtype and kind
   of pass, so later calls skip the probe and run everything that fits in one pass.
 
+**Out of memory.** A probe of a few rows cannot see everything (workspaces that grow with
+the batch, fragmentation, other work on the device). On CUDA with ``"auto"``, a pass that
+runs out of memory (:class:`torch.OutOfMemoryError`) is redone: the cache is emptied, the
+remembered footprint is raised so that the plan gives at most half the rows (for this call
+and the later ones), and the failed rows and the rest run in passes of half the size,
+halving again down to one row (or one copy of the batch for a callable target); a pass of
+that size that still fails raises :class:`OutOfMemoryError`, which says so. A failed
+pass adds nothing: the call sites write their results only once the model has run and the
+values are computed, so the maps are those of a run without the failure. Occlusion and
+RISE, whose passes follow their own plan, redo the plan with half the rows per pass.
+:attr:`Chunker.retries` counts the passes redone. With an int ``batch_size``, chosen by the
+user, nothing is redone: the error names ``batch_size`` and the rows of the pass. A clean
+pass of the inputs, run in one batch (the probe of occlusion, RISE and the curves), cannot
+be split: it raises an error saying so. The CPU is left alone (its allocation failures are
+not :class:`torch.OutOfMemoryError`).
+
 The maps do not depend on the chunking beyond float rounding (sums in another order). On
 CUDA the automatic split depends on the memory free at the time of the call: pass an int
 ``batch_size`` for passes that are the same on every call. The CUDA probe resets the device's
@@ -31,14 +47,24 @@ import contextlib
 import math
 import weakref
 from collections.abc import Iterator
-from typing import Any, Literal, TypeAlias
+from types import TracebackType
+from typing import Any, Generic, Literal, TypeAlias, TypeVar
 
 import torch
 from torch import Tensor
 
 from ._checks import CPU_IMAGES, check_batch_size, cpu_rows, even_chunks
 
-__all__ = ["CUDA_MEMORY_FRACTION", "MAX_ROWS", "PROBE_ROWS", "BatchSize", "Chunker", "add_rows"]
+__all__ = [
+    "CUDA_MEMORY_FRACTION",
+    "MAX_ROWS",
+    "PROBE_ROWS",
+    "BatchSize",
+    "Chunker",
+    "OutOfMemoryError",
+    "Pass",
+    "add_rows",
+]
 
 BatchSize: TypeAlias = "int | Literal['auto'] | None"
 """Rows per pass: a positive int, or ``"auto"`` (``None`` means ``"auto"`` too)."""
@@ -81,6 +107,21 @@ def _measures_memory(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def _cuda_empty_cache(device: torch.device) -> None:
+    """Hand the blocks the caching allocator holds without using back to the device."""
+    torch.cuda.empty_cache()
+
+
+class OutOfMemoryError(torch.OutOfMemoryError):
+    """A pass of a batched method ran out of memory and nothing smaller can be tried.
+
+    Raised with an int ``batch_size`` (the user's choice: nothing is redone), when a pass of
+    the fewest rows still fails, or when a pass that is never split (the clean inputs) fails.
+    A subclass of :class:`torch.OutOfMemoryError`: code that catches that still catches it;
+    an enclosing chunked loop (max-sensitivity around a chunked method) lets it through.
+    """
+
+
 # -- remembered footprints -------------------------------------------------------------------
 
 _FOOTPRINTS: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], float]] = (
@@ -112,6 +153,12 @@ def forget_footprints() -> None:
 class Chunker:
     """Plan the passes of one batched loop: how many rows each forward pass takes.
 
+    A loop over ``total`` rows reads ``for part in chunker.passes(total): with part as
+    (start, stop): ...``: the ``with`` block is the pass, and an out-of-memory error in it
+    is handled as the module docstring says (on CUDA with ``"auto"``: the rows are redone
+    in smaller passes). The block must write nothing that a redone pass would write twice:
+    every allocation (the model, the products of its values) comes before the first write.
+
     Args:
         like: A row's shape, dtype and device: the inputs (``like[0]`` is one row).
         batch_size: A positive int, ``"auto"`` or ``None`` (``"auto"``); checked here.
@@ -119,7 +166,7 @@ class Chunker:
             record).
         owner: What the footprint is remembered for, usually the model (weakly referenced);
             ``None`` remembers nothing.
-        kind: Names the kind of pass in the record (``"smoothgrad"``, ``"score_cam"``...).
+        kind: Names the kind of pass in the record and in errors (``"smoothgrad"``...).
         name: The argument's name in error messages.
         images: 224² images per pass of the CPU rule (:data:`salience._checks.CPU_IMAGES`).
 
@@ -142,7 +189,13 @@ class Chunker:
         self.device = like.device
         self.cpu_rows = cpu_rows(like, images=images)
         self.measured = fixed is None and _measures_memory(self.device)
+        self.batch_size = fixed
         self.fixed: int | None = fixed if fixed is not None or self.measured else self.cpu_rows
+        self.name = name
+        self.kind = kind
+        self.retries = 0
+        """Passes (or plans) redone with fewer rows after running out of memory."""
+        self._floor = 1.0  # the least footprint that a failed probe implies
         self._owner = owner
         self._key = (kind, tuple(like.shape[1:]), like.dtype, str(self.device), backward)
         self.per_row: float | None = _remembered(owner, self._key) if self.measured else None
@@ -159,20 +212,32 @@ class Chunker:
 
     @contextlib.contextmanager
     def measure(self, rows: int) -> Iterator[None]:
-        """Measure the block, a real pass of ``rows`` rows, when the footprint is unknown.
+        """Run the block, a clean pass of ``rows`` rows in one batch; measure it as a probe.
 
-        Elsewhere (an int ``batch_size``, the CPU, a known footprint) it does nothing. A block
-        that raises teaches nothing.
+        The block is measured when the footprint is unknown (CUDA, ``"auto"``); elsewhere
+        (an int ``batch_size``, the CPU, a known footprint) it runs as it is. A block that
+        raises teaches nothing. The pass cannot be split: running out of memory in it raises
+        :class:`OutOfMemoryError` saying so (except on the CPU with ``"auto"``, left alone).
         """
-        if not self.probing or rows < 1:
+        try:
+            if not self.probing or rows < 1:
+                yield
+                return
+            before = _cuda_allocated_bytes(self.device)
+            _cuda_reset_peak(self.device)
             yield
-            return
-        before = _cuda_allocated_bytes(self.device)
-        _cuda_reset_peak(self.device)
-        yield
-        used = _cuda_peak_bytes(self.device) - before
-        self.per_row = max(1.0, used / rows)
-        _remember(self._owner, self._key, self.per_row)
+            self._learn(before, rows)
+        except torch.OutOfMemoryError as exc:
+            if isinstance(exc, OutOfMemoryError) or not self._guards:
+                raise
+            if self.measured:
+                _cuda_empty_cache(self.device)
+            raise OutOfMemoryError(
+                f"{self._what}: out of memory on {self.device} in the clean pass of the {rows} "
+                f"inputs, which runs them in one batch ({self.name} does not split it): pass "
+                "fewer inputs per call or smaller inputs, free memory on the device (other "
+                "tensors, other processes), or run on another device"
+            ) from exc
 
     def most(self, remaining: int | None = None) -> int:
         """Rows per pass from now on, at most ``remaining`` (when given), at least 1."""
@@ -188,28 +253,172 @@ class Chunker:
             rows = min(rows, max(1, remaining))
         return rows
 
-    def split(self, total: int, unit: int = 1, *, even: bool = True) -> Iterator[tuple[int, int]]:
-        """Yield ``(start, stop)`` of the passes over ``total`` rows, in order.
+    def passes(
+        self, total: int, unit: int = 1, *, even: bool = True
+    ) -> Iterator[Pass[tuple[int, int]]]:
+        """Yield the passes over ``total`` rows, in order: ``with part as (start, stop):``.
 
         Passes hold whole groups of ``unit`` rows (a callable target sees whole copies of the
-        batch). On CUDA with an automatic size, the first pass is the probe, measured while
-        the caller runs it (between this generator's first and second step). ``even``
-        splits the rest into passes of equal size (:func:`salience._checks.even_chunks`);
-        otherwise full passes and a last, shorter one.
+        batch). On CUDA with an automatic size, the first pass is the probe, measured inside
+        its ``with``. ``even`` splits the rest into passes of equal size
+        (:func:`salience._checks.even_chunks`); otherwise full passes and a last, shorter one.
+        A pass that ran out of memory (and was swallowed by its ``with``) is followed by the
+        same rows in passes of half its size (whole groups, at least one), then by the rest,
+        planned again with the raised footprint.
         """
-        start = 0
-        if self.probing and total > 0:
-            stop = min(total, self.probe_rows(unit))
-            with self.measure(stop):
-                yield 0, stop
-            start = stop
-        if start >= total:
+        start, step, cap = 0, 0, total
+        while start < total:
+            left = total - start
+            probe = self.probing
+            if probe:
+                rows = min(left, self.probe_rows(unit), cap)
+            else:
+                if not step:
+                    most = min(self.most(left), cap)
+                    step = even_chunks(left, most, unit) if even else max(unit, most // unit * unit)
+                rows = min(step, left)
+            part = Pass(self, (start, start + rows), rows, unit, probe=probe)
+            yield part
+            if part.failed:
+                cap = max(unit, rows // 2 // unit * unit)
+                self._shrink(rows, probe)
+                step = 0
+            else:
+                start += rows
+
+    def split(self, total: int, unit: int = 1, *, even: bool = True) -> Iterator[tuple[int, int]]:
+        """Yield ``(start, stop)`` of the passes over ``total`` rows (see :meth:`passes`).
+
+        The caller's loop body is not guarded: an error raised in it goes through (an error
+        thrown into this generator reaches the pass, as in a ``with`` block).
+        """
+        for part in self.passes(total, unit, even=even):
+            with part as span:
+                yield span
+
+    def plans(self, unit: int = 1) -> Iterator[Pass[int]]:
+        """Yield tries at work that plans its own passes: ``with plan as most:``.
+
+        For loops that are not a plain run of rows (occlusion's windows, RISE's masks): the
+        block runs the whole work with at most ``most`` rows per pass (:meth:`most`). When it
+        runs out of memory (CUDA, ``"auto"``), the work is redone from the start with half the
+        rows per pass, down to ``unit`` rows, the fewest its plan can run; the block must
+        start from nothing each time. A block that succeeds ends the loop.
+        """
+        cap: int | None = None
+        while True:
+            most = self.most() if cap is None else min(self.most(), cap)
+            part = Pass(self, most, most, unit, probe=False)
+            yield part
+            if not part.failed:
+                return
+            cap = max(unit, most // 2)
+            self._shrink(most, probe=False)
+
+    # -- out of memory ---------------------------------------------------------------------
+
+    @property
+    def _guards(self) -> bool:
+        """Whether out-of-memory errors are handled: CUDA with ``"auto"``, or an int."""
+        return self.measured or self.batch_size is not None
+
+    @property
+    def _what(self) -> str:
+        return self.kind or "a batched method"
+
+    def _learn(self, before: int, rows: int) -> None:
+        """Record the footprint of a row from a probe of ``rows`` rows."""
+        used = _cuda_peak_bytes(self.device) - before
+        self.per_row = max(self._floor, used / rows)
+        _remember(self._owner, self._key, self.per_row)
+
+    def _shrink(self, rows: int, probe: bool) -> None:
+        """After a pass of ``rows`` rows ran out of memory: empty the cache, raise the footprint.
+
+        The raised footprint plans at most half of ``rows`` in the memory left now (and at
+        least halves the plan): later calls of the same model do not overshoot again. A
+        probe that failed is not measured: the next, smaller probe measures, and its
+        footprint is raised to what the failure implies.
+        """
+        _cuda_empty_cache(self.device)
+        implied = _cuda_available_bytes(self.device) / max(1, rows)
+        if probe or self.per_row is None:
+            self._floor = max(self._floor, implied)
             return
-        left = total - start
-        most = self.most(left)
-        step = even_chunks(left, most, unit) if even else max(unit, most // unit * unit)
-        for begin in range(start, total, step):
-            yield begin, min(begin + step, total)
+        self.per_row = max(2 * self.per_row, implied)
+        _remember(self._owner, self._key, self.per_row)
+
+    def _out_of_memory(self, exc: BaseException, rows: int, unit: int) -> bool:
+        """Handle running out of memory in a pass of ``rows`` rows: ``True`` to redo it.
+
+        Raises:
+            OutOfMemoryError: with an int ``batch_size``, or when ``rows`` is the fewest.
+        """
+        if self.batch_size is not None:
+            raise OutOfMemoryError(
+                f"{self._what}: out of memory on {self.device} in a pass of {rows} rows with "
+                f"{self.name}={self.batch_size}: pass a smaller {self.name}, or "
+                f"{self.name}='auto' to fit the passes to the memory left (halving them after "
+                "running out of memory)"
+            ) from exc
+        if not self.measured:
+            return False
+        if rows <= unit:
+            _cuda_empty_cache(self.device)
+            raise OutOfMemoryError(
+                f"{self._what}: out of memory on {self.device} even with {rows} row(s) per "
+                f"pass, the fewest this call can run ({self.retries} earlier pass(es) redone "
+                "with fewer rows): the memory left on the device does not hold this model at "
+                "this input size. Free memory on the device (other tensors, other processes), "
+                "use smaller or fewer inputs per call, or run on another device"
+            ) from exc
+        self.retries += 1
+        return True
+
+
+T = TypeVar("T")
+
+
+class Pass(Generic[T]):
+    """One pass of a :class:`Chunker` loop (or one try of a plan), run as a ``with`` block.
+
+    Entering gives ``value``: ``(start, stop)`` from :meth:`Chunker.passes`, the rows per
+    pass from :meth:`Chunker.plans`. A probe is measured. On CUDA with ``"auto"`` an
+    out-of-memory error of a pass that can still be halved is swallowed and the pass marked
+    :attr:`failed`: its generator then redoes the rows (nothing after the ``with`` in the
+    loop body may assume that it ran). With an int ``batch_size`` or at the fewest rows, the
+    error becomes an :class:`OutOfMemoryError` that says what to do.
+    """
+
+    def __init__(self, chunker: Chunker, value: T, rows: int, unit: int, *, probe: bool) -> None:
+        self.chunker = chunker
+        self.value = value
+        self.rows = rows
+        self.unit = unit
+        self.probe = probe
+        self.failed = False
+        self._before = 0
+
+    def __enter__(self) -> T:
+        if self.probe:
+            self._before = _cuda_allocated_bytes(self.chunker.device)
+            _cuda_reset_peak(self.chunker.device)
+        return self.value
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool:
+        if exc is None:
+            if self.probe:
+                self.chunker._learn(self._before, self.rows)
+            return False
+        if not isinstance(exc, torch.OutOfMemoryError) or isinstance(exc, OutOfMemoryError):
+            return False  # other errors, and a nested loop's verdict, go through
+        self.failed = self.chunker._out_of_memory(exc, self.rows, self.unit)
+        return self.failed
 
 
 # -- accumulating the rows of a pass ---------------------------------------------------------
@@ -220,7 +429,7 @@ def _adds_in_order(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def add_rows(acc: Tensor, values: Tensor, start: int) -> None:
+def add_rows(acc: Tensor, values: Tensor, start: int, *more: tuple[Tensor, Tensor]) -> None:
     """``acc[r % N] += values[r - start]`` for the rows ``r = start, start + 1, ...`` of a pass.
 
     ``acc`` has ``N`` rows, one per sample; a pass holds consecutive rows of whole or partial
@@ -229,13 +438,28 @@ def add_rows(acc: Tensor, values: Tensor, start: int) -> None:
     changes from run to run (so would the map's last bits): there the rows are laid out as
     copies of the batch (missing rows zero) and summed over the copies, a reduction in a fixed
     order.
+
+    ``more`` are further ``(acc, values)`` pairs of the same pass. Every sum is computed
+    before the first is added: a pass that runs out of memory here adds nothing, and is
+    redone whole (see :meth:`Chunker.passes`).
     """
+    pairs = [(acc, values), *more]
+    if _adds_in_order(acc.device):
+        n, rows = acc.shape[0], values.shape[0]
+        sample = torch.arange(start, start + rows, device=acc.device) % n
+        cast = [v.to(a.dtype) for a, v in pairs]
+        for (a, _), v in zip(pairs, cast, strict=True):
+            a.index_add_(0, sample, v)
+        return
+    sums = [_copy_sum(a, v, start) for a, v in pairs]
+    for (a, _), total in zip(pairs, sums, strict=True):
+        a += total
+
+
+def _copy_sum(acc: Tensor, values: Tensor, start: int) -> Tensor:
+    """Sum the rows of a pass over the copies of the batch, in a fixed order: ``(N, ...)``."""
     n, rows = acc.shape[0], values.shape[0]
     values = values.to(acc.dtype)
-    if _adds_in_order(acc.device):
-        sample = torch.arange(start, start + rows, device=acc.device) % n
-        acc.index_add_(0, sample, values)
-        return
     lead = start % n
     copies = -(-(lead + rows) // n)
     if lead == 0 and rows == copies * n:
@@ -243,4 +467,4 @@ def add_rows(acc: Tensor, values: Tensor, start: int) -> None:
     else:
         laid = values.new_zeros((copies * n, *values.shape[1:]))
         laid[lead : lead + rows] = values
-    acc += laid.view(copies, n, *values.shape[1:]).sum(0)
+    return laid.view(copies, n, *values.shape[1:]).sum(0)

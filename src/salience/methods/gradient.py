@@ -486,29 +486,30 @@ def _smoothgrad(
     acc_sq = torch.zeros_like(acc) if variant != "mean" else None
     rule = _SMOOTH_BASES[base]
     report: dict[str, Any] = {}  # what the rule modified, in the first forward pass
-    for start, stop in chunker.split(total, unit):
-        rows = torch.arange(start, stop, device=x.device)
-        draw, sample = rows // n, rows % n
-        # Differentiate with respect to the noise: the same gradient as with respect to the
-        # noisy input, which stays a non-leaf that the model may change in place.
-        shift = (sigma[sample] * noise[draw]).requires_grad_(True)
-        _, values = score_gradient(
-            forward,
-            shift,
-            resolved,
-            sample,
-            offset=x[sample],
-            rule=rule,
-            activations=activations,
-            method=f"smoothgrad with base={base!r}",
-            report=report if start == 0 else None,
-        )
-        if base == "input_x_gradient":
-            values = values * (x[sample] + shift.detach())
-        values = values.to(acc_dtype)
-        add_rows(acc, values, start)  # in a fixed order on every device
-        if acc_sq is not None:
-            add_rows(acc_sq, values * values, start)
+    for part in chunker.passes(total, unit):  # a pass that runs out of memory is redone
+        with part as (start, stop):
+            rows = torch.arange(start, stop, device=x.device)
+            draw, sample = rows // n, rows % n
+            # Differentiate with respect to the noise: the same gradient as with respect to the
+            # noisy input, which stays a non-leaf that the model may change in place.
+            shift = (sigma[sample] * noise[draw]).requires_grad_(True)
+            _, values = score_gradient(
+                forward,
+                shift,
+                resolved,
+                sample,
+                offset=x[sample],
+                rule=rule,
+                activations=activations,
+                method=f"smoothgrad with base={base!r}",
+                report=report if start == 0 else None,
+            )
+            if base == "input_x_gradient":
+                values = values * (x[sample] + shift.detach())
+            values = values.to(acc_dtype)
+            # In a fixed order on every device; both sums are added only once both are made.
+            squares = () if acc_sq is None else ((acc_sq, values * values),)
+            add_rows(acc, values, start, *squares)
 
     mean = acc / samples
     if variant == "mean":

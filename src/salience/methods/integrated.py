@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -347,16 +347,23 @@ class _Path:
         self.n = base.shape[0]
         self.chunker = chunker
 
-    def _chunks(self, samples: Tensor, alphas: Tensor) -> Iterator[tuple[slice, Tensor, Tensor]]:
-        """Yield ``(rows, scores, grads)`` for the rows ``(samples[r], alphas[r])``."""
+    def _chunks(
+        self, samples: Tensor, alphas: Tensor, keep: Callable[[slice, Tensor, Tensor], None]
+    ) -> None:
+        """Call ``keep(rows, scores, grads)`` for the rows ``(samples[r], alphas[r])``, by pass.
+
+        ``keep`` runs inside the pass: one that runs out of memory is redone, so ``keep``
+        makes every tensor it needs before it writes (see :class:`salience._chunks.Chunker`).
+        """
         unit = self.n if self.target.fn is not None else 1  # callables see whole batches
-        for start, stop in self.chunker.split(samples.shape[0], unit):
-            rows = slice(start, stop)
-            s = samples[rows]
-            a = alphas[rows].to(self.base.dtype).view(-1, 1, 1, 1)
-            point = (self.base[s] + a * self.diff[s]).requires_grad_(True)
-            scores, grad = score_gradient(self.forward, point, self.target, s)
-            yield rows, scores, grad
+        for part in self.chunker.passes(samples.shape[0], unit):
+            with part as (start, stop):
+                rows = slice(start, stop)
+                s = samples[rows]
+                a = alphas[rows].to(self.base.dtype).view(-1, 1, 1, 1)
+                point = (self.base[s] + a * self.diff[s]).requires_grad_(True)
+                scores, grad = score_gradient(self.forward, point, self.target, s)
+                keep(rows, scores, grad)
 
     def integrate(self, alphas: Tensor, weights: Tensor) -> Tensor:
         """Return ``sum_j w_j grad(alpha_j)`` per sample, ``(N, C, H, W)``, in the input dtype."""
@@ -367,8 +374,11 @@ class _Path:
         row_alphas = alphas.to(device)[step]
         row_weights = weights.to(device, dtype)[step]
         acc = torch.zeros(self.base.shape, dtype=dtype, device=device)
-        for chunk, _, grad in self._chunks(samples, row_alphas):  # row r: sample r % N
+
+        def keep(chunk: slice, _: Tensor, grad: Tensor) -> None:  # row r: sample r % N
             add_rows(acc, grad * row_weights[chunk].view(-1, 1, 1, 1), chunk.start)
+
+        self._chunks(samples, row_alphas, keep)
         return acc
 
     def _evaluate(self, grids: list[_Grid], wanted: list[list[float]]) -> None:
@@ -388,8 +398,11 @@ class _Path:
         grads = torch.empty(
             (all_samples.shape[0], *self.base.shape[1:]), dtype=self.base.dtype, device=device
         )
-        for rows, s, g in self._chunks(all_samples, all_alphas):
+
+        def keep(rows: slice, s: Tensor, g: Tensor) -> None:
             scores[rows], grads[rows] = s, g
+
+        self._chunks(all_samples, all_alphas, keep)
         inner = (grads.double() * self.diff[all_samples].double()).flatten(1).sum(1)
         start = 0
         for gi, alpha, size in owners:

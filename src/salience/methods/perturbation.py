@@ -198,40 +198,45 @@ def occlusion(
         starts_y = torch.tensor([y for y in ys for _ in xs], device=device)
         starts_x = torch.tensor([c for _ in ys for c in xs], device=device)
         windows = len(ys) * len(xs)
-        most = chunker.most()
-        found: tuple[Tensor, Tensor, Tensor] | None = None
-        local: list[str] = []
-        record: dict[str, Any] | None = None
-        per_sample: dict[str, Tensor] = {}
-        if spec is not None:  # Krypton's approximate mode
-            found, local, approx_why, record, per_sample = approximate_scores(
-                spec, chain, fwd, resolved, x, base, starts_y, starts_x, (wh, ww),
-                (len(ys), len(xs)), (sh, sw), most, progress,
-            )  # fmt: skip
-            why = approx_why or why
-        passes = pass_count(windows, n, most, resolved.fn is not None)
-        if chain is not None and spec is None:
-            with Progress(passes, "occlusion (incremental)", enabled=progress) as bar:
-                found, local = occlusion_scores(
-                    chain,
-                    resolved.scores,
-                    resolved.fn is not None,
-                    x,
-                    base,
-                    starts_y,
-                    starts_x,
-                    (wh, ww),
-                    most,
-                    bar.update,
-                )
-            if found is None:
-                why = "no convolution or pooling of the model can run box by box"
-        if found is None:
-            with Progress(passes, "occlusion", enabled=progress) as bar:
-                found = full_scores(
-                    fwd, resolved, x, base, torch.arange(n, device=device), starts_y,
-                    starts_x, (wh, ww), most, bar.update,
-                )  # fmt: skip
+        # The fewest rows of a pass: a clean row and an occluded one (whole copies of the
+        # batch for a callable target). Out of memory: redone with half the rows per pass.
+        planned = why
+        for plan in chunker.plans(2 * n if resolved.fn is not None else 2):
+            with plan as most:
+                why = planned
+                found: tuple[Tensor, Tensor, Tensor] | None = None
+                local: list[str] = []
+                record: dict[str, Any] | None = None
+                per_sample: dict[str, Tensor] = {}
+                if spec is not None:  # Krypton's approximate mode
+                    found, local, approx_why, record, per_sample = approximate_scores(
+                        spec, chain, fwd, resolved, x, base, starts_y, starts_x, (wh, ww),
+                        (len(ys), len(xs)), (sh, sw), most, progress,
+                    )  # fmt: skip
+                    why = approx_why or why
+                passes = pass_count(windows, n, most, resolved.fn is not None)
+                if chain is not None and spec is None:
+                    with Progress(passes, "occlusion (incremental)", enabled=progress) as bar:
+                        found, local = occlusion_scores(
+                            chain,
+                            resolved.scores,
+                            resolved.fn is not None,
+                            x,
+                            base,
+                            starts_y,
+                            starts_x,
+                            (wh, ww),
+                            most,
+                            bar.update,
+                        )
+                    if found is None:
+                        why = "no convolution or pooling of the model can run box by box"
+                if found is None:
+                    with Progress(passes, "occlusion", enabled=progress) as bar:
+                        found = full_scores(
+                            fwd, resolved, x, base, torch.arange(n, device=device), starts_y,
+                            starts_x, (wh, ww), most, bar.update,
+                        )  # fmt: skip
         assert found is not None
         clean, occluded, drop = found  # (N, K), (P, N, K), (P, N, K)
         total = torch.empty(n, k, h, w, dtype=drop.dtype, device=device)
@@ -561,24 +566,26 @@ def rise(
         # Class targets: each pass holds masks of one sample, chunked the same way for every
         # sample (a sample's map does not depend on its batch); a callable target: passes of
         # whole copies of the batch, mask-major.
-        most = chunker.most()
         one_sample = resolved.fn is None
-        chunk = even_chunks(masks, most) if one_sample else max(1, most // n)
-        total: Tensor | None = None
         samples = torch.arange(n, device=x.device)
         groups = [slice(i, i + 1) for i in range(n)] if one_sample else [slice(0, n)]
-        passes = -(-masks // chunk) * len(groups)
-        with Progress(passes, "rise", enabled=progress) as bar:
-            for start in range(0, masks, chunk):
-                m = sampler.masks(start, min(masks, start + chunk))  # (m, H, W)
-                for group in groups:
-                    ids = samples[group].repeat(m.shape[0])  # mask-major
-                    images = (x[group][None] * m[:, None, None]).reshape(-1, *x.shape[1:])
-                    part = _scores(fwd, resolved, images, ids).view(m.shape[0], -1, k)
-                    if total is None:
-                        total = part.new_zeros(n, k, h, w)
-                    total[group] += torch.einsum("mnk,mhw->nkhw", part, m.to(part.dtype))
-                    bar.update()
+        # Out of memory: the sums start again with half the rows per pass.
+        for plan in chunker.plans(1 if one_sample else n):
+            with plan as most:
+                chunk = even_chunks(masks, most) if one_sample else max(1, most // n)
+                total: Tensor | None = None
+                passes = -(-masks // chunk) * len(groups)
+                with Progress(passes, "rise", enabled=progress) as bar:
+                    for start in range(0, masks, chunk):
+                        m = sampler.masks(start, min(masks, start + chunk))  # (m, H, W)
+                        for group in groups:
+                            ids = samples[group].repeat(m.shape[0])  # mask-major
+                            images = (x[group][None] * m[:, None, None]).reshape(-1, *x.shape[1:])
+                            part = _scores(fwd, resolved, images, ids).view(m.shape[0], -1, k)
+                            if total is None:
+                                total = part.new_zeros(n, k, h, w)
+                            total[group] += torch.einsum("mnk,mhw->nkhw", part, m.to(part.dtype))
+                            bar.update()
         with torch.inference_mode():
             clean = resolved.scores(output)  # type: ignore[arg-type]
         clean = clean.clone()

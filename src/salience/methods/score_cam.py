@@ -137,20 +137,22 @@ def score_cam(
         masked = 0
         with torch.no_grad():
             # Whole copies of the batch per pass: rows r0 .. r1 are channels r0 / n .. r1 / n.
-            for r0, r1 in chunker.split(distinct.shape[0] * n, n, even=False):
-                start = r0 // n
-                maps = distinct[start : r1 // n].flatten(0, 1)  # channel-major
-                if tuple(maps.shape[-2:]) != size:
-                    maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
-                lo = maps.amin(dim=(2, 3), keepdim=True)
-                span = maps.amax(dim=(2, 3), keepdim=True) - lo
-                ok = span > 0
-                masks = torch.where(ok, (maps - lo) / torch.where(ok, span, 1.0), 0.0)
-                rows = samples.repeat(maps.shape[0] // n)  # whole copies of the batch
-                out = fwd(x[rows] * masks, rows)
-                part = cap.resolved.scores(out, rows).reshape(-1, n, scores.shape[2])
-                scores[start : start + part.shape[0]] = part * ok.reshape(-1, n, 1)
-                masked += rows.numel()
+            # A pass that runs out of memory is redone (its scores are written last).
+            for chunk in chunker.passes(distinct.shape[0] * n, n, even=False):
+                with chunk as (r0, r1):
+                    start = r0 // n
+                    maps = distinct[start : r1 // n].flatten(0, 1)  # channel-major
+                    if tuple(maps.shape[-2:]) != size:
+                        maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+                    lo = maps.amin(dim=(2, 3), keepdim=True)
+                    span = maps.amax(dim=(2, 3), keepdim=True) - lo
+                    ok = span > 0
+                    masks = torch.where(ok, (maps - lo) / torch.where(ok, span, 1.0), 0.0)
+                    rows = samples.repeat(maps.shape[0] // n)  # whole copies of the batch
+                    out = fwd(x[rows] * masks, rows)
+                    part = cap.resolved.scores(out, rows).reshape(-1, n, scores.shape[2])
+                    scores[start : start + part.shape[0]] = part * ok.reshape(-1, n, 1)
+                    masked += rows.numel()
         weights = torch.zeros(n, k, scores.shape[2], dtype=activation.dtype, device=x.device)
         weights[:, channels] = scores[group].transpose(0, 1)
         weights = weights.transpose(1, 2)  # (N, T, K)

@@ -205,18 +205,19 @@ def _curve(
         scores: Tensor | None = None
         label = f"{kind} curve"
         with torch.no_grad(), Progress(total, label, enabled=progress) as bar:  # rows done
-            for start, stop in chunker.split(total, unit):
-                ids = row_sample[start:stop]
-                done = (ranks[ids] < row_count[start:stop, None]).view(-1, 1, h, w)
-                if kind == "deletion":
-                    images = torch.where(done, base[ids], x[ids])
-                else:
-                    images = torch.where(done, x[ids], base[ids])
-                part = resolved.scores(fwd(images, ids), ids).detach()
-                if scores is None:  # written in place, pass by pass
-                    scores = part.new_empty(total)
-                scores[start:stop] = part
-                bar.update(stop - start)
+            for chunk in chunker.passes(total, unit):  # one out of memory is redone
+                with chunk as (start, stop):
+                    ids = row_sample[start:stop]
+                    done = (ranks[ids] < row_count[start:stop, None]).view(-1, 1, h, w)
+                    if kind == "deletion":
+                        images = torch.where(done, base[ids], x[ids])
+                    else:
+                        images = torch.where(done, x[ids], base[ids])
+                    part = resolved.scores(fwd(images, ids), ids).detach()
+                    if scores is None:  # written in place, pass by pass
+                        scores = part.new_empty(total)
+                    scores[start:stop] = part
+                    bar.update(stop - start)
     assert scores is not None
     curve = scores.view(steps + 1, n).T.contiguous()
     auc = torch.trapezoid(curve.double(), fractions.to(curve.device), dim=1).to(curve.dtype)

@@ -158,13 +158,14 @@ def max_sensitivity(
     with model_scope(model, inputs, forward_args=forward_args, allow_tf32=allow_tf32) as fwd:
         target_fixed, _ = _fixed_target(fwd, x, target)
         clean_parts = []
-        for start, stop in chunker.split(n, even=False):
-            ids = torch.arange(start, stop, device=x.device)
-            m, _ = meth.maps(
-                model, x[ids].clone(), _chunk_target(target_fixed, ids), _chunk_args(fwd, ids),
-                allow_tf32,
-            )  # fmt: skip
-            clean_parts.append(m.double())
+        for part in chunker.passes(n, even=False):  # a pass out of memory is redone
+            with part as (start, stop):
+                ids = torch.arange(start, stop, device=x.device)
+                m, _ = meth.maps(
+                    model, x[ids].clone(), _chunk_target(target_fixed, ids),
+                    _chunk_args(fwd, ids), allow_tf32,
+                )  # fmt: skip
+                clean_parts.append(m.double())
         clean = torch.cat(clean_parts)
         norm0 = clean.flatten(1).norm(dim=1)
         per_pass = chunker.most()
@@ -185,26 +186,28 @@ def max_sensitivity(
                 noisy = noisy.reshape(kk * n, *x.shape[1:])
                 row_sample = torch.arange(n, device=x.device).repeat(kk)
                 row_draw = torch.arange(k0, k0 + kk, device=x.device).repeat_interleave(n)
-                for r0 in range(0, kk * n, per_pass):
-                    sl = slice(r0, min(r0 + per_pass, kk * n))
-                    ids = row_sample[sl]
-                    m, _ = meth.maps(
-                        model, noisy[sl].clone(), _chunk_target(target_fixed, ids),
-                        _chunk_args(fwd, ids), allow_tf32,
-                    )  # fmt: skip
-                    if m.shape[1:] != clean.shape[1:]:
-                        raise ValueError(
-                            f"method {meth.name!r} gave maps of shape {tuple(m.shape[1:])} on "
-                            f"noisy inputs and {tuple(clean.shape[1:])} on clean ones"
-                        )
-                    num = (m.double() - clean[ids]).flatten(1).norm(dim=1)
-                    den = norm0[ids]
-                    ratio = torch.where(
-                        den > 0, num / den.clamp(min=1e-300),
-                        torch.where(num > 0, math.inf, 0.0),
-                    )  # fmt: skip
-                    ratios[row_draw[sl], ids] = ratio
-                    bar.update()
+                for part in chunker.passes(kk * n, even=False):  # out of memory: redone
+                    with part as (r0, r1):
+                        sl = slice(r0, r1)
+                        ids = row_sample[sl]
+                        m, _ = meth.maps(
+                            model, noisy[sl].clone(), _chunk_target(target_fixed, ids),
+                            _chunk_args(fwd, ids), allow_tf32,
+                        )  # fmt: skip
+                        if m.shape[1:] != clean.shape[1:]:
+                            raise ValueError(
+                                f"method {meth.name!r} gave maps of shape "
+                                f"{tuple(m.shape[1:])} on noisy inputs and "
+                                f"{tuple(clean.shape[1:])} on clean ones"
+                            )
+                        num = (m.double() - clean[ids]).flatten(1).norm(dim=1)
+                        den = norm0[ids]
+                        ratio = torch.where(
+                            den > 0, num / den.clamp(min=1e-300),
+                            torch.where(num > 0, math.inf, 0.0),
+                        )  # fmt: skip
+                        ratios[row_draw[sl], ids] = ratio
+                        bar.update()
     zero = (norm0 == 0).nonzero().flatten().tolist()
     if zero:
         warnings.warn(
