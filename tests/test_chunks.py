@@ -383,3 +383,26 @@ def test_fixed_order_sums_give_the_same_maps(method: str, monkeypatch: pytest.Mo
     monkeypatch.setattr(chunks, "_adds_in_order", lambda device: False)  # CUDA's way
     for value in (1, 2, 4, "auto"):
         torch.testing.assert_close(run(Recording(), x, value), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_a_nested_probe_does_not_hide_the_outer_peak(monkeypatch) -> None:
+    """A method run inside a metric's measured pass probes too (resetting the peak counter):
+    the outer pass still counts the peak it reached before."""
+    fake = Fake(monkeypatch, free=1e9, per_row=1_000)
+    outer = Chunker(images(8), "auto", kind="outer")
+    with outer.measure(2):
+        fake.seen(2)  # the outer pass peaks at two rows' worth ...
+        inner = Chunker(images(8), "auto", kind="inner")
+        with inner.measure(1):  # ... then a nested probe resets the counter
+            fake.seen(1)
+    assert inner.per_row == pytest.approx(1_000)
+    assert outer.per_row == pytest.approx(1_000)  # 2 000 bytes over 2 rows, not 1 000
+    # the same through passes(): the nested probe's pass inside the outer probe's pass
+    fake2 = Fake(monkeypatch, free=1e9, per_row=500)
+    outer = Chunker(images(8), "auto", kind="outer2")
+    for part in outer.passes(4):
+        with part as (start, stop):
+            fake2.seen(stop - start)
+            with Chunker(images(8), "auto", kind="inner2").measure(1):
+                fake2.seen(1)
+    assert outer.per_row == pytest.approx(500)

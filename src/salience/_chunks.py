@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import weakref
 from collections.abc import Iterator
 from types import TracebackType
@@ -120,6 +121,40 @@ class OutOfMemoryError(torch.OutOfMemoryError):
     A subclass of :class:`torch.OutOfMemoryError`: code that catches that still catches it;
     an enclosing chunked loop (max-sensitivity around a chunked method) lets it through.
     """
+
+
+# -- probes: peak allocation over a block, also when probes nest ----------------------------
+
+_OPEN = threading.local()
+
+
+class _Probe:
+    """The peak allocation of a block over what was allocated before it.
+
+    A probe resets the device's peak counter. A probe inside another one (a chunked method run
+    by a metric's pass, by fragility's attack) would hide the outer block's peak so far:
+    every reset first folds the peak reached until then into the open probes of the device.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seen = 0
+        probes: list[_Probe] = getattr(_OPEN, "probes", [])
+        _OPEN.probes = probes
+        peak = _cuda_peak_bytes(device) if probes else 0
+        for outer in probes:
+            if outer.device == device:
+                outer.seen = max(outer.seen, peak)
+        self.before = _cuda_allocated_bytes(device)
+        _cuda_reset_peak(device)
+        probes.append(self)
+
+    def close(self) -> int:
+        """Stop measuring; return the block's peak over the allocation before it."""
+        probes: list[_Probe] = _OPEN.probes
+        if self in probes:
+            probes.remove(self)
+        return max(self.seen, _cuda_peak_bytes(self.device)) - self.before
 
 
 # -- remembered footprints -------------------------------------------------------------------
@@ -219,14 +254,14 @@ class Chunker:
         raises teaches nothing. The pass cannot be split: running out of memory in it raises
         :class:`OutOfMemoryError` saying so (except on the CPU with ``"auto"``, left alone).
         """
+        probe: _Probe | None = None
         try:
             if not self.probing or rows < 1:
                 yield
                 return
-            before = _cuda_allocated_bytes(self.device)
-            _cuda_reset_peak(self.device)
+            probe = _Probe(self.device)
             yield
-            self._learn(before, rows)
+            self._learn(probe.close(), rows)
         except torch.OutOfMemoryError as exc:
             if isinstance(exc, OutOfMemoryError) or not self._guards:
                 raise
@@ -238,6 +273,9 @@ class Chunker:
                 "fewer inputs per call or smaller inputs, free memory on the device (other "
                 "tensors, other processes), or run on another device"
             ) from exc
+        finally:
+            if probe is not None:
+                probe.close()
 
     def most(self, remaining: int | None = None) -> int:
         """Rows per pass from now on, at most ``remaining`` (when given), at least 1."""
@@ -326,9 +364,8 @@ class Chunker:
     def _what(self) -> str:
         return self.kind or "a batched method"
 
-    def _learn(self, before: int, rows: int) -> None:
-        """Record the footprint of a row from a probe of ``rows`` rows."""
-        used = _cuda_peak_bytes(self.device) - before
+    def _learn(self, used: int, rows: int) -> None:
+        """Record the footprint of a row from a probe of ``rows`` rows that used ``used`` bytes."""
         self.per_row = max(self._floor, used / rows)
         _remember(self._owner, self._key, self.per_row)
 
@@ -397,12 +434,11 @@ class Pass(Generic[T]):
         self.unit = unit
         self.probe = probe
         self.failed = False
-        self._before = 0
+        self._probe: _Probe | None = None
 
     def __enter__(self) -> T:
         if self.probe:
-            self._before = _cuda_allocated_bytes(self.chunker.device)
-            _cuda_reset_peak(self.chunker.device)
+            self._probe = _Probe(self.chunker.device)
         return self.value
 
     def __exit__(
@@ -411,9 +447,10 @@ class Pass(Generic[T]):
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> bool:
+        used = self._probe.close() if self._probe is not None else 0
         if exc is None:
-            if self.probe:
-                self.chunker._learn(self._before, self.rows)
+            if self._probe is not None:
+                self.chunker._learn(used, self.rows)
             return False
         if not isinstance(exc, torch.OutOfMemoryError) or isinstance(exc, OutOfMemoryError):
             return False  # other errors, and a nested loop's verdict, go through
