@@ -378,3 +378,39 @@ def test_add_rows_adds_every_pair_of_a_pass(
     chunks.add_rows(acc, values, 4, (acc_sq, values * values))
     assert torch.equal(acc, expected)
     assert torch.equal(acc_sq, expected_sq)
+
+
+class GradLimited(Limited):
+    """Runs out of memory only on passes with autograd of more than ``limit`` rows (the clean
+    no-grad pass of all inputs fits)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return super().forward(x)
+        return self.net(x)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_fragility_attacks_fewer_samples_after_running_out_of_memory(
+    monkeypatch: pytest.MonkeyPatch, chunkers: list[Chunker]
+) -> None:
+    from salience.metrics import fragility
+
+    x = images(24)
+
+    def run(model: nn.Module, batch_size: Any) -> tuple[torch.Tensor, ...]:
+        found = fragility(model, x, "gradient", epsilon=0.05, steps=2, batch_size=batch_size)
+        return found.attacked_map, found.perturbed, found.attacked.top_k_intersection
+
+    reference = run(GradLimited(limit=10**6), 3)
+    fake = Fake(monkeypatch)
+    model = GradLimited(fake=fake)
+    for got, want in zip(run(model, "auto"), reference, strict=True):
+        close(got, want)
+    # probe of 4 samples, then 16 (more than fit), redone as 8 + 8 + 4 ...
+    assert sum(rows > LIMIT for rows in model.passes) == 1, model.passes
+    assert sum(c.retries for c in chunkers) == 1
+    model.passes.clear()  # ... and the next call plans passes that fit
+    for got, want in zip(run(model, "auto"), reference, strict=True):
+        close(got, want)
+    assert max(model.passes) <= LIMIT, model.passes

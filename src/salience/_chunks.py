@@ -204,6 +204,9 @@ class Chunker:
         kind: Names the kind of pass in the record and in errors (``"smoothgrad"``...).
         name: The argument's name in error messages.
         images: 224² images per pass of the CPU rule (:data:`salience._checks.CPU_IMAGES`).
+        cost: Rows of the model that each row of the loop stands for (the CPU rule and the
+            probe take that many times fewer): a sample attacked by fragility runs its
+            method's rows twice per step.
 
     Raises:
         TypeError, ValueError: a bad ``batch_size``, naming ``name``.
@@ -219,10 +222,11 @@ class Chunker:
         kind: str = "",
         name: str = "batch_size",
         images: int = CPU_IMAGES,
+        cost: int = 1,
     ) -> None:
         fixed = check_batch_size(batch_size, name)
         self.device = like.device
-        self.cpu_rows = cpu_rows(like, images=images)
+        self.cpu_rows = max(1, cpu_rows(like, images=images) // max(1, cost))
         self.measured = fixed is None and _measures_memory(self.device)
         self.batch_size = fixed
         self.fixed: int | None = fixed if fixed is not None or self.measured else self.cpu_rows

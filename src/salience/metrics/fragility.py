@@ -52,13 +52,10 @@ import torch
 from torch import Tensor
 
 from .._checks import (
-    check_batch_size,
     check_inputs,
     check_positive_int,
-    cpu_rows,
-    even_chunks,
 )
-from .._chunks import BatchSize
+from .._chunks import BatchSize, Chunker
 from .._forward import Forward, ForwardArgs, model_scope
 from .._io import Progress
 from ..targets import TargetLike
@@ -334,8 +331,8 @@ def fragility(
         seed: Seed of the random-sign baseline and of the center attack's first direction.
         method_options: Options of the method (e.g. ``{"steps": 8}`` for Integrated
             Gradients, ``{"layer": "features"}`` for Grad-CAM).
-        batch_size: Samples attacked per pass, or ``"auto"``: from the image size (on every
-            device).
+        batch_size: Samples attacked per pass, or ``"auto"``: from the image size on the CPU,
+            from the memory left on CUDA (see :mod:`salience._chunks`).
         forward_args: Extra arguments of the model; per-sample tensors follow their rows.
         allow_tf32: Let CUDA use TF32; off by default.
         progress: Show a progress bar on stderr (``None``: only on a terminal).
@@ -386,24 +383,26 @@ def fragility(
     rows_per_sample = (
         (meth.options.get("steps") or 50) if meth.name == "integrated_gradients" else 1
     )
-    most = max(1, cpu_rows(x) // (2 * rows_per_sample))
-    fixed = check_batch_size(batch_size)
-    per_pass = even_chunks(n, fixed if fixed is not None else most)
+    # Samples attacked per pass: each runs its method twice per step (map, and its gradient).
+    chunker = Chunker(
+        x, batch_size, backward=True, owner=model, kind=f"fragility/{meth.name}",
+        cost=2 * rows_per_sample,
+    )  # fmt: skip
 
     parts: dict[str, list[Tensor]] = {}
     with model_scope(model, inputs, forward_args=forward_args, allow_tf32=allow_tf32) as fwd:
         target_fixed, labels = _fixed_target(fwd, x, target)
         label = "fragility attack"
-        passes = -(-n // per_pass)
-        with Progress(passes * (steps + 2), label, enabled=progress) as bar:
-            for start in range(0, n, per_pass):
-                ids = torch.arange(start, min(start + per_pass, n), device=x.device)
-                out = _attack_chunk(
-                    meth, fwd, x[ids], ids, target_fixed, labels[ids], attack, epsilon,
-                    alpha, steps, k, bounds, signs, angle, beta, allow_tf32, bar,
-                )  # fmt: skip
-                for key, value in out.items():
-                    parts.setdefault(key, []).append(value)
+        with Progress(n * (steps + 2), label, enabled=progress) as bar:
+            for part in chunker.passes(n):
+                with part as (start, stop):  # out of memory on CUDA: redone with fewer
+                    ids = torch.arange(start, stop, device=x.device)
+                    out = _attack_chunk(
+                        meth, fwd, x[ids], ids, target_fixed, labels[ids], attack, epsilon,
+                        alpha, steps, k, bounds, signs, angle, beta, allow_tf32, bar,
+                    )  # fmt: skip
+                    for key, value in out.items():
+                        parts.setdefault(key, []).append(value)
     cat = {key: torch.cat(v) for key, v in parts.items()}
     kk = int(cat.pop("k")[0])
     return Fragility(
@@ -468,7 +467,7 @@ def _attack_chunk(
     c0 = _center(m0.abs().double())
     direction = torch.tensor([math.cos(angle), math.sin(angle)], dtype=torch.float64)
     direction = direction.to(x0.device)
-    bar.update()
+    bar.update(r)
 
     def clip(z: Tensor) -> Tensor:
         z = torch.maximum(torch.minimum(z, x0 + epsilon), x0 - epsilon)
@@ -515,7 +514,7 @@ def _attack_chunk(
         best = torch.where(better.view(-1, 1, 1, 1), z, best)
         best_map = torch.where(better.view(-1, 1, 1), mz.to(best_map.dtype), best_map)
         best_score = torch.where(better, score, best_score)
-        bar.update()
+        bar.update(r)
     if stuck.any():
         why = (
             "" if meth.registered else " (or the callable method detaches its map: build it "
@@ -532,7 +531,7 @@ def _attack_chunk(
     m_rand, _ = meth.maps(model, x_rand.clone(), tgt, args, allow_tf32)
     held_rand = _labels(fwd, x_rand, ids) == label
     held_att = _labels(fwd, best, ids) == label
-    bar.update()
+    bar.update(r)
     out: dict[str, Tensor] = {"k": torch.tensor([kk])}
     for prefix, xp, mp, held in (("a", best, best_map, held_att), ("r", x_rand, m_rand, held_rand)):
         inter, rho, shift = _compare(m0, mp, kk)
