@@ -3,6 +3,7 @@
     python bench/check_cuda.py                      # VGG- and ResNet-style, 224 x 224, batch 1
     python bench/check_cuda.py --batch 1 32 --models vgg resnet lite0
     python bench/check_cuda.py --device cpu --size 32 --repeats 1   # a smoke test on the CPU
+    python bench/check_cuda.py --oom                # also a real out-of-memory error, redone
 
 For SmoothGrad-50, IG-50, Score-CAM, occlusion and RISE on each model, one line each:
 
@@ -151,6 +152,60 @@ def check(model_name: str, n: int, args: argparse.Namespace, device: torch.devic
     return ok
 
 
+def check_oom(model_name: str, args: argparse.Namespace, device: torch.device) -> bool:
+    """A real out-of-memory error on the device, and the fallback of ``batch_size="auto"``.
+
+    About 2 GB are left free and the planner is told there is 64 times that, so that its first
+    full pass of Integrated Gradients (1024 steps) overshoots: the pass must be redone in
+    halves, the map equal the ``batch_size=8`` one, and the memory still allocated after the
+    call be what
+    it was before (nothing held by the failed pass).
+    """
+    if device.type != "cuda":
+        print("out-of-memory check: CUDA only, skipped")
+        return True
+    net = load(model_name).to(device)
+    model = Recording(net).eval()
+    x = torch.randn(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
+    x = x.to(device)
+    options = {"steps": 1024, "quadrature": "riemann_trapezoid"}
+    made: list[chunks.Chunker] = []
+    init = chunks.Chunker.__init__
+
+    def record(self: chunks.Chunker, *a: Any, **kw: Any) -> None:
+        init(self, *a, **kw)
+        made.append(self)
+
+    real = chunks._cuda_available_bytes
+    chunks.forget_footprints()
+    # Leave about 2 GB free, so that 1024 rows of any of the models cannot fit.
+    free, _ = torch.cuda.mem_get_info(device)
+    blocker = torch.empty(max(0, int(free) - 2 * 2**30), dtype=torch.uint8, device=device)
+    before = torch.cuda.memory_allocated(device)
+    chunks.Chunker.__init__ = record  # type: ignore[method-assign]
+    chunks._cuda_available_bytes = lambda d: 64 * real(d)  # type: ignore[assignment]
+    try:
+        got = salience.integrated_gradients(model, x, 0, **options).values
+    finally:
+        chunks.Chunker.__init__ = init  # type: ignore[method-assign]
+        chunks._cuda_available_bytes = real  # type: ignore[assignment]
+    after = torch.cuda.memory_allocated(device)
+    del blocker
+    passes = list(model.passes)
+    ref = salience.integrated_gradients(net, x, 0, batch_size=8, **options).values
+    diff = float((got - ref).abs().max()) / (float(ref.abs().max()) or 1.0)
+    retries = sum(c.retries for c in made)
+    held = (after - before - got.numel() * got.element_size()) / 2**20
+    ok = diff <= 1e-4 and retries >= 1
+    print(
+        f"out-of-memory check, {model_name}: retries {retries}, passes {_short(passes)}, map vs "
+        f"batch_size=8 {diff:.1e}, memory held after the call beyond the map {held:.1f} MB"
+        + ("" if ok else "  <-- FAILED (no retry, or the map differs)"),
+        flush=True,
+    )
+    return ok
+
+
 def _short(passes: list[int]) -> str:
     return str(passes) if len(passes) <= 8 else f"{passes[:6]} ... ({len(passes)} passes)"
 
@@ -164,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=None, choices=list(METHODS))
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--oom", action="store_true", help="also force a real out-of-memory error (CUDA)"
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     # salience switches TF32 off in its calls; Captum follows the global flags: set them so.
@@ -171,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, TF32 off")
     ok = all([check(m, n, args, device) for m in args.models for n in args.batch])
-    print("OK" if ok else "FAILED: a map depends on the chunking")
+    if args.oom:
+        ok &= check_oom(args.models[0], args, device)
+    print("OK" if ok else "FAILED: a map depends on the chunking, or the fallback failed")
     return 0 if ok else 1
 
 
