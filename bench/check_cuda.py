@@ -158,8 +158,7 @@ def check_oom(model_name: str, args: argparse.Namespace, device: torch.device) -
     About 2 GB are left free and the planner is told there is 64 times that, so that its first
     full pass of Integrated Gradients (1024 steps) overshoots: the pass must be redone in
     halves, the map equal the ``batch_size=8`` one, and the memory still allocated after the
-    call be what
-    it was before (nothing held by the failed pass).
+    call be what it was before (nothing held by the failed pass).
     """
     if device.type != "cuda":
         print("out-of-memory check: CUDA only, skipped")
