@@ -17,7 +17,8 @@ import salience._chunks as chunks
 import salience.methods.perturbation as perturbation
 from conftest import VGGish, _init
 from salience._chunks import Chunker, OutOfMemoryError
-from salience.metrics import deletion, insertion, max_sensitivity
+from salience.metrics import max_sensitivity
+from test_chunks import RUNS as CHUNKED
 
 ROW = 1000  # simulated bytes per row
 ROOM = 16  # rows that the plan gives: the budget is half the free memory
@@ -93,34 +94,21 @@ def chunkers(monkeypatch: pytest.MonkeyPatch) -> list[Chunker]:
     return made
 
 
-# Every chunked method and metric, with work that the plan puts in passes of more than LIMIT
-# rows (after the clean pass and the probe, which fit).
+# Every chunked method and metric (test_chunks.py's table), with work that the plan puts in
+# passes of more than LIMIT rows (after the clean pass and the probe, which fit).
 RUNS: dict[str, Any] = {
-    "smoothgrad": lambda m, x, b: salience.smoothgrad(m, x, samples=10, batch_size=b).values,
+    **CHUNKED,
     "smoothgrad_vargrad": lambda m, x, b: (
         salience.smoothgrad(m, x, samples=10, variant="vargrad", batch_size=b).values
     ),
-    "integrated_gradients": lambda m, x, b: (
-        salience.integrated_gradients(m, x, steps=9, batch_size=b).values
-    ),
-    "ig_adaptive": lambda m, x, b: (
+    "ig_adaptive": lambda m, x, b: (  # runs every refinement, up to 16 steps
         salience.integrated_gradients(
             m, x, steps=8, tolerance=1e-9, max_steps=16, batch_size=b
         ).values
     ),
-    "score_cam": lambda m, x, b: (
-        salience.score_cam(m, x, layer="net.features.3", batch_size=b).values
-    ),
-    "occlusion": lambda m, x, b: (
-        salience.occlusion(m, x, window=4, stride=4, incremental=False, batch_size=b).values
-    ),
-    "rise": lambda m, x, b: salience.rise(m, x, masks=20, batch_size=b).values,
     "rise_callable": lambda m, x, b: (
         salience.rise(m, x, target=lambda out: out[:, 0], masks=10, batch_size=b).values
     ),
-    "deletion": lambda m, x, b: deletion(m, x, x.abs().sum(1), steps=8, batch_size=b).curve,
-    "insertion": lambda m, x, b: insertion(m, x, x[:, 0], steps=8, batch_size=b).curve,
-    "max_sensitivity": lambda m, x, b: max_sensitivity(m, x, samples=5, batch_size=b).max,
 }
 
 
