@@ -7,6 +7,7 @@ Every method is a function ``method(model, inputs, target=None, **options) -> At
 from __future__ import annotations
 
 from . import targets
+from ._performance import PerformanceSettings, get_performance, performance, set_performance
 from .attribution import Attribution
 from .methods import (
     cam,
@@ -33,6 +34,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Attribution",
+    "PerformanceSettings",
     "__version__",
     "available_methods",
     "cam",
@@ -41,6 +43,7 @@ __all__ = [
     "evaluate",
     "explain",
     "get_method",
+    "get_performance",
     "grad_cam",
     "grad_cam_plus_plus",
     "gradient",
@@ -52,9 +55,11 @@ __all__ = [
     "lrp",
     "mask_target",
     "occlusion",
+    "performance",
     "resolve_target",
     "rise",
     "score_cam",
+    "set_performance",
     "smoothgrad",
     "targets",
 ]

@@ -51,6 +51,7 @@ from .rectifiers import (
 __all__ = [
     "CallHandler",
     "ForwardHook",
+    "active_scopes",
     "call_rule",
     "forward_hooks",
     "rectifier_rule",
@@ -62,6 +63,31 @@ ForwardHook = Callable[[str, nn.Module, tuple[Any, ...], Any], Any]
 CallHandler = Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
 """``handle(func, args, kwargs)``: the replacement result of a torch call, or ``NotImplemented``
 to let the call run as written."""
+
+_scopes = 0
+_scopes_lock = threading.Lock()
+
+
+def active_scopes() -> int:
+    """How many hook scopes of this module are open, in any thread.
+
+    A compiled model (``salience.performance(compile=...)``) may not run the hooks and modes
+    installed here, so :class:`salience._forward.Forward` runs the eager model while this is
+    not zero.
+    """
+    return _scopes
+
+
+@contextlib.contextmanager
+def _counted() -> Iterator[None]:
+    global _scopes
+    with _scopes_lock:
+        _scopes += 1
+    try:
+        yield
+    finally:
+        with _scopes_lock:
+            _scopes -= 1
 
 
 @contextlib.contextmanager
@@ -85,7 +111,8 @@ def forward_hooks(modules: Iterable[tuple[str, nn.Module]], hook: ForwardHook) -
     try:
         for name, module in modules:
             handles.append(module.register_forward_hook(scoped(name)))
-        yield
+        with _counted():
+            yield
     finally:
         for handle in handles:
             handle.remove()
@@ -203,7 +230,7 @@ def rectifier_rule(
             f"the {rule} backward rule cannot be applied to a TorchScript model: its ReLUs run "
             "outside Python. Load the model as a Python nn.Module instead"
         )
-    with _RectifierMode(rule, extend) as mode:
+    with _RectifierMode(rule, extend) as mode, _counted():
         yield mode
     mode.check(method or _METHODS.get(rule, rule))
 
@@ -250,5 +277,5 @@ def call_rule(model: nn.Module, handle: CallHandler, *, method: str) -> Iterator
             f"{method} cannot be applied to a TorchScript model: its operations run outside "
             "Python. Load the model as a Python nn.Module instead"
         )
-    with _CallMode(handle):
+    with _CallMode(handle), _counted():
         yield

@@ -10,6 +10,7 @@ from typing import Any, Literal, TypeVar
 
 from torch import Tensor, nn
 
+from ._performance import recorded
 from .attribution import Attribution
 
 __all__ = ["MethodSpec", "available_methods", "explain", "get_method", "register"]
@@ -42,15 +43,20 @@ _REGISTRY: dict[str, MethodSpec] = {}
 
 
 def register(name: str, *, kind: Kind = "pixel") -> Callable[[F], F]:
-    """Register a method function under ``name``; the first docstring line describes it."""
+    """Register a method function under ``name``; the first docstring line describes it.
+
+    The function is returned wrapped (same name, signature and docstring), so that a call
+    under :func:`salience.performance` settings records them in ``extras["performance"]``.
+    """
 
     def decorate(func: F) -> F:
         if name in _REGISTRY:
             raise ValueError(f"a method named {name!r} is already registered")
         doc = inspect.getdoc(func) or ""
         description = doc.splitlines()[0].rstrip(".") if doc else name
-        _REGISTRY[name] = MethodSpec(name=name, func=func, description=description, kind=kind)
-        return func
+        method = recorded(func)
+        _REGISTRY[name] = MethodSpec(name=name, func=method, description=description, kind=kind)
+        return method
 
     return decorate
 

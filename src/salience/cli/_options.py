@@ -244,6 +244,28 @@ def _model_options() -> argparse.ArgumentParser:
         metavar="R,G,B",
         help="per-channel std (default: ImageNet's 0.229,0.224,0.225)",
     )
+    speed = parent.add_argument_group(
+        "speed", _wrap("maps equal those without these to float tolerance (salience.performance)")
+    )
+    speed.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="give the model channels-last inputs (faster convolutions on tensor-core GPUs "
+        "and CPUs with oneDNN)",
+    )
+    speed.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the model through torch.compile (inductor); pays off over many images. "
+        "Methods that change the backward pass (guided backprop, CAMs, LRP, DeepLIFT) run "
+        "the model uncompiled",
+    )
+    speed.add_argument(
+        "--compile-mode",
+        metavar="MODE",
+        help="torch.compile mode, implies --compile: reduce-overhead (CUDA graphs, small "
+        "batches), max-autotune",
+    )
     other = parent.add_argument_group("general")
     other.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return parent

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import warnings
 from collections.abc import Sequence
 
-from ._common import DEFAULT_OUT, EXIT_INTERRUPTED, CLIError, _err
+from ._common import DEFAULT_OUT, EXIT_INTERRUPTED, CLIError, UsageError, _err
 from ._options import (
     COMPARE_METHODS,
     _Formatter,
@@ -312,13 +313,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.showwarning = _show_warning
             # The command reports an unmet IG tolerance itself, naming the image.
             warnings.filterwarnings("ignore", message="Integrated Gradients: the adaptive path")
-            return int(args.handler(args))
+            with _performance(args):
+                return int(args.handler(args))
     except CLIError as exc:
         _err(f"salience {args.command}: error: {exc}")
         return exc.code
     except KeyboardInterrupt:
         _err(f"\nsalience {args.command}: interrupted (files already written are complete)")
         return EXIT_INTERRUPTED
+
+
+def _performance(args: argparse.Namespace) -> contextlib.AbstractContextManager[object]:
+    """Return the speed settings of ``--channels-last``, ``--compile`` and ``--compile-mode``."""
+    channels_last = getattr(args, "channels_last", False)
+    mode = getattr(args, "compile_mode", None)
+    compile_ = mode if mode is not None else (True if getattr(args, "compile", False) else None)
+    if not channels_last and compile_ is None:
+        return contextlib.nullcontext()
+    if getattr(args, "engine", "local") != "local":
+        raise UsageError(
+            "--channels-last and --compile apply to the local engine; Ray workers do not see them"
+        )
+    from .._performance import performance
+
+    return performance(channels_last=channels_last or None, compile=compile_)
 
 
 def _show_warning(
