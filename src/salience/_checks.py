@@ -2,11 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import warnings
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+# Frames a warning skips to reach the user's line: salience, and the torch and contextlib code
+# that calls back into it (autograd functions, hooks, ``with`` blocks).
+_INTERNAL = (
+    os.path.dirname(os.path.abspath(__file__)) + os.sep,
+    os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
+    os.path.abspath(contextlib.__file__),
+)
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` pointing at the caller's line outside salience.
+
+    However deep in salience (a method called by a metric, by :func:`salience.explain`, by the
+    batch runner) the warning is raised, it names the user's line that led to it.
+    """
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, category, stacklevel=level + 1)
+
 
 # Modules whose forward depends on the training flag.
 _TRAINING_DEPENDENT = (
@@ -33,13 +59,12 @@ def check_model(model: Any) -> None:
             if m.training and isinstance(m, _TRAINING_DEPENDENT)
         ]
         if training:
-            warnings.warn(
+            warn(
                 f"the model is in training mode ({', '.join(training[:3])}"
                 f"{', ...' if len(training) > 3 else ''}): BatchNorm and Dropout make the maps "
                 "depend on the batch and on chance (BatchNorm uses the statistics of the batch; "
                 "its running statistics are restored after the call). Call model.eval() first "
                 "(salience leaves the flag as you set it)",
-                stacklevel=3,
             )
 
 
@@ -141,7 +166,4 @@ def warn_zero_maps(method: str, values: Tensor, why: str) -> None:
     """
     zero = (values.flatten(1) == 0).all(1).nonzero().flatten().tolist()
     if zero:
-        warnings.warn(
-            f"{method}: the map of sample(s) {zero[:10]} is zero everywhere {why}",
-            stacklevel=4,
-        )
+        warn(f"{method}: the map of sample(s) {zero[:10]} is zero everywhere {why}")

@@ -10,7 +10,6 @@ figure of the paper: each receptive-field patch beside its reconstruction.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from .._checks import check_model, check_positive_int
+from .._checks import check_model, check_positive_int, warn
 from .._forward import full_float32, kept_buffers
 from .._io import ImageError, Progress, load_image
 from ..hooks import forward_hooks
@@ -83,7 +82,7 @@ def _recorder(outputs: list[Any]) -> Callable[[str, nn.Module, tuple[Any, ...], 
 
 
 def _warn_skip(label: str, reason: str) -> None:
-    warnings.warn(f"top_activating skipped {label}: {reason}", stacklevel=4)
+    warn(f"top_activating skipped {label}: {reason}")
 
 
 def _files(folder: Path) -> list[Path]:

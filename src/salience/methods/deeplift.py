@@ -33,7 +33,6 @@ those operations are counted in ``extras["gradient_ops"]``, a warning names them
 
 from __future__ import annotations
 
-import warnings
 import weakref
 from collections import Counter
 from collections.abc import Callable
@@ -43,7 +42,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_choice, warn_zero_maps
+from .._checks import check_choice, warn, warn_zero_maps
 from .._forward import ForwardArgs, model_scope
 from ..attribution import Attribution
 from ..hooks import call_rule
@@ -500,12 +499,11 @@ def deeplift(
         listed = ", ".join(f"{k} x {n}" for k, n in tracer.gradient_ops.most_common())
         change = (s.detach().double() - s0.double()).abs().clamp(min=1e-12)
         worst = float((delta.abs() / change).max())
-        warnings.warn(
+        warn(
             f"deeplift: {sum(tracer.gradient_ops.values())} operation(s) of this model are not "
             f"covered by DeepLIFT's rules and were back-propagated with their gradient "
             f"({listed}); the attributions do not sum exactly to the change of the score "
             f"(largest gap {worst:.2%} of it; see extras['delta'])",
-            stacklevel=3,
         )
     warn_zero_maps(
         "deeplift",

@@ -11,13 +11,12 @@ image) and ``allow_tf32=`` (TF32 is off during the call by default); see
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_positive_int, warn_zero_maps
+from .._checks import check_choice, check_positive_int, warn, warn_zero_maps
 from .._chunks import BatchSize, Chunker, add_rows
 from .._forward import Forward, ForwardArgs, model_scope
 from ..attribution import Attribution, Reduction
@@ -471,11 +470,10 @@ def _smoothgrad(
     sigma = noise_level * value_range
     flat = (value_range.flatten() == 0).nonzero().flatten().tolist()
     if noise_level > 0 and flat:
-        warnings.warn(
+        warn(
             f"SmoothGrad: input sample(s) {flat[:10]} are constant (value range 0), so the "
             "noise, noise_level x range, is 0 and their map is the plain gradient, not a "
             "smoothed one; pass images with some contrast",
-            stacklevel=4,
         )
 
     total = samples * n

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -13,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_positive_int
+from .._checks import check_choice, check_positive_int, warn
 from .._chunks import BatchSize, Chunker, add_rows
 from .._forward import Forward, ForwardArgs, model_scope
 from ..attribution import Attribution
@@ -171,11 +170,10 @@ def _integrate(
     n = x.shape[0]
     same = (x == base).flatten(1).all(1).nonzero().flatten().tolist()
     if same:
-        warnings.warn(
+        warn(
             f"Integrated Gradients: the baseline equals input sample(s) {same[:10]}, so their "
             "attributions are all zero (x - x' = 0); choose another baseline (a constant image "
             "equals its 'uniform' and 'blur' baselines)",
-            stacklevel=4,
         )
     chunker = Chunker(
         inputs, batch_size, backward=True, owner=forward.model, kind="integrated_gradients"
@@ -207,12 +205,11 @@ def _integrate(
             gaps = ", ".join(
                 f"{float(delta[i] / change[i].clamp(min=1e-12)):.2%}" for i in unmet[:5]
             )
-            warnings.warn(
+            warn(
                 f"Integrated Gradients: the adaptive path reached max_steps={max_steps} before "
                 f"the completeness gap met tolerance={tolerance:g} for sample(s) {unmet[:10]} "
                 f"(relative gap {gaps}); raise max_steps or tolerance, and see "
                 "extras['delta']",
-                stacklevel=4,
             )
     return Attribution(
         values=values,

@@ -8,12 +8,11 @@ channel's upsampled, normalised map. It shares the rest with the other CAMs of
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import warn
 from .._chunks import BatchSize, Chunker
 from .._forward import ForwardArgs, model_scope
 from ..attribution import Attribution
@@ -120,11 +119,10 @@ def score_cam(
         unit = torch.where(varying, (flat - low) / torch.where(varying, high - low, 1.0), 0.0)
         blank = (~varying[..., 0].any(dim=1)).nonzero().flatten().tolist()
         if blank:
-            warnings.warn(
+            warn(
                 f"score_cam: every channel of layer {cap.layer!r} is constant on sample(s) "
                 f"{blank[:10]} (a blank image or a dead layer), so no channel gives a mask and "
                 "their maps are zero: Score-CAM cannot tell anything about them",
-                stacklevel=3,
             )
         channels = varying[..., 0].any(dim=0).nonzero().flatten()
         keys = unit[:, channels].transpose(0, 1).reshape(len(channels), unit[:, 0].numel())

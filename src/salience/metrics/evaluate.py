@@ -44,7 +44,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from .._checks import check_batch_size, check_inputs, check_positive_int
+from .._checks import check_batch_size, check_inputs, check_positive_int, warn
 from .._chunks import BatchSize
 from .._forward import model_scope
 from .._io import Progress, atomic_write
@@ -446,10 +446,7 @@ def evaluate(
                 bar.update(len(chunks) - len(next(iter(parts.values()), [])))
                 parts = {}
             if caught:
-                warnings.warn(
-                    f"evaluate: {name}: {len(caught)} warning(s) while scoring, e.g. {caught[0]}",
-                    stacklevel=2,
-                )
+                warn(f"evaluate: {name}: {len(caught)} warning(s) while scoring, e.g. {caught[0]}")
             samples = {metric: torch.cat(values) for metric, values in parts.items()}
             per_sample[name] = samples
             row: dict[str, Any] = {"method": name, "kind": kind}

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -54,6 +53,7 @@ from torch import Tensor
 from .._checks import (
     check_inputs,
     check_positive_int,
+    warn,
 )
 from .._chunks import BatchSize, Chunker
 from .._forward import Forward, ForwardArgs, model_scope
@@ -520,11 +520,10 @@ def _attack_chunk(
             "" if meth.registered else " (or the callable method detaches its map: build it "
             "with autograd, create_graph=True, for the attack to see it)"
         )  # fmt: skip
-        warnings.warn(
+        warn(
             f"fragility: the map of {meth.name} does not change with the input to first order "
             f"for sample(s) {(ids[stuck]).tolist()[:10]}: the attack had no direction and left "
             f"them unperturbed{why}",
-            stacklevel=3,
         )
     x_rand = x0 + epsilon * signs
     x_rand = x_rand.clamp(*bounds) if bounds is not None else x_rand

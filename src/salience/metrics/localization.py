@@ -19,13 +19,13 @@ Conventions shared by every function here:
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from .._checks import warn
 from ..attribution import Attribution
 
 __all__ = [
@@ -244,10 +244,9 @@ def box_from_map(
     peak = maps.flatten(1).amax(dim=1)
     dead = peak <= 0
     if dead.any():
-        warnings.warn(
+        warn(
             f"maps of samples {_samples(dead)} have no positive value: there is no region to "
             "box; returning the empty box (0, 0, 0, 0) for them",
-            stacklevel=2,
         )
     fg = (maps >= threshold * peak[:, None, None]) & ~dead[:, None, None]
     labels = _components(fg, connectivity)
@@ -431,10 +430,9 @@ def pointing_game(
     flat = maps.flatten(1)
     constant = flat.amax(dim=1) == flat.amin(dim=1)
     if constant.any() and h * w > 1:
-        warnings.warn(
+        warn(
             f"maps of samples {_samples(constant)} are constant: every pixel is a maximum; "
             "pointing at the first pixel (0, 0)",
-            stacklevel=2,
         )
     peak = flat.argmax(dim=1)  # first maximum
     pi = torch.div(peak, w, rounding_mode="floor")
@@ -473,8 +471,5 @@ def pointing_energy(map: Tensor | Attribution, target: Tensor) -> Tensor:
     inside = (pos * mask).flatten(1).sum(dim=1)
     dead = total <= 0
     if dead.any():
-        warnings.warn(
-            f"maps of samples {_samples(dead)} have no positive mass; scoring them 0.0",
-            stacklevel=2,
-        )
+        warn(f"maps of samples {_samples(dead)} have no positive mass; scoring them 0.0")
     return torch.where(dead, torch.zeros_like(total), inside / torch.where(dead, 1.0, total))

@@ -14,13 +14,12 @@ are the rule. A map that is constant over the image has no ranking; its correlat
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .._checks import check_inputs
+from .._checks import check_inputs, warn
 from .._chunks import BatchSize
 from .._forward import ForwardArgs
 from ..attribution import Attribution
@@ -106,11 +105,10 @@ def occlusion_correlation(
     rho = spearman(maps.to(ref.device), ref)
     constant = torch.isnan(rho).nonzero().flatten().tolist()
     if constant:
-        warnings.warn(
+        warn(
             f"occlusion_correlation: the map or the occlusion map of sample(s) {constant[:10]} "
             "is constant, so it ranks no pixels: the correlation is nan (a window as large as "
             "the image gives a constant occlusion map)",
-            stacklevel=2,
         )
     return rho
 

@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -71,7 +70,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_inputs, check_positive_int
+from .._checks import check_inputs, check_positive_int, warn
 from .._forward import ForwardArgs
 from .._io import Progress
 from ..attribution import Attribution
@@ -573,10 +572,9 @@ def parameter_randomization(
         bad = torch.isnan(value).nonzero().tolist()
         if bad:
             where = ", ".join(f"{labels[r]!r} sample {s}" for r, s in bad[:5])
-            warnings.warn(
+            warn(
                 f"{name}: {MEASURE_NAMES[measure]} is undefined (a constant map) at {where}"
                 f"{', ...' if len(bad) > 5 else ''}; it is NaN there and left out of the means",
-                stacklevel=2,
             )
     return SanityCheck(
         method=name,

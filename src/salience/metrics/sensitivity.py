@@ -14,7 +14,6 @@ References:
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._checks import check_inputs, check_positive_int
+from .._checks import check_inputs, check_positive_int, warn
 from .._chunks import BatchSize, Chunker
 from .._forward import ForwardArgs, model_scope
 from .._io import Progress
@@ -210,11 +209,10 @@ def max_sensitivity(
                         bar.update()
     zero = (norm0 == 0).nonzero().flatten().tolist()
     if zero:
-        warnings.warn(
+        warn(
             f"max_sensitivity: the map of {meth.name} is zero everywhere for sample(s) "
             f"{zero[:10]}: a relative change is undefined (reported as inf where a draw "
             "changes it, 0 where none does)",
-            stacklevel=2,
         )
     return Sensitivity(
         method=meth.name,

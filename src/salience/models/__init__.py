@@ -54,6 +54,8 @@ from salience.models.efficientnet_lite import (
 from salience.models.imagenet import class_index, class_name, class_names
 from salience.models.synthetic import SyntheticCNN, synthetic_cnn, synthetic_weights_path
 
+from .._checks import warn
+
 __all__ = [
     "IMAGENET_INCEPTION_MEAN",
     "IMAGENET_INCEPTION_STD",
@@ -215,10 +217,9 @@ def _load_checkpoint(path: Path, *, trust: bool) -> Any:
             f"{_TRUST_HINT}. Safer alternatives: a TorchScript archive, or a state dict with "
             "architecture=..."
         )
-    warnings.warn(
+    warn(
         f"unpickling {str(path)!r} with trust=True: a pickle can run arbitrary code on load",
         UserWarning,
-        stacklevel=3,
     )
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
