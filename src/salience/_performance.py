@@ -34,7 +34,9 @@ AOTAutograd). Gradients of ReLU networks jump where a unit's gate flips, so a ro
 change can move a patch of a gradient map: on EfficientNet-Lite0, inductor moves the vanilla
 gradient by 4e-2 of its max-abs value at a hundred-odd pixels (correlation 0.999997 with the
 eager map), exactly as much as perturbing the input by one ulp moves the eager map. The
-scores agree to 4e-7. Channels-last inputs gave bit-identical maps there.
+scores agree to 4e-7. Channels-last inputs gave bit-identical maps there; on the VGG-style
+net of ``bench/`` they move the gradient by 0.11 of its max, again exactly as much as a
+one-ulp change of the input (a max-pooling or ReLU tie decided the other way).
 
 A compiled graph does not run Python hooks or torch-function modes reliably, and salience's
 modified backward rules live there (guided backprop and DeconvNet, the CAM activation
