@@ -50,3 +50,39 @@ def test_a_warning_points_at_the_callers_line(name: str) -> None:
     assert record, name
     for caught in record:
         assert caught.filename == __file__, (caught.filename, str(caught.message))
+
+
+# -- the fast checks behind the warnings and errors ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "finite"),
+    [
+        (torch.tensor([1.0, 2.0]), True),
+        (torch.tensor([3e38, 3e38]), True),  # float32 entries whose float32 sum overflows
+        (torch.tensor([1e308, 1e308], dtype=torch.float64), True),  # so does this float64 sum
+        (torch.tensor([60000.0, 60000.0], dtype=torch.float16), True),
+        (torch.tensor([1.0, float("nan")]), False),
+        (torch.tensor([float("inf"), 1.0]), False),
+        (torch.tensor([float("inf"), float("-inf")]), False),  # the sum is NaN
+        (torch.tensor([-1e308, float("-inf")], dtype=torch.float64), False),
+        (torch.zeros(0), True),
+        (torch.tensor([1, 2]), True),  # integers are finite
+    ],
+)
+def test_all_finite_agrees_with_isfinite(values: torch.Tensor, finite: bool) -> None:
+    from salience._checks import all_finite
+
+    assert all_finite(values) is finite
+    assert finite == (values.numel() == 0 or bool(torch.isfinite(values).all()))
+
+
+def test_zero_maps_are_found_per_sample() -> None:
+    from salience._checks import warn_zero_maps
+
+    values = torch.ones(4, 3, 3)
+    values[1] = 0.0
+    values[3] = -0.0
+    values[2, 1, 1] = float("nan")  # not zero
+    with pytest.warns(UserWarning, match=r"sample\(s\) \[1, 3\] is zero everywhere"):
+        warn_zero_maps("m", values, "here")

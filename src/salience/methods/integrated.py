@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_positive_int, warn
+from .._checks import all_finite, check_choice, check_positive_int, warn
 from .._chunks import BatchSize, Chunker, add_rows
 from .._forward import Forward, ForwardArgs, model_scope
 from ..attribution import Attribution
@@ -246,7 +246,7 @@ def make_baseline(
                 f"baseline of shape {tuple(baseline.shape)} does not broadcast to the inputs "
                 f"{tuple(x.shape)}"
             ) from None
-        if not bool(torch.isfinite(base).all()):
+        if not all_finite(base):
             raise ValueError("baseline contains NaN or inf values")
         return base.clone()
     if isinstance(baseline, int | float) and not isinstance(baseline, bool):

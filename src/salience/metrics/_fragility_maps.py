@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_positive_int
+from .._checks import all_finite, check_positive_int
 from .._forward import Forward, ForwardArgs, _expand
 from ..attribution import Attribution, Reduction
 from ..hooks import call_rule, forward_hooks
@@ -102,7 +102,7 @@ def _as_maps(result: Any, x: Tensor, name: str) -> Tensor:
         )
     if not m.is_floating_point():
         m = m.double()
-    if not bool(torch.isfinite(m).all()):
+    if not all_finite(m):
         raise ValueError(f"method {name!r} gave maps with NaN or inf values")
     return m
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_inputs
+from .._checks import all_finite, check_inputs
 from .._forward import ForwardArgs, model_scope
 from ..hooks import forward_hooks
 
@@ -122,7 +122,7 @@ def _as_shift(shift: ShiftLike, inputs: Tensor) -> Tensor:
             )
     else:
         raise TypeError(f"shift must be a number or a sequence of numbers, got {shift!r}")
-    if not bool(torch.isfinite(s).all()):
+    if not all_finite(s):
         raise ValueError(f"shift must be finite, got {s.tolist()}")
     return s
 

@@ -43,7 +43,7 @@ from typing import Any, Literal, TypeAlias
 import torch
 from torch import Tensor
 
-from .._checks import check_inputs, check_positive_int
+from .._checks import all_finite, check_inputs, check_positive_int
 from .._chunks import BatchSize, Chunker
 from .._forward import ForwardArgs, model_scope
 from .._io import Progress
@@ -271,7 +271,7 @@ def _as_map(saliency: Tensor | Attribution, x: Tensor) -> Tensor:
         raise TypeError(f"saliency maps must be real, got {m.dtype}")
     if not m.is_floating_point():  # bool masks, integer ranks
         m = m.double()
-    if not bool(torch.isfinite(m).all()):
+    if not all_finite(m):
         raise ValueError("the saliency maps contain NaN or inf values: they rank no pixels")
     return m.to(x.device)
 

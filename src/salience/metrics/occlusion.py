@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._checks import check_inputs, warn
+from .._checks import all_finite, check_inputs, warn
 from .._chunks import BatchSize
 from .._forward import ForwardArgs
 from ..attribution import Attribution
@@ -135,6 +135,6 @@ def _as_maps(maps: Tensor | Attribution, n: int, h: int, w: int, name: str) -> T
             f"{name} must be (N, H, W) = ({n}, {h}, {w}) maps at the inputs' resolution; got "
             f"shape {tuple(maps.shape)} (upsample a layer map first)"
         )
-    if not bool(torch.isfinite(m.double()).all()):
+    if not all_finite(m):
         raise ValueError(f"{name} contains NaN or inf values")
     return m

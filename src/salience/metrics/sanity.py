@@ -70,7 +70,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_inputs, check_positive_int, warn
+from .._checks import all_finite, check_inputs, check_positive_int, warn
 from .._forward import ForwardArgs
 from .._io import Progress
 from ..attribution import Attribution
@@ -418,7 +418,7 @@ def _run(
             f"{name} returned values of shape {tuple(values.shape)} for {x.shape[0]} inputs; "
             "expected (N, C, H, W) maps"
         )
-    if not bool(torch.isfinite(values).all()):
+    if not all_finite(values):
         raise ValueError(f"{name} gave NaN or inf values on the {where}")
     return values.detach()
 
