@@ -263,3 +263,20 @@ def test_errors(vgg: nn.Module, images: torch.Tensor) -> None:
         deletion(vgg, images, torch.full((3, 16, 16), float("nan")))
     with pytest.raises(ValueError, match="out of range"):
         deletion(vgg, images, saliency, target=10)
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_results_of_inference_mode_passes_are_ordinary_tensors(steps: int) -> None:
+    """The forward-only passes run under inference mode; what they return can still be
+    changed in place and used with autograd."""
+    model = _init(VGGish(), 0).eval()
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    found = [
+        deletion(model, x, x.abs().sum(1), steps=steps).curve,
+        insertion(model, x, x.abs().sum(1), steps=steps).auc,
+        salience.score_cam(model, x, layer="features.3").values,
+    ]
+    for value in found:
+        assert not value.is_inference()
+        value.add_(1.0)  # raises on an inference tensor outside inference mode
+        assert value.requires_grad_(True).requires_grad

