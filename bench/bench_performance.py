@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -40,6 +39,9 @@ from torch import Tensor, nn
 
 import salience
 from salience import models
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from suite import machine
 
 
 def batch_of(model: nn.Module, n: int) -> Tensor:
@@ -162,23 +164,6 @@ def format_row(r: dict[str, Any]) -> str:
         f"| {r['batch']} | {r['method']} | {setting} | {r['first']:.2f} | {r['median']:.3f} | "
         f"{r['speedup']:.2f}x | {r['rel_diff']:.1e} | {r['floor']:.1e} | {r['corr']:.7f} |"
     )
-
-
-def machine(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            names = [line.split(":", 1)[1].strip() for line in handle if "model name" in line]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    text = (
-        f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), Python {platform.python_version()}"
-    )
-    if device.type == "cuda":
-        text += f", {torch.cuda.get_device_name(device)}"
-    return text
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from conftest import VGGish, _init
 from salience._chunks import Chunker, OutOfMemoryError
 from salience.metrics import max_sensitivity
 from test_chunks import RUNS as CHUNKED
+from test_chunks import _fresh_footprints  # noqa: F401  (autouse: every test starts afresh)
 
 ROW = 1000  # simulated bytes per row
 ROOM = 16  # rows that the plan gives: the budget is half the free memory
@@ -71,13 +72,6 @@ class Limited(nn.Module):
         if self.fake is not None:
             self.fake.rows_since_reset = max(self.fake.rows_since_reset, rows)
         return self.net(x)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_footprints() -> Any:
-    chunks.forget_footprints()
-    yield
-    chunks.forget_footprints()
 
 
 @pytest.fixture
