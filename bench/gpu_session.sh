@@ -5,11 +5,12 @@
 #     run(command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=590)
 #
 # Each step has its own time limit and writes its output to $OUT (what comes back): the
-# device, check_cuda.py (automatic chunks, host syncs, copies, chunking independence, a real
-# out-of-memory error redone), the suite on CUDA at batch 1, 8 and 32 in full float32 (a
-# `suite-cuda` block of RESULTS.md: copy it into bench/RESULTS.md and regenerate the README
-# with bench/readme_speed.py), the speed settings (channels-last, compile) and LRP. A step
-# that runs out of time leaves what it printed. DEVICE=cpu QUICK=1 runs a smoke test anywhere.
+# device, the suite on CUDA at batch 1, 8 and 32 in full float32 (a `suite-cuda` block of
+# $OUT/RESULTS.md, a copy of bench/RESULTS.md: bring the block over, and teach
+# bench/readme_speed.py to render it), check_cuda.py (automatic chunks, host syncs, copies,
+# chunking independence, a real out-of-memory error redone), LRP and the speed settings
+# (channels-last, compile with CUDA graphs). A step that runs out of time leaves what it
+# printed (the suite prints each row as it goes). DEVICE=cpu QUICK=1 runs a smoke test.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_session}
 DEVICE=${DEVICE:-cuda}
@@ -40,10 +41,11 @@ if [ -n "$QUICK" ]; then
     exit 0
 fi
 cp bench/RESULTS.md "$OUT/RESULTS.md"
-step check_cuda 170 python3 bench/check_cuda.py --device "$DEVICE" --models vgg resnet lite0 \
-    --batch 1 32 --repeats 3 --oom
-step suite 250 python3 bench/suite.py --device "$DEVICE" --batch 1 8 32 --heavy-batches 1 8 \
+# Most wanted first: the suite (the targets), then the checks, then the extras.
+step suite 300 python3 bench/suite.py --device "$DEVICE" --batch 1 8 32 --heavy-batches 1 8 \
     --tf32 off --repeats 3 --out "$OUT/RESULTS.md" --block suite-cuda
+step check_cuda 120 python3 bench/check_cuda.py --device "$DEVICE" --models lite0 \
+    --batch 1 32 --repeats 3 --oom
+step lrp 40 python3 bench/bench_lrp.py --device "$DEVICE" --repeats 7 --batch 1 8
 step performance 60 python3 bench/bench_performance.py --device "$DEVICE" --batch 1 8 \
     --repeats 3 --compile-mode reduce-overhead
-step lrp 60 python3 bench/bench_lrp.py --device "$DEVICE" --repeats 7 --batch 1 8
