@@ -255,6 +255,50 @@ def test_relevance_starts_from_the_probability_when_asked() -> None:
     torch.testing.assert_close(result.values.flatten(1).sum(1), probability, rtol=1e-6, atol=0)
 
 
+class RectifiedNet(nn.Module):
+    """Conv / ReLU and ReLU6 / BatchNorm / linear: every γ layer but the last is rectified."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 8, 3, stride=2, padding=1, groups=2)
+        self.conv3 = nn.Conv2d(8, 8, 1)
+        self.fc1 = nn.Linear(8 * 4 * 4, 10)
+        self.fc2 = nn.Linear(10, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.bn(self.conv1(x)))
+        x = F.relu6(self.conv2(x))
+        x = torch.relu(self.conv3(x) - 0.1)  # a shift: z <= 0 is common, not all
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+@pytest.mark.parametrize("gamma", [0.25, 2.0])
+def test_gamma_after_a_rectifier_equals_the_general_form(gamma: float, monkeypatch) -> None:
+    """Where a rectifier reads the layer, R = 0 wherever z <= 0 and γ takes one backward call
+    with the weights w + γw⁺ (x⁺) and w + γw⁻ (x⁻): the same relevance as the general form."""
+    from salience.methods import _lrp_layers
+
+    torch.manual_seed(0)
+    model = RectifiedNet().double().eval()
+    with torch.no_grad():
+        model.bn.running_mean.normal_()
+        model.bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)  # signed: the first layer's x⁻ side too
+    composite = Composite({CONV: Gamma(gamma), nn.Linear: Gamma(gamma)})
+    fast = salience.lrp(model, x, target=[0, 2, 3], composite=composite).values
+    general = _lrp_layers.rule_backward
+
+    def slow(*args, **kwargs):
+        return general(*args, **{**kwargs, "rectified": False})
+
+    monkeypatch.setattr(_lrp_layers, "rule_backward", slow)
+    reference = salience.lrp(model, x, target=[0, 2, 3], composite=composite).values
+    assert fast.abs().amax() > 0
+    torch.testing.assert_close(fast, reference, rtol=1e-10, atol=1e-12 * float(fast.abs().max()))
+
+
 def test_lrp_zero_and_small_epsilon_equal_gradient_times_input() -> None:
     model = _init(VGGish(), 0).double()  # ReLU, biases, max-pooling, no BatchNorm
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(7), dtype=torch.float64)

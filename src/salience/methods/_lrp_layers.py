@@ -217,13 +217,15 @@ def rule_backward(
     z: Tensor,
     ones: Tensor | None = None,
     bounds: tuple[Tensor, Tensor] | None = None,
+    rectified: bool = False,
 ) -> Tensor:
     """Apply the input side of ``layer``'s rule for output relevance ``relevance`` (= ``z ⊙ c``).
 
     Returns ``c_in`` (``R_in / x``) for the rules that vanish at ``x = 0``, and ``R_in`` itself
     for the input-layer rules (``rule.input_layer``). ``ones`` marks the real inputs for w² and
     flat (zeros on padding); ``bounds`` are the z^B bounds, the input's shape. ``relevance`` is
-    the caller's own tensor: the rules divide it in place.
+    the caller's own tensor: the rules divide it in place. ``rectified`` says that it is 0
+    wherever ``z <= 0`` (a rectifier reads the layer's output): γ then needs one backward call.
 
     z⁺, αβ and γ are computed without autograd: one forward of the layer with the modified
     weights per sign, and its backward (:func:`_input_grad`) with the same weights.
@@ -259,6 +261,12 @@ def rule_backward(
         wp = w.clamp(min=0)
         wn = w.clamp(max=0) if negative else wp
         u = signed.forward(wp, wn, b.clamp(min=0) if b is not None else None)
+        if rectified:
+            # A rectifier reads z: R = 0 wherever z <= 0, so q_n = 0 and the backward is one
+            # call, c⁺ = (w + γw⁺)ᵀ q, c⁻ = (w + γw⁻)ᵀ q, with q = R / (z⁺ + γ u + ε) (the
+            # denominator of z >= 0, positive everywhere, exact where R is not 0).
+            q = relevance.div_(z.clamp(min=0).add_(u, alpha=g).add_(STABILIZER))
+            return signed.backward([(q, w.add(wp, alpha=g), w.add(wn, alpha=g))])
         sigma = z.sign().add_(0.5).sign_()
         d = z.clamp(max=0).mul_(g).add_(z).addcmul_(sigma, u, value=g)
         q = relevance.div_(d.add_(sigma, alpha=STABILIZER))
@@ -426,7 +434,8 @@ class _Deferred(torch.autograd.Function):
             relevance = z * c
         rule = layer.rule
         if not rule.input_layer:
-            return (rule_backward(layer, relevance, z), *none)
+            rectified = ctx.rectify is not None
+            return (rule_backward(layer, relevance, z, rectified=rectified), *none)
         ones = bounds = None
         if isinstance(rule, WSquare | Flat) and layer.direct is not None:
             ones = layer.direct.apply(torch.ones_like(state.model_input))
