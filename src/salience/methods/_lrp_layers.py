@@ -129,6 +129,21 @@ def _input_grad(layer: _Layer, s: Tensor, w: Tensor, x: Tensor) -> Tensor:
     return g
 
 
+def _stacking(layer: _Layer) -> tuple[int, int] | None:
+    """``(weight axis, input axis)`` on which inputs of ``layer`` stack into one call, or None.
+
+    A linear layer or a convolution of one group is one matrix product over its input
+    channels: ``fn([a, b], [wa, wb]) = fn(a, wa) + fn(b, wb)`` with both stacked on the input
+    axis (a transposed convolution's weight has it first).
+    """
+    conv = layer.conv
+    if layer.linear:
+        return 1, -1
+    if conv is not None and conv[5] == 1:
+        return (0 if conv[3] else 1), 1
+    return None
+
+
 class _Signed:
     """A layer input split by sign, for the rules that weigh ``x⁺`` and ``x⁻`` apart.
 
@@ -147,10 +162,9 @@ class _Signed:
         self._weights: dict[tuple[int, int], Tensor] = {}
         if not self.negative:
             return
-        conv = layer.conv
-        if layer.linear or (conv is not None and conv[5] == 1):
-            self.axis = 0 if conv is not None and conv[3] else 1
-            dim = -1 if layer.linear else 1
+        stacking = _stacking(layer)
+        if stacking is not None:
+            self.axis, dim = stacking
             size = x.shape[dim]
             shape = list(x.shape)
             shape[dim] = 2 * size
@@ -227,8 +241,9 @@ def rule_backward(
     the caller's own tensor: the rules divide it in place. ``rectified`` says that it is 0
     wherever ``z <= 0`` (a rectifier reads the layer's output): γ then needs one backward call.
 
-    z⁺, αβ and γ are computed without autograd: one forward of the layer with the modified
-    weights per sign, and its backward (:func:`_input_grad`) with the same weights.
+    Every rule is computed without autograd: one forward of the layer with the modified
+    weights (per sign of the inputs, stacked into one call where the layer allows it, see
+    :func:`_stacking`), and its backward (:func:`_input_grad`) with the same weights.
     """
     rule, w, b, x = layer.rule, layer.weight, layer.bias, layer.x.detach()
     if isinstance(rule, ZPlus | AlphaBeta):
@@ -278,25 +293,30 @@ def rule_backward(
             return cp
         cn = _input_grad(layer, qp.mul_(1.0 + g).add_(qn), w, x).sub_(gd)
         return _by_sign(x, cp, cn)
-    xx = layer.x.detach().requires_grad_(True)
-    with torch.enable_grad():
-        if isinstance(rule, WSquare | Flat):
-            v = (ones if ones is not None else torch.ones_like(x)).detach().requires_grad_(True)
-            w2 = w * w if isinstance(rule, WSquare) else torch.ones_like(w)
-            zw = layer.fn(v, w2, None)
-            (g_,) = torch.autograd.grad(zw, v, _safe(relevance, zw.detach()))
-            return v.detach() * g_
-        if isinstance(rule, ZBox):
-            assert bounds is not None
-            low = bounds[0].detach().requires_grad_(True)
-            high = bounds[1].detach().requires_grad_(True)
-            zb = (
-                layer.fn(xx, w, None)
-                - layer.fn(low, w.clamp(min=0), None)
-                - layer.fn(high, w.clamp(max=0), None)
-            )
-            gx, gl, gh = torch.autograd.grad(zb, (xx, low, high), _safe(relevance, zb.detach()))
-            return x * gx + low.detach() * gl + high.detach() * gh
+    if isinstance(rule, ZBox):
+        # z^B = fn(x, w) - fn(l, w⁺) - fn(h, w⁻); R = x ⊙ wᵀs - l ⊙ w⁺ᵀs - h ⊙ w⁻ᵀs, s = R / z^B.
+        # One call of three times the depth where the layer stacks ([x, l, h], [w, -w⁺, -w⁻]).
+        assert bounds is not None
+        low, high = bounds[0].detach(), bounds[1].detach()
+        inputs = (x, low, high)
+        weights = (w, w.clamp(min=0).neg_(), w.clamp(max=0).neg_())
+        stacking = _stacking(layer)
+        if stacking is not None:
+            axis, dim = stacking
+            both, stacked = torch.cat(inputs, dim), torch.cat(weights, axis)
+            s = _safe_(relevance, layer.fn(both, stacked, None))
+            grads = _input_grad(layer, s, stacked, both).chunk(3, dim)
+        else:
+            zb = _sum(tuple(layer.fn(t, v, None) for t, v in zip(inputs, weights, strict=True)))
+            s = _safe_(relevance, zb)
+            grads = tuple(_input_grad(layer, s, v, t) for t, v in zip(inputs, weights, strict=True))
+        return _sum(tuple(t * g for t, g in zip(inputs, grads, strict=True)))
+    if isinstance(rule, WSquare | Flat):
+        # R = v ⊙ Wᵀ(R / fn(v, W)), W = w² or 1, v the real inputs (1, 0 on padding)
+        v = (ones if ones is not None else torch.ones_like(x)).detach()
+        w2 = w * w if isinstance(rule, WSquare) else torch.ones_like(w)
+        s = _safe_(relevance, layer.fn(v, w2, None))
+        return v * _input_grad(layer, s, w2, v)
     raise TypeError(f"no implementation of rule {rule!r} at a layer")  # pragma: no cover
 
 
