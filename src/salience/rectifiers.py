@@ -41,10 +41,25 @@ __all__ = [
     "Rectify",
     "Site",
     "resolve_activations",
+    "returned",
 ]
 
 RectifierRule = Literal["gradient", "deconvnet", "guided"]
 """The backward rule at rectifiers: the plain gradient, DeconvNet's or guided backprop's."""
+
+
+def returned(ctx: Any, x: Tensor, out: Tensor, inplace: bool) -> Tensor:
+    """Return what an autograd function that computed ``out`` from ``x`` hands to the model.
+
+    ``out`` itself, or, when the model asked for its activation in place, ``out`` written
+    into ``x`` (marked modified, so that autograd takes ``x``'s history to be this function).
+    """
+    if not inplace:
+        return out
+    x.copy_(out)
+    ctx.mark_dirty(x)
+    return x
+
 
 Activations: TypeAlias = "str | Iterable[str]"
 """Where a rule applies: ``"rectifiers"`` (the papers' method), ``"all"`` (every activation
@@ -130,11 +145,7 @@ class Activate(torch.autograd.Function):
                 ctx.copy = x.detach().clone()
             else:
                 ctx.save_for_backward(x)
-        if inplace:
-            x.copy_(out)
-            ctx.mark_dirty(x)
-            return x
-        return out
+        return returned(ctx, x, out, inplace)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]

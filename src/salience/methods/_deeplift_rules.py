@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..rectifiers import Site
+from ..rectifiers import Site, returned
 
 # Below this relative size of x - x0 the secant of a smooth activation is computed as its
 # derivative at the midpoint (a second-order accurate value of the same secant): the ratio of
@@ -176,11 +176,7 @@ class _RevealCancel(torch.autograd.Function):
             _secant(f, up, pos, y0, at_pos, rectifier, upper, lo_abs),
             _secant(f, down, neg, y0, at_neg, rectifier, upper, lo_abs),
         )
-        if inplace:
-            y.copy_(out)
-            ctx.mark_dirty(y)
-            return y
-        return out
+        return returned(ctx, y, out, inplace)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]

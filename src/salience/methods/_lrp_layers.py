@@ -25,6 +25,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from .lrp import _State
 
+from ..rectifiers import returned
 from .rules import AlphaBeta, Epsilon, Flat, Gamma, Rule, WSquare, ZBox, ZPlus
 
 STABILIZER = 1e-6
@@ -423,13 +424,8 @@ class _Deferred(torch.autograd.Function):
             assert z is not None
             upper, inplace = rectify
             out = z.clamp(min=0.0, max=upper)
-            saved = z.clone() if inplace else z
-            if inplace:
-                z.copy_(out)
-                ctx.mark_dirty(z)
-                out = z
-            ctx.save_for_backward(x, saved)
-            return out
+            ctx.save_for_backward(x, z.clone() if inplace else z)
+            return returned(ctx, z, out, inplace)
         if z is None:
             assert compute is not None
             out = compute()
@@ -448,13 +444,10 @@ class _Deferred(torch.autograd.Function):
             return (None, *none)  # pragma: no cover - a folded output is unread
         x, z = ctx.saved_tensors
         layer = layer.but(x=x)
-        if ctx.rectify is not None:
-            relevance = z.clamp(min=0.0, max=ctx.rectify[0]).mul_(c)
-        else:
-            relevance = z * c
+        rectified = ctx.rectify is not None
+        relevance = z.clamp(min=0.0, max=ctx.rectify[0]).mul_(c) if rectified else z * c
         rule = layer.rule
         if not rule.input_layer:
-            rectified = ctx.rectify is not None
             return (rule_backward(layer, relevance, z, rectified=rectified), *none)
         ones = bounds = None
         if isinstance(rule, WSquare | Flat) and layer.direct is not None:
@@ -492,16 +485,10 @@ class _EpsilonPass(torch.autograd.Function):
     ) -> Tensor:
         out = z.clamp(min=0.0, max=upper)
         den = (out if upper is None else z.clamp(min=0.0)) + epsilon
-        if epsilon == 0:
-            ratio = torch.where(den != 0, out / den, 0.0)
-        else:
-            ratio = torch.div(out, den, out=den)
+        # ε > 0 here: a layer under ε = 0 (LRP-0, its gradient) carries no rule to fuse
+        ratio = torch.div(out, den, out=den)
         ctx.save_for_backward(ratio)
-        if inplace:
-            z.copy_(out)
-            ctx.mark_dirty(z)
-            return z
-        return out
+        return returned(ctx, z, out, inplace)
 
     @staticmethod
     def backward(ctx: Any, c: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
@@ -554,11 +541,7 @@ class _Pass(torch.autograd.Function):
                     (slope,) = torch.autograd.grad(fn(t).sum(), t)
                 ratio = torch.where(zero, slope, ratio)
         ctx.save_for_backward(ratio)
-        if inplace:
-            x.copy_(out)
-            ctx.mark_dirty(x)
-            return x
-        return out
+        return returned(ctx, x, out, inplace)
 
     @staticmethod
     def backward(ctx: Any, c: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
