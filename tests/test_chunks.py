@@ -73,6 +73,15 @@ def _fresh_footprints() -> Any:
 # -- the argument ------------------------------------------------------------------------------
 
 
+def spans(chunker: Chunker, total: int, unit: int = 1) -> list[tuple[int, int]]:
+    """The ``(start, stop)`` of every pass of ``chunker`` over ``total`` rows, each run empty."""
+    found = []
+    for part in chunker.passes(total, unit):
+        with part as span:
+            found.append(span)
+    return found
+
+
 def test_check_batch_size_accepts_ints_and_auto() -> None:
     assert check_batch_size("auto") is None
     assert check_batch_size(None) is None  # the old spelling of "auto"
@@ -235,7 +244,7 @@ def test_rows_are_capped_and_a_power_of_two(monkeypatch: pytest.MonkeyPatch) -> 
     fake.free = 10  # not even one row: still one
     assert chunker.most() == 1
     fake.free = 1e12
-    passes = [stop - start for start, stop in Chunker(images(1), "auto").split(3000)]
+    passes = [stop - start for start, stop in spans(Chunker(images(1), "auto"), 3000)]
     # The probe: 4 rows (the fake sees no pass, so its footprint is the 1-byte floor).
     assert passes[0] == 4
     assert sum(passes) == 3000
@@ -245,22 +254,27 @@ def test_rows_are_capped_and_a_power_of_two(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_probe_holds_whole_groups_and_an_int_never_probes(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = Fake(monkeypatch, free=2 * 6 * 1000, per_row=1000)
-    passes = list(Chunker(images(1), "auto").split(18, unit=3))
+    passes = spans(Chunker(images(1), "auto"), 18, unit=3)
     assert passes[0] == (0, 3)  # 4 rows rounded down to whole groups of 3
     assert all((stop - start) % 3 == 0 for start, stop in passes)
     assert passes[-1][1] == 18
     resets = fake.resets
-    assert list(Chunker(images(1), 5).split(10)) == [(0, 5), (5, 10)]
+    assert spans(Chunker(images(1), 5), 10) == [(0, 5), (5, 10)]
     assert fake.resets == resets
 
 
 def test_a_failed_probe_teaches_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     Fake(monkeypatch, free=1e9, per_row=1000)
     chunker = Chunker(images(1), "auto")
-    passes = chunker.split(10)
-    assert next(passes) == (0, 4)
+    part = next(chunker.passes(10))
+    assert part.value == (0, 4)
+
+    def fail() -> None:
+        with part:
+            raise RuntimeError("boom")
+
     with pytest.raises(RuntimeError, match="boom"):
-        passes.throw(RuntimeError("boom"))
+        fail()
     assert chunker.probing
 
 

@@ -258,14 +258,16 @@ class Chunker:
         raises teaches nothing. The pass cannot be split: running out of memory in it raises
         :class:`OutOfMemoryError` saying so (except on the CPU with ``"auto"``, left alone).
         """
-        probe: _Probe | None = None
         try:
             if not self.probing or rows < 1:
                 yield
                 return
             probe = _Probe(self.device)
-            yield
-            self._learn(probe.close(), rows)
+            try:
+                yield
+            finally:
+                used = probe.close()
+            self._learn(used, rows)
         except torch.OutOfMemoryError as exc:
             if isinstance(exc, OutOfMemoryError) or not self._guards:
                 raise
@@ -277,9 +279,6 @@ class Chunker:
                 "fewer inputs per call or smaller inputs, free memory on the device (other "
                 "tensors, other processes), or run on another device"
             ) from exc
-        finally:
-            if probe is not None:
-                probe.close()
 
     def most(self, remaining: int | None = None) -> int:
         """Rows per pass from now on, at most ``remaining`` (when given), at least 1."""
@@ -327,16 +326,6 @@ class Chunker:
                 step = 0
             else:
                 start += rows
-
-    def split(self, total: int, unit: int = 1, *, even: bool = True) -> Iterator[tuple[int, int]]:
-        """Yield ``(start, stop)`` of the passes over ``total`` rows (see :meth:`passes`).
-
-        The caller's loop body is not guarded: an error raised in it goes through (an error
-        thrown into this generator reaches the pass, as in a ``with`` block).
-        """
-        for part in self.passes(total, unit, even=even):
-            with part as span:
-                yield span
 
     def plans(self, unit: int = 1) -> Iterator[Pass[int]]:
         """Yield tries at work that plans its own passes: ``with plan as most:``.
