@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, TypeAlias
 
 import torch
@@ -208,27 +208,72 @@ def kept_buffers(model: Any) -> Iterator[None]:
     A model left in training mode updates BatchNorm statistics and counters on every forward
     pass; explaining it must not. The buffer objects themselves are restored too, should the
     model replace one.
+
+    Off the CPU the values are kept as one flat copy per dtype and device and compared the
+    same way: one copy and one host synchronisation per call, where a comparison per buffer
+    would wait on the device once per buffer (147 times for EfficientNet-Lite0). On the CPU a
+    copy per buffer is faster (no synchronisation to save, and no concatenation). Compared by
+    value, not by version counter: native BatchNorm updates its statistics without bumping it.
+    Only buffers that differ are written back (a write bumps the version, which would break a
+    graph of the user's own that saved the buffer).
     """
     if not isinstance(model, nn.Module):
         yield
         return
-    saved = [
-        (module, name, buffer, buffer.detach().clone())
+    owned = [
+        (module, name, buffer)
         for module in model.modules()
         for name, buffer in module._buffers.items()
         if buffer is not None
     ]
+    groups = _groups([buffer for _, _, buffer in owned])
+    saved = [_copy(buffers) for buffers in groups]
     try:
         yield
     finally:
+        for module, name, buffer in owned:
+            if module._buffers.get(name) is not buffer:
+                module._buffers[name] = buffer
         with torch.no_grad():
-            for module, name, buffer, value in saved:
-                if module._buffers.get(name) is not buffer:
-                    module._buffers[name] = buffer
-                # Compared by value: native BatchNorm updates its statistics without bumping
-                # the tensor's version counter.
-                if not torch.equal(buffer, value):
-                    buffer.copy_(value)
+            for buffers, values in zip(groups, saved, strict=True):
+                if len(buffers) == 1:
+                    if not torch.equal(buffers[0], values):
+                        buffers[0].copy_(values)
+                elif not torch.equal(_copy(buffers), values):
+                    _restore(buffers, values)
+
+
+def _groups(buffers: list[Tensor]) -> list[list[Tensor]]:
+    """Group the buffers copied and compared together: each alone on the CPU, else by kind."""
+    if all(buffer.is_cpu for buffer in buffers):
+        return [[buffer] for buffer in buffers]
+    return _same_kind(buffers)
+
+
+def _same_kind(buffers: Iterable[Tensor]) -> list[list[Tensor]]:
+    """Dense buffers grouped by dtype and device; any other layout (sparse) alone."""
+    groups: dict[Any, list[Tensor]] = {}
+    for buffer in buffers:
+        dense = buffer.layout == torch.strided
+        key = (buffer.dtype, buffer.device) if dense else id(buffer)
+        groups.setdefault(key, []).append(buffer)
+    return list(groups.values())
+
+
+def _copy(buffers: list[Tensor]) -> Tensor:
+    """Copy one buffer, or several into one flat tensor (one kernel on a GPU)."""
+    if len(buffers) == 1:
+        return buffers[0].detach().clone()
+    return torch.cat([b.detach().reshape(-1) for b in buffers])
+
+
+def _restore(buffers: list[Tensor], values: Tensor) -> None:
+    """Write back the buffers whose values changed (only those: a write bumps the version)."""
+    sizes = [b.numel() for b in buffers]
+    for buffer, value in zip(buffers, values.split(sizes), strict=True):
+        value = value.view(buffer.shape)
+        if not torch.equal(buffer, value):
+            buffer.copy_(value)
 
 
 @contextlib.contextmanager

@@ -423,3 +423,20 @@ def recorded(func: F) -> F:
 def channels_last_input(x: Tensor) -> bool:
     """Whether ``x`` is a tensor the channels-last setting applies to (4-D, floating)."""
     return isinstance(x, Tensor) and x.ndim == 4 and x.is_floating_point()
+
+
+# Entries below which a host synchronisation costs more than the work it would let us skip.
+_SYNC_WORTH = 1 << 20
+
+
+def worth_a_sync(t: Tensor) -> bool:
+    """Whether to read ``t`` back to Python to decide on optional work (``bool(mask.any())``).
+
+    On the CPU a read is free and the work it skips is not. Elsewhere a read is a host
+    synchronisation: the host waits until the device has run every kernel queued so far,
+    and the device then waits for the next launch (tens of microseconds, the time of a whole
+    small layer at batch 1). Below about a million entries the optional work done everywhere
+    costs less. Callers guarantee that the work is always correct to do: it leaves the entries
+    that do not need it unchanged, so both ways give the same map.
+    """
+    return t.is_cpu or t.numel() >= _SYNC_WORTH

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import _performance
 from ..rectifiers import Site, returned
 
 # Below this relative size of x - x0 the secant of a smooth activation is computed as its
@@ -68,7 +69,7 @@ def _secant(
         hi = lo + dx
     small = dx.abs() <= hi.abs().add_(lo.abs() if lo_abs is None else lo_abs).mul_(_SMALL)
     m = dy.div_(dx)  # inf or NaN where dx == 0: small there, replaced below
-    if bool(small.any()):
+    if not _performance.worth_a_sync(small) or bool(small.any()):
         m = torch.where(small, _slope(f, (hi + lo) / 2, rectifier, upper), m)
     return m
 
@@ -84,7 +85,8 @@ def _rectifier_secant(y: Tensor, y0: Tensor, dx: Tensor, upper: float | None) ->
     ``dx`` is a temporary: it is overwritten.
     """
     m = torch.sub(y, y0).div_(dx)
-    if bool(torch.isnan(m.sum())):  # a NaN sum means some 0/0: ties (dead channels...)
+    # a NaN sum means some 0/0: ties (dead channels...)
+    if not _performance.worth_a_sync(m) or bool(torch.isnan(m.sum())):
         m.nan_to_num_(nan=-1.0)  # -1 at the ties, m >= 0 elsewhere
         # into dx, a temporary no longer needed: fresh memory costs as much as a pass
         if upper is None:

@@ -25,6 +25,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from .lrp import _State
 
+from .. import _performance
 from ..rectifiers import returned
 from .rules import AlphaBeta, Epsilon, Flat, Gamma, Rule, WSquare, ZBox, ZPlus
 
@@ -157,7 +158,8 @@ class _Signed:
 
     def __init__(self, layer: _Layer, x: Tensor) -> None:
         self.layer, self.x = layer, x
-        self.negative = bool(x.amin() < 0)
+        # off the CPU a small input is taken as signed: x⁻ = 0 adds nothing, a read would stall
+        self.negative = not _performance.worth_a_sync(x) or bool(x.amin() < 0)
         self.stacked: Tensor | None = None
         self.axis, self.dim = 1, 1  # the weight's and the input's axis of the stacking
         self._weights: dict[tuple[int, int], Tensor] = {}
@@ -535,7 +537,7 @@ class _Pass(torch.autograd.Function):
             out = fn(x)
             zero = x == 0
             ratio = torch.where(zero, 0.0, out / torch.where(zero, 1.0, x))
-            if bool(zero.any()):
+            if not _performance.worth_a_sync(zero) or bool(zero.any()):
                 with torch.enable_grad():
                     t = torch.zeros_like(x).requires_grad_(True)
                     (slope,) = torch.autograd.grad(fn(t).sum(), t)

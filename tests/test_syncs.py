@@ -1,0 +1,322 @@
+"""Host synchronisations: how often a method reads a value back from the device.
+
+On a GPU every read of a tensor's value into Python (``bool(t)``, ``.item()``, ``.tolist()``,
+``torch.equal``, ``nonzero``...) waits until the device has run everything queued before it. A
+few per call cost nothing; one per layer, per buffer or per chunk stalls the queue as often,
+and at batch 1 a small network then runs at the speed of the round trips. CI has no GPU, so
+these tests count the reads on the CPU with the device code paths switched on (the choices
+that differ between the CPU and a GPU are made by small functions, patched here), and check
+that the count does not grow with the depth of the network or the number of chunks.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import traceback
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import salience
+from conftest import _init
+from salience import _forward, _performance
+from salience.methods import _incremental_kernels
+
+# What reads a value back (or may: nonzero and repeat_interleave size their output from it).
+_TENSOR_READS = ("__bool__", "item", "tolist", "__int__", "__float__", "__index__", "numpy",
+                 "nonzero", "cpu")  # fmt: skip
+_TORCH_READS = ("equal", "allclose", "nonzero", "unique", "masked_select", "repeat_interleave")
+
+
+class Reads:
+    """Counts the reads of tensor values into Python, by call site, in any thread."""
+
+    def __init__(self) -> None:
+        self.sites: collections.Counter[str] = collections.Counter()
+        self.on = False
+
+    @property
+    def total(self) -> int:
+        return sum(self.sites.values())
+
+    def wrap(self, name: str, fn: Any) -> Any:
+        @functools.wraps(fn)
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            if self.on:
+                self.on = False  # a read inside a read (allclose calls equal...) is one
+                try:
+                    site = next(
+                        (
+                            f"{f.filename.rsplit('salience/', 1)[-1]}:{f.lineno}"
+                            for f in reversed(traceback.extract_stack()[:-1])
+                            if "/salience/" in f.filename.replace("\\", "/")
+                        ),
+                        "?",
+                    )
+                    self.sites[f"{name} at {site}"] += 1
+                    return fn(*args, **kwargs)
+                finally:
+                    self.on = True
+            return fn(*args, **kwargs)
+
+        return counted
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> Reads:
+    """Count reads, with the code paths of a GPU: grouped buffer checks, branch-free fixes,
+    device-side crops for incremental occlusion."""
+    counter = Reads()
+    for name in _TENSOR_READS:
+        monkeypatch.setattr(torch.Tensor, name, counter.wrap(name, getattr(torch.Tensor, name)))
+    for name in _TORCH_READS:
+        monkeypatch.setattr(torch, name, counter.wrap(name, getattr(torch, name)))
+    monkeypatch.setattr(_forward, "_groups", _forward._same_kind)
+    monkeypatch.setattr(_performance, "worth_a_sync", lambda t: False)
+    monkeypatch.setattr(_incremental_kernels, "_row_wise", lambda device: False)
+    return counter
+
+
+class Chain(nn.Module):
+    """``depth`` blocks of convolution, BatchNorm and a rectifier, a sigmoid gate, a head."""
+
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = [nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()]
+        for i in range(depth):
+            blocks += [nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)]
+            blocks.append(nn.ReLU6() if i % 2 else nn.ReLU())
+        self.features = nn.Sequential(*blocks)
+        self.gate = nn.Sigmoid()
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.gate(self.features(x)).mean((2, 3)))
+
+
+def chain(depth: int) -> nn.Module:
+    return _init(Chain(depth), seed=depth).eval()
+
+
+OPTIONS: dict[str, dict[str, Any]] = {
+    "smoothgrad": {"samples": 4},
+    "integrated_gradients": {"steps": 8},
+    "rise": {"masks": 16},
+}
+
+
+def count(counter: Reads, model: nn.Module, method: str, **options: Any) -> Reads:
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    run = functools.partial(
+        salience.explain, model, x, method, 1, **{**OPTIONS.get(method, {}), **options}
+    )
+    run()  # warm-up: first-call caches
+    counter.sites.clear()
+    counter.on = True
+    try:
+        run()
+    finally:
+        counter.on = False
+    return counter
+
+
+def test_the_counter_sees_reads_in_the_backward_pass(reads: Reads) -> None:
+    class Reading(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+            return x * 2
+
+        @staticmethod
+        def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+            bool(g.sum() > 0)
+            return g * 2
+
+    x = torch.ones(3, requires_grad=True)
+    reads.on = True
+    torch.autograd.grad(Reading.apply(x).sum(), x)
+    reads.on = False
+    assert reads.total == 1, reads.sites
+
+
+# Incremental occlusion plans a box per layer once per call, from window coordinates read as
+# Python ints (the box sizes are tensor shapes): reads grow with the depth there, but not with
+# the number of passes (checked below), and a call runs hundreds of windows.
+PER_LAYER_PLAN = {"occlusion"}
+
+
+@pytest.mark.parametrize("method", sorted(set(salience.available_methods()) - PER_LAYER_PLAN))
+def test_reads_do_not_grow_with_depth(reads: Reads, method: str) -> None:
+    shallow = dict(count(reads, chain(2), method).sites)
+    deep = dict(count(reads, chain(8), method).sites)
+    assert sum(deep.values()) == sum(shallow.values()), (shallow, deep)
+    assert sum(deep.values()) <= 12, deep
+
+
+@pytest.mark.parametrize(
+    ("method", "few", "many"),
+    [
+        ("integrated_gradients", {"steps": 4, "batch_size": 2}, {"steps": 16, "batch_size": 2}),
+        ("smoothgrad", {"samples": 2, "batch_size": 2}, {"samples": 8, "batch_size": 2}),
+        ("score_cam", {"batch_size": 8}, {"batch_size": 2}),
+        ("rise", {"masks": 8, "batch_size": 4}, {"masks": 32, "batch_size": 4}),
+        ("occlusion", {"window": 8, "stride": 8, "batch_size": 2},
+         {"window": 8, "stride": 2, "batch_size": 2}),
+    ],
+)  # fmt: skip
+def test_reads_do_not_grow_with_passes(
+    reads: Reads, method: str, few: dict[str, Any], many: dict[str, Any]
+) -> None:
+    model = chain(3)
+    a = dict(count(reads, model, method, **few).sites)
+    b = dict(count(reads, model, method, **many).sites)
+    assert sum(a.values()) == sum(b.values()), (a, b)
+
+
+# -- the device code paths give the CPU's answers ---------------------------------------------
+
+
+class Signed(nn.Module):
+    """Inputs of both signs into convolutions after a residual sum, a SiLU, a ReLU6 tie."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.SiLU()
+        self.clip = nn.ReLU6()
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        y = self.bn(self.conv(y)) + y  # signed input to the next convolution
+        y = self.clip(self.conv(self.act(y)))
+        return self.head(y.mean((2, 3)))
+
+
+CALLS = [
+    ("deeplift", {}),
+    ("deeplift", {"rule": "reveal_cancel"}),
+    ("lrp", {}),
+    ("lrp", {"composite": "epsilon_gamma_box"}),
+    ("lrp", {"composite": "epsilon_alpha2_beta1"}),
+    ("lrp", {"composite": "epsilon_plus_flat"}),
+]
+
+
+@pytest.mark.parametrize("net", [lambda: chain(3), lambda: _init(Signed(), seed=3).eval()])
+@pytest.mark.parametrize(("method", "options"), CALLS)
+def test_the_device_paths_give_the_same_maps(
+    monkeypatch: pytest.MonkeyPatch, net: Any, method: str, options: dict[str, Any]
+) -> None:
+    model = net()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    x[0, :, :4] = 0  # ties: equal inputs at the reference, zeros into the rectifiers
+    cpu = salience.explain(model, x, method, 1, **options).values
+    monkeypatch.setattr(_performance, "worth_a_sync", lambda t: False)
+    device = salience.explain(model, x, method, 1, **options).values
+    assert cpu.abs().amax() > 0
+    torch.testing.assert_close(device, cpu, rtol=1e-5, atol=1e-6 * float(cpu.abs().amax()))
+
+
+def test_worth_a_sync_on_the_cpu_and_elsewhere() -> None:
+    assert _performance.worth_a_sync(torch.zeros(3))
+    assert not _performance.worth_a_sync(torch.empty(3, device="meta"))
+    assert _performance.worth_a_sync(torch.empty(1 << 20, device="meta"))
+
+
+class Counting(nn.Module):
+    """Buffers changed three ways: a training BatchNorm (no version bump), an in-place add,
+    a write through ``.data`` (no version bump either); one left alone; one replaced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("ema", torch.zeros(3))
+        self.register_buffer("still", torch.arange(4.0))
+        self.register_buffer("swapped", torch.ones(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.ema.data.add_(1.0)
+        self.swapped = torch.full((2,), 5.0)
+        return self.bn(x).mean((2, 3))
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["cpu", "device"])
+def test_buffers_are_restored_on_either_path(
+    monkeypatch: pytest.MonkeyPatch, grouped: bool
+) -> None:
+    if grouped:
+        monkeypatch.setattr(_forward, "_groups", _forward._same_kind)
+    model = Counting().train()
+    before = {name: b.clone() for name, b in model.named_buffers()}
+    objects = {name: b for name, b in model.named_buffers()}
+    still_version = model.still._version
+    with pytest.warns(UserWarning, match="training mode"):
+        salience.gradient(model, torch.randn(2, 3, 4, 4), 0)
+    for name, b in model.named_buffers():
+        assert b is objects[name], name
+        torch.testing.assert_close(b, before[name], rtol=0, atol=0)
+    assert model.still._version == still_version  # unchanged buffers are not written
+
+
+def _both_ways(monkeypatch: pytest.MonkeyPatch, fn: Any) -> tuple[Any, Any]:
+    cpu = fn()
+    with monkeypatch.context() as m:
+        m.setattr(_performance, "worth_a_sync", lambda t: False)
+        device = fn()
+    return cpu, device
+
+
+@pytest.mark.parametrize("upper", [None, 6.0])
+def test_rectifier_secants_at_ties_either_way(
+    monkeypatch: pytest.MonkeyPatch, upper: float | None
+) -> None:
+    from salience.methods._deeplift_rules import _rectifier_secant
+
+    x0 = torch.tensor([-1.0, 0.5, 2.0, 7.0, -2.0, 1.0, 3.0])
+    x = torch.tensor([-1.0, 0.5, 2.0, 7.0, 1.0, -3.0, 3.5])  # four ties, then real secants
+
+    def run() -> torch.Tensor:
+        y, y0 = x.clamp(0, upper), x0.clamp(0, upper)
+        return _rectifier_secant(y, y0, x - x0, upper)
+
+    cpu, device = _both_ways(monkeypatch, run)
+    inside = 1.0 if upper is None else 0.0  # f'(7) is 0 for ReLU6
+    torch.testing.assert_close(cpu, torch.tensor([0.0, 1.0, 1.0, inside, 1 / 3, 0.25, 1.0]))
+    assert torch.equal(device, cpu)
+
+
+def test_secants_near_ties_either_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    from salience.methods._deeplift_rules import _secant
+
+    lo = torch.tensor([0.0, 1.0, -2.0, 0.3])
+    dx = torch.tensor([0.0, 1e-12, 1.0, -0.5])
+
+    def run() -> torch.Tensor:
+        dy = torch.sigmoid(lo + dx) - torch.sigmoid(lo)
+        return _secant(torch.sigmoid, dy, dx.clone(), lo, None, False, None)
+
+    cpu, device = _both_ways(monkeypatch, run)
+    slope = torch.sigmoid(lo) * (1 - torch.sigmoid(lo))
+    torch.testing.assert_close(cpu[:2], slope[:2])  # the derivative where dx is tiny
+    assert torch.equal(device, cpu)
+
+
+def test_lrp_pass_ratio_at_zero_either_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    from salience.methods._lrp_layers import _Pass
+
+    x = torch.tensor([0.0, 1.0, -2.0, 0.0, 3.0], requires_grad=True)
+
+    def run() -> torch.Tensor:
+        (c,) = torch.autograd.grad(_Pass.apply(x, torch.tanh, None, False).sum(), x)
+        return c
+
+    cpu, device = _both_ways(monkeypatch, run)
+    torch.testing.assert_close(cpu[[0, 3]], torch.ones(2))  # tanh'(0) = 1, not 0 / 0
+    assert torch.equal(device, cpu)
