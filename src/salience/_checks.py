@@ -44,8 +44,11 @@ _TRAINING_DEPENDENT = (
 )
 
 
-def check_model(model: Any) -> None:
-    """Reject things that are not callable models and warn on training mode."""
+def check_model(model: Any, modules: list[nn.Module] | None = None) -> None:
+    """Reject things that are not callable models and warn on training mode.
+
+    ``modules``: ``list(model.modules())`` if the caller has it (one walk of the model less).
+    """
     if not callable(model):
         raise TypeError(f"model must be a callable nn.Module, got {type(model).__name__}")
     if torch.is_inference_mode_enabled():
@@ -54,12 +57,14 @@ def check_model(model: Any) -> None:
             "call them outside the inference_mode block"
         )
     if isinstance(model, nn.Module):
-        training = [
-            name or type(model).__name__
-            for name, m in model.named_modules()
-            if m.training and isinstance(m, _TRAINING_DEPENDENT)
-        ]
-        if training:
+        if modules is None:
+            modules = list(model.modules())
+        if any(m.training and isinstance(m, _TRAINING_DEPENDENT) for m in modules):
+            training = [
+                name or type(model).__name__
+                for name, m in model.named_modules()
+                if m.training and isinstance(m, _TRAINING_DEPENDENT)
+            ]
             warn(
                 f"the model is in training mode ({', '.join(training[:3])}"
                 f"{', ...' if len(training) > 3 else ''}): BatchNorm and Dropout make the maps "

@@ -202,7 +202,7 @@ def full_float32(allow_tf32: bool = False) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def kept_buffers(model: Any) -> Iterator[None]:
+def kept_buffers(model: Any, modules: list[nn.Module] | None = None) -> Iterator[None]:
     """Put every buffer of ``model`` back as it was when the block exits, also on error.
 
     A model left in training mode updates BatchNorm statistics and counters on every forward
@@ -215,14 +215,15 @@ def kept_buffers(model: Any) -> Iterator[None]:
     copy per buffer is faster (no synchronisation to save, and no concatenation). Compared by
     value, not by version counter: native BatchNorm updates its statistics without bumping it.
     Only buffers that differ are written back (a write bumps the version, which would break a
-    graph of the user's own that saved the buffer).
+    graph of the user's own that saved the buffer). ``modules``: ``list(model.modules())`` if
+    the caller has it.
     """
     if not isinstance(model, nn.Module):
         yield
         return
     owned = [
         (module, name, buffer)
-        for module in model.modules()
+        for module in (model.modules() if modules is None else modules)
         for name, buffer in module._buffers.items()
         if buffer is not None
     ]
@@ -288,8 +289,9 @@ def model_scope(
 
     Buffers are restored and TF32 is off inside the block (see the module documentation).
     """
-    check_model(model)
+    modules = list(model.modules()) if isinstance(model, nn.Module) else None
+    check_model(model, modules)
     check_inputs(inputs)
     forward = Forward(model, inputs.shape[0], forward_args)
-    with full_float32(allow_tf32), kept_buffers(model):
+    with full_float32(allow_tf32), kept_buffers(model, modules):
         yield forward

@@ -121,6 +121,11 @@ def find_layer(model: nn.Module, layer: LayerLike) -> tuple[str, nn.Module]:
         TypeError: ``layer`` is neither a module nor a string.
     """
     if isinstance(layer, str):
+        if layer and not isinstance(model, torch.jit.ScriptModule):
+            try:  # a walk down the dotted path, not over the whole model
+                return layer, model.get_submodule(layer)
+            except AttributeError:
+                pass
         modules = dict(model.named_modules())
         if layer and layer in modules:
             return layer, modules[layer]
@@ -170,7 +175,7 @@ class _Cell:
         self.axis: Axis = axis
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Entry:
     """A distinct 3-D or 4-D layer output, with every module name that returned it."""
 
@@ -363,7 +368,11 @@ class LayerSearch(_LayerMessages):
                     "layer that returns a feature map tensor"
                 )
             return None
-        source = next((a for a in args if isinstance(a, Tensor)), None)
+        source = None
+        for a in args:
+            if isinstance(a, Tensor):
+                source = a
+                break
         cell = self._cell(output)
         axis = axis_of(module, output)
         if axis is not None:
@@ -386,8 +395,9 @@ class LayerSearch(_LayerMessages):
 
     def _add(self, name: str, output: Tensor, cell: _Cell, *, force: bool) -> _Entry | None:
         shape = tuple(output.shape)
-        candidate = output.ndim in (3, 4) and shape[0] == self.n and shape[1] > 1
-        if output.ndim == 4:
+        ndim = len(shape)
+        candidate = (ndim == 3 or ndim == 4) and shape[0] == self.n and shape[1] > 1
+        if ndim == 4:
             candidate = candidate and (shape[2] * shape[3] > 1 or shape[2] * shape[1] > 1)
         if not (candidate or force):
             return None
@@ -404,7 +414,9 @@ class LayerSearch(_LayerMessages):
             shape=shape,
             cell=cell,
             grids=len(self._grids),
-            attention_like=output.ndim == 4 and bool({shape[2], shape[3]} & self._token_counts),
+            attention_like=bool(self._token_counts)
+            and ndim == 4
+            and (shape[2] in self._token_counts or shape[3] in self._token_counts),
         )
         if not candidate:
             return entry
@@ -414,12 +426,12 @@ class LayerSearch(_LayerMessages):
             self._held.append(entry)
             if len(self._held) > self._keep:
                 self._held.popleft().tensor = None
-        if output.ndim == 3 and cell.axis != "first":
+        if ndim == 3 and cell.axis != "first":
             if cell.axis == "last" or self._tokens(shape[1], len(self._grids)) is not None:
                 self._token_counts.add(shape[1])  # a token sequence (features last)
-        elif output.ndim == 4 and cell.axis == "first":
+        elif ndim == 4 and cell.axis == "first":
             self._grids.append((shape[2], shape[3]))
-        elif output.ndim == 4 and cell.axis == "last" and fits(shape[1], shape[2], self.size):
+        elif ndim == 4 and cell.axis == "last" and fits(shape[1], shape[2], self.size):
             self._grids.append((shape[1], shape[2]))
         return entry
 

@@ -25,6 +25,7 @@ A fourth kind, ``"custom"``, stands for a ``reshape=`` function of the user, che
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -165,16 +166,29 @@ _STOCK_NORMS = tuple(
 
 def is_channels_first(module: nn.Module) -> bool:
     """Tell whether ``module`` produces channels-first maps by what it is (a convolution, ...)."""
-    return isinstance(module, _CHANNELS_FIRST)
+    return _axis_of_type(type(module)) == "first"
+
+
+@functools.cache
+def _axis_of_type(cls: type) -> Axis:
+    # Once per class: the layer search asks for every module call of every forward pass, and
+    # an isinstance against the whole tuple costs more than the rest of its bookkeeping.
+    if issubclass(cls, _CHANNELS_FIRST):
+        return "first"
+    if issubclass(cls, nn.Linear):
+        return "last"
+    return None
 
 
 def axis_of(module: nn.Module, output: Tensor) -> Axis:
     """Which end of ``output`` holds the channels, from what ``module`` is (``None``: unknown)."""
-    if is_channels_first(module):
-        return "first"
-    if isinstance(module, nn.Linear):
-        return "last"
-    shape = getattr(module, "normalized_shape", None)
+    axis = _axis_of_type(type(module))
+    if axis is not None:
+        return axis
+    # an instance attribute in every norm we know; a class attribute or property otherwise
+    shape = module.__dict__.get("normalized_shape")
+    if shape is None and hasattr(type(module), "normalized_shape"):
+        shape = getattr(module, "normalized_shape", None)
     if isinstance(shape, tuple | list | torch.Size) and len(shape) == 1 and output.ndim >= 3:
         c = int(shape[0])
         last, first = output.shape[-1] == c, output.shape[1] == c
