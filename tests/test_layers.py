@@ -551,6 +551,22 @@ def test_a_cnn_keeps_its_layers() -> None:
     assert find_layer(net, "features")[0] == a.layer
 
 
+def test_layers_by_name_down_the_dotted_path() -> None:
+    """A name is looked up down its path; a second name of a shared module works as well, and
+    an unknown name still gets the closest names."""
+    net = PlainCNN()
+    net.alias = net.features  # the same module under a second name
+    assert find_layer(net, "features.0") == ("features.0", net.features[0])
+    assert find_layer(net, "alias") == ("alias", net.features)
+    a = sl.grad_cam(net, _inputs((32, 32)), 2, layer="alias")
+    b = sl.grad_cam(net, _inputs((32, 32)), 2, layer="features")
+    torch.testing.assert_close(a.values, b.values)
+    with pytest.raises(ValueError, match="did you mean 'features'"):
+        find_layer(net, "featurs")
+    with pytest.raises(ValueError, match="no layer named 'features.0.weight'"):
+        find_layer(net, "features.0.weight")  # a parameter, not a module
+
+
 # -- the command line prints the layer and its layout ----------------------------------------------
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,9 +33,9 @@ class MethodSpec:
     description: str
     kind: Kind
 
-    @property
+    @functools.cached_property
     def options(self) -> tuple[str, ...]:
-        """The keyword options the method accepts."""
+        """The keyword options the method accepts (read once: explain() checks every call)."""
         params = inspect.signature(self.func).parameters.values()
         return tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
