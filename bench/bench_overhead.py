@@ -1,0 +1,200 @@
+"""The fixed cost of one call: salience and Captum where the arithmetic is nearly free.
+
+On a GPU at batch 1 a small network runs as fast as Python can launch its kernels, so what a
+library does around the forward and backward pass (hooks, checks, copies, bookkeeping) decides
+who is faster. This script reproduces that regime on the CPU with a small image (64² by
+default): each row times salience, Captum's equivalent (where it has one) and a hand-written
+forward + backward pass of the same model, interleaved after a warm-up, one thread::
+
+    python bench/bench_overhead.py --repeats 40
+    python bench/bench_overhead.py --models lite0 resnet --size 64 --repeats 40
+    python bench/bench_overhead.py --device cuda --size 224     # where a GPU is lent
+
+``fixed`` is salience's median minus the hand-written pass's (for Grad-CAM: a forward with one
+hook and the backward to that layer); ``peer / salience`` above 1 means salience is faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import salience
+from _results import write_block
+from suite import captum_peer, load, machine
+
+METHODS = ("gradient", "guided_backprop", "grad_cam", "grad_cam_default", "deeplift", "lrp",
+           "integrated_gradients", "smoothgrad")  # fmt: skip
+STEPS = 8  # IG steps and SmoothGrad samples: one pass each, as a GPU would run them
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(
+    runs: dict[str, Callable[[], object]], repeats: int, device: torch.device
+) -> dict[str, float]:
+    """Median seconds of each run, alternating the order, after one warm-up run of each."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for fn in runs.values():
+        fn()
+    names = list(runs)
+    for i in range(repeats):
+        for name in names if i % 2 == 0 else names[::-1]:
+            _sync(device)
+            start = time.perf_counter()
+            runs[name]()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def bare(model: nn.Module, x: Tensor, target: Tensor, method: str, layer: nn.Module) -> Callable:
+    """The hand-written pass a method cannot do with less: forward + backward."""
+    index = target[:, None]
+
+    def gradient() -> Tensor:
+        leaf = x.detach().clone().requires_grad_(True)
+        out = model(leaf)
+        return torch.autograd.grad(out.gather(1, index).sum(), leaf)[0]
+
+    def to_layer() -> Tensor:
+        kept: list[Tensor] = []
+        handle = layer.register_forward_hook(lambda m, i, o: kept.append(o))
+        try:
+            out = model(x)
+        finally:
+            handle.remove()
+        return torch.autograd.grad(out.gather(1, index).sum(), kept[-1])[0]
+
+    def batched() -> Tensor:
+        leaf = x.detach().expand(STEPS, *x.shape[1:]).clone().requires_grad_(True)
+        out = model(leaf)
+        return torch.autograd.grad(out.gather(1, index.expand(STEPS, 1)).sum(), leaf)[0]
+
+    if method.startswith("grad_cam"):
+        return to_layer
+    if method in ("integrated_gradients", "smoothgrad"):
+        return batched
+    return gradient
+
+
+def ours(model: nn.Module, x: Tensor, target: Tensor, method: str, layer: str) -> Callable:
+    options: dict = {
+        "grad_cam": {"layer": layer},
+        "integrated_gradients": {"steps": STEPS},
+        "smoothgrad": {"samples": STEPS},
+    }.get(method, {})
+    name = "grad_cam" if method == "grad_cam_default" else method
+
+    def run() -> Tensor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return salience.explain(model, x, name, target, **options).values
+
+    return run
+
+
+def theirs(model: nn.Module, x: Tensor, target: Tensor, method: str, layer: nn.Module):
+    if method == "grad_cam_default":
+        return None
+    if method in ("integrated_gradients", "smoothgrad"):
+        from captum import attr
+
+        if method == "integrated_gradients":
+            ig = attr.IntegratedGradients(model)
+            return lambda: ig.attribute(x, target=target, n_steps=STEPS, method="riemann_trapezoid")
+        nt = attr.NoiseTunnel(attr.Saliency(model))
+        return lambda: nt.attribute(
+            x, target=target, nt_type="smoothgrad", nt_samples=STEPS, stdevs=0.15, abs=False
+        )
+    peer = captum_peer(method, model, layer)
+    if peer is None:
+        return None
+    try:
+        peer(x, target)
+    except Exception as error:  # Captum refuses some models: say so
+        return str(error).splitlines()[0][:60]
+    return lambda: peer(x, target)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["lite0", "resnet"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
+    parser.add_argument("--block", default=None, help="write the table into this block of --out")
+    args = parser.parse_args(argv)
+    warnings.simplefilter("ignore")  # Captum warns on every call
+    torch.set_num_threads(args.threads)
+    # full float32 on both sides (salience's default; Captum follows the global flags)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    device = torch.device(args.device)
+    header = (
+        "| model | method | bare pass | salience | fixed | Captum | Captum / salience |\n"
+        "|---|---|---:|---:|---:|---:|---:|"
+    )
+    print(header)
+    lines = []
+    for name in args.models:
+        model = load(name).to(device)
+        torch.manual_seed(0)
+        x = torch.rand(1, 3, args.size, args.size, device=device) * 2 - 1
+        target = model(x).argmax(1)
+        layer_name = salience.grad_cam(model, x, target).layer
+        layer = model.get_submodule(layer_name)
+        for method in args.methods:
+            runs = {
+                "bare": bare(model, x, target, method, layer),
+                "ours": ours(model, x, target, method, layer_name),
+            }
+            peer = theirs(model, x, target, method, layer)
+            if callable(peer):
+                runs["peer"] = peer
+            t = interleaved(runs, args.repeats, device)
+            fixed = t["ours"] - t["bare"]
+            if callable(peer):
+                captum = f"{t['peer'] * 1e3:.2f} ms | {t['peer'] / t['ours']:.2f}"
+            else:
+                captum = f"{peer or '—'} | "
+            line = (
+                f"| {name} | {method} | {t['bare'] * 1e3:.2f} ms | {t['ours'] * 1e3:.2f} ms | "
+                f"{fixed * 1e3:+.2f} ms | {captum} |"
+            )
+            lines.append(line)
+            print(line, flush=True)
+    if args.block:
+        command = " ".join(argv if argv is not None else sys.argv[1:])
+        text = (
+            f"`python bench/bench_overhead.py {command}` on {machine(device)}, device {device}, "
+            f"{time.strftime('%Y-%m-%d')}. "
+            f"{args.size}x{args.size}, batch 1, float32, median of {args.repeats} interleaved "
+            f"runs; `grad_cam` at the layer salience picks by default, given to both; "
+            f"`grad_cam_default` lets salience pick it; IG and SmoothGrad with {STEPS} steps / "
+            f"samples in one pass.\n\n" + header + "\n" + "\n".join(lines) + "\n"
+        )
+        write_block(args.out, args.block, text, title="Benchmark results")
+        print(f"wrote the {args.block} block of {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
