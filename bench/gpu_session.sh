@@ -8,7 +8,8 @@
 # device, the suite on CUDA at batch 1, 8 and 32 in full float32 (a `suite-cuda` block of
 # $OUT/RESULTS.md, a copy of bench/RESULTS.md: bring the block over, and teach
 # bench/readme_speed.py to render it), check_cuda.py (automatic chunks, host syncs, copies,
-# chunking independence, a real out-of-memory error redone), LRP and the speed settings
+# chunking independence, a real out-of-memory error redone), the fixed cost of a call at batch 1
+# (an `overhead-cuda` block), LRP and the speed settings
 # (channels-last, compile with CUDA graphs). A step that runs out of time leaves what it
 # printed (the suite prints each row as it goes). DEVICE=cpu QUICK=1 runs a smoke test.
 set -uo pipefail
@@ -38,6 +39,8 @@ if [ -n "$QUICK" ]; then
     step check_cuda 120 python3 bench/check_cuda.py --device "$DEVICE" --size 32 --repeats 1 --oom
     step performance 120 python3 bench/bench_performance.py --device "$DEVICE" --quick
     step lrp 120 python3 bench/bench_lrp.py --device "$DEVICE" --quick
+    step overhead 120 python3 bench/bench_overhead.py --device "$DEVICE" --models resnet \
+        --methods gradient grad_cam --repeats 2 --out "$OUT/RESULTS.md" --block overhead
     exit 0
 fi
 cp bench/RESULTS.md "$OUT/RESULTS.md"
@@ -46,6 +49,8 @@ step suite 300 python3 bench/suite.py --device "$DEVICE" --batch 1 8 32 --heavy-
     --tf32 off --repeats 3 --out "$OUT/RESULTS.md" --block suite-cuda
 step check_cuda 120 python3 bench/check_cuda.py --device "$DEVICE" --models lite0 \
     --batch 1 32 --repeats 3 --oom
-step lrp 40 python3 bench/bench_lrp.py --device "$DEVICE" --repeats 7 --batch 1 8
-step performance 60 python3 bench/bench_performance.py --device "$DEVICE" --batch 1 8 \
+step overhead 40 python3 bench/bench_overhead.py --device "$DEVICE" --size 224 --repeats 20 \
+    --out "$OUT/RESULTS.md" --block overhead-cuda
+step lrp 30 python3 bench/bench_lrp.py --device "$DEVICE" --repeats 7 --batch 1 8
+step performance 50 python3 bench/bench_performance.py --device "$DEVICE" --batch 1 8 \
     --repeats 3 --compile-mode reduce-overhead
