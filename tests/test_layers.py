@@ -563,7 +563,7 @@ def test_layers_by_name_down_the_dotted_path() -> None:
     torch.testing.assert_close(a.values, b.values)
     with pytest.raises(ValueError, match="did you mean 'features'"):
         find_layer(net, "featurs")
-    with pytest.raises(ValueError, match="no layer named 'features.0.weight'"):
+    with pytest.raises(ValueError, match=r"no layer named 'features\.0\.weight'"):
         find_layer(net, "features.0.weight")  # a parameter, not a module
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import importlib
 import traceback
 from typing import Any
 
@@ -320,3 +321,93 @@ def test_lrp_pass_ratio_at_zero_either_way(monkeypatch: pytest.MonkeyPatch) -> N
     cpu, device = _both_ways(monkeypatch, run)
     torch.testing.assert_close(cpu[[0, 3]], torch.ones(2))  # tanh'(0) = 1, not 0 / 0
     assert torch.equal(device, cpu)
+
+
+# -- clean rows riding in the first pass (SmoothGrad, Integrated Gradients off the CPU) -------
+
+
+def _ride_along(monkeypatch: pytest.MonkeyPatch, on: bool) -> None:
+    gradient = importlib.import_module("salience.methods.gradient")
+    integrated = importlib.import_module("salience.methods.integrated")
+
+    def rides(device: torch.device, target: Any) -> bool:
+        return on and not (callable(target) and not isinstance(target, torch.Tensor))
+
+    monkeypatch.setattr(gradient, "clean_rows_ride_along", rides)
+    monkeypatch.setattr(integrated, "clean_rows_ride_along", rides)
+
+
+class Counted(nn.Module):
+    """A model that counts its forward passes and the rows of each; a second input scales."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = chain(3)
+        self.passes: list[int] = []
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        self.passes.append(x.shape[0])
+        out = self.net(x)
+        return out if scale is None else out * scale[:, None]
+
+
+RIDE_CALLS = [
+    ("integrated_gradients", {"steps": 6}),
+    ("integrated_gradients", {"steps": 6, "batch_size": 4, "quadrature": "riemann_trapezoid"}),
+    ("smoothgrad", {"samples": 5}),
+    ("smoothgrad", {"samples": 5, "batch_size": 3, "base": "guided_backprop"}),
+    ("smoothgrad", {"samples": 4, "variant": "vargrad", "batch_size": 2}),
+]
+
+
+@pytest.mark.parametrize("target", [None, 2, torch.tensor([4, 1, 0])], ids=["top", "int", "each"])
+@pytest.mark.parametrize(("method", "options"), RIDE_CALLS)
+def test_clean_rows_in_the_first_pass_give_the_same_result(
+    monkeypatch: pytest.MonkeyPatch, method: str, options: dict[str, Any], target: Any
+) -> None:
+    model = Counted()
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    scale = torch.tensor([1.0, 2.0, -1.0])
+    run = functools.partial(
+        salience.explain, model, x, method, target, forward_args=(scale,), **options
+    )
+    apart = run()
+    separate = list(model.passes)
+    model.passes.clear()
+    _ride_along(monkeypatch, True)
+    along = run()
+    assert len(model.passes) == len(separate) - 1  # one pass fewer
+    assert model.passes[0] == separate[0] + separate[1], (separate, model.passes)
+    torch.testing.assert_close(along.target, apart.target, rtol=0, atol=0)
+    torch.testing.assert_close(along.values, apart.values, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(along.scores, apart.scores, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(along.output, apart.output, rtol=1e-5, atol=1e-6)
+    for key in ("delta", "baseline_scores"):
+        if key in apart.extras:
+            torch.testing.assert_close(along.extras[key], apart.extras[key], rtol=1e-4, atol=1e-5)
+
+
+def test_a_callable_target_keeps_its_own_clean_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = Counted()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    _ride_along(monkeypatch, True)
+    salience.smoothgrad(model, x, target=lambda out: out[:, 1], samples=3)
+    assert model.passes[0] == 2  # the clean pass, on its own
+
+
+def test_clean_rows_ride_again_after_an_out_of_memory_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from test_chunks_oom import LIMIT, Fake, Limited, images
+
+    x = images(2)
+    reference = salience.integrated_gradients(Limited(limit=10**6), x, steps=6, batch_size=3)
+    fake = Fake(monkeypatch)
+    model = Limited(fake=fake)
+    salience.integrated_gradients(model, x, steps=6)  # learns the footprint (a probe)
+    _ride_along(monkeypatch, True)
+    model.passes.clear()
+    again = salience.integrated_gradients(model, x, steps=6)
+    assert model.passes[0] > LIMIT  # the first try, with the endpoints, ran out of memory
+    torch.testing.assert_close(again.values, reference.values, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(again.extras["delta"], reference.extras["delta"], atol=1e-5, rtol=0)

@@ -92,6 +92,61 @@ def score_gradient(
         return scores.detach(), _grad(scores, leaf)
 
 
+def clean_rows_ride_along(device: torch.device, target: TargetLike) -> bool:
+    """Whether a batched method runs its clean inputs in its first pass, not in one of their own.
+
+    SmoothGrad and Integrated Gradients need the model's output on the clean inputs (the
+    target, the scores they report, IG's completeness gap), then run many rows with a
+    backward. Off the CPU a pass costs its kernel launches more than its rows at small
+    batches: the clean rows ride in the first pass (one pass fewer; their gradient is computed
+    and dropped). On the CPU a row costs its arithmetic, and a clean row costs less without a
+    backward: a no-grad pass of its own. A callable target reads the model output as a whole,
+    which the first pass cannot split: a pass of its own too.
+    """
+    return device.type != "cpu" and not (callable(target) and not isinstance(target, Tensor))
+
+
+def score_gradient_with_clean(
+    forward: Forward,
+    leaf: Tensor,
+    sample_ids: Tensor,
+    clean: Tensor,
+    target: TargetLike,
+    *,
+    score: Score,
+    offset: Tensor | None = None,
+    rule: RectifierRule = "gradient",
+    activations: Activations = "rectifiers",
+    method: str | None = None,
+    report: dict[str, Any] | None = None,
+) -> tuple[ResolvedTarget, Tensor, Tensor, Tensor]:
+    """:func:`score_gradient` with the clean rows ``clean`` in the same forward pass.
+
+    ``clean`` holds whole copies of the batch of ``n`` inputs (the inputs first; IG's
+    baseline after them); the class target is resolved on the first copy's output (see
+    :func:`clean_rows_ride_along`).
+
+    Returns:
+        ``(resolved target, output of the clean rows, scores, grad)``, all but the target
+        detached; the scores and the gradient are those of the rows ``offset + leaf``.
+    """
+    n, k = forward.n, clean.shape[0]
+    copies = torch.arange(n, device=sample_ids.device).repeat(k // n)
+    with torch.enable_grad():
+        with rectifier_rule(forward.model, rule, activations=activations, method=method) as mode:
+            points = leaf.clone() if offset is None else offset + leaf
+            output = forward(torch.cat([clean, points]), torch.cat([copies, sample_ids]))
+        if mode is not None and report is not None:
+            report.update(mode.extras())
+        rows = k + sample_ids.shape[0]
+        if not (isinstance(output, Tensor) and output.ndim > 0 and output.shape[0] == rows):
+            resolve_target(target, output, rows, score=score)  # says what a class target needs
+            raise AssertionError("unreachable: resolve_target accepts only (rows, classes)")
+        resolved = resolve_target(target, output[:n], n, score=score)
+        scores = resolved.scores(output[k:], sample_ids)
+        return resolved, output[:k].detach(), scores.detach(), _grad(scores, leaf)
+
+
 def _grad(scores: Tensor, wrt: Tensor) -> Tensor:
     """``d sum(scores) / d wrt``, or a clear error when the scores do not depend on it."""
     if not scores.requires_grad:
@@ -452,10 +507,12 @@ def _smoothgrad(
     )
 
     x = inputs.detach()
-    with torch.no_grad():
-        output = forward(x.clone())
-    resolved = resolve_target(target, output, n, score=score)
-    clean_scores = resolved.scores(output)
+    resolved: ResolvedTarget | None = None
+    output: Any = None
+    if not (clean_rows_ride_along(x.device, target) and not chunker.probing):
+        with torch.no_grad():
+            output = forward(x.clone())
+        resolved = resolve_target(target, output, n, score=score)
 
     # The noise is drawn on the inputs' device, not on the host and copied (50 noise images
     # of 3 x 224 x 224 are 7.5 million draws): the same seed gives the same noise on the same
@@ -477,7 +534,7 @@ def _smoothgrad(
         )
 
     total = samples * n
-    unit = n if resolved.fn is not None else 1  # callables see whole copies of the batch
+    unit = n if resolved is not None and resolved.fn is not None else 1  # callables: copies
     # VarGrad subtracts two close moments: accumulate those in float64.
     acc_dtype = torch.float64 if variant == "vargrad" else x.dtype
     acc = torch.zeros((n, *x.shape[1:]), dtype=acc_dtype, device=x.device)
@@ -491,24 +548,31 @@ def _smoothgrad(
             # Differentiate with respect to the noise: the same gradient as with respect to the
             # noisy input, which stays a non-leaf that the model may change in place.
             shift = (sigma[sample] * noise[draw]).requires_grad_(True)
-            _, values = score_gradient(
-                forward,
-                shift,
-                resolved,
-                sample,
-                offset=x[sample],
-                rule=rule,
-                activations=activations,
-                method=f"smoothgrad with base={base!r}",
-                report=report if start == 0 else None,
-            )
+            options: dict[str, Any] = {
+                "offset": x[sample],
+                "rule": rule,
+                "activations": activations,
+                "method": f"smoothgrad with base={base!r}",
+                "report": report if start == 0 else None,
+            }
+            found = None
+            if resolved is None:  # the clean inputs ride in this first pass
+                found, clean, _, values = score_gradient_with_clean(
+                    forward, shift, sample, x, target, score=score, **options
+                )
+            else:
+                _, values = score_gradient(forward, shift, resolved, sample, **options)
             if base == "input_x_gradient":
                 values = values * (x[sample] + shift.detach())
             values = values.to(acc_dtype)
             # In a fixed order on every device; both sums are added only once both are made.
             squares = () if acc_sq is None else ((acc_sq, values * values),)
             add_rows(acc, values, start, *squares)
+            if found is not None:
+                resolved, output = found, clean
 
+    assert resolved is not None
+    clean_scores = resolved.scores(output)
     mean = acc / samples
     if variant == "mean":
         smoothed = mean

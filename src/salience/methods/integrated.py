@@ -18,7 +18,7 @@ from .._forward import Forward, ForwardArgs, model_scope
 from ..attribution import Attribution
 from ..registry import register
 from ..targets import ResolvedTarget, Score, TargetLike, resolve_target
-from .gradient import score_gradient
+from .gradient import clean_rows_ride_along, score_gradient, score_gradient_with_clean
 
 __all__ = ["integrated_gradients", "quadrature_nodes"]
 
@@ -179,23 +179,33 @@ def _integrate(
         inputs, batch_size, backward=True, owner=forward.model, kind="integrated_gradients"
     )
 
-    with torch.no_grad():  # S(x) and S(x') in one pass when the output is a plain batch
-        samples = torch.arange(n, device=x.device)
-        both = forward(torch.cat([x, base]), torch.cat([samples, samples]))
-        if isinstance(both, Tensor) and both.ndim > 0 and both.shape[0] == 2 * n:
-            out_x, out_b = both[:n], both[n:]
-        else:
-            out_x, out_b = forward(x.clone()), forward(base.clone())
-    resolved = resolve_target(target, out_x, n, score=score)
-    f_x, f_b = resolved.scores(out_x), resolved.scores(out_b)
-    path = _Path(forward, resolved, base, x - base, chunker)
-
-    if tolerance is None:
+    if tolerance is None and clean_rows_ride_along(x.device, target) and not chunker.probing:
+        # S(x) and S(x') ride in the first pass of the path (see clean_rows_ride_along)
+        path = _Path(forward, None, base, x - base, chunker, target=(target, x, score))
         alphas, weights = quadrature_nodes(quadrature, steps)
         acc = path.integrate(alphas, weights)
         used = torch.full((n,), steps, dtype=torch.long)
+        assert path.target is not None
+        assert path.endpoints is not None
+        resolved, out_x, out_b = path.target, path.endpoints[:n], path.endpoints[n:]
+        f_x, f_b = resolved.scores(out_x), resolved.scores(out_b)
     else:
-        acc, used = path.adaptive(f_x, f_b, steps, float(tolerance), max_steps)
+        with torch.no_grad():  # S(x) and S(x') in one pass when the output is a plain batch
+            samples = torch.arange(n, device=x.device)
+            both = forward(torch.cat([x, base]), torch.cat([samples, samples]))
+            if isinstance(both, Tensor) and both.ndim > 0 and both.shape[0] == 2 * n:
+                out_x, out_b = both[:n], both[n:]
+            else:
+                out_x, out_b = forward(x.clone()), forward(base.clone())
+        resolved = resolve_target(target, out_x, n, score=score)
+        f_x, f_b = resolved.scores(out_x), resolved.scores(out_b)
+        path = _Path(forward, resolved, base, x - base, chunker)
+        if tolerance is None:
+            alphas, weights = quadrature_nodes(quadrature, steps)
+            acc = path.integrate(alphas, weights)
+            used = torch.full((n,), steps, dtype=torch.long)
+        else:
+            acc, used = path.adaptive(f_x, f_b, steps, float(tolerance), max_steps)
     values = (x - base) * acc.to(x.dtype)
     delta = values.double().flatten(1).sum(1) - (f_x.double() - f_b.double())
     if tolerance is not None:
@@ -327,22 +337,32 @@ class _Grid:
 
 
 class _Path:
-    """Gradients along the straight path ``x' + alpha (x - x')``, batched in chunks."""
+    """Gradients along the straight path ``x' + alpha (x - x')``, batched in chunks.
+
+    Without a resolved target, ``target`` is ``(target=, x, score=)``: the first pass also runs
+    the endpoints (rows ``[x, x']`` before the path's), resolves the target on ``x`` and keeps
+    their output in :attr:`endpoints` (see
+    :func:`~salience.methods.gradient.clean_rows_ride_along`).
+    """
 
     def __init__(
         self,
         forward: Forward,
-        target: ResolvedTarget,
+        resolved: ResolvedTarget | None,
         base: Tensor,
         diff: Tensor,
         chunker: Chunker,
+        *,
+        target: tuple[TargetLike, Tensor, Score] | None = None,
     ) -> None:
         self.forward = forward
-        self.target = target
+        self.target = resolved
         self.base = base
         self.diff = diff
         self.n = base.shape[0]
         self.chunker = chunker
+        self.endpoints: Tensor | None = None  # output at [x, x'] when they ride along
+        self._ends = target
 
     def _chunks(
         self, samples: Tensor, alphas: Tensor, keep: Callable[[slice, Tensor, Tensor], None]
@@ -352,15 +372,25 @@ class _Path:
         ``keep`` runs inside the pass: one that runs out of memory is redone, so ``keep``
         makes every tensor it needs before it writes (see :class:`salience._chunks.Chunker`).
         """
-        unit = self.n if self.target.fn is not None else 1  # callables see whole batches
+        # callables see whole batches (a target still to resolve is a class target)
+        unit = self.n if self.target is not None and self.target.fn is not None else 1
         for part in self.chunker.passes(samples.shape[0], unit):
             with part as (start, stop):
                 rows = slice(start, stop)
                 s = samples[rows]
                 a = alphas[rows].to(self.base.dtype).view(-1, 1, 1, 1)
                 point = (self.base[s] + a * self.diff[s]).requires_grad_(True)
-                scores, grad = score_gradient(self.forward, point, self.target, s)
-                keep(rows, scores, grad)
+                if self.target is None:
+                    assert self._ends is not None
+                    asked, x, score = self._ends
+                    resolved, ends, scores, grad = score_gradient_with_clean(
+                        self.forward, point, s, torch.cat([x, self.base]), asked, score=score
+                    )
+                    keep(rows, scores, grad)
+                    self.target, self.endpoints = resolved, ends
+                else:
+                    scores, grad = score_gradient(self.forward, point, self.target, s)
+                    keep(rows, scores, grad)
 
     def integrate(self, alphas: Tensor, weights: Tensor) -> Tensor:
         """Return ``sum_j w_j grad(alpha_j)`` per sample, ``(N, C, H, W)``, in the input dtype."""
