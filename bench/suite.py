@@ -257,7 +257,7 @@ def measure_side_by_side(
 
     Each is warmed up first (``warmed``: the results of warm-ups already run). Timed in a block
     of its own, a side pays for the first touches of memory that the next side then reuses
-    (measured: Lite0's gradient at batch 32 read 0.80x Captum in blocks, 1.06x interleaved).
+    (measured: Lite0's gradient at batch 32 read 0.80x Captum in blocks, 0.99x alternating).
     """
     results = dict(warmed) if warmed is not None else {name: fn() for name, fn in fns.items()}
     times: dict[str, list[float]] = {name: [] for name in fns}
