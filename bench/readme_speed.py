@@ -22,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "RESULTS.md")
 README = os.path.join(os.path.dirname(HERE), "README.md")
 
-BLOCKS = ("suite", "suite-batch8", "suite-occlusion")
+BLOCKS = ("suite", "suite-batch8", "suite-batch32", "suite-occlusion")
 """The blocks of RESULTS.md the table is taken from (bench/suite.py --block)."""
 
 # (model, batch, method, what the README calls it)
@@ -35,8 +35,10 @@ SELECTION: list[tuple[str, int, str, str]] = [
     ("lite0", 8, "smoothgrad", "SmoothGrad 32 samples, Lite0, batch 8"),
     ("lite0", 1, "grad_cam", "Grad-CAM, Lite0"),
     ("lite0", 8, "grad_cam", "Grad-CAM, Lite0, batch 8"),
+    ("lite0", 32, "gradient", "gradient, Lite0, batch 32"),
     ("vgg", 1, "deeplift", "DeepLIFT, VGG-style"),
     ("lite0", 1, "deeplift", "DeepLIFT, Lite0"),
+    ("vgg", 32, "deeplift", "DeepLIFT, VGG-style, batch 32"),
     ("lite0", 1, "lrp", "LRP ε⁺ (default composite), Lite0"),
     ("vgg", 1, "lrp", "LRP ε⁺, VGG-style"),
     ("vgg", 1, "occlusion", "occlusion 16/8 (729 windows), VGG-style"),

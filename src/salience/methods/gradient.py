@@ -84,12 +84,27 @@ def score_gradient(
         ``(scores, grad)``, the scores detached.
     """
     with torch.enable_grad():
-        with rectifier_rule(forward.model, rule, activations=activations, method=method) as mode:
-            output = forward(leaf.clone() if offset is None else offset + leaf, sample_ids)
-        if mode is not None and report is not None:
-            report.update(mode.extras())
+        points = leaf.clone() if offset is None else offset + leaf
+        output = _ruled_forward(forward, points, sample_ids, rule, activations, method, report)
         scores = target.scores(output, sample_ids)
         return scores.detach(), _grad(scores, leaf)
+
+
+def _ruled_forward(
+    forward: Forward,
+    rows: Tensor,
+    sample_ids: Tensor,
+    rule: RectifierRule,
+    activations: Activations,
+    method: str | None,
+    report: dict[str, Any] | None,
+) -> Any:
+    """Run the model on ``rows`` under ``rule``; what the rule modified goes to ``report``."""
+    with rectifier_rule(forward.model, rule, activations=activations, method=method) as mode:
+        output = forward(rows, sample_ids)
+    if mode is not None and report is not None:
+        report.update(mode.extras())
+    return output
 
 
 def clean_rows_ride_along(device: torch.device, target: TargetLike) -> bool:
@@ -133,11 +148,16 @@ def score_gradient_with_clean(
     n, k = forward.n, clean.shape[0]
     copies = torch.arange(n, device=sample_ids.device).repeat(k // n)
     with torch.enable_grad():
-        with rectifier_rule(forward.model, rule, activations=activations, method=method) as mode:
-            points = leaf.clone() if offset is None else offset + leaf
-            output = forward(torch.cat([clean, points]), torch.cat([copies, sample_ids]))
-        if mode is not None and report is not None:
-            report.update(mode.extras())
+        points = leaf if offset is None else offset + leaf  # cat copies: the model may edit it
+        output = _ruled_forward(
+            forward,
+            torch.cat([clean, points]),
+            torch.cat([copies, sample_ids]),
+            rule,
+            activations,
+            method,
+            report,
+        )
         rows = k + sample_ids.shape[0]
         if not (isinstance(output, Tensor) and output.ndim > 0 and output.shape[0] == rows):
             resolve_target(target, output, rows, score=score)  # says what a class target needs
