@@ -179,16 +179,9 @@ def _integrate(
         inputs, batch_size, backward=True, owner=forward.model, kind="integrated_gradients"
     )
 
-    if tolerance is None and clean_rows_ride_along(x.device, target) and not chunker.probing:
-        # S(x) and S(x') ride in the first pass of the path (see clean_rows_ride_along)
+    rides = tolerance is None and clean_rows_ride_along(x.device, target) and not chunker.probing
+    if rides:  # S(x) and S(x') ride in the first pass of the path (see clean_rows_ride_along)
         path = _Path(forward, None, base, x - base, chunker, target=(target, x, score))
-        alphas, weights = quadrature_nodes(quadrature, steps)
-        acc = path.integrate(alphas, weights)
-        used = torch.full((n,), steps, dtype=torch.long)
-        assert path.target is not None
-        assert path.endpoints is not None
-        resolved, out_x, out_b = path.target, path.endpoints[:n], path.endpoints[n:]
-        f_x, f_b = resolved.scores(out_x), resolved.scores(out_b)
     else:
         with torch.no_grad():  # S(x) and S(x') in one pass when the output is a plain batch
             samples = torch.arange(n, device=x.device)
@@ -200,12 +193,18 @@ def _integrate(
         resolved = resolve_target(target, out_x, n, score=score)
         f_x, f_b = resolved.scores(out_x), resolved.scores(out_b)
         path = _Path(forward, resolved, base, x - base, chunker)
-        if tolerance is None:
-            alphas, weights = quadrature_nodes(quadrature, steps)
-            acc = path.integrate(alphas, weights)
-            used = torch.full((n,), steps, dtype=torch.long)
-        else:
-            acc, used = path.adaptive(f_x, f_b, steps, float(tolerance), max_steps)
+
+    if tolerance is None:
+        alphas, weights = quadrature_nodes(quadrature, steps)
+        acc = path.integrate(alphas, weights)
+        used = torch.full((n,), steps, dtype=torch.long)
+    else:
+        acc, used = path.adaptive(f_x, f_b, steps, float(tolerance), max_steps)
+    if rides:
+        assert path.target is not None
+        assert path.endpoints is not None
+        resolved, out_x, out_b = path.target, path.endpoints[:n], path.endpoints[n:]
+        f_x, f_b = resolved.scores(out_x), resolved.scores(out_b)
     values = (x - base) * acc.to(x.dtype)
     delta = values.double().flatten(1).sum(1) - (f_x.double() - f_b.double())
     if tolerance is not None:
