@@ -829,3 +829,102 @@ def test_cam_with_explicit_layer_and_fc(resnet: nn.Module, images: Tensor) -> No
 def test_models_that_cannot_be_hooked(images: Tensor) -> None:
     with pytest.raises(TypeError, match=r"must be an nn\.Module"):
         sl.grad_cam(lambda x: x.mean(dim=(2, 3)), images)
+
+
+# -- a layer given by name: the autograd graph starts at the layer ------------------------------
+
+
+def _whole_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Record the whole graph even at a named layer (what the capture does without a name)."""
+    import importlib
+
+    cam = importlib.import_module("salience.methods.cam")
+    capture = cam._capture
+    monkeypatch.setattr(cam, "_capture", lambda *a, **k: capture(*a, **k, _whole_graph=True))
+
+
+LATE_CASES = [
+    ("vgg", "features.0"),  # a convolution followed by an in-place ReLU
+    ("vgg", "features.6"),
+    ("resnet", "relu"),  # a ReLU module run three times: the last call is explained
+    ("resnet", "layer1"),
+]
+
+
+@pytest.mark.parametrize("method", ["grad_cam", "grad_cam_plus_plus", "layer_cam"])
+@pytest.mark.parametrize(("net", "layer"), LATE_CASES)
+def test_a_named_layer_gives_the_whole_graph_map(
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+    images: Tensor,
+    method: str,
+    net: str,
+    layer: str,
+) -> None:
+    model = request.getfixturevalue(net)
+    late = sl.explain(model, images, method, 1, layer=layer)
+    _whole_graph(monkeypatch)
+    whole = sl.explain(model, images, method, 1, layer=layer)
+    assert late.extras["layer_calls"] == whole.extras["layer_calls"]
+    assert whole.values.abs().amax() > 0
+    torch.testing.assert_close(late.values, whole.values, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(late.scores, whole.scores, rtol=1e-6, atol=1e-7)
+
+
+def test_lite0_reused_swish_and_counterfactual(
+    monkeypatch: pytest.MonkeyPatch, lite0: nn.Module, cat: Tensor
+) -> None:
+    late = [sl.grad_cam(lite0, cat, 281, layer="_swish", counterfactual=c) for c in (False, True)]
+    _whole_graph(monkeypatch)
+    whole = [sl.grad_cam(lite0, cat, 281, layer="_swish", counterfactual=c) for c in (False, True)]
+    for a, b in zip(late, whole, strict=True):
+        assert a.extras["layer_calls"] == 2
+        torch.testing.assert_close(a.values, b.values, rtol=1e-6, atol=1e-7)
+
+
+def _saved_bytes(run: Any) -> int:
+    """Bytes that autograd saved for the backward pass during ``run()``."""
+    saved = [0]
+
+    def pack(t: Tensor) -> Tensor:
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return saved[0]
+
+
+def test_the_graph_before_a_named_layer_is_not_recorded(
+    monkeypatch: pytest.MonkeyPatch, vgg: nn.Module, images: Tensor
+) -> None:
+    late = _saved_bytes(lambda: sl.grad_cam(vgg, images, 1, layer="features.6"))
+    _whole_graph(monkeypatch)
+    whole = _saved_bytes(lambda: sl.grad_cam(vgg, images, 1, layer="features.6"))
+    # features.0-5 (two convolutions at full resolution) hold most of the activations
+    assert late < 0.5 * whole, (late, whole)
+
+
+class GradInside(nn.Module):
+    """Runs its features inside ``torch.enable_grad()``: leaving the block turns autograd off
+    again when the call began without it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.enable_grad():
+            a = self.features(x)
+        return self.head(a.mean((2, 3)))
+
+
+def test_autograd_switched_off_after_the_layer_records_the_whole_graph(images: Tensor) -> None:
+    model = GradInside().eval()
+    result = sl.grad_cam(model, images, 2, layer="features.0")
+    a = model.features[0](images).detach().requires_grad_(True)  # Grad-CAM by hand
+    (g,) = torch.autograd.grad(model.head(torch.relu(a).mean((2, 3)))[:, 2].sum(), a)
+    expected = (g.mean((2, 3), keepdim=True) * a).sum(1).clamp(min=0).detach()
+    assert expected.abs().amax() > 0
+    torch.testing.assert_close(result.values[:, 0], expected, rtol=1e-5, atol=1e-6)

@@ -52,6 +52,7 @@ def _capture(
     score: Score,
     grad: bool,
     _search_with_grad: bool = False,
+    _whole_graph: bool = False,
 ) -> _Capture:
     model = forward.model
     if not isinstance(model, nn.Module):
@@ -74,13 +75,18 @@ def _capture(
     n = inputs.shape[0]
     named = None if layer is None else find_layer(model, layer)
     # Autograd is on for the gradient methods, and for a gradient-free method only to check that
-    # the score depends on the patch tokens of a default token layer (see salience.layers).
-    track = grad or _search_with_grad
+    # the score depends on the patch tokens of a default token layer (see salience.layers). At
+    # a layer given by name, a gradient method records the graph from that layer on only.
+    late = grad and named is not None and not _whole_graph
+    track = (grad and not late) or _search_with_grad
     x = inputs.detach().clone()
     if track:
         x.requires_grad_(True)
     multi = isinstance(target, Tensor) and target.ndim == 2
-    with torch.set_grad_enabled(track), search_layers(model, inputs, named) as search:
+    with (
+        torch.set_grad_enabled(track),
+        search_layers(model, inputs, named, graph_from_layer=late) as search,
+    ):
         fed = x.clone() if track else x  # the model may modify its input in place
         search.seed(fed)
         output = forward(fed)
@@ -115,6 +121,13 @@ def _capture(
         assert search.record is not None
         record = search.record
     raw = record.activation()
+    if late and not (scores.requires_grad and raw.requires_grad):
+        # autograd was switched off again after the layer (a no_grad block in the model that
+        # ends after it, a checkpointed segment): record the whole graph, as without a layer
+        return _capture(
+            forward, inputs, target, layer=layer, reshape=reshape, score=score, grad=grad,
+            _whole_graph=True,
+        )  # fmt: skip
     if grad and not (scores.requires_grad and raw.requires_grad):
         what = "explained score" if not scores.requires_grad else f"output of layer {record.name!r}"
         raise ValueError(
