@@ -76,8 +76,9 @@ forward pass without autograd up to a layer given with ``layer=`` and switch it 
 a backward pass (Grad-CAM at batch 8: 428 MB → 1 MB kept on the VGG-style benchmark net at its
 last map, 645 MB → 7 MB on EfficientNet-Lite0 at ``_bn1``). A module that runs several times
 starts the graph again at every call (Lite0's ``_swish`` runs on the stem: nearly the whole
-graph). If autograd is off again after the layer (a ``no_grad`` block in the model that ends
-after it), the call records the whole graph instead. The default layer is chosen with the
+graph). If autograd is off again after the layer (a grad-mode block of the model,
+``torch.enable_grad()`` or ``no_grad()``, began before it and ended after), the call records the
+whole graph instead. The default layer is chosen with the
 whole graph (the score must reach it).
 """
 

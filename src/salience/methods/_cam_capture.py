@@ -122,8 +122,8 @@ def _capture(
         record = search.record
     raw = record.activation()
     if late and not (scores.requires_grad and raw.requires_grad):
-        # autograd was switched off again after the layer (a no_grad block in the model that
-        # ends after it, a checkpointed segment): record the whole graph, as without a layer
+        # autograd was switched off again after the layer (a grad-mode block of the model,
+        # torch.enable_grad() or no_grad(), began before it and ended after): the whole graph
         return _capture(
             forward, inputs, target, layer=layer, reshape=reshape, score=score, grad=grad,
             _whole_graph=True,
