@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeAlias
 
 import torch
@@ -136,37 +136,32 @@ class _Boundary(torch.autograd.Function):
         return out, None, None
 
 
-def _clone_tensors(value: Any) -> Any:
+def _map_tensors(fn: Callable[[Tensor], Any], value: Any) -> Any:
+    """Apply ``fn`` to every tensor in ``value``, through tuples, lists and dicts."""
     if isinstance(value, Tensor):
-        return value.clone()
+        return fn(value)
     if isinstance(value, tuple | list):
-        return type(value)(_clone_tensors(v) for v in value)
+        return type(value)(_map_tensors(fn, v) for v in value)
     if isinstance(value, dict):
-        return {k: _clone_tensors(v) for k, v in value.items()}
+        return {k: _map_tensors(fn, v) for k, v in value.items()}
     return value
+
+
+def _clone_tensors(value: Any) -> Any:
+    return _map_tensors(Tensor.clone, value)
 
 
 def _detach(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.detach()
-    if isinstance(value, tuple | list):
-        return type(value)(_detach(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _detach(v) for k, v in value.items()}
-    return value
+    return _map_tensors(Tensor.detach, value)
 
 
 def _expand(value: Any, rows: Tensor, n: int) -> Any:
     """Index the batch axis of every tensor in ``value`` whose first axis has ``n`` entries."""
-    if isinstance(value, Tensor):
-        if value.ndim > 0 and value.shape[0] == n:
-            return value[rows.to(value.device)]
-        return value
-    if isinstance(value, tuple | list):
-        return type(value)(_expand(v, rows, n) for v in value)
-    if isinstance(value, dict):
-        return {k: _expand(v, rows, n) for k, v in value.items()}
-    return value
+
+    def index(t: Tensor) -> Tensor:
+        return t[rows.to(t.device)] if t.ndim > 0 and t.shape[0] == n else t
+
+    return _map_tensors(index, value)
 
 
 # -- precision: TF32 off while any call that wants float32 runs ------------------------------
