@@ -259,12 +259,18 @@ def test_channels_last_second_derivatives():
 # -- compile ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", PLAIN)
-def test_compiled_model_runs_for_plain_autograd_methods(name):
+def _eager_and_compiled(name):
+    """The map of ``name`` on the eager model and under a counting compile backend."""
     net, x, backend = model(), inputs(), Counting()
     eager = explain(name, net, x)
     with salience.performance(compile={"backend": backend}):
         fast = explain(name, net, x)
+    return eager, fast, backend
+
+
+@pytest.mark.parametrize("name", PLAIN)
+def test_compiled_model_runs_for_plain_autograd_methods(name):
+    eager, fast, backend = _eager_and_compiled(name)
     assert backend.compiles >= 1
     assert backend.runs == fast.extras["performance"]["passes"] >= 1
     assert fast.extras["performance"] == {
@@ -280,10 +286,7 @@ def test_compiled_model_runs_for_plain_autograd_methods(name):
 @pytest.mark.parametrize("name", HOOKED)
 def test_compiled_model_never_runs_under_salience_hooks(name):
     """Rectifier rules, CAM captures and LRP/DeepLIFT call rules need the eager model."""
-    net, x, backend = model(), inputs(), Counting()
-    eager = explain(name, net, x)
-    with salience.performance(compile={"backend": backend}):
-        fast = explain(name, net, x)
+    eager, fast, backend = _eager_and_compiled(name)
     assert backend.runs == 0
     report = fast.extras["performance"]
     assert report["compiled"] is False
