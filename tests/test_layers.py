@@ -13,6 +13,7 @@ a non-square input are used, so that a transposed grid or swapped height and wid
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import pytest
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import salience as sl
-from salience import cli
+from salience import cli, layers
 from salience.layers import find_layer, search_layers
 from salience.layouts import Layout, check_reshape
 
@@ -565,6 +566,149 @@ def test_layers_by_name_down_the_dotted_path() -> None:
         find_layer(net, "featurs")
     with pytest.raises(ValueError, match=r"no layer named 'features\.0\.weight'"):
         find_layer(net, "features.0.weight")  # a parameter, not a module
+
+
+# -- what a search found is remembered -------------------------------------------------------------
+
+
+@pytest.fixture
+def hooked(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many modules each layer search hooks, call by call (the memory starts empty)."""
+    counts: list[int] = []
+    real = layers.forward_hooks
+
+    def spy(modules: Any, hook: Any) -> Any:
+        modules = list(modules)
+        counts.append(len(modules))
+        return real(modules, hook)
+
+    monkeypatch.setattr(layers, "forward_hooks", spy)
+    monkeypatch.setattr(layers, "_MEMO", weakref.WeakKeyDictionary())
+    return counts
+
+
+def _same(a: sl.Attribution, b: sl.Attribution) -> None:
+    assert (a.layer, a.extras["layout"], a.extras["layer_calls"]) == (
+        b.layer,
+        b.extras["layout"],
+        b.extras["layer_calls"],
+    )
+    torch.testing.assert_close(a.values, b.values, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", CAM_METHODS)
+@pytest.mark.parametrize(
+    ("model", "layer"),
+    [
+        (lambda: PlainCNN(), None),
+        (lambda: ChannelsLast(), None),  # NHWC, remembered as such
+        (lambda: ChannelsLast(), "layers.1"),  # a block: its type says no layout
+        (lambda: ViT((16, 16), class_token=False, pool="mean"), None),  # tokens, none special
+    ],
+    ids=["cnn", "channels-last", "channels-last-block", "vit-no-class-token"],
+)
+def test_a_search_is_remembered_and_hooks_one_module_next_time(
+    hooked: list[int], method: str, model: Any, layer: str | None
+) -> None:
+    """The second call hooks the layer the first one found, and explains the same map."""
+    net = model()
+    size = (16, 16) if isinstance(net, ViT) else (32, 32)
+    x = _inputs(size)
+    first = _run(method, net, x, 1, layer=layer)
+    second = _run(method, net, x, 1, layer=layer)
+    modules = len([n for n, _ in net.named_modules() if n])
+    assert (hooked[0], hooked[-1]) == (modules, 1)
+    _same(first, second)
+    _same(second, _run(method, model(), x, 1, layer=layer))  # a fresh model: a full search
+
+
+def test_what_is_not_remembered(hooked: list[int]) -> None:
+    """Special tokens (the choice reads gradients), extra forward arguments (they may change
+    what the model computes) and a conv layer (hooked alone anyway) search every time."""
+    vit, x = ViT(), _inputs((32, 32))
+    for _ in range(2):
+        assert sl.grad_cam(vit, x, 1).layer == "blocks.1.norm1"
+    modules = len([n for n, _ in vit.named_modules() if n])
+    assert hooked == [modules, modules]
+
+    class Extra(PlainCNN):
+        def forward(self, x: Tensor, scale: Tensor) -> Tensor:  # type: ignore[override]
+            return super().forward(x) * scale
+
+    hooked.clear()
+    net, x = Extra(), _inputs((32, 32))
+    for _ in range(2):
+        sl.grad_cam(net, x, 1, forward_args=(torch.tensor(2.0),))
+    assert hooked[0] == hooked[1] > 1
+    hooked.clear()
+    for _ in range(2):
+        sl.grad_cam(PlainCNN(), x, 1, layer="features.3")
+    assert hooked == [1, 1]
+
+
+class Routed(nn.Module):
+    """Two stages, two heads; ``route`` (no module) decides what the logits read:
+    ``"b"`` the second stage, ``"a"`` the first (the second still runs, unread), ``"skip"`` the
+    first (the second never runs), ``"strided"`` the second on a pooled first stage."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.ReLU())
+        self.head_a, self.head_b = nn.Linear(4, CLASSES), nn.Linear(6, CLASSES)
+        self.route = "b"
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = self.a(x)
+        if self.route == "skip":
+            return self.head_a(a.mean((2, 3)))
+        b = self.b(F.max_pool2d(a, 2) if self.route == "strided" else a)
+        if self.route == "a":
+            return self.head_a(a.mean((2, 3)))
+        return self.head_b(b.mean((2, 3)))
+
+
+@pytest.mark.parametrize("route", ["a", "skip", "strided"])
+def test_a_remembered_layer_that_no_longer_holds_is_searched_again(
+    hooked: list[int], route: str
+) -> None:
+    """Where the model takes another path than when the layer was found (the layer unread,
+    not run, or of another shape), the call searches again and explains what a fresh search
+    does, without an error."""
+    net, x = Routed(), _inputs((32, 32))
+    assert sl.grad_cam(net, x, 1).layer == "b"
+    fresh = Routed()
+    fresh.route = net.route = route
+    expected = sl.grad_cam(fresh, x, 1)
+    hooked.clear()
+    again = sl.grad_cam(net, x, 1)
+    _same(again, expected)
+    assert again.layer == ("b" if route == "strided" else "a")
+    modules = len([n for n, _ in net.named_modules() if n])
+    assert hooked == [1, modules]  # the remembered layer, then a full search
+    sl.grad_cam(net, x, 1)
+    # what the new search found is remembered in turn, unless the choice passed over a layer
+    # the score does not reach (which may depend on the target)
+    assert hooked[-1] == (modules if route == "a" else 1)
+
+
+def test_a_replaced_module_or_another_input_shape_searches_again(hooked: list[int]) -> None:
+    net, x = PlainCNN(), _inputs((32, 32))
+    sl.grad_cam(net, x, 1)
+    net.features[4] = nn.Tanh()  # a module replaced: every module is searched again
+    _same(sl.grad_cam(net, x, 1), sl.grad_cam(_with_tanh(PlainCNN()), x, 1))
+    modules = len([n for n, _ in net.named_modules() if n])
+    assert hooked[:2] == [modules, modules]
+    sl.grad_cam(net, _inputs((48, 32)))
+    assert hooked[-1] == modules  # another input shape
+    sl.grad_cam(net, _inputs((48, 32)))
+    assert hooked[-1] == 1
+
+
+def _with_tanh(net: PlainCNN) -> PlainCNN:
+    net.features[4] = nn.Tanh()
+    return net
 
 
 # -- the command line prints the layer and its layout ----------------------------------------------

@@ -80,6 +80,18 @@ graph). If autograd is off again after the layer (a grad-mode block of the model
 ``torch.enable_grad()`` or ``no_grad()``, began before it and ended after), the call records the
 whole graph instead. The default layer is chosen with the
 whole graph (the score must reach it).
+
+**What a search found is remembered.** Finding the default layer, or the layout of a named
+layer whose type does not say it (an activation module, a block), hooks every module of the
+model, which costs more than the pass itself on a small input (PyTorch's hook dispatch, about
+12 µs per module call). What such a search found is kept per model (weakly: it goes with the
+model) and input shape, dtype and device (:func:`recall`, :func:`remember`), and later calls
+hook that one layer, as torchcam does once per extractor. It is used only while the model holds
+the same modules (the same objects of the same classes, in order) and only if the layer then
+still runs, with the output shape found and, for the gradient methods, reached by the score;
+otherwise the call searches again, so the maps are those of a fresh search. Not kept: choices
+that depend on more than the model's structure (a layer passed over because the score does not
+reach it, special tokens, a module's earlier call) and calls with extra forward arguments.
 """
 
 from __future__ import annotations
@@ -88,6 +100,7 @@ import collections
 import contextlib
 import difflib
 import re
+import threading
 import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -110,11 +123,16 @@ from .layouts import (
 )
 
 __all__ = [
+    "Known",
     "LayerChoice",
     "LayerLike",
     "LayerRecord",
     "LayerSearch",
     "find_layer",
+    "forget",
+    "reaches",
+    "recall",
+    "remember",
     "search_layers",
 ]
 
@@ -199,6 +217,7 @@ class _Entry:
     cell: _Cell
     grids: int  # how many grids had been seen before it
     attention_like: bool  # a 4-D tensor with the token count on an axis
+    call: int  # which call of the module ``name`` returned it (1 for the first)
 
     @property
     def name(self) -> str:
@@ -252,12 +271,16 @@ class LayerChoice:
 
     ``needs_gradients`` is true when the choice was made without gradients and is a token
     sequence with special tokens, whose patch tokens the score may not depend on (a class-token
-    head): the caller should search again on a forward pass with gradients.
+    head): the caller should search again on a forward pass with gradients. ``structural`` is
+    true when the choice follows from the model's structure alone (the last readable layer
+    output, at the last call of its module, in a model without special tokens), so that it
+    can be remembered (:func:`remember`).
     """
 
     record: LayerRecord
     layout: Layout
     needs_gradients: bool = False
+    structural: bool = False
 
 
 def _tensors_in(output: Any) -> list[Tensor]:
@@ -312,17 +335,27 @@ class _Graph:
         root = scores.grad_fn
         self.seen: set[Any] = {root}
         self.frontier: list[Any] = [root]
+        self.leaves: set[int] = set()  # ids of the leaf tensors reached
 
     def reaches(self, t: Tensor) -> bool:
+        """Whether the scores were computed from ``t`` (a leaf or not)."""
         node = t.grad_fn
-        if node is None:
-            return t.requires_grad  # a leaf (the input): the score depends on it
-        while node not in self.seen and self.frontier:
+        if node is None and not t.requires_grad:
+            return False
+        while self.frontier and (node not in self.seen if node else id(t) not in self.leaves):
             for following, _ in self.frontier.pop().next_functions:
                 if following is not None and following not in self.seen:
                     self.seen.add(following)
                     self.frontier.append(following)
-        return node in self.seen
+                    leaf = getattr(following, "variable", None)  # AccumulateGrad
+                    if leaf is not None:
+                        self.leaves.add(id(leaf))
+        return node in self.seen if node else id(t) in self.leaves
+
+
+def reaches(scores: Tensor, t: Tensor) -> bool:
+    """Whether ``scores`` were computed from ``t`` through autograd (a walk of their graph)."""
+    return scores.grad_fn is not None and _Graph(scores).reaches(t)
 
 
 class LayerSearch(_LayerMessages):
@@ -358,6 +391,7 @@ class LayerSearch(_LayerMessages):
         self._grids: list[tuple[int, int]] = []
         self._token_counts: set[int] = set()
         self._mixed: bool | None = None
+        self._known: Layout | None = None  # the layer's layout, known before the pass
 
     # -- recording ---------------------------------------------------------------------------
 
@@ -426,6 +460,7 @@ class LayerSearch(_LayerMessages):
         if candidate and last is not None and last.ref() is output:
             last.names.append(name)
             last.version = output._version
+            last.call = self.calls[name]
             return last
         entry = _Entry(
             names=[name],
@@ -438,6 +473,7 @@ class LayerSearch(_LayerMessages):
             attention_like=bool(self._token_counts)
             and ndim == 4
             and (shape[2] in self._token_counts or shape[3] in self._token_counts),
+            call=self.calls[name],
         )
         if not candidate:
             return entry
@@ -563,9 +599,13 @@ class LayerSearch(_LayerMessages):
         if unread:
             # a transformer whose tokens fit no grid: an early map would explain little
             raise ValueError(self._unread_tokens(unread[-1], entry, layouts[0]))
-        record = LayerRecord(entry.name, calls=self.calls[entry.name], output=entry.tensor)
+        calls = self.calls[entry.name]
+        record = LayerRecord(entry.name, calls=calls, output=entry.tensor)
         record._version = entry.version
-        return LayerChoice(record, layouts[0], needs_gradients=scores is None and special)
+        structural = entry is pool[0][0] and entry.call == calls and not special
+        return LayerChoice(
+            record, layouts[0], needs_gradients=scores is None and special, structural=structural
+        )
 
     def _special_tokens(self) -> bool:
         """Whether the model computes token sequences with special (class, register) tokens."""
@@ -646,6 +686,8 @@ class LayerSearch(_LayerMessages):
         entry = self._layer_entry
         name = self._layer[0]
         assert entry is not None, "layer_layout() called for a layer that did not run"
+        if self._known is not None:
+            return self._known
         layouts = self.layouts(entry)
         if len(layouts) == 1:
             return layouts[0]
@@ -680,6 +722,7 @@ def search_layers(
     layer: tuple[str, nn.Module] | None = None,
     *,
     graph_from_layer: bool = False,
+    layout: Layout | None = None,
 ) -> Iterator[LayerSearch]:
     """Record the layer outputs of the forward passes run inside the block.
 
@@ -694,6 +737,9 @@ def search_layers(
             (what a gradient with respect to the layer needs: the memory and time of the
             autograd graph before the layer are saved). At a module that runs several times
             every call starts it again; the last call's leaf is the record.
+        layout: With ``layer``, its layout when already known (from :func:`recall`, or
+            ``Layout("custom")`` for a ``reshape=`` of the user): only the layer is hooked,
+            whatever its type, and :meth:`LayerSearch.layer_layout` returns ``layout``.
 
     Nothing is copied for the default layer: :meth:`LayerRecord.activation` checks afterwards
     that the chosen map was not modified in place later in the forward pass. Without autograd
@@ -701,9 +747,89 @@ def search_layers(
     """
     keep = _KEEP_WITH_GRAD if torch.is_grad_enabled() else _KEEP_WITHOUT_GRAD
     search = LayerSearch(model, inputs, layer, keep=keep, graph_from_layer=graph_from_layer)
-    if layer is not None and is_channels_first(layer[1]):
-        watched = [layer]  # a convolution (or a norm, pool, ...) says its layout itself
+    search._known = layout if layer is not None else None
+    if layer is not None and (layout is not None or is_channels_first(layer[1])):
+        # a convolution (or a norm, pool, ...) says its layout itself
+        watched = [layer]
     else:
         watched = [(n, m) for n, m in model.named_modules() if n]
     with forward_hooks(watched, search._hook):
         yield search
+
+
+# -- layers found before ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Known:
+    """A layer and its layout, as a full search found them for a model and an input shape.
+
+    Attributes:
+        name: Dotted name of the layer.
+        layout: How its output was read.
+        shape: Its output shape (checked again when the knowledge is used).
+    """
+
+    name: str
+    layout: Layout
+    shape: tuple[int, ...]
+
+
+class _Memo:
+    """What full searches found for one model, valid while its modules stay the same."""
+
+    __slots__ = ("fingerprint", "found")
+
+    def __init__(self, fingerprint: tuple[tuple[int, type], ...]) -> None:
+        self.fingerprint = fingerprint
+        self.found: dict[tuple[Any, ...], Known] = {}
+
+
+_MEMO: weakref.WeakKeyDictionary[nn.Module, _Memo] = weakref.WeakKeyDictionary()
+_MEMO_LOCK = threading.Lock()
+_MEMO_SIZE = 16  # layers x input shapes remembered per model; the oldest go first
+
+
+def _fingerprint(model: nn.Module) -> tuple[tuple[int, type], ...]:
+    """Every module of ``model``, by identity and class, in order (a replaced one shows)."""
+    return tuple((id(m), type(m)) for m in model.modules())
+
+
+def _key(layer: str | None, inputs: Tensor) -> tuple[Any, ...]:
+    return (layer, tuple(inputs.shape), inputs.dtype, inputs.device)
+
+
+def recall(model: nn.Module, layer: str | None, inputs: Tensor) -> Known | None:
+    """Return what a full search found for ``layer`` (``None``: the default layer).
+
+    Only for the same input shape, dtype and device, and while the model holds the same
+    modules (the same objects, of the same classes, in the same order); else ``None``.
+    """
+    with _MEMO_LOCK:
+        memo = _MEMO.get(model)
+        if memo is None:
+            return None
+        if memo.fingerprint != _fingerprint(model):
+            del _MEMO[model]
+            return None
+        return memo.found.get(_key(layer, inputs))
+
+
+def remember(model: nn.Module, layer: str | None, inputs: Tensor, known: Known) -> None:
+    """Keep what a full search found for ``layer`` (``None``: the default layer)."""
+    fingerprint = _fingerprint(model)
+    with _MEMO_LOCK:
+        memo = _MEMO.get(model)
+        if memo is None or memo.fingerprint != fingerprint:
+            memo = _MEMO[model] = _Memo(fingerprint)
+        if len(memo.found) >= _MEMO_SIZE:
+            del memo.found[next(iter(memo.found))]
+        memo.found[_key(layer, inputs)] = known
+
+
+def forget(model: nn.Module, layer: str | None, inputs: Tensor) -> None:
+    """Drop what was remembered for ``layer`` (it no longer holds)."""
+    with _MEMO_LOCK:
+        memo = _MEMO.get(model)
+        if memo is not None:
+            memo.found.pop(_key(layer, inputs), None)

@@ -19,8 +19,18 @@ from torch import Tensor, nn
 
 from .._forward import Forward
 from ..attribution import Attribution
-from ..layers import LayerLike, LayerRecord, find_layer, search_layers
-from ..layouts import Layout, Reshape, check_reshape
+from ..layers import (
+    Known,
+    LayerLike,
+    LayerRecord,
+    find_layer,
+    forget,
+    reaches,
+    recall,
+    remember,
+    search_layers,
+)
+from ..layouts import Layout, Reshape, check_reshape, is_channels_first
 from ..targets import ResolvedTarget, Score, TargetLike, resolve_target
 
 # -- capture: one forward pass, the layer's activation and the scores ---------------------------
@@ -53,6 +63,7 @@ def _capture(
     grad: bool,
     _search_with_grad: bool = False,
     _whole_graph: bool = False,
+    _recall: bool = True,
 ) -> _Capture:
     model = forward.model
     if not isinstance(model, nn.Module):
@@ -74,6 +85,15 @@ def _capture(
         )
     n = inputs.shape[0]
     named = None if layer is None else find_layer(model, layer)
+    # The layer search hooks every module when the layer's type does not say its layout (or
+    # none is named): what it found for this model and input shape is remembered, and later
+    # calls hook that layer only (salience.layers.recall). Not with extra forward arguments,
+    # which may change what the model computes.
+    memo = reshape is None and not forward.args and not forward.kwargs
+    asked = None if named is None else named[0]
+    known = recall(model, asked, inputs) if memo and _recall else None
+    if known is not None and named is None:
+        named = find_layer(model, known.name)
     # Autograd is on for the gradient methods, and for a gradient-free method only to check that
     # the score depends on the patch tokens of a default token layer (see salience.layers). At
     # a layer given by name, a gradient method records the graph from that layer on only.
@@ -85,7 +105,13 @@ def _capture(
     multi = isinstance(target, Tensor) and target.ndim == 2
     with (
         torch.set_grad_enabled(track),
-        search_layers(model, inputs, named, graph_from_layer=late) as search,
+        search_layers(
+            model,
+            inputs,
+            named,
+            graph_from_layer=late,
+            layout=Layout("custom") if reshape is not None else known and known.layout,
+        ) as search,
     ):
         fed = x.clone() if track else x  # the model may modify its input in place
         search.seed(fed)
@@ -109,6 +135,8 @@ def _capture(
             )
         record: LayerRecord = choice.record
         layout = choice.layout
+        if memo and choice.structural and record.output is not None:
+            remember(model, None, inputs, Known(record.name, layout, tuple(record.output.shape)))
         changed = record.output is not None and record.output._version != record._version
         if changed or (_search_with_grad and not grad):
             # the chosen map was changed in place later on (record it again, with a copy), or
@@ -120,15 +148,27 @@ def _capture(
     else:
         assert search.record is not None
         record = search.record
+    out = record.output
+    if known is not None and (
+        out is None or tuple(out.shape) != known.shape or (late and not reaches(scores, out))
+    ):
+        # not what the search found before (the model took another path, or the score does
+        # not reach this layer): search again
+        forget(model, asked, inputs)
+        return _capture(
+            forward, inputs, target, layer=layer, reshape=reshape, score=score, grad=grad,
+            _recall=False,
+        )  # fmt: skip
     raw = record.activation()
-    if late and not (scores.requires_grad and raw.requires_grad):
+    reached = scores.requires_grad and raw.requires_grad
+    if late and not reached:
         # autograd was switched off again after the layer (a grad-mode block of the model,
         # torch.enable_grad() or no_grad(), began before it and ended after): the whole graph
         return _capture(
             forward, inputs, target, layer=layer, reshape=reshape, score=score, grad=grad,
             _whole_graph=True,
         )  # fmt: skip
-    if grad and not (scores.requires_grad and raw.requires_grad):
+    if grad and not reached:
         what = "explained score" if not scores.requires_grad else f"output of layer {record.name!r}"
         raise ValueError(
             f"the {what} does not depend on the inputs through autograd (is the model or the "
@@ -139,6 +179,8 @@ def _capture(
         layout = Layout("custom")
     else:
         layout = layout or search.layer_layout()
+        if memo and known is None and named is not None and not is_channels_first(named[1]):
+            remember(model, named[0], inputs, Known(named[0], layout, tuple(raw.shape)))
         reshape = None if layout.kind == "NCHW" else layout.to_map
     if not grad:
         raw, scores = raw.detach(), scores.detach()
