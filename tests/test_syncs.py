@@ -17,6 +17,7 @@ import importlib
 import traceback
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -25,6 +26,7 @@ import salience
 from conftest import _init
 from salience import _forward, _performance
 from salience.methods import _incremental_kernels
+from salience.targets import resolve_target
 
 # What reads a value back (or may: nonzero and repeat_interleave size their output from it).
 _TENSOR_READS = ("__bool__", "item", "tolist", "__int__", "__float__", "__index__", "numpy",
@@ -154,6 +156,26 @@ def test_reads_do_not_grow_with_depth(reads: Reads, method: str) -> None:
     deep = dict(count(reads, chain(8), method).sites)
     assert sum(deep.values()) == sum(shallow.values()), (shallow, deep)
     assert sum(deep.values()) <= 12, deep
+
+
+def test_a_class_index_target_reads_nothing_back(reads: Reads) -> None:
+    """An int target is checked in Python and made on the output's device; a tensor target
+    is checked on the device (one read)."""
+    output = torch.randn(2, 5)
+    for target, expected in ((3, 0), (torch.tensor([3, 1]), 1)):
+        reads.sites.clear()
+        reads.on = True
+        try:
+            resolved = resolve_target(target, output, 2)
+        finally:
+            reads.on = False
+        assert reads.total == expected, reads.sites
+        assert resolved.classes is not None
+        assert resolved.classes.device == output.device
+    with pytest.raises(ValueError, match="target class 5 is out of range"):
+        resolve_target(5, output, 2)
+    with pytest.raises(ValueError, match="target class -1 is out of range"):
+        resolve_target(np.int64(-1), output, 2)
 
 
 @pytest.mark.parametrize(

@@ -68,7 +68,9 @@ class ResolvedTarget:
         if sample_ids is None:
             if rows % self.n:
                 raise RuntimeError(f"{rows} rows are not whole copies of a batch of {self.n}")
-            classes = self.classes.repeat(rows // self.n, *([1] * (self.classes.ndim - 1)))
+            classes = self.classes
+            if rows != self.n:
+                classes = classes.repeat(rows // self.n, *([1] * (classes.ndim - 1)))
         else:
             classes = self.classes[sample_ids.to(self.classes.device)]
         logits = output.float() if output.dtype in (torch.float16, torch.bfloat16) else output
@@ -120,6 +122,15 @@ def resolve_target(
     num_classes = output.shape[1]
     if target is None:
         classes = output.detach().argmax(dim=1)
+    elif _is_index(target):
+        # one class for all: checked here, made on the output's device (no copy, no read back)
+        index = int(target)  # type: ignore[call-overload]
+        if not 0 <= index < num_classes:
+            raise ValueError(
+                f"target class {index} is out of range: the model has {num_classes} classes "
+                f"(valid: 0..{num_classes - 1})"
+            )
+        classes = torch.full((n,), index, dtype=torch.long, device=output.device)
     else:
         classes = _as_classes(target, n, multi)
         bad = (classes < 0) | (classes >= num_classes)
