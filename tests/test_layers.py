@@ -693,7 +693,7 @@ def test_a_remembered_layer_that_no_longer_holds_is_searched_again(
     assert hooked[-1] == (modules if route == "a" else 1)
 
 
-def test_a_replaced_module_or_another_input_shape_searches_again(hooked: list[int]) -> None:
+def test_a_replaced_module_another_input_shape_or_mode_searches_again(hooked: list[int]) -> None:
     net, x = PlainCNN(), _inputs((32, 32))
     sl.grad_cam(net, x, 1)
     net.features[4] = nn.Tanh()  # a module replaced: every module is searched again
@@ -704,6 +704,9 @@ def test_a_replaced_module_or_another_input_shape_searches_again(hooked: list[in
     assert hooked[-1] == modules  # another input shape
     sl.grad_cam(net, _inputs((48, 32)))
     assert hooked[-1] == 1
+    net.fc.train()  # a module in training mode (a model may take another path then)
+    sl.grad_cam(net, _inputs((48, 32)))
+    assert hooked[-1] == modules
 
 
 def _with_tanh(net: PlainCNN) -> PlainCNN:

@@ -87,7 +87,8 @@ model, which costs more than the pass itself on a small input (PyTorch's hook di
 12 µs per module call). What such a search found is kept per model (weakly: it goes with the
 model) and input shape, dtype and device (:func:`recall`, :func:`remember`), and later calls
 hook that one layer, as torchcam does once per extractor. It is used only while the model holds
-the same modules (the same objects of the same classes, in order) and only if the layer then
+the same modules (the same objects of the same classes, in order, each in the same training or
+evaluation mode) and only if the layer then
 still runs, with the output shape found and, for the gradient methods, reached by the score;
 otherwise the call searches again, so the maps are those of a fresh search. Not kept: choices
 that depend on more than the model's structure (a layer passed over because the score does not
@@ -780,7 +781,7 @@ class _Memo:
 
     __slots__ = ("fingerprint", "found")
 
-    def __init__(self, fingerprint: tuple[tuple[int, type], ...]) -> None:
+    def __init__(self, fingerprint: tuple[tuple[int, type, bool], ...]) -> None:
         self.fingerprint = fingerprint
         self.found: dict[tuple[Any, ...], Known] = {}
 
@@ -790,9 +791,12 @@ _MEMO_LOCK = threading.Lock()
 _MEMO_SIZE = 16  # layers x input shapes remembered per model; the oldest go first
 
 
-def _fingerprint(model: nn.Module) -> tuple[tuple[int, type], ...]:
-    """Every module of ``model``, by identity and class, in order (a replaced one shows)."""
-    return tuple((id(m), type(m)) for m in model.modules())
+def _fingerprint(model: nn.Module) -> tuple[tuple[int, type, bool], ...]:
+    """Every module of ``model`` by identity, class and training mode, in order.
+
+    A replaced module shows, and so does a switch to training mode (another path, maybe).
+    """
+    return tuple((id(m), type(m), m.training) for m in model.modules())
 
 
 def _key(layer: str | None, inputs: Tensor) -> tuple[Any, ...]:
@@ -803,7 +807,8 @@ def recall(model: nn.Module, layer: str | None, inputs: Tensor) -> Known | None:
     """Return what a full search found for ``layer`` (``None``: the default layer).
 
     Only for the same input shape, dtype and device, and while the model holds the same
-    modules (the same objects, of the same classes, in the same order); else ``None``.
+    modules (the same objects, of the same classes, in the same order, each in the same
+    training or evaluation mode); else ``None``.
     """
     with _MEMO_LOCK:
         memo = _MEMO.get(model)
