@@ -24,7 +24,7 @@ from torch import nn
 
 import salience
 from conftest import _init
-from salience import _forward, _performance
+from salience import _performance
 from salience.methods import _incremental_kernels
 from salience.targets import resolve_target
 
@@ -77,7 +77,6 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> Reads:
         monkeypatch.setattr(torch.Tensor, name, counter.wrap(name, getattr(torch.Tensor, name)))
     for name in _TORCH_READS:
         monkeypatch.setattr(torch, name, counter.wrap(name, getattr(torch, name)))
-    monkeypatch.setattr(_forward, "_groups", _forward._same_kind)
     monkeypatch.setattr(_performance, "worth_a_sync", lambda t: False)
     monkeypatch.setattr(_incremental_kernels, "_row_wise", lambda device: False)
     return counter
@@ -270,12 +269,7 @@ class Counting(nn.Module):
         return self.bn(x).mean((2, 3))
 
 
-@pytest.mark.parametrize("grouped", [False, True], ids=["cpu", "device"])
-def test_buffers_are_restored_on_either_path(
-    monkeypatch: pytest.MonkeyPatch, grouped: bool
-) -> None:
-    if grouped:
-        monkeypatch.setattr(_forward, "_groups", _forward._same_kind)
+def test_buffers_are_restored() -> None:
     model = Counting().train()
     before = {name: b.clone() for name, b in model.named_buffers()}
     objects = {name: b for name, b in model.named_buffers()}

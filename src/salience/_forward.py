@@ -29,6 +29,7 @@ from typing import Any, TypeAlias
 
 import torch
 from torch import Tensor, nn
+from torch._utils import _flatten_dense_tensors
 
 from ._checks import check_inputs, check_model
 from ._performance import channels_last_input, compiled_model, get_performance, record_pass
@@ -204,14 +205,16 @@ def kept_buffers(model: Any, modules: list[nn.Module] | None = None) -> Iterator
     pass; explaining it must not. The buffer objects themselves are restored too, should the
     model replace one.
 
-    Off the CPU the values are kept as one flat copy per dtype and device and compared the
-    same way: one copy and one host synchronisation per call, where a comparison per buffer
-    would wait on the device once per buffer (147 times for EfficientNet-Lite0). On the CPU a
-    copy per buffer is faster (no synchronisation to save, and no concatenation). Compared by
-    value, not by version counter: native BatchNorm updates its statistics without bumping it.
-    Only buffers that differ are written back (a write bumps the version, which would break a
-    graph of the user's own that saved the buffer). ``modules``: ``list(model.modules())`` if
-    the caller has it.
+    The values are kept as one flat copy per dtype and device, made in one call
+    (``_flatten_dense_tensors``, as DistributedDataParallel flattens its buckets), and compared
+    the same way: one copy and, off the CPU, one host synchronisation per call, where a
+    comparison per buffer would wait on the device once per buffer (147 times for
+    EfficientNet-Lite0). On Lite0's 147 buffers, on the CPU: 0.15 ms for both copies, against
+    0.35 ms one buffer at a time and 0.45 ms concatenated from Python. Compared by value, not by
+    version counter: native BatchNorm updates its statistics without bumping it. Only buffers
+    that differ are written back (a write bumps the version, which would break a graph of the
+    user's own that saved the buffer). ``modules``: ``list(model.modules())`` if the caller has
+    it.
     """
     if not isinstance(model, nn.Module):
         yield
@@ -222,8 +225,9 @@ def kept_buffers(model: Any, modules: list[nn.Module] | None = None) -> Iterator
         for name, buffer in module._buffers.items()
         if buffer is not None
     ]
-    groups = _groups([buffer for _, _, buffer in owned])
-    saved = [_copy(buffers) for buffers in groups]
+    groups = _same_kind([buffer for _, _, buffer in owned])
+    with torch.no_grad():
+        saved = [_copy(buffers) for buffers in groups]
     try:
         yield
     finally:
@@ -239,13 +243,6 @@ def kept_buffers(model: Any, modules: list[nn.Module] | None = None) -> Iterator
                     _restore(buffers, values)
 
 
-def _groups(buffers: list[Tensor]) -> list[list[Tensor]]:
-    """Group the buffers copied and compared together: each alone on the CPU, else by kind."""
-    if all(buffer.is_cpu for buffer in buffers):
-        return [[buffer] for buffer in buffers]
-    return _same_kind(buffers)
-
-
 def _same_kind(buffers: Iterable[Tensor]) -> list[list[Tensor]]:
     """Dense buffers grouped by dtype and device; any other layout (sparse) alone."""
     groups: dict[Any, list[Tensor]] = {}
@@ -257,10 +254,10 @@ def _same_kind(buffers: Iterable[Tensor]) -> list[list[Tensor]]:
 
 
 def _copy(buffers: list[Tensor]) -> Tensor:
-    """Copy one buffer, or several into one flat tensor (one kernel on a GPU)."""
+    """Copy one buffer, or several into one flat tensor (one call; one kernel on a GPU)."""
     if len(buffers) == 1:
         return buffers[0].detach().clone()
-    return torch.cat([b.detach().reshape(-1) for b in buffers])
+    return _flatten_dense_tensors(buffers)
 
 
 def _restore(buffers: list[Tensor], values: Tensor) -> None:
