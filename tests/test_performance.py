@@ -379,7 +379,8 @@ def test_the_cache_does_not_keep_the_model_alive():
     del net
     gc.collect()
     assert ref() is None
-    assert len(_performance._compiled) == before - 1
+    # its entry went (and maybe others', of models of earlier tests collected now too)
+    assert len(_performance._compiled) <= before - 1
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
