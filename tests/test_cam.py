@@ -905,6 +905,19 @@ def test_the_graph_before_a_named_layer_is_not_recorded(
     assert late < 0.5 * whole, (late, whole)
 
 
+def test_the_remembered_default_layer_keeps_only_the_graph_after_it(
+    vgg: nn.Module, images: Tensor
+) -> None:
+    """The first call chooses the default layer on the whole graph; the next, which remembers
+    it, records the graph from the layer on, with the same map."""
+    results: list[sl.Attribution] = []
+    first = _saved_bytes(lambda: results.append(sl.grad_cam(vgg, images, 1)))
+    second = _saved_bytes(lambda: results.append(sl.grad_cam(vgg, images, 1)))
+    assert second < 0.5 * first, (second, first)
+    assert results[0].layer == results[1].layer
+    torch.testing.assert_close(results[0].values, results[1].values, rtol=1e-6, atol=1e-7)
+
+
 class GradInside(nn.Module):
     """Runs its features inside ``torch.enable_grad()``: leaving the block turns autograd off
     again when the call began without it."""
