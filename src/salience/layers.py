@@ -650,7 +650,8 @@ class LayerSearch(_LayerMessages):
                     for e, ls in pool[i + 1 : i + size]
                     if e.tensor is not None and graph.reaches(e.tensor)
                 ]
-                tensors = [e.tensor for e, _ in todo]
+                tensors = [e.tensor for e, _ in todo if e.tensor is not None]  # all of them
+                assert total is not None
                 grads = torch.autograd.grad(total, tensors, retain_graph=True, allow_unused=True)
                 for (e, ls), g in zip(todo, grads, strict=True):
                     layout = ls[0] if len(ls) == 1 else Layout("NCHW")

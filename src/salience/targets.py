@@ -124,7 +124,7 @@ def resolve_target(
         classes = output.detach().argmax(dim=1)
     elif _is_index(target):
         # one class for all: checked here, made on the output's device (no copy, no read back)
-        index = int(target)  # type: ignore[call-overload]
+        index = int(target)  # type: ignore[arg-type]  # an Integral: checked above
         if not 0 <= index < num_classes:
             raise ValueError(
                 f"target class {index} is out of range: the model has {num_classes} classes "

@@ -94,8 +94,7 @@ def find_images(sources: str | os.PathLike[str] | Sequence[str | os.PathLike[str
             files.extend(matched)
         else:
             raise FileNotFoundError(f"{text}: no such file or directory")
-    seen: set[str] = set()
-    return [f for f in files if not (f in seen or seen.add(f))]
+    return list(dict.fromkeys(files))  # each file once, in the order found
 
 
 class _Inputs(torch.utils.data.Dataset):

@@ -103,15 +103,11 @@ def _capture(
     if track:
         x.requires_grad_(True)
     multi = isinstance(target, Tensor) and target.ndim == 2
+    # a layout known before the pass (the user's reshape=, or remembered): only the layer is hooked
+    given = Layout("custom") if reshape is not None else None if known is None else known.layout
     with (
         torch.set_grad_enabled(track),
-        search_layers(
-            model,
-            inputs,
-            named,
-            graph_from_layer=late,
-            layout=Layout("custom") if reshape is not None else known and known.layout,
-        ) as search,
+        search_layers(model, inputs, named, graph_from_layer=late, layout=given) as search,
     ):
         fed = x.clone() if track else x  # the model may modify its input in place
         search.seed(fed)
