@@ -7,6 +7,7 @@ import math
 import os
 import sys
 import warnings
+from types import FrameType
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ def warn(message: str, category: type[Warning] = UserWarning) -> None:
     However deep in salience (a method called by a metric, by :func:`salience.explain`, by the
     batch runner) the warning is raised, it names the user's line that led to it.
     """
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     level = 1
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL):
         frame = frame.f_back

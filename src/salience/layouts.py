@@ -166,7 +166,7 @@ _STOCK_NORMS = tuple(
 
 def is_channels_first(module: nn.Module) -> bool:
     """Tell whether ``module`` produces channels-first maps by what it is (a convolution, ...)."""
-    return _axis_of_type(type(module)) == "first"
+    return _axis_of_type(type(module)) == "first"  # type: ignore[arg-type]  # classes hash
 
 
 @functools.cache
@@ -182,7 +182,7 @@ def _axis_of_type(cls: type) -> Axis:
 
 def axis_of(module: nn.Module, output: Tensor) -> Axis:
     """Which end of ``output`` holds the channels, from what ``module`` is (``None``: unknown)."""
-    axis = _axis_of_type(type(module))
+    axis = _axis_of_type(type(module))  # type: ignore[arg-type]  # classes hash
     if axis is not None:
         return axis
     # an instance attribute in every norm we know; a class attribute or property otherwise

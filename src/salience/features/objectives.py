@@ -110,7 +110,8 @@ class Objective:
         if self.position is None:
             return plane.mean()
         h, w = plane.shape
-        y, x = (h // 2, w // 2) if self.position == "center" else self.position
+        position = self.position
+        y, x = (h // 2, w // 2) if isinstance(position, str) else position  # str: "center"
         if not (0 <= y < h and 0 <= x < w):
             raise ValueError(f"neuron position {(y, x)} is outside the {h}×{w} map of {where}")
         return plane[y, x]

@@ -224,8 +224,9 @@ def top_activating(
     if isinstance(channel, bool) or not isinstance(channel, int) or channel < 0:
         raise ValueError(f"channel must be a non-negative int, got {channel!r}")
     name, module = find_layer(model, layer)
-    if preprocess is None and callable(getattr(model, "preprocess", None)):
-        preprocess = model.preprocess
+    own = getattr(model, "preprocess", None)
+    if preprocess is None and callable(own):
+        preprocess = own
     skipped: list[tuple[str, str]] = []
 
     def skip(label: str, reason: str) -> None:
@@ -391,8 +392,8 @@ def top_grid(
         titles += [f"{label} ({float(result.activations[i]):.3g})", "reconstruction"]
     pairs = ncols or min(3, len(result.labels))
     heading = title if title is not None else f"{result.layer}, channel {result.channel}"
-    picture = grid(panels, titles, ncols=2 * pairs, panel_size=1.6, fontsize=7)
-    return with_heading(picture, heading) if heading else picture
+    sheet = grid(panels, titles, ncols=2 * pairs, panel_size=1.6, fontsize=7)
+    return with_heading(sheet, heading) if heading else sheet
 
 
 def with_heading(picture: Image.Image, text: str, size: int = 14) -> Image.Image:
@@ -401,7 +402,7 @@ def with_heading(picture: Image.Image, text: str, size: int = 14) -> Image.Image
 
     font = ImageFont.load_default(size=size)
     left, top, right, bottom = font.getbbox(text)
-    strip = bottom - top + size
+    strip = int(bottom - top) + size
     out = Image.new("RGB", (picture.width, picture.height + strip), "white")
     out.paste(picture, (0, strip))
     x = max((picture.width - (right - left)) // 2, 0)

@@ -66,13 +66,13 @@ for _nd, _fn, _wi, _torch in (
     _POOLS[_fn] = _max_pool(_nd, _wi, True)
     _POOLS[_wi] = _max_pool(_nd, _wi, True)
     _POOLS[_torch] = _max_pool(_nd, _wi, False)
-for _nd, _fn, _wi in (
+for _nd, _afn, _awi in (
     (1, F.adaptive_max_pool1d, F.adaptive_max_pool1d_with_indices),
     (2, F.adaptive_max_pool2d, F.adaptive_max_pool2d_with_indices),
     (3, F.adaptive_max_pool3d, F.adaptive_max_pool3d_with_indices),
 ):
-    _POOLS[_fn] = _adaptive_max_pool(_nd, _wi)
-    _POOLS[_wi] = _adaptive_max_pool(_nd, _wi)
+    _POOLS[_afn] = _adaptive_max_pool(_nd, _awi)
+    _POOLS[_awi] = _adaptive_max_pool(_nd, _awi)
 
 # Layers whose positive and negative contributions RevealCancel separates: (input, weight,
 # bias) first, the other arguments passed on unchanged.

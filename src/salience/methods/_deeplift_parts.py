@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from numbers import Number
+from numbers import Real
 from typing import Any
 
 import torch
@@ -260,25 +260,27 @@ class _Split:
 
     def _sum(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[[], Pair]:
         alpha = kwargs.get("alpha", 1)
-        if not isinstance(alpha, Number):
+        if not isinstance(alpha, Real):
             raise NoSplit(f"`{name}` with a tensor alpha")
+        operands: list[tuple[Any, Any]]
         if name in _SIGNS:
             operands = [(args[0], _SIGNS[name])]
         else:
             coefs = [-alpha if c == "-alpha" else alpha if c == "alpha" else c for c in _SUMS[name]]
             other = _arg(args, kwargs, 1, "other", None)
             operands = list(zip((args[0], other), coefs, strict=True))
-        held = [(self._need(t), c, t) for t, c in operands]
-        held = [(h, c, t) for h, c, t in held if h is not None]
+        held = []  # the operands computed from the input (at least one: the call was tainted)
+        for t, c in operands:
+            h = self._need(t)
+            if h is not None:
+                held.append((h, float(c)))
         shape = torch.broadcast_shapes(*(t.shape for t, _ in operands if isinstance(t, Tensor)))
 
         def thunk() -> Pair:
-            pos = neg = None
-            for h, c, _ in held:
-                p, n = _scale(h.get(), float(c))
-                pos, neg = (p, n) if pos is None else (pos + p, neg + n)
-            assert pos is not None
-            assert neg is not None
+            pos, neg = _scale(held[0][0].get(), held[0][1])
+            for h, c in held[1:]:
+                p, n = _scale(h.get(), c)
+                pos, neg = pos + p, neg + n
             return pos.broadcast_to(shape), neg.broadcast_to(shape)
 
         return thunk
@@ -317,7 +319,7 @@ class _Split:
             return None
         if isinstance(c, Tensor):
             c = c.detach()
-        elif isinstance(c, Number) and not isinstance(c, complex):
+        elif isinstance(c, Real):
             c = float(c)
         else:
             return None

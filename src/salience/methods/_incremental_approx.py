@@ -95,7 +95,7 @@ def check_approximation(spec: Any) -> Approximation | None:
             not isinstance(value, numbers.Real)
             or isinstance(value, bool)
             or not math.isfinite(float(value))
-            or not 0 < value <= 1
+            or not 0 < float(value) <= 1
         ):
             raise ValueError(f"approximate {name} must be a number in (0, 1], got {value!r}")
     if not isinstance(spec.coarse, numbers.Integral) or isinstance(spec.coarse, bool):

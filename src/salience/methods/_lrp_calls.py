@@ -133,7 +133,7 @@ _METADATA = {
     Tensor.device.__get__,  # type: ignore[attr-defined]
     Tensor.requires_grad.__get__,  # type: ignore[attr-defined]
     Tensor.is_cuda.__get__,  # type: ignore[attr-defined]
-    Tensor.grad_fn.__get__,  # type: ignore[attr-defined]
+    Tensor.grad_fn.__get__,  # type: ignore[attr-defined, union-attr]
 }
 """Calls that only read a tensor's metadata: they do not put a pending rule in place."""
 _COVERED = (

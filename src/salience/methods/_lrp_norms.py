@@ -52,7 +52,7 @@ def batch_norm(state: _State, func: Any, args: tuple[Any, ...], kwargs: dict[str
         prev is not None and not prev.folded and not prev.read and _out_channels(prev) == x.shape[1]
     )
     if not foldable:
-        state.flush((x,))
+        state.flush([x])
         state.counts["BatchNorm (affine, LRP-0)"] += 1
         return affine()
     assert prev is not None

@@ -315,6 +315,7 @@ class _Tracer:
                 "them: the paper defines no split there. Use rule='rescale' for this model"
             )
         pos, neg = held.get()
+        assert step.y0 is not None  # recorded for every activation
         y = _RevealCancel.apply(
             x, pos, neg, step.x0, step.y0, f, rectifier, site.upper, site.inplace
         )
@@ -339,6 +340,7 @@ class _Tracer:
         self.max_pools += 1
         y, i = _MaxPool.apply(x, step.x0, step.y0, step.index, pool, spatial)
         if self.split is not None:
+            assert step.y0 is not None  # recorded for every max-pooling
             self.split.neuron(y, step.y0)
         return (y, i) if indices else y
 

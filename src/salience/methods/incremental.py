@@ -190,7 +190,11 @@ def _attr(graph: fx.GraphModule, node: Any) -> Any:
 def _layer(graph: fx.GraphModule, node: fx.Node) -> _Layer | None:
     args = node.args
     if node.op == "call_function":
-        if node.target in _ELEMENTWISE_FUNCTIONS and len(args) == 1:
+        if (
+            node.target in _ELEMENTWISE_FUNCTIONS
+            and len(args) == 1
+            and isinstance(args[0], fx.Node)
+        ):
             fn, kwargs = node.target, {k: v for k, v in node.kwargs.items() if k != "inplace"}
             return _Layer("elementwise", lambda t: fn(t, **kwargs), (args[0],))  # type: ignore[operator]
         if node.target in _ADD and len(args) == 2 and not node.kwargs:
@@ -206,7 +210,7 @@ def _layer(graph: fx.GraphModule, node: fx.Node) -> _Layer | None:
             except LookupError:
                 return None
             stride, padding, dilation, groups = (list(args[3:]) + [1, 0, 1, 1][len(args) - 3 :])[:4]
-            if isinstance(padding, str):
+            if isinstance(padding, str) or not isinstance(groups, int):
                 return None
             ph, pw = _two(padding)
             return _Layer(

@@ -448,6 +448,7 @@ class _Path:
     ) -> tuple[Tensor, Tensor]:
         """Adaptive trapezoid rule; returns the weighted gradient sum and nodes per sample."""
         device = self.base.device
+        assert self.target is not None  # the adaptive path resolves its target first
         if self.target.fn is None:
             grids = [_Grid(torch.tensor([i], device=device)) for i in range(self.n)]
         else:  # a callable target is evaluated on the whole batch at once: one shared grid

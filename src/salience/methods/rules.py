@@ -282,7 +282,7 @@ class Composite:
         Raises:
             ValueError: an option (not ``None``) that no rule of the composite has.
         """
-        used = set()
+        used: set[str] = set()
 
         def update(rule: Rule) -> Rule:
             fields = {f.name for f in dataclasses.fields(rule)}

@@ -22,7 +22,7 @@ from .._forward import Forward, ForwardArgs, _expand
 from ..attribution import Attribution, Reduction
 from ..hooks import call_rule, forward_hooks
 from ..layers import find_layer
-from ..methods.integrated import make_baseline, quadrature_nodes
+from ..methods.integrated import Quadrature, make_baseline, quadrature_nodes
 from ..rectifiers import SITES
 from ..registry import check_options, get_method
 from ..targets import TargetLike, resolve_target
@@ -243,7 +243,7 @@ def _ig(
             "differentiates through every step) instead"
         )
     steps = check_positive_int("steps", opts.get("steps") or 50)
-    quadrature = opts.get("quadrature") or "gausslegendre"
+    quadrature: Quadrature = opts.get("quadrature") or "gausslegendre"
     base = make_baseline(
         z,
         opts.get("baseline", "zeros"),

@@ -44,6 +44,8 @@ _CONSTANT_PAD = nn.modules.padding._ConstantPadNd
 class _ShiftPad(nn.Module):
     """Constant padding with one value per channel: ``value[c]`` around channel ``c``."""
 
+    value: Tensor
+
     def __init__(self, padding: Sequence[int], value: Tensor) -> None:
         super().__init__()
         self.padding = tuple(int(p) for p in padding)
@@ -144,7 +146,9 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _absorb(layer: nn.Module, shift: Tensor, layer_input: Tensor, inputs: Tensor) -> Tensor:
+def _absorb(
+    layer: nn.Linear | nn.modules.conv._ConvNd, shift: Tensor, layer_input: Tensor, inputs: Tensor
+) -> Tensor:
     """``W m`` of the first layer, float64, one value per output unit."""
     weight = layer.weight.detach().double().cpu()
     if isinstance(layer, nn.Linear):
@@ -214,14 +218,15 @@ def _build_twin(
         )
     layer_name = found[0]
     layer = twin.get_submodule(layer_name)
+    assert isinstance(layer, nn.Linear | nn.modules.conv._ConvNd)  # one of _LAYERS
     layer_input = events[-1][2]
     channels = x.shape[1]
     shifted_pads: list[str] = []
     for name, module, _ in events[:-1]:
         if isinstance(module, _CONSTANT_PAD):
             value = torch.as_tensor(float(module.value), dtype=torch.float64)
-            pad = _ShiftPad(module.padding, value + _per_channel(s, channels))
-            _set_module(twin, name, pad.to(_device_of(layer)))
+            shift_pad = _ShiftPad(module.padding, value + _per_channel(s, channels))
+            _set_module(twin, name, shift_pad.to(_device_of(layer)))
             shifted_pads.append(name)
             continue
         if isinstance(module, _PASS_THROUGH):

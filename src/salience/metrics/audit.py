@@ -481,7 +481,7 @@ def _read(result: Audit) -> None:
 
 
 def _checks_shown(checks: Sequence[str]) -> list[str]:
-    shown = []
+    shown: list[str] = []
     for check in checks:
         shown.extend(_CHECK_OF.get(check, (check,)))
     return shown

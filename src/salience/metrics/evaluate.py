@@ -375,8 +375,8 @@ def evaluate(
     predicted = []
     with model_scope(model, x) as fwd, torch.no_grad():
         for start in range(0, n, batch_size):
-            rows = torch.arange(start, min(start + batch_size, n), device=x.device)
-            predicted.append(fwd(x[rows].clone(), rows).argmax(dim=1))
+            index = torch.arange(start, min(start + batch_size, n), device=x.device)
+            predicted.append(fwd(x[index].clone(), index).argmax(dim=1))
     top1 = torch.cat(predicted)
     region = masks if masks is not None else boxes
     chunks = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
@@ -384,17 +384,20 @@ def evaluate(
 
     def score_maps(maps: Tensor, a: int, b: int) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
-        if "pointing" in wanted:
-            out["pointing"] = pointing_game(maps, region[a:b], tolerance=tolerance)
-        if "pointing_energy" in wanted:
-            out["pointing_energy"] = pointing_energy(maps, region[a:b])
-        if "iou" in wanted or "localization_error" in wanted:
-            found = box_from_map(maps, threshold=threshold)
-            if "iou" in wanted:
-                out["iou"] = iou(found, boxes[a:b])
-            if "localization_error" in wanted:
-                out["localization_error"] = localization_error(found, top1[a:b], y[a:b], boxes[a:b])
-        common = {
+        if boxes is not None and region is not None:  # (the localization metrics need them)
+            if "pointing" in wanted:
+                out["pointing"] = pointing_game(maps, region[a:b], tolerance=tolerance)
+            if "pointing_energy" in wanted:
+                out["pointing_energy"] = pointing_energy(maps, region[a:b])
+            if "iou" in wanted or "localization_error" in wanted:
+                found = box_from_map(maps, threshold=threshold)
+                if "iou" in wanted:
+                    out["iou"] = iou(found, boxes[a:b])
+                if "localization_error" in wanted:
+                    out["localization_error"] = localization_error(
+                        found, top1[a:b], y[a:b], boxes[a:b]
+                    )
+        common: dict[str, Any] = {
             "steps": steps,
             "score": score,
             "batch_size": perturbation_batch_size,
