@@ -693,6 +693,18 @@ def test_a_remembered_layer_that_no_longer_holds_is_searched_again(
     assert hooked[-1] == (modules if route == "a" else 1)
 
 
+def test_a_layer_remembered_without_gradients_is_checked_with_them(hooked: list[int]) -> None:
+    """Score-CAM chooses without a graph (the last map, read or not); Grad-CAM then checks
+    that its score reaches what was remembered, and searches again where it does not."""
+    net, x = Routed(), _inputs((32, 32))
+    net.route = "a"  # the second stage runs, unread
+    assert sl.score_cam(net, x, 1, batch_size=64).layer == "b"
+    fresh = Routed()
+    fresh.route = "a"
+    _same(sl.grad_cam(net, x, 1), sl.grad_cam(fresh, x, 1))
+    assert sl.grad_cam(net, x, 1).layer == "a"
+
+
 def test_a_replaced_module_another_input_shape_or_mode_searches_again(hooked: list[int]) -> None:
     net, x = PlainCNN(), _inputs((32, 32))
     sl.grad_cam(net, x, 1)
