@@ -113,10 +113,7 @@ def score_cam(
         # s(Up(s(A))) = s(Up(A)) for the min-max normalisation s, since bilinear upsampling commutes
         # with positive affine maps; channels whose normalised maps s(A) are bitwise equal in every
         # sample share one masked input. Channels constant in every sample have no mask, weight 0.
-        flat = activation.flatten(2)
-        low, high = flat.amin(dim=2, keepdim=True), flat.amax(dim=2, keepdim=True)
-        varying = high > low  # (N, K, 1)
-        unit = torch.where(varying, (flat - low) / torch.where(varying, high - low, 1.0), 0.0)
+        unit, varying = _min_max(activation.flatten(2), 2)  # varying: (N, K, 1)
         blank = (~varying[..., 0].any(dim=1)).nonzero().flatten().tolist()
         if blank:
             warn(
@@ -142,10 +139,7 @@ def score_cam(
                     maps = distinct[start : r1 // n].flatten(0, 1)  # channel-major
                     if tuple(maps.shape[-2:]) != size:
                         maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
-                    lo = maps.amin(dim=(2, 3), keepdim=True)
-                    span = maps.amax(dim=(2, 3), keepdim=True) - lo
-                    ok = span > 0
-                    masks = torch.where(ok, (maps - lo) / torch.where(ok, span, 1.0), 0.0)
+                    masks, ok = _min_max(maps, (2, 3))
                     rows = samples.repeat(maps.shape[0] // n)  # whole copies of the batch
                     out = fwd(x[rows] * masks, rows)
                     part = cap.resolved.scores(out, rows).reshape(-1, n, scores.shape[2])
@@ -158,3 +152,11 @@ def score_cam(
             weights[..., None, None], activation, relu=relu, size=_size(inputs, upsample)
         )
         return _result("score_cam", cap, values, {"weights": weights, "masked_inputs": masked})
+
+
+def _min_max(t: Tensor, dims: int | tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """``(t - min) / (max - min)`` over ``dims``, 0 where ``t`` is constant there; and where not."""
+    low = t.amin(dim=dims, keepdim=True)
+    span = t.amax(dim=dims, keepdim=True) - low
+    varying = span > 0
+    return torch.where(varying, (t - low) / torch.where(varying, span, 1.0), 0.0), varying
