@@ -364,8 +364,8 @@ class LayerSearch(_LayerMessages):
 
     Use it through :func:`search_layers`. With ``layer`` given, only that layer is recorded
     (with a copy handed to the model, see the module documentation) and :meth:`layer_layout`
-    reads it; otherwise :meth:`choose` picks the default layer. ``graph_from_layer``: see
-    :func:`search_layers`.
+    reads it; otherwise :meth:`choose` picks the default layer. ``graph_from_layer`` and
+    ``layout``: see :func:`search_layers`.
     """
 
     def __init__(
@@ -376,6 +376,7 @@ class LayerSearch(_LayerMessages):
         *,
         keep: int = _KEEP_WITH_GRAD,
         graph_from_layer: bool = False,
+        layout: Layout | None = None,
     ) -> None:
         self.model = model
         self.n = int(inputs.shape[0])
@@ -392,7 +393,8 @@ class LayerSearch(_LayerMessages):
         self._grids: list[tuple[int, int]] = []
         self._token_counts: set[int] = set()
         self._mixed: bool | None = None
-        self._known: Layout | None = None  # the layer's layout, known before the pass
+        # the layer's layout, known before the pass
+        self._known = layout if layer is not None else None
 
     # -- recording ---------------------------------------------------------------------------
 
@@ -748,8 +750,9 @@ def search_layers(
     on, fewer outputs are held (there is no score dependence to check).
     """
     keep = _KEEP_WITH_GRAD if torch.is_grad_enabled() else _KEEP_WITHOUT_GRAD
-    search = LayerSearch(model, inputs, layer, keep=keep, graph_from_layer=graph_from_layer)
-    search._known = layout if layer is not None else None
+    search = LayerSearch(
+        model, inputs, layer, keep=keep, graph_from_layer=graph_from_layer, layout=layout
+    )
     if layer is not None and (layout is not None or is_channels_first(layer[1])):
         # a convolution (or a norm, pool, ...) says its layout itself
         watched = [layer]
