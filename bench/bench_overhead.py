@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 import warnings
@@ -32,34 +31,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import salience
 from _results import write_block
-from suite import captum_peer, load, machine
+from suite import captum_peer, load, machine, measure_side_by_side
 
 METHODS = ("gradient", "guided_backprop", "grad_cam", "grad_cam_default", "grad_cam_first",
            "deeplift", "lrp", "integrated_gradients", "smoothgrad")  # fmt: skip
 STEPS = 8  # IG steps and SmoothGrad samples: one pass each, as a GPU would run them
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def interleaved(
     runs: dict[str, Callable[[], object]], repeats: int, device: torch.device
 ) -> dict[str, float]:
     """Median seconds of each run, alternating the order, after one warm-up run of each."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for fn in runs.values():
-        fn()
-    names = list(runs)
-    for i in range(repeats):
-        for name in names if i % 2 == 0 else names[::-1]:
-            _sync(device)
-            start = time.perf_counter()
-            runs[name]()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    timed = measure_side_by_side(runs, device, repeats, memory=False)
+    return {name: seconds for name, (seconds, _, _) in timed.items()}
 
 
 def bare(model: nn.Module, x: Tensor, target: Tensor, method: str, layer: nn.Module) -> Callable:

@@ -224,8 +224,18 @@ class _PeakRSS:
         self.high = max(self.high, _rss())
 
 
-def _once(fn: Callable[[], Any], device: torch.device) -> tuple[float, float, Any]:
-    """Seconds and peak memory in MB of one run, and its result."""
+def _once(
+    fn: Callable[[], Any], device: torch.device, memory: bool = True
+) -> tuple[float, float, Any]:
+    """Seconds and peak memory in MB of one run (0 without ``memory``), and its result."""
+    if not memory:  # no sampling thread beside a call of a few milliseconds
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        result = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start, 0.0, result
     if device.type == "cuda":  # the counters of this device (--device cuda:1 too)
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -252,12 +262,15 @@ def measure_side_by_side(
     device: torch.device,
     repeats: int,
     warmed: dict[str, Any] | None = None,
+    *,
+    memory: bool = True,
 ) -> dict[str, tuple[float, float, Any]]:
     """``measure`` for several runs at once, alternating them (the first of each round changes).
 
     Each is warmed up first (``warmed``: the results of warm-ups already run). Timed in a block
     of its own, a side pays for the first touches of memory that the next side then reuses
     (measured: Lite0's gradient at batch 32 read 0.80x Captum in blocks, 0.99x alternating).
+    ``memory=False`` times only (no peak memory: no sampling thread beside the calls).
     """
     results = dict(warmed) if warmed is not None else {name: fn() for name, fn in fns.items()}
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -265,7 +278,7 @@ def measure_side_by_side(
     names = list(fns)
     for i in range(repeats):
         for name in names if i % 2 == 0 else names[::-1]:
-            elapsed, peak, results[name] = _once(fns[name], device)
+            elapsed, peak, results[name] = _once(fns[name], device, memory)
             times[name].append(elapsed)
             peaks[name] = max(peaks[name], peak)
     return {name: (statistics.median(times[name]), peaks[name], results[name]) for name in fns}
