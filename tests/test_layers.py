@@ -587,6 +587,11 @@ def hooked(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return counts
 
 
+def _submodules(net: nn.Module) -> int:
+    """How many modules a full search hooks: every named submodule."""
+    return len([n for n, _ in net.named_modules() if n])
+
+
 def _same(a: sl.Attribution, b: sl.Attribution) -> None:
     assert (a.layer, a.extras["layout"], a.extras["layer_calls"]) == (
         b.layer,
@@ -616,7 +621,7 @@ def test_a_search_is_remembered_and_hooks_one_module_next_time(
     x = _inputs(size)
     first = _run(method, net, x, 1, layer=layer)
     second = _run(method, net, x, 1, layer=layer)
-    modules = len([n for n, _ in net.named_modules() if n])
+    modules = _submodules(net)
     assert (hooked[0], hooked[-1]) == (modules, 1)
     _same(first, second)
     _same(second, _run(method, model(), x, 1, layer=layer))  # a fresh model: a full search
@@ -628,7 +633,7 @@ def test_what_is_not_remembered(hooked: list[int]) -> None:
     vit, x = ViT(), _inputs((32, 32))
     for _ in range(2):
         assert sl.grad_cam(vit, x, 1).layer == "blocks.1.norm1"
-    modules = len([n for n, _ in vit.named_modules() if n])
+    modules = _submodules(vit)
     assert hooked == [modules, modules]
 
     class Extra(PlainCNN):
@@ -685,7 +690,7 @@ def test_a_remembered_layer_that_no_longer_holds_is_searched_again(
     again = sl.grad_cam(net, x, 1)
     _same(again, expected)
     assert again.layer == ("b" if route == "strided" else "a")
-    modules = len([n for n, _ in net.named_modules() if n])
+    modules = _submodules(net)
     assert hooked == [1, modules]  # the remembered layer, then a full search
     sl.grad_cam(net, x, 1)
     # what the new search found is remembered in turn, unless the choice passed over a layer
@@ -710,7 +715,7 @@ def test_a_replaced_module_another_input_shape_or_mode_searches_again(hooked: li
     sl.grad_cam(net, x, 1)
     net.features[4] = nn.Tanh()  # a module replaced: every module is searched again
     _same(sl.grad_cam(net, x, 1), sl.grad_cam(_with_tanh(PlainCNN()), x, 1))
-    modules = len([n for n, _ in net.named_modules() if n])
+    modules = _submodules(net)
     assert hooked[:2] == [modules, modules]
     sl.grad_cam(net, _inputs((48, 32)))
     assert hooked[-1] == modules  # another input shape
