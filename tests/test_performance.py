@@ -348,7 +348,9 @@ def test_the_counter_is_what_keeps_the_compiled_model_out(monkeypatch):
     # (dynamo may refuse the mode, loudly: not the point here)
     with salience.performance(compile={"backend": backend}), contextlib.suppress(Exception):
         salience.guided_backprop(net, x)
-    assert backend.runs == 1  # the compiled forward ran inside the rule's scope
+    # the compiled forward ran inside the rule's scope (in the rectifier modules' pass, and
+    # in the mode's if the compiled forward left the modules' hooks out)
+    assert backend.runs >= 1
 
 
 def test_compiled_models_are_cached_per_model_and_setting():

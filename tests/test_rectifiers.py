@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import salience
+from salience import hooks
 from salience.hooks import rectifier_rule
 from salience.rectifiers import ACTIVATIONS, resolve_activations
 
@@ -474,3 +475,187 @@ def test_guided_works_wherever_the_gradient_does(spelling: str, changed: str) ->
         pytest.skip("PyTorch's own backward of this call does not allow the change either")
     salience.guided_backprop(net, X, TARGET)
     salience.deconvnet(net, X, TARGET)
+
+
+# -- rules at rectifier modules (the backward nodes) and when they hand over to the mode ------
+
+
+class ModuleNet(nn.Module):
+    """``conv -> rectifier module -> conv -> act -> linear``: one registered module, one callable.
+
+    ``act`` is a spelling of :data:`SPELLINGS` (or ``None``: the module again), so a functional
+    rectifier sits beside a rectifier module.
+    """
+
+    def __init__(
+        self, module: nn.Module, act: Callable[[Net, Tensor], Tensor] | None = None
+    ) -> None:
+        super().__init__()
+        self.inner = Net([F.relu, F.relu])
+        self.rectifier = module
+        self.act = act
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.run(x, self.rectifier, lambda t: self.act_(t))
+
+    def act_(self, t: Tensor) -> Tensor:
+        return self.rectifier(t) if self.act is None else self.act(self.inner, t)
+
+    def run(self, x: Tensor, first: Callable, second: Callable) -> Tensor:
+        inner = self.inner
+        return inner.fc(second(inner.convs[1](first(inner.convs[0](x)))).flatten(1))
+
+
+def _mode_only(model: nn.Module) -> bool:
+    return model in hooks._MODE_ONLY
+
+
+def _through_the_mode(method: Callable[..., salience.Attribution], net: nn.Module, **options):
+    """``method``'s result with the mode at every rectifier (the module rules not tried)."""
+    hooks._MODE_ONLY[net] = True
+    try:
+        return method(net, X, TARGET, **options)
+    finally:
+        del hooks._MODE_ONLY[net]
+
+
+MODULES = {
+    "nn.ReLU": (lambda: nn.ReLU(), None),
+    "nn.ReLU(inplace=True)": (lambda: nn.ReLU(inplace=True), None),
+    "nn.ReLU6(inplace=True)": (lambda: nn.ReLU6(inplace=True), 6.0),
+    "nn.Hardtanh(0, 2.5)": (lambda: nn.Hardtanh(0.0, 2.5), 2.5),
+}
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("module", list(MODULES))
+def test_rectifier_modules_are_ruled_at_their_nodes(
+    module: str, rule: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the mode (which would raise here), as the reference, bit for bit the mode."""
+    make, upper = MODULES[module]
+    net = ModuleNet(make())  # one module called twice
+    mode = _through_the_mode(METHODS[rule], net)
+
+    def no_mode(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the function mode ran")
+
+    monkeypatch.setattr(hooks._RectifierMode, "__torch_function__", no_mode)
+    result = METHODS[rule](net, X, TARGET)
+    assert not _mode_only(net)
+    ref = lambda t: RefRectifier.apply(t, upper, rule)  # noqa: E731
+    expected = reference_gradient(lambda x: net.run(x, ref, ref), X, TARGET)
+    assert_matches(result.values, expected)
+    assert torch.equal(result.values, mode.values)
+    assert result.extras == mode.extras == {"rectifiers": 2, "activations_modified": {}}
+    assert not net.rectifier._forward_hooks
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("spelling", list(SPELLINGS))
+def test_a_functional_rectifier_beside_modules_sends_the_pass_to_the_mode(
+    spelling: str, rule: str
+) -> None:
+    """Every spelling leaves a node the graph walk finds: the map is the reference's."""
+    act, upper = SPELLINGS[spelling]
+    net = ModuleNet(nn.ReLU(), act)
+    result = METHODS[rule](net, X, TARGET)
+    assert _mode_only(net)
+    first = lambda t: RefRectifier.apply(t, None, rule)  # noqa: E731
+    second = lambda t: RefRectifier.apply(t, upper, rule)  # noqa: E731
+    assert_matches(
+        result.values, reference_gradient(lambda x: net.run(x, first, second), X, TARGET)
+    )
+    assert result.extras["rectifiers"] == 2
+
+
+def test_a_model_for_the_mode_runs_one_pass_from_then_on() -> None:
+    net = ModuleNet(nn.ReLU(), lambda n, t: F.relu(t))
+    calls: list[int] = []
+    net.register_forward_pre_hook(lambda *_: calls.append(1))
+    first = salience.guided_backprop(net, X, TARGET)
+    assert len(calls) == 2  # the module rules' pass, thrown away, and the mode's
+    again = salience.guided_backprop(net, X, TARGET)
+    assert len(calls) == 3
+    assert torch.equal(first.values, again.values)
+    salience.smoothgrad(net, X, TARGET, base="guided_backprop", samples=4, batch_size=2)
+    assert len(calls) == 3 + 1 + 3 * 4 // 2  # the clean pass, 12 rows 2 by 2: none thrown away
+
+
+class Replaced(nn.ReLU):
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x) * 0.5
+
+
+CHANGES: dict[str, Callable[[ModuleNet], object]] = {
+    "a subclass with its own forward": lambda n: setattr(n, "rectifier", Replaced()),
+    "a forward of the instance's own": lambda n: setattr(
+        n.rectifier, "forward", lambda t: F.relu(t) * 0.5
+    ),
+    "a hook of the user's replacing the output": lambda n: n.rectifier.register_forward_hook(
+        lambda m, args, out: out * 0.5
+    ),
+    "a hook of the user's replacing one call's output by its input": lambda n: (
+        setattr(n, "second", nn.ReLU()),
+        setattr(n, "act", lambda inner, t: n.second(t)),
+        n.rectifier.register_forward_hook(lambda m, args, out: args[0] * 0.5),
+    ),
+    "an in-place module on a view": lambda n: setattr(
+        n, "act", lambda inner, t: (u := t * 1, n.rectifier(u[:, :2]), u)[2]
+    ),
+    "a functional in-place call on a view": lambda n: setattr(
+        n, "act", lambda inner, t: (u := t * 1, F.relu(u[:, :2], inplace=True), u)[2]
+    ),
+}
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_what_a_module_rule_cannot_vouch_for_goes_to_the_mode(change: str, rule: str) -> None:
+    net = ModuleNet(nn.ReLU(inplace=change == "an in-place module on a view"))
+    CHANGES[change](net)
+    result = METHODS[rule](net, X, TARGET)
+    assert _mode_only(net)
+    mode = _through_the_mode(METHODS[rule], net)
+    assert torch.equal(result.values, mode.values)
+    assert result.extras == mode.extras  # the rectifiers counted: every call the mode sees
+    assert not torch.equal(result.values, salience.gradient(net, X, TARGET).values)
+
+
+def test_an_output_it_cannot_look_through_goes_to_the_mode() -> None:
+    class Boxed:
+        def __init__(self, t: Tensor) -> None:
+            self.t = t
+
+    class Boxing(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = ModuleNet(nn.ReLU(), lambda n, t: F.relu(t))
+
+        def forward(self, x: Tensor) -> Boxed:
+            return Boxed(self.net(x))
+
+    net = Boxing()
+    result = salience.guided_backprop(net, X, lambda out: out.t.gather(1, TARGET[:, None])[:, 0])
+    assert _mode_only(net)
+    expected = salience.guided_backprop(net.net, X, TARGET)
+    assert torch.equal(result.values, expected.values)
+
+
+def test_module_rules_in_guided_grad_cam_and_smoothgrad_equal_the_mode() -> None:
+    net = ModuleNet(nn.ReLU(inplace=True))
+    cam = salience.guided_grad_cam(net, X, TARGET, layer="inner.convs.1")
+    assert torch.equal(
+        cam.values,
+        _through_the_mode(salience.guided_grad_cam, net, layer="inner.convs.1").values,
+    )
+    for batch_size in (1, 6):
+        options = {"base": "deconvnet", "samples": 3, "batch_size": batch_size}
+        torch.manual_seed(0)
+        smooth = salience.smoothgrad(net, X, TARGET, **options)
+        torch.manual_seed(0)
+        assert torch.equal(
+            smooth.values, _through_the_mode(salience.smoothgrad, net, **options).values
+        )
+        assert smooth.extras["rectifiers"] == 2
+    assert not _mode_only(net)

@@ -11,6 +11,7 @@ image) and ``allow_tf32=`` (TF32 is off during the call by default); see
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -20,7 +21,7 @@ from .._checks import check_choice, check_positive_int, warn, warn_zero_maps
 from .._chunks import BatchSize, Chunker, add_rows
 from .._forward import Forward, ForwardArgs, model_scope
 from ..attribution import Attribution, Reduction
-from ..hooks import rectifier_rule
+from ..hooks import ruled_forward
 from ..rectifiers import Activations, RectifierRule, resolve_activations
 from ..registry import register
 from ..targets import ResolvedTarget, Score, TargetLike, resolve_target
@@ -50,10 +51,15 @@ def backprop(
     """
     x = inputs.detach().requires_grad_(True)  # a new leaf; the user's tensor is not touched
     with torch.enable_grad():
-        with rectifier_rule(forward.model, rule, activations=activations, method=method) as mode:
-            output = forward(x.clone())  # the model may modify its input in place
-        if mode is not None and report is not None:
-            report.update(mode.extras())
+        output, extras = ruled_forward(
+            forward.model,
+            lambda: forward(x.clone()),  # the model may modify its input in place
+            rule,
+            activations=activations,
+            method=method,
+        )
+        if extras is not None and report is not None:
+            report.update(extras)
         # The rule belongs to the model: a ReLU inside a callable target keeps its gradient.
         resolved = resolve_target(target, output, x.shape[0], score=score)
         scores = resolved.scores(output)
@@ -84,26 +90,42 @@ def score_gradient(
         ``(scores, grad)``, the scores detached.
     """
     with torch.enable_grad():
-        points = leaf.clone() if offset is None else offset + leaf
-        output = _ruled_forward(forward, points, sample_ids, rule, activations, method, report)
+        output = _ruled_forward(
+            forward,
+            lambda: leaf.clone() if offset is None else offset + leaf,
+            sample_ids,
+            rule,
+            activations,
+            method,
+            report,
+        )
         scores = target.scores(output, sample_ids)
         return scores.detach(), _grad(scores, leaf)
 
 
 def _ruled_forward(
     forward: Forward,
-    rows: Tensor,
+    rows: Callable[[], Tensor],
     sample_ids: Tensor,
     rule: RectifierRule,
     activations: Activations,
     method: str | None,
     report: dict[str, Any] | None,
 ) -> Any:
-    """Run the model on ``rows`` under ``rule``; what the rule modified goes to ``report``."""
-    with rectifier_rule(forward.model, rule, activations=activations, method=method) as mode:
-        output = forward(rows, sample_ids)
-    if mode is not None and report is not None:
-        report.update(mode.extras())
+    """Run the model on ``rows()`` under ``rule``; what the rule modified goes to ``report``.
+
+    ``rows`` makes the rows afresh at each call (:func:`~salience.hooks.ruled_forward` may run
+    the pass twice, and the model may change its input in place).
+    """
+    output, extras = ruled_forward(
+        forward.model,
+        lambda: forward(rows(), sample_ids),
+        rule,
+        activations=activations,
+        method=method,
+    )
+    if extras is not None and report is not None:
+        report.update(extras)
     return output
 
 
@@ -151,7 +173,7 @@ def score_gradient_with_clean(
         points = leaf if offset is None else offset + leaf  # cat copies: the model may edit it
         output = _ruled_forward(
             forward,
-            torch.cat([clean, points]),
+            lambda: torch.cat([clean, points]),
             torch.cat([copies, sample_ids]),
             rule,
             activations,
