@@ -33,8 +33,8 @@ import salience
 from _results import write_block
 from suite import captum_peer, load, machine, measure_side_by_side
 
-METHODS = ("gradient", "guided_backprop", "grad_cam", "grad_cam_default", "grad_cam_first",
-           "deeplift", "lrp", "integrated_gradients", "smoothgrad")  # fmt: skip
+METHODS = ("gradient", "guided_backprop", "deconvnet", "grad_cam", "grad_cam_default",
+           "grad_cam_first", "deeplift", "lrp", "integrated_gradients", "smoothgrad")  # fmt: skip
 STEPS = 8  # IG steps and SmoothGrad samples: one pass each, as a GPU would run them
 
 

@@ -477,33 +477,7 @@ def test_guided_works_wherever_the_gradient_does(spelling: str, changed: str) ->
     salience.deconvnet(net, X, TARGET)
 
 
-# -- rules at rectifier modules (the backward nodes) and when they hand over to the mode ------
-
-
-class ModuleNet(nn.Module):
-    """``conv -> rectifier module -> conv -> act -> linear``: one registered module, one callable.
-
-    ``act`` is a spelling of :data:`SPELLINGS` (or ``None``: the module again), so a functional
-    rectifier sits beside a rectifier module.
-    """
-
-    def __init__(
-        self, module: nn.Module, act: Callable[[Net, Tensor], Tensor] | None = None
-    ) -> None:
-        super().__init__()
-        self.inner = Net([F.relu, F.relu])
-        self.rectifier = module
-        self.act = act
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.run(x, self.rectifier, lambda t: self.act_(t))
-
-    def act_(self, t: Tensor) -> Tensor:
-        return self.rectifier(t) if self.act is None else self.act(self.inner, t)
-
-    def run(self, x: Tensor, first: Callable, second: Callable) -> Tensor:
-        inner = self.inner
-        return inner.fc(second(inner.convs[1](first(inner.convs[0](x)))).flatten(1))
+# -- rules at the backward nodes, and when they hand over to the mode ------------------------
 
 
 def _mode_only(model: nn.Module) -> bool:
@@ -511,7 +485,7 @@ def _mode_only(model: nn.Module) -> bool:
 
 
 def _through_the_mode(method: Callable[..., salience.Attribution], net: nn.Module, **options):
-    """``method``'s result with the mode at every rectifier (the module rules not tried)."""
+    """``method``'s result with the mode at every rectifier (the rules at nodes not tried)."""
     hooks._MODE_ONLY[net] = True
     try:
         return method(net, X, TARGET, **options)
@@ -519,22 +493,27 @@ def _through_the_mode(method: Callable[..., salience.Attribution], net: nn.Modul
         del hooks._MODE_ONLY[net]
 
 
-MODULES = {
-    "nn.ReLU": (lambda: nn.ReLU(), None),
-    "nn.ReLU(inplace=True)": (lambda: nn.ReLU(inplace=True), None),
-    "nn.ReLU6(inplace=True)": (lambda: nn.ReLU6(inplace=True), 6.0),
-    "nn.Hardtanh(0, 2.5)": (lambda: nn.Hardtanh(0.0, 2.5), 2.5),
+# name -> (activation, upper): rectifiers whose PyTorch node keeps what the rules need
+AT_NODES: dict[str, tuple[Callable[[Tensor], Tensor], float | None]] = {
+    "nn.ReLU": (nn.ReLU(), None),
+    "nn.ReLU(inplace=True)": (nn.ReLU(inplace=True), None),
+    "F.relu": (F.relu, None),
+    "torch.relu_": (torch.relu_, None),
+    "nn.ReLU6(inplace=True)": (nn.ReLU6(inplace=True), 6.0),
+    "F.relu6": (F.relu6, 6.0),
+    "nn.Hardtanh(0, 2.5)": (nn.Hardtanh(0.0, 2.5), 2.5),
+    "F.hardtanh_(t, 0, 3)": (lambda t: F.hardtanh_(t, 0.0, 3.0), 3.0),
 }
 
 
 @pytest.mark.parametrize("rule", RULES)
-@pytest.mark.parametrize("module", list(MODULES))
-def test_rectifier_modules_are_ruled_at_their_nodes(
-    module: str, rule: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("spelling", list(AT_NODES))
+def test_relu_and_hardtanh_are_ruled_at_their_nodes(
+    spelling: str, rule: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Without the mode (which would raise here), as the reference, bit for bit the mode."""
-    make, upper = MODULES[module]
-    net = ModuleNet(make())  # one module called twice
+    """Without the mode, as the reference, and bit for bit the mode's map."""
+    act, upper = AT_NODES[spelling]
+    net = Net([act, act])
     mode = _through_the_mode(METHODS[rule], net)
 
     def no_mode(*args: object, **kwargs: object) -> None:
@@ -543,38 +522,47 @@ def test_rectifier_modules_are_ruled_at_their_nodes(
     monkeypatch.setattr(hooks._RectifierMode, "__torch_function__", no_mode)
     result = METHODS[rule](net, X, TARGET)
     assert not _mode_only(net)
-    ref = lambda t: RefRectifier.apply(t, upper, rule)  # noqa: E731
-    expected = reference_gradient(lambda x: net.run(x, ref, ref), X, TARGET)
-    assert_matches(result.values, expected)
+    ref = [lambda t: RefRectifier.apply(t, upper, rule)] * 2
+    assert_matches(result.values, reference_gradient(lambda x: net.run(x, ref), X, TARGET))
     assert torch.equal(result.values, mode.values)
     assert result.extras == mode.extras == {"rectifiers": 2, "activations_modified": {}}
-    assert not net.rectifier._forward_hooks
 
 
-@pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("spelling", list(SPELLINGS))
-def test_a_functional_rectifier_beside_modules_sends_the_pass_to_the_mode(
-    spelling: str, rule: str
-) -> None:
-    """Every spelling leaves a node the graph walk finds: the map is the reference's."""
-    act, upper = SPELLINGS[spelling]
-    net = ModuleNet(nn.ReLU(), act)
-    result = METHODS[rule](net, X, TARGET)
-    assert _mode_only(net)
-    first = lambda t: RefRectifier.apply(t, None, rule)  # noqa: E731
-    second = lambda t: RefRectifier.apply(t, upper, rule)  # noqa: E731
-    assert_matches(
-        result.values, reference_gradient(lambda x: net.run(x, first, second), X, TARGET)
-    )
-    assert result.extras["rectifiers"] == 2
+def test_other_spellings_send_the_pass_to_the_mode(spelling: str) -> None:
+    """Their maps: ``test_every_spelling_matches_the_independent_reference``."""
+    act, _ = SPELLINGS[spelling]
+    net = _bind([lambda n, t: F.relu(t), act])
+    salience.guided_backprop(net, X, TARGET)
+    assert _mode_only(net) == (spelling != "F.hardtanh(t, 0, 3)")
+
+
+# NOT_RECTIFIERS whose node does not say it is no rectifier: the mode reads their arguments
+NOT_RECTIFIERS_FOR_THE_MODE = {
+    "clamp(min=0, max=0)",
+    "clamp(min=0, max=per-channel tensor)",
+    "clamp(min=per-channel tensor)",
+    "threshold(0, 1)",
+    "maximum(t, 0.5)",
+    "maximum(t, a zero that needs a gradient)",
+}
+
+
+@pytest.mark.parametrize("spelling", list(NOT_RECTIFIERS))
+def test_a_node_that_says_it_is_no_rectifier_keeps_the_pass(spelling: str) -> None:
+    """``clamp(min=1e-6)`` and the like do not cost a second pass."""
+    act = NOT_RECTIFIERS[spelling]
+    net = _bind([act, lambda n, t: F.relu(t)])
+    salience.deconvnet(net, X, TARGET)
+    assert _mode_only(net) == (spelling in NOT_RECTIFIERS_FOR_THE_MODE)
 
 
 def test_a_model_for_the_mode_runs_one_pass_from_then_on() -> None:
-    net = ModuleNet(nn.ReLU(), lambda n, t: F.relu(t))
+    net = _bind([lambda n, t: F.relu(t), lambda n, t: t.clamp(min=0)])
     calls: list[int] = []
     net.register_forward_pre_hook(lambda *_: calls.append(1))
     first = salience.guided_backprop(net, X, TARGET)
-    assert len(calls) == 2  # the module rules' pass, thrown away, and the mode's
+    assert len(calls) == 2  # the pass read at its nodes, thrown away, and the mode's
     again = salience.guided_backprop(net, X, TARGET)
     assert len(calls) == 3
     assert torch.equal(first.values, again.values)
@@ -582,47 +570,86 @@ def test_a_model_for_the_mode_runs_one_pass_from_then_on() -> None:
     assert len(calls) == 3 + 1 + 3 * 4 // 2  # the clean pass, 12 rows 2 by 2: none thrown away
 
 
-class Replaced(nn.ReLU):
+class HalfReLU(nn.ReLU):
     def forward(self, x: Tensor) -> Tensor:
         return super().forward(x) * 0.5
 
 
-CHANGES: dict[str, Callable[[ModuleNet], object]] = {
-    "a subclass with its own forward": lambda n: setattr(n, "rectifier", Replaced()),
-    "a forward of the instance's own": lambda n: setattr(
-        n.rectifier, "forward", lambda t: F.relu(t) * 0.5
-    ),
-    "a hook of the user's replacing the output": lambda n: n.rectifier.register_forward_hook(
-        lambda m, args, out: out * 0.5
-    ),
-    "a hook of the user's replacing one call's output by its input": lambda n: (
-        setattr(n, "second", nn.ReLU()),
-        setattr(n, "act", lambda inner, t: n.second(t)),
-        n.rectifier.register_forward_hook(lambda m, args, out: args[0] * 0.5),
-    ),
-    "an in-place module on a view": lambda n: setattr(
-        n, "act", lambda inner, t: (u := t * 1, n.rectifier(u[:, :2]), u)[2]
-    ),
-    "a functional in-place call on a view": lambda n: setattr(
-        n, "act", lambda inner, t: (u := t * 1, F.relu(u[:, :2], inplace=True), u)[2]
-    ),
+def _patched(module: nn.Module) -> nn.Module:
+    module.forward = lambda t: F.relu(t) * 0.5
+    return module
+
+
+def _hooked(module: nn.Module) -> nn.Module:
+    module.register_forward_hook(lambda m, args, out: out * 0.5)
+    return module
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize(
+    "make", [lambda: HalfReLU(), lambda: _patched(nn.ReLU()), lambda: _hooked(nn.ReLU())]
+)
+def test_the_rule_follows_the_graph_not_the_modules(make: Callable, rule: str) -> None:
+    """A rectifier module that scales its output: the rule at the relu, as the mode's."""
+    module = make()
+    net = Net([module, module])
+    result = METHODS[rule](net, X, TARGET)
+    assert not _mode_only(net)
+    ref = [lambda t: RefRectifier.apply(t, None, rule) * 0.5] * 2
+    assert_matches(result.values, reference_gradient(lambda x: net.run(x, ref), X, TARGET))
+    mode = _through_the_mode(METHODS[rule], net)
+    assert torch.equal(result.values, mode.values)
+    assert result.extras == mode.extras
+
+
+def test_the_count_is_of_the_rectifiers_the_output_depends_on() -> None:
+    """A ReLU whose output a hook of the user's throws away: the mode counts its call."""
+    relu = nn.ReLU()
+    relu.register_forward_hook(lambda m, args, out: args[0] * 0.5)
+    net = Net([relu, F.relu])
+    result = salience.guided_backprop(net, X, TARGET)
+    mode = _through_the_mode(salience.guided_backprop, net)
+    assert torch.equal(result.values, mode.values)
+    assert (result.extras["rectifiers"], mode.extras["rectifiers"]) == (1, 2)
+
+
+class Identity(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad
+
+
+# name -> activation at the second site: graphs that hide calls from the walk
+HIDING: dict[str, Callable[[Net, Tensor], Tensor]] = {
+    "an in-place nn.ReLU on a view": lambda n, t: (
+        u := t * 1,
+        nn.ReLU(inplace=True)(u[:, :2]),
+        u,
+    )[2],
+    "an in-place F.relu on a view": lambda n, t: (u := t * 1, F.relu(u[:, :2], inplace=True), u)[2],
+    "a custom autograd function": lambda n, t: F.relu(Identity.apply(t)),
 }
 
 
 @pytest.mark.parametrize("rule", RULES)
-@pytest.mark.parametrize("change", list(CHANGES))
-def test_what_a_module_rule_cannot_vouch_for_goes_to_the_mode(change: str, rule: str) -> None:
-    net = ModuleNet(nn.ReLU(inplace=change == "an in-place module on a view"))
-    CHANGES[change](net)
+@pytest.mark.parametrize("hiding", list(HIDING))
+def test_a_node_that_hides_calls_sends_the_pass_to_the_mode(hiding: str, rule: str) -> None:
+    net = _bind([lambda n, t: F.relu(t), HIDING[hiding]])
     result = METHODS[rule](net, X, TARGET)
     assert _mode_only(net)
     mode = _through_the_mode(METHODS[rule], net)
     assert torch.equal(result.values, mode.values)
-    assert result.extras == mode.extras  # the rectifiers counted: every call the mode sees
+    assert result.extras == mode.extras
     assert not torch.equal(result.values, salience.gradient(net, X, TARGET).values)
 
 
 def test_an_output_it_cannot_look_through_goes_to_the_mode() -> None:
+    """A tuple with an object in it: the graph behind the object (a clamp) is not walked."""
+
     class Boxed:
         def __init__(self, t: Tensor) -> None:
             self.t = t
@@ -630,32 +657,38 @@ def test_an_output_it_cannot_look_through_goes_to_the_mode() -> None:
     class Boxing(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.net = ModuleNet(nn.ReLU(), lambda n, t: F.relu(t))
+            self.relus = _bind([lambda n, t: F.relu(t)] * 2)
+            self.clamps = _bind([lambda n, t: t.clamp(min=0)] * 2)
 
-        def forward(self, x: Tensor) -> Boxed:
-            return Boxed(self.net(x))
+        def forward(self, x: Tensor) -> tuple[Tensor, Boxed]:
+            return self.relus(x), Boxed(self.clamps(x))
+
+    def target(out: tuple[Tensor, Boxed]) -> Tensor:
+        return (out[0] + out[1].t).gather(1, TARGET[:, None])[:, 0]
 
     net = Boxing()
-    result = salience.guided_backprop(net, X, lambda out: out.t.gather(1, TARGET[:, None])[:, 0])
+    result = salience.guided_backprop(net, X, target)
     assert _mode_only(net)
-    expected = salience.guided_backprop(net.net, X, TARGET)
-    assert torch.equal(result.values, expected.values)
+    ref = [lambda t: RefRectifier.apply(t, None, "guided")] * 2
+    expected = reference_gradient(
+        lambda x: net.relus.run(x, ref) + net.clamps.run(x, ref), X, TARGET
+    )
+    assert_matches(result.values, expected)
 
 
-def test_module_rules_in_guided_grad_cam_and_smoothgrad_equal_the_mode() -> None:
-    net = ModuleNet(nn.ReLU(inplace=True))
-    cam = salience.guided_grad_cam(net, X, TARGET, layer="inner.convs.1")
+def test_rules_at_nodes_in_guided_grad_cam_and_smoothgrad_equal_the_mode() -> None:
+    relu = nn.ReLU(inplace=True)
+    net = Net([relu, relu])
+    cam = salience.guided_grad_cam(net, X, TARGET, layer="convs.1")
     assert torch.equal(
-        cam.values,
-        _through_the_mode(salience.guided_grad_cam, net, layer="inner.convs.1").values,
+        cam.values, _through_the_mode(salience.guided_grad_cam, net, layer="convs.1").values
     )
     for batch_size in (1, 6):
         options = {"base": "deconvnet", "samples": 3, "batch_size": batch_size}
         torch.manual_seed(0)
         smooth = salience.smoothgrad(net, X, TARGET, **options)
         torch.manual_seed(0)
-        assert torch.equal(
-            smooth.values, _through_the_mode(salience.smoothgrad, net, **options).values
-        )
+        mode = _through_the_mode(salience.smoothgrad, net, **options)
+        assert torch.equal(smooth.values, mode.values)
         assert smooth.extras["rectifiers"] == 2
     assert not _mode_only(net)

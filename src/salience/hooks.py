@@ -1,7 +1,9 @@
 """Every hook and function mode salience puts on a model, scoped to one call and one thread.
 
 This is the only module that registers hooks. Nothing here outlives a ``with`` block, also when
-the block raises, and nothing is seen by another thread that runs the same model meanwhile.
+the block raises, and nothing is seen by another thread that runs the same model meanwhile. (The
+hooks :func:`ruled_forward` puts on backward nodes belong to the graph of the call's own pass,
+and go with it.)
 
 **Forward hooks** (:func:`forward_hooks`) let layer methods read what a layer computed. They are
 registered on the modules for the duration of the block, and act only in the thread that
@@ -25,20 +27,21 @@ name. ``activations=`` extends the rule to such activations (not the papers' met
 TorchScript models run outside Python and cannot be intercepted: :func:`rectifier_rule`
 raises for them rather than returning a plain gradient under a guided name.
 
-**Rectifier modules** (:func:`ruled_forward`): a function mode costs every torch call of the
-forward pass (about 7 µs each in PyTorch's Python dispatch: 210 calls, 1.5 ms, on
-EfficientNet-Lite0), and its autograd function runs Python forward and backward code at each
-rectifier. When the model's rectifiers are ``nn.ReLU``, ``nn.ReLU6`` or ``nn.Hardtanh(0, t)``
-modules, :func:`ruled_forward` applies the same rule with PyTorch's own backward nodes
-instead: a forward hook on each rectifier module registers a hook on the node the call
-created, which returns ``relu`` of what that node computed (guided: ``[0 < x < t] * relu(s)``
-is ``relu([0 < x < t] * s)``) or of what it received (DeconvNet: ``relu(s)``). Bit for bit the
-mode's result. Whether every rectifier was such a module is checked on the graph, not assumed:
-a walk of the forward's autograd graph finds every node a rectifier spelling creates
-(``ReluBackward``, ``ClampMinBackward``, ``MaximumBackward``, ...) that is not one of the
-hooked modules' (a functional ``F.relu``, a ``clamp(min=1e-6)`` the mode would leave alone,
-an in-place call on a view hidden in ``CopySlices``); then the pass is run again under the
-mode, and the model is remembered as one for the mode.
+**Rules at backward nodes** (:func:`ruled_forward`, what the methods use): a function mode
+costs every torch call of the forward pass (about 7 µs each in PyTorch's Python dispatch: 210
+calls, 1.5 ms, on EfficientNet-Lite0), and its autograd function runs Python code forward and
+backward at each rectifier. Most rectifiers are ``relu`` or ``hardtanh(0, t)`` (``nn.ReLU``,
+``F.relu``, ``nn.ReLU6``), whose PyTorch backward nodes keep what the rule needs, so
+:func:`ruled_forward` runs the pass as written and walks its autograd graph instead: a hook on
+each such node returns ``relu`` of what the node computed (guided: ``[0 < x < t] * relu(s)``
+is ``relu([0 < x < t] * s)``) or of what it received (DeconvNet: ``relu(s)``), bit for bit
+the mode's result. The walk hands the pass to the mode (run again; the model is remembered
+as one for the mode) where the graph does not show every rectifier as such a node: a node of
+another spelling (``clamp(min=0)``, ``maximum(x, 0)``, ...; not a ``clamp(min=1e-6)``, which
+is no rectifier), a node that hides the calls behind it (a custom autograd function, compiled
+code, an in-place call on a view), or no rectifier at all (the mode's error names the
+activations). ``extras["rectifiers"]`` counts the ruled calls the output depends on (the
+mode: every rectifier call of the pass).
 """
 
 from __future__ import annotations
@@ -298,35 +301,29 @@ def call_rule(model: nn.Module, handle: CallHandler, *, method: str) -> Iterator
         yield
 
 
-# -- rectifier rules at rectifier modules ----------------------------------------------------
+# -- rectifier rules at the backward nodes of a pass -------------------------------------------
 
-_MODULE_NODES: dict[type[nn.Module], str] = {
-    nn.ReLU: "ReluBackward",
-    nn.ReLU6: "HardtanhBackward",
-    nn.Hardtanh: "HardtanhBackward",
-}
-"""Rectifier modules whose calls :func:`ruled_forward` rules at their backward node, and the
-kind of node (its name less the version digits) each call creates."""
-
-_RECTIFIER_NODES = frozenset(
+_MAYBE_RECTIFIERS = frozenset(
     {
-        "ReluBackward",
-        "HardtanhBackward",
         "ClampBackward",
         "ClampMinBackward",
         "ThresholdBackward",
         "MaximumBackward",
         "FmaxBackward",
         "LeakyReluBackward",
-        "torch::autograd::CopySlices",  # an in-place call on a view: the node it wraps is hidden
     }
 )
-"""Every kind of node a rectifier spelling of :data:`salience.rectifiers.SITES` creates (and
-the same functions with other bounds): one not made by a hooked module sends the pass to the
-mode."""
+"""Kinds of node (names less their version digits) that the other rectifier spellings of
+:data:`salience.rectifiers.SITES` create; ``ReluBackward`` and ``HardtanhBackward`` are ruled
+at the node. Such a node sends the pass to the mode, unless its saved arguments say it is no
+rectifier (:func:`_no_rectifier`)."""
+
+_OPAQUE = "torch::autograd::CopySlices"
+"""The node of an in-place call on a view: the node of the call is hidden inside it."""
 
 _MODE_ONLY: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
-"""Models whose rectifiers are not all modules: :func:`ruled_forward` uses the mode for them."""
+"""Models whose graph the rule cannot be read from: :func:`ruled_forward` uses the mode."""
+_MODE_LOCK = threading.Lock()
 
 
 def ruled_forward(
@@ -339,10 +336,9 @@ def ruled_forward(
 ) -> tuple[Any, dict[str, Any] | None]:
     """Run ``run()``, one forward pass of ``model``, with ``rule`` at every rectifier.
 
-    What :func:`rectifier_rule` does, through the backward nodes of the model's rectifier
-    modules where they are all its rectifiers (checked on the pass's graph; see the module
-    documentation), else through the mode. ``run`` may be called twice: it must make its
-    inputs afresh.
+    What :func:`rectifier_rule` does, at the backward nodes of the pass where its graph shows
+    every rectifier (see the module documentation), else through the mode. ``run`` may be
+    called twice: it must make its inputs afresh.
 
     Returns:
         ``(output, extras)``: ``run()``'s output and what the rule modified
@@ -354,7 +350,7 @@ def ruled_forward(
     if rule == "gradient":
         return run(), None
     if not resolve_activations(activations):
-        ruled = _module_rule(model, run, rule)
+        ruled = _node_rule(model, run, rule)
         if ruled is not None:
             return ruled
     with rectifier_rule(model, rule, activations=activations, method=method) as mode:
@@ -363,18 +359,29 @@ def ruled_forward(
     return output, mode.extras()
 
 
-def _node_kind(node: Any) -> str:
-    return node.name().rstrip("0123456789")
+def _node_rule(
+    model: Any, run: Callable[[], Any], rule: RectifierRule
+) -> tuple[Any, dict[str, Any]] | None:
+    """Run ``run()`` and rule its rectifiers at their nodes: ``(output, extras)``.
 
-
-def _rectifier_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Return the modules whose calls compute a rectifier with the node of :data:`_MODULE_NODES`."""
-    return [
-        (name, module)
-        for name, module in model.named_modules()
-        if type(module) in _MODULE_NODES
-        and (not isinstance(module, nn.Hardtanh) or module.min_val == 0.0 < module.max_val)
-    ]
+    ``None`` (nothing run, or a pass thrown away) where the mode is needed.
+    """
+    if not isinstance(model, nn.Module) or isinstance(model, torch.jit.ScriptModule):
+        return None
+    with _MODE_LOCK:
+        if model in _MODE_ONLY:
+            return None
+    with _counted():  # keeps a compiled model out, as under the mode
+        output = run()
+    nodes = _rectifier_nodes(output)
+    if not nodes:  # a node the rule cannot see into, or none: the mode says what there is
+        with _MODE_LOCK:
+            _MODE_ONLY[model] = True
+        return None
+    ruled = _guided_node if rule == "guided" else _deconvnet_node
+    for node in nodes:
+        node.register_hook(ruled)
+    return output, {"rectifiers": len(nodes), "activations_modified": {}}
 
 
 def _guided_node(grad_inputs: tuple[Any, ...], grad_outputs: tuple[Any, ...]) -> Any:
@@ -391,57 +398,12 @@ def _deconvnet_node(grad_inputs: tuple[Any, ...], grad_outputs: tuple[Any, ...])
     return (grad_outputs[0].clamp(min=0.0), *grad_inputs[1:])
 
 
-def _module_rule(
-    model: Any, run: Callable[[], Any], rule: RectifierRule
-) -> tuple[Any, dict[str, Any]] | None:
-    """Run ``run()`` with the rule at the rectifier modules' nodes: ``(output, extras)``.
+def _rectifier_nodes(output: Any) -> list[Any] | None:
+    """Return the rectifier nodes of ``output``'s graph, or ``None`` where the mode must rule.
 
-    ``None`` (nothing run, or a pass thrown away) where the mode is needed.
-    """
-    if not isinstance(model, nn.Module) or isinstance(model, torch.jit.ScriptModule):
-        return None
-    with _MODE_LOCK:
-        if model in _MODE_ONLY:
-            return None
-    modules = _rectifier_modules(model)
-    if not modules:
-        _mode_only(model)
-        return None
-    node_hook = _guided_node if rule == "guided" else _deconvnet_node
-    ours: set[Any] = set()
-    spoiled = False
-
-    def hook(name: str, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        nonlocal spoiled
-        if not (isinstance(output, Tensor) and output.requires_grad):
-            return  # not differentiated: the mode leaves such a call alone too
-        node = output.grad_fn
-        if node is None or _node_kind(node) != _MODULE_NODES[type(module)]:
-            spoiled = True  # an output replaced by a hook of the user's, a view: not ours
-            return
-        node.register_hook(node_hook)
-        ours.add(node)
-
-    with forward_hooks(modules, hook):
-        output = run()
-    if spoiled or not ours or _other_rectifiers(output, ours):
-        _mode_only(model)
-        return None
-    return output, {"rectifiers": len(ours), "activations_modified": {}}
-
-
-_MODE_LOCK = threading.Lock()
-
-
-def _mode_only(model: nn.Module) -> None:
-    with _MODE_LOCK:
-        _MODE_ONLY[model] = True
-
-
-def _other_rectifiers(output: Any, ours: set[Any]) -> bool:
-    """Whether the graph of ``output`` holds a rectifier's node that is not in ``ours``.
-
-    Also ``True`` for an output it cannot look through (not tensors in tuples, lists, dicts).
+    ``None`` for a node that hides the calls behind it (a custom autograd function, compiled
+    code, an in-place call on a view), a node of another rectifier spelling, or an output that
+    is not tensors in tuples, lists and dicts.
     """
     roots: list[Any] = []
     pending = [output]
@@ -455,14 +417,49 @@ def _other_rectifiers(output: Any, ours: set[Any]) -> bool:
         elif isinstance(value, dict):
             pending.extend(value.values())
         elif not (value is None or isinstance(value, int | float | str | bool)):
-            return True  # an object that may hold tensors: look no further, use the mode
+            return None  # an object that may hold tensors: look no further
+    nodes = []
     seen = set(roots)
     while roots:
         node = roots.pop()
-        if node not in ours and _node_kind(node) in _RECTIFIER_NODES:
-            return True
+        kind = node.name().rstrip("0123456789")
+        if kind == "ReluBackward" or (kind == "HardtanhBackward" and _clip_to_positive(node)):
+            nodes.append(node)
+        elif _hides_calls(node, kind) or (
+            kind in _MAYBE_RECTIFIERS and not _no_rectifier(node, kind)
+        ):
+            return None
         for following, _ in node.next_functions:
             if following is not None and following not in seen:
                 seen.add(following)
                 roots.append(following)
+    return nodes
+
+
+def _hides_calls(node: Any, kind: str) -> bool:
+    """Whether ``node`` stands for calls the walk cannot see (a rectifier among them, maybe)."""
+    return kind == _OPAQUE or isinstance(node, torch.autograd.function.BackwardCFunction)
+
+
+def _clip_to_positive(node: Any) -> bool:
+    """Whether a ``hardtanh`` node clips to ``[0, t]`` with ``t > 0`` (a rectifier)."""
+    return bool(node._saved_min_val == 0.0 < node._saved_max_val)
+
+
+def _no_rectifier(node: Any, kind: str) -> bool:
+    """Whether the saved arguments of ``node`` make its call no rectifier, as the mode reads it.
+
+    A ``clamp`` whose lower bound is not 0 (``clamp(min=1e-6)`` of a norm, ``clamp(max=t)``),
+    a ``threshold`` at another value, a ``leaky_relu`` with a slope. ``False`` when unsure.
+    """
+    try:
+        if kind in ("ClampBackward", "ClampMinBackward"):
+            bound = node._saved_min
+            return bound is None or (isinstance(bound, int | float) and bound != 0)
+        if kind == "ThresholdBackward":
+            return bool(node._saved_threshold != 0)
+        if kind == "LeakyReluBackward":
+            return bool(node._saved_negative_slope != 0)
+    except (AttributeError, RuntimeError):  # tensor bounds, another PyTorch's names
+        return False
     return False

@@ -353,8 +353,10 @@ def deconvnet(
 
     Returns:
         An :class:`Attribution` whose ``extras["rectifiers"]`` is the number of rectifier calls
-        the rule modified in the forward pass, and ``extras["activations_modified"]`` the
-        calls of other activations modified (by name; empty unless ``activations`` asks).
+        the rule modified in the forward pass (those the output depends on, where the rule is
+        put on their backward nodes: see :mod:`salience.hooks`), and
+        ``extras["activations_modified"]`` the calls of other activations modified (by name;
+        empty unless ``activations`` asks).
 
     Raises:
         ValueError: the model runs no rectifier (nor an activation named in
