@@ -16,6 +16,7 @@ from torch.overrides import _get_current_function_mode_stack
 
 import salience
 from conftest import ResNetish, VGGish, _init
+from salience._checks import modules_of
 from salience.registry import get_method
 
 # Cheaper options for the slow methods; everything else runs with its defaults.
@@ -305,3 +306,17 @@ def test_dense_output_needs_a_callable_target(name: str, batch: torch.Tensor) ->
     assert result.target is None
     expected = (model(batch)[:, 2] * mask).sum((1, 2))
     torch.testing.assert_close(result.scores, expected.detach())
+
+
+def test_the_model_walk_finds_every_module_once() -> None:
+    """``modules_of`` (the walk of every call: buffers, training flags) is ``model.modules()``."""
+    shared = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+    model = nn.Sequential(
+        shared,
+        nn.ModuleDict({"again": shared, "deep": nn.ModuleList([nn.ReLU(), nn.Sequential(shared)])}),
+    )
+    model.register_module("empty", None)
+    walked = modules_of(model)
+    assert walked[0] is model
+    assert len(walked) == len({id(m) for m in walked}) == len(list(model.modules()))
+    assert {id(m) for m in walked} == {id(m) for m in model.modules()}

@@ -111,6 +111,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._checks import modules_of
 from ._layer_messages import _LayerMessages
 from .hooks import forward_hooks
 from .layouts import (
@@ -800,7 +801,7 @@ def _fingerprint(model: nn.Module) -> tuple[tuple[int, type, bool], ...]:
 
     A replaced module shows, and so does a switch to training mode (another path, maybe).
     """
-    return tuple((id(m), type(m), m.training) for m in model.modules())
+    return tuple((id(m), type(m), m.training) for m in modules_of(model))
 
 
 def _key(layer: str | None, inputs: Tensor) -> tuple[Any, ...]:
