@@ -43,7 +43,7 @@ def backprop(
     """One forward and one backward pass: ``d score / d inputs`` under a rectifier rule.
 
     ``activations`` and ``method`` (the name errors use) go to
-    :func:`~salience.hooks.rectifier_rule`; under a rule other than ``"gradient"``, what it
+    :func:`~salience.hooks.ruled_forward`; under a rule other than ``"gradient"``, what it
     modified is added to ``report`` (``rectifiers``, ``activations_modified``).
 
     Returns:
@@ -51,15 +51,8 @@ def backprop(
     """
     x = inputs.detach().requires_grad_(True)  # a new leaf; the user's tensor is not touched
     with torch.enable_grad():
-        output, extras = ruled_forward(
-            forward.model,
-            lambda: forward(x.clone()),  # the model may modify its input in place
-            rule,
-            activations=activations,
-            method=method,
-        )
-        if extras is not None and report is not None:
-            report.update(extras)
+        # a copy for the model, which may modify its input in place
+        output = _ruled_forward(forward, x.clone, None, rule, activations, method, report)
         # The rule belongs to the model: a ReLU inside a callable target keeps its gradient.
         resolved = resolve_target(target, output, x.shape[0], score=score)
         scores = resolved.scores(output)
@@ -106,7 +99,7 @@ def score_gradient(
 def _ruled_forward(
     forward: Forward,
     rows: Callable[[], Tensor],
-    sample_ids: Tensor,
+    sample_ids: Tensor | None,
     rule: RectifierRule,
     activations: Activations,
     method: str | None,
@@ -115,7 +108,8 @@ def _ruled_forward(
     """Run the model on ``rows()`` under ``rule``; what the rule modified goes to ``report``.
 
     ``rows`` makes the rows afresh at each call (:func:`~salience.hooks.ruled_forward` may run
-    the pass twice, and the model may change its input in place).
+    the pass twice, and the model may change its input in place); ``sample_ids``: as for
+    :class:`~salience._forward.Forward` (``None``: the rows are the batch).
     """
     output, extras = ruled_forward(
         forward.model,
