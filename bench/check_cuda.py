@@ -19,8 +19,11 @@ For SmoothGrad-50, IG-50, Score-CAM, occlusion and RISE on each model, one line 
   relative to the map's largest value (the chunking must not change the answer), and whether
   two calls give the same bits (cuDNN may choose nondeterministic algorithms: then not).
 
-Exit status 1 if a map depends on the chunking beyond 1e-4. Nothing is written to
-``bench/RESULTS.md``.
+Then, per model, guided backprop and DeconvNet with the rule at the rectifiers' backward nodes
+and under the function mode: both times, and whether the maps have the same bits.
+
+Exit status 1 if a map depends on the chunking beyond 1e-4, or the two ways of the rectifier
+rules differ. Nothing is written to ``bench/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from torch import Tensor, nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import salience
 import salience._chunks as chunks
+from salience import hooks
 from suite import load, measure
 
 METHODS: dict[str, dict[str, Any]] = {
@@ -152,6 +156,38 @@ def check(model_name: str, n: int, args: argparse.Namespace, device: torch.devic
     return ok
 
 
+def check_rules(model_name: str, args: argparse.Namespace, device: torch.device) -> bool:
+    """Guided backprop and DeconvNet with the rule at the rectifiers' nodes and under the mode.
+
+    The two ways (see :mod:`salience.hooks`) must give the same bits on the device too
+    (masking and ``relu`` are exact); one line per rule with both times.
+    """
+    net = load(model_name).to(device)
+    x = torch.randn(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
+    x = x.to(device)
+    ok = True
+    for method in ("guided_backprop", "deconvnet"):
+
+        def run(mode: bool, m: str = method) -> Tensor:
+            if mode:
+                hooks._MODE_ONLY[net] = True
+            try:
+                return salience.explain(net, x, m, 0).values
+            finally:
+                hooks._MODE_ONLY.pop(net, None)
+
+        same = torch.equal(run(False), run(True))
+        ok &= same
+        t_nodes = measure(lambda: run(False), device, args.repeats)[0]
+        t_mode = measure(lambda: run(True), device, args.repeats)[0]
+        print(
+            f"{model_name} {method}: rule at the nodes {t_nodes * 1e3:.1f} ms, under the mode "
+            f"{t_mode * 1e3:.1f} ms; same bits: {same}" + ("" if same else "  <-- DIFFERS"),
+            flush=True,
+        )
+    return ok
+
+
 def check_oom(model_name: str, args: argparse.Namespace, device: torch.device) -> bool:
     """A real out-of-memory error on the device, and the fallback of ``batch_size="auto"``.
 
@@ -228,9 +264,15 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, TF32 off")
     ok = all([check(m, n, args, device) for m in args.models for n in args.batch])
+    ok &= all([check_rules(m, args, device) for m in args.models])
     if args.oom:
         ok &= check_oom(args.models[0], args, device)
-    print("OK" if ok else "FAILED: a map depends on the chunking, or the fallback failed")
+    print(
+        "OK"
+        if ok
+        else "FAILED: a map depends on the chunking, the fallback failed, or the "
+        "rectifier rules differ"
+    )
     return 0 if ok else 1
 
 

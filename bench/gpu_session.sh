@@ -8,7 +8,8 @@
 # device, the suite on CUDA at batch 1, 8 and 32 in full float32 (a `suite-cuda` block of
 # $OUT/RESULTS.md, a copy of bench/RESULTS.md: bring the block over, and teach
 # bench/readme_speed.py to render it), check_cuda.py (automatic chunks, host syncs, copies,
-# chunking independence, a real out-of-memory error redone), the fixed cost of a call at batch 1
+# chunking independence, a real out-of-memory error redone, the rectifier rules at their nodes
+# against the mode: same bits), the fixed cost of a call at batch 1
 # (an `overhead-cuda` block), LRP and the speed settings
 # (channels-last, compile with CUDA graphs). A step that runs out of time leaves what it
 # printed (the suite prints each row as it goes). DEVICE=cpu QUICK=1 runs a smoke test.
