@@ -5,7 +5,9 @@ the backward pass at rectifiers only. This module defines those rules as autogra
 (:class:`Rectify`, and :class:`Activate` for other activations) and the table of calls they
 replace (:data:`SITES`): how to read each call's arguments and decide whether it is a
 rectifier. It installs nothing; :func:`salience.hooks.rectifier_rule` applies the rules, for
-one block and one thread.
+one block and one thread (and :func:`salience.hooks.ruled_forward`, what the methods call, puts
+the same rules on PyTorch's own backward nodes of ``relu`` and ``hardtanh(0, t)`` where the
+graph of the pass shows every rectifier as one of those).
 
 A rectifier is every call computing ``max(x, 0)`` or a clip to ``[0, t]``, however it is
 written: ``nn.ReLU`` (also ``inplace=True`` and one module reused several times in a forward),
