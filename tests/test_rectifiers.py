@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -674,6 +675,31 @@ def test_an_output_it_cannot_look_through_goes_to_the_mode() -> None:
         lambda x: net.relus.run(x, ref) + net.clamps.run(x, ref), X, TARGET
     )
     assert_matches(result.values, expected)
+
+
+def test_an_output_holding_one_tensor_twice_rules_each_rectifier_once() -> None:
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = Net([F.relu, F.relu])
+
+        def forward(self, x: Tensor) -> dict[str, Tensor]:
+            y = self.net(x)
+            return {"a": y, "b": [y, (y,)]}
+
+    def target(out: dict[str, Any]) -> Tensor:
+        return out["b"][1][0].gather(1, TARGET[:, None])[:, 0]
+
+    net = Twice()
+    for method in (salience.guided_backprop, salience.deconvnet):
+        result = method(net, X, target)
+        assert not _mode_only(net)
+        assert result.extras["rectifiers"] == 2
+        hooks._MODE_ONLY[net] = True
+        mode = method(net, X, target)
+        del hooks._MODE_ONLY[net]
+        assert torch.equal(result.values, mode.values)
+        assert result.extras == mode.extras
 
 
 def test_rules_at_nodes_in_guided_grad_cam_and_smoothgrad_equal_the_mode() -> None:

@@ -418,6 +418,7 @@ def _rectifier_nodes(output: Any) -> list[Any] | None:
             pending.extend(value.values())
         elif not (value is None or isinstance(value, int | float | str | bool)):
             return None  # an object that may hold tensors: look no further
+    roots = list(dict.fromkeys(roots))  # an output may hold one tensor twice
     nodes = []
     seen = set(roots)
     while roots:
