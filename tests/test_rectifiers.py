@@ -648,6 +648,26 @@ def test_a_node_that_hides_calls_sends_the_pass_to_the_mode(hiding: str, rule: s
     assert not torch.equal(result.values, salience.gradient(net, X, TARGET).values)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_compiled_part_of_the_model_goes_to_the_mode() -> None:
+    """Compiled code is one custom autograd node: the mode's map, as the eager twin's."""
+    eager = Net([F.relu, F.relu])
+
+    class Part(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.compiled = torch.compile(lambda t: F.relu(eager.convs[1](t)), backend="aot_eager")
+
+        def forward(self, x: Tensor) -> Tensor:
+            return eager.fc(self.compiled(F.relu(eager.convs[0](x))).flatten(1))
+
+    net = Part()
+    result = salience.guided_backprop(net, X, TARGET)
+    assert _mode_only(net)
+    assert_matches(result.values, salience.guided_backprop(eager, X, TARGET).values)
+    assert not torch.equal(result.values, salience.gradient(net, X, TARGET).values)
+
+
 def test_an_output_it_cannot_look_through_goes_to_the_mode() -> None:
     """A tuple with an object in it: the graph behind the object (a clamp) is not walked."""
 
