@@ -231,6 +231,21 @@ def test_every_method_under_channels_last(name):
     assert fast.extras["performance"]["channels_last"]
 
 
+@pytest.mark.parametrize("name", ["guided_backprop", "deconvnet"])
+def test_rectifier_rules_stay_at_the_nodes_under_channels_last(name):
+    """The channels-last boundary is an autograd function with no rectifier inside: the walk
+    goes through it (one pass), and the map is the mode's."""
+    net, x = model(), inputs()
+    with salience.performance(channels_last=True):
+        fast = explain(name, net, x)
+        assert net not in hooks._MODE_ONLY
+        assert fast.extras["performance"]["passes"] == 1
+        hooks._MODE_ONLY[net] = True
+        mode = explain(name, net, x)
+    assert torch.equal(fast.values, mode.values)
+    assert fast.extras["rectifiers"] == mode.extras["rectifiers"] > 0
+
+
 def test_channels_last_second_derivatives():
     """Fragility differentiates maps (create_graph=True): the input boundary is differentiable."""
     torch.manual_seed(0)

@@ -33,7 +33,7 @@ from torch._utils import _flatten_dense_tensors
 
 from ._checks import check_inputs, check_model, modules_of
 from ._performance import channels_last_input, compiled_model, get_performance, record_pass
-from .hooks import active_scopes
+from .hooks import active_scopes, no_rectifier_inside
 
 __all__ = ["Forward", "ForwardArgs", "model_scope"]
 
@@ -112,6 +112,7 @@ class Forward:
         return model(x, *args, **kwargs)
 
 
+@no_rectifier_inside  # guided backprop's rule at the nodes walks through it
 class _Boundary(torch.autograd.Function):
     """The input as the model gets it: channels-last, or a copy.
 

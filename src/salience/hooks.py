@@ -39,7 +39,8 @@ the mode's result. The walk hands the pass to the mode (run again; the model is 
 as one for the mode) where the graph does not show every rectifier as such a node: a node of
 another spelling (``clamp(min=0)``, ``maximum(x, 0)``, ...; not a ``clamp(min=1e-6)``, which
 is no rectifier), a node that hides the calls behind it (a custom autograd function, compiled
-code, an in-place call on a view), or no rectifier at all (the mode's error names the
+code, an in-place call on a view; not salience's own functions marked
+:func:`no_rectifier_inside`), or no rectifier at all (the mode's error names the
 activations). ``extras["rectifiers"]`` counts the ruled calls the output depends on (the
 mode: every rectifier call of the pass).
 """
@@ -51,7 +52,7 @@ import threading
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -73,12 +74,15 @@ __all__ = [
     "active_scopes",
     "call_rule",
     "forward_hooks",
+    "no_rectifier_inside",
     "rectifier_rule",
     "ruled_forward",
 ]
 
 ForwardHook = Callable[[str, nn.Module, tuple[Any, ...], Any], Any]
 """``hook(name, module, args, output)``: a return value other than ``None`` replaces the output."""
+
+FunctionT = TypeVar("FunctionT", bound=torch.autograd.Function)
 
 CallHandler = Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
 """``handle(func, args, kwargs)``: the replacement result of a torch call, or ``NotImplemented``
@@ -321,9 +325,22 @@ rectifier (:func:`_no_rectifier`)."""
 _OPAQUE = "torch::autograd::CopySlices"
 """The node of an in-place call on a view: the node of the call is hidden inside it."""
 
+_NO_RECTIFIER_INSIDE: set[type] = set()
+"""Backward node classes of salience's own autograd functions that run no rectifier."""
+
 _MODE_ONLY: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 """Models whose graph the rule cannot be read from: :func:`ruled_forward` uses the mode."""
 _MODE_LOCK = threading.Lock()
+
+
+def no_rectifier_inside(function: type[FunctionT]) -> type[FunctionT]:
+    """Class decorator: the walk of :func:`ruled_forward` may pass through ``function``'s nodes.
+
+    For salience's own autograd functions that run no rectifier (the channels-last boundary of
+    :class:`salience._forward.Forward`); any other custom function's node hides its calls.
+    """
+    _NO_RECTIFIER_INSIDE.add(function._backward_cls)  # type: ignore[attr-defined]
+    return function
 
 
 def ruled_forward(
@@ -439,7 +456,9 @@ def _rectifier_nodes(output: Any) -> list[Any] | None:
 
 def _hides_calls(node: Any, kind: str) -> bool:
     """Whether ``node`` stands for calls the walk cannot see (a rectifier among them, maybe)."""
-    return kind == _OPAQUE or isinstance(node, torch.autograd.function.BackwardCFunction)
+    if isinstance(node, torch.autograd.function.BackwardCFunction):
+        return type(node) not in _NO_RECTIFIER_INSIDE
+    return kind == _OPAQUE
 
 
 def _clip_to_positive(node: Any) -> bool:
