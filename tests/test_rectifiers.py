@@ -648,6 +648,24 @@ def test_a_node_that_hides_calls_sends_the_pass_to_the_mode(hiding: str, rule: s
     assert not torch.equal(result.values, salience.gradient(net, X, TARGET).values)
 
 
+def test_a_checkpointed_part_of_the_model_is_ruled_at_its_nodes() -> None:
+    """``checkpoint(use_reentrant=False)`` (timm's grad_checkpointing) keeps the pass's nodes."""
+    from torch.utils.checkpoint import checkpoint
+
+    eager = Net([F.relu, F.relu])
+
+    class Checkpointed(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            h = checkpoint(lambda t: F.relu(eager.convs[0](t)), x, use_reentrant=False)
+            return eager.fc(F.relu(eager.convs[1](h)).flatten(1))
+
+    net = Checkpointed()
+    for method in (salience.guided_backprop, salience.deconvnet):
+        result = method(net, X, TARGET)
+        assert not _mode_only(net)
+        assert torch.equal(result.values, method(eager, X, TARGET).values)
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_a_compiled_part_of_the_model_goes_to_the_mode() -> None:
     """Compiled code is one custom autograd node: the mode's map, as the eager twin's."""
