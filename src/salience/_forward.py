@@ -57,9 +57,16 @@ class Forward:
     ``extras["performance"]``.
     """
 
-    def __init__(self, model: Any, n: int, forward_args: ForwardArgs) -> None:
+    def __init__(
+        self,
+        model: Any,
+        n: int,
+        forward_args: ForwardArgs,
+        modules: list[nn.Module] | None = None,
+    ) -> None:
         self.model = model
         self.n = n
+        self.modules = modules  # the model's modules at the start of the call, if walked
         self.args: tuple[Any, ...]
         self.kwargs: dict[str, Any]
         if forward_args is None:
@@ -285,6 +292,6 @@ def model_scope(
     modules = modules_of(model) if isinstance(model, nn.Module) else None
     check_model(model, modules)
     check_inputs(inputs)
-    forward = Forward(model, inputs.shape[0], forward_args)
+    forward = Forward(model, inputs.shape[0], forward_args, modules)
     with full_float32(allow_tf32), kept_buffers(model, modules):
         yield forward

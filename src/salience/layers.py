@@ -796,38 +796,57 @@ _MEMO_LOCK = threading.Lock()
 _MEMO_SIZE = 16  # layers x input shapes remembered per model; the oldest go first
 
 
-def _fingerprint(model: nn.Module) -> tuple[tuple[int, type, bool], ...]:
+def _fingerprint(
+    model: nn.Module, modules: list[nn.Module] | None = None
+) -> tuple[tuple[int, type, bool], ...]:
     """Every module of ``model`` by identity, class and training mode, in order.
 
     A replaced module shows, and so does a switch to training mode (another path, maybe).
+    ``modules``: :func:`~salience._checks.modules_of` the model, if the caller has it.
     """
-    return tuple((id(m), type(m), m.training) for m in modules_of(model))
+    return tuple((id(m), type(m), m.training) for m in modules or modules_of(model))
 
 
 def _key(layer: str | None, inputs: Tensor) -> tuple[Any, ...]:
     return (layer, tuple(inputs.shape), inputs.dtype, inputs.device)
 
 
-def recall(model: nn.Module, layer: str | None, inputs: Tensor) -> Known | None:
+def recall(
+    model: nn.Module,
+    layer: str | None,
+    inputs: Tensor,
+    modules: list[nn.Module] | None = None,
+) -> Known | None:
     """Return what a full search found for ``layer`` (``None``: the default layer).
 
     Only for the same input shape, dtype and device, and while the model holds the same
     modules (the same objects, of the same classes, in the same order, each in the same
-    training or evaluation mode); else ``None``.
+    training or evaluation mode); else ``None``. ``modules``: the model's modules, walked by
+    the caller (:func:`~salience._checks.modules_of`).
     """
     with _MEMO_LOCK:
         memo = _MEMO.get(model)
         if memo is None:
             return None
-        if memo.fingerprint != _fingerprint(model):
+        if memo.fingerprint != _fingerprint(model, modules):
             del _MEMO[model]
             return None
         return memo.found.get(_key(layer, inputs))
 
 
-def remember(model: nn.Module, layer: str | None, inputs: Tensor, known: Known) -> None:
-    """Keep what a full search found for ``layer`` (``None``: the default layer)."""
-    fingerprint = _fingerprint(model)
+def remember(
+    model: nn.Module,
+    layer: str | None,
+    inputs: Tensor,
+    known: Known,
+    modules: list[nn.Module] | None = None,
+) -> None:
+    """Keep what a full search found for ``layer`` (``None``: the default layer).
+
+    ``modules``: as for :func:`recall` (walked at the start of the call that searched: a model
+    that changes its modules while it runs is found changed by the next call).
+    """
+    fingerprint = _fingerprint(model, modules)
     with _MEMO_LOCK:
         memo = _MEMO.get(model)
         if memo is None or memo.fingerprint != fingerprint:

@@ -91,7 +91,7 @@ def _capture(
     # which may change what the model computes.
     memo = reshape is None and not forward.args and not forward.kwargs
     asked = None if named is None else named[0]
-    known = recall(model, asked, inputs) if memo and _recall else None
+    known = recall(model, asked, inputs, forward.modules) if memo and _recall else None
     if known is not None and named is None:
         named = find_layer(model, known.name)
     # Autograd is on for the gradient methods, and for a gradient-free method only to check that
@@ -132,7 +132,8 @@ def _capture(
         record: LayerRecord = choice.record
         layout = choice.layout
         if memo and choice.structural and record.output is not None:
-            remember(model, None, inputs, Known(record.name, layout, tuple(record.output.shape)))
+            found = Known(record.name, layout, tuple(record.output.shape))
+            remember(model, None, inputs, found, forward.modules)
         changed = record.output is not None and record.output._version != record._version
         if changed or (_search_with_grad and not grad):
             # the chosen map was changed in place later on (record it again, with a copy), or
@@ -176,7 +177,8 @@ def _capture(
     else:
         layout = layout or search.layer_layout()
         if memo and known is None and named is not None and not is_channels_first(named[1]):
-            remember(model, named[0], inputs, Known(named[0], layout, tuple(raw.shape)))
+            found = Known(named[0], layout, tuple(raw.shape))
+            remember(model, named[0], inputs, found, forward.modules)
         reshape = None if layout.kind == "NCHW" else layout.to_map
     if not grad:
         raw, scores = raw.detach(), scores.detach()
