@@ -282,6 +282,58 @@ def test_buffers_are_restored() -> None:
     assert model.still._version == still_version  # unchanged buffers are not written
 
 
+class Signs(nn.Module):
+    """Buffers that ``torch.equal`` misjudges: a NaN it calls changed, a zero whose sign is
+    flipped (through ``.data``: no version bump) it calls unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("nans", torch.tensor([float("nan"), 1.0]))
+        self.register_buffer("zero", torch.zeros(3))
+        self.register_buffer("halves", torch.tensor([float("nan"), 0.0], dtype=torch.float16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.zero.data.neg_()  # 0.0 -> -0.0: equal by value, not bit for bit
+        return x.mean((2, 3))
+
+
+@pytest.mark.parametrize("alone", [True, False])
+def test_buffers_are_compared_bit_for_bit(alone: bool) -> None:
+    model = Signs()
+    if alone:  # each dtype's group holds one buffer: compared without the flat copy
+        del model._buffers["halves"]
+        model.register_buffer("count", torch.ones((), dtype=torch.long))
+    versions = {name: b._version for name, b in model.named_buffers()}
+    salience.gradient(model, torch.randn(1, 3, 4, 4), 0)
+    assert torch.equal(torch.signbit(model.zero), torch.zeros(3, dtype=torch.bool))
+    assert model.nans[0].isnan()
+    assert model.nans[1] == 1.0
+    for name in versions.keys() - {"zero"}:
+        assert getattr(model, name)._version == versions[name], f"{name} was written"
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        *(torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64),
+        *(torch.complex128, torch.int64, torch.uint8, torch.bool),
+    ],
+)
+def test_same_bits(dtype: torch.dtype) -> None:
+    from salience._forward import _same_bits
+
+    a = torch.tensor([0, 1, 1, 0], dtype=dtype)
+    assert _same_bits(a, a.clone())
+    assert _same_bits(a.view(2, 2).t(), a.view(2, 2).t().clone())
+    b = a.clone()
+    b[1] = 0
+    assert not _same_bits(a, b)
+    if dtype.is_floating_point or dtype.is_complex:
+        assert not _same_bits(a, -a)  # signed zeros
+        nan = torch.full((2,), float("nan"), dtype=dtype)
+        assert _same_bits(nan, nan.clone())
+
+
 def _both_ways(monkeypatch: pytest.MonkeyPatch, fn: Any) -> tuple[Any, Any]:
     cpu = fn()
     with monkeypatch.context() as m:

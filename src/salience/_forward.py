@@ -218,11 +218,12 @@ def kept_buffers(model: Any, modules: list[nn.Module] | None = None) -> Iterator
     the same way: one copy and, off the CPU, one host synchronisation per call, where a
     comparison per buffer would wait on the device once per buffer (147 times for
     EfficientNet-Lite0). On Lite0's 147 buffers, on the CPU: 0.15 ms for both copies, against
-    0.35 ms one buffer at a time and 0.45 ms concatenated from Python. Compared by value, not by
-    version counter: native BatchNorm updates its statistics without bumping it. Only buffers
-    that differ are written back (a write bumps the version, which would break a graph of the
-    user's own that saved the buffer). ``modules``: :func:`~salience._checks.modules_of` the
-    model, if the caller has it.
+    0.35 ms one buffer at a time and 0.45 ms concatenated from Python. Compared bit for bit (a
+    NaN left alone is unchanged, a zero whose sign flipped is not), not by version counter:
+    native BatchNorm updates its statistics without bumping it, nor does a write through
+    ``.data``. Only buffers that differ are written back (a write bumps the version, which
+    would break a graph of the user's own that saved the buffer). ``modules``:
+    :func:`~salience._checks.modules_of` the model, if the caller has it.
     """
     if not isinstance(model, nn.Module):
         yield
@@ -245,9 +246,9 @@ def kept_buffers(model: Any, modules: list[nn.Module] | None = None) -> Iterator
         with torch.no_grad():
             for buffers, values in zip(groups, saved, strict=True):
                 if len(buffers) == 1:
-                    if not torch.equal(buffers[0], values):
+                    if not _same_bits(buffers[0], values):
                         buffers[0].copy_(values)
-                elif not torch.equal(_copy(buffers), values):
+                elif not _same_bits(_copy(buffers), values):
                     _restore(buffers, values)
 
 
@@ -273,8 +274,26 @@ def _restore(buffers: list[Tensor], values: Tensor) -> None:
     sizes = [b.numel() for b in buffers]
     for buffer, value in zip(buffers, values.split(sizes), strict=True):
         value = value.view(buffer.shape)
-        if not torch.equal(buffer, value):
+        if not _same_bits(buffer, value):
             buffer.copy_(value)
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _same_bits(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` hold the same bits: a NaN equals itself, ``-0.0`` is not ``0.0``.
+
+    ``torch.equal`` compares values, so a buffer holding a NaN would count as changed (and be
+    written, its version bumped) on every call, and a sign flipped on a zero would stay. Compared
+    as integers of the same width (faster too: 28 against 39 µs for Lite0's 42k floats here).
+    """
+    if a.layout != torch.strided or a.is_quantized or a.dtype != b.dtype:
+        return torch.equal(a, b)
+    if a.is_complex():
+        a, b = torch.view_as_real(a), torch.view_as_real(b)
+    bits = _BITS[a.element_size()]
+    return torch.equal(a.view(bits), b.view(bits))
 
 
 @contextlib.contextmanager
