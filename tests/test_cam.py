@@ -595,7 +595,7 @@ class TokenNetTwin(nn.Module):
         return self.fc(self.act(self.mix(self.embed(x))).mean(dim=(2, 3)))
 
 
-@pytest.mark.parametrize("method", CAM_METHODS)
+@pytest.mark.parametrize("method", [*CAM_METHODS, "cam"])
 def test_reshape_explains_tokens_like_the_equivalent_cnn(method: str) -> None:
     torch.manual_seed(0)
     net = TokenNet().eval()
@@ -817,6 +817,23 @@ def test_cam_refuses_other_architectures(vgg: nn.Module, images: Tensor) -> None
     )
     with pytest.raises(ValueError, match="differs from the spatial mean"):
         sl.cam(body.eval(), images, layer="0")
+
+
+def test_cam_follows_the_reshape_its_layer_error_advises() -> None:
+    """A last map of 1x1 is not read as a grid: the error shows layer= and reshape=, which
+    cam takes like the other CAM methods (a 1x1 map: the logit minus the bias everywhere)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3),
+    ).eval()  # fmt: skip
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"layer='3', reshape=lambda t: t \(channels first\)"):
+        sl.cam(net, x, [1, 2], layer="3")
+    a = sl.cam(net, x, [1, 2], layer="3", reshape=lambda t: t)
+    logits = net(x).detach()[[0, 1], [1, 2]] - net[6].bias.detach()[[1, 2]]
+    torch.testing.assert_close(a.values, logits.view(2, 1, 1, 1).expand(2, 1, 16, 16))
+    assert a.extras["layout"] == "custom"
 
 
 def test_cam_with_explicit_layer_and_fc(resnet: nn.Module, images: Tensor) -> None:

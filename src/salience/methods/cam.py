@@ -130,6 +130,7 @@ def cam(
     target: TargetLike = None,
     *,
     layer: LayerLike | None = None,
+    reshape: Reshape | None = None,
     fc: LayerLike | None = None,
     relu: bool = False,
     upsample: bool = True,
@@ -158,6 +159,8 @@ def cam(
             tensor for ``K`` maps per sample. The weights are those of a class, so callable
             targets are not supported.
         layer: The pooled layer; by default the last spatial feature map.
+        reshape: Turns the layer output into ``(N, K, h, w)`` (see :func:`grad_cam`), e.g. the
+            patch tokens of a transformer whose head averages them.
         fc: The linear classifier; by default the last ``nn.Linear`` that runs.
         relu: Rectify the map (not part of CAM).
         upsample: Resize the map to the input size (bilinear); ``False`` keeps ``(h, w)``.
@@ -187,7 +190,7 @@ def cam(
             raise TypeError(f"cam needs an nn.Module model, got {type(model).__name__}")
         with _record_linear(model, fc) as linear:
             cap = _capture(
-                fwd, inputs, target, layer=layer, reshape=None, score="logit", grad=False
+                fwd, inputs, target, layer=layer, reshape=reshape, score="logit", grad=False
             )
         n = inputs.shape[0]
         activation = cap.activation
