@@ -7,6 +7,7 @@ contract suite, tests/test_contract.py."""
 from __future__ import annotations
 
 import threading
+import warnings
 from typing import Any
 
 import numpy as np
@@ -259,6 +260,54 @@ def test_score_cam_on_a_blank_image_gives_zero_weights_and_says_so() -> None:
         result = salience.score_cam(model, x, 0, layer="stem")
     assert torch.count_nonzero(result.values) == 0
     assert torch.count_nonzero(result.extras["weights"]) == 0
+
+
+def _no_positive_evidence() -> nn.Module:
+    """conv (nonnegative features after the ReLU) -> GAP -> linear with class 0's row < 0."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(4, 2),
+    )  # fmt: skip
+    with torch.no_grad():
+        net[4].weight[0] = -net[4].weight[0].abs() - 0.1
+    return net.eval()
+
+
+def test_a_grad_cam_that_the_relu_clears_warns() -> None:
+    """Class 0 has only negative weights on nonnegative channels: Grad-CAM is zero, which is
+    said (with why), and its signed map is not zero (and not warned about)."""
+    net = _no_positive_evidence()
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with pytest.warns(UserWarning, match=r"sample\(s\) \[0, 1\] is zero.*'1'.*relu=False"):
+        rectified = salience.grad_cam(net, x, 0)
+    assert torch.count_nonzero(rectified.values) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        signed = salience.grad_cam(net, x, 0, relu=False)
+    assert (signed.values.flatten(1).abs().amax(1) > 0).all()
+
+
+@pytest.mark.parametrize("method", ["grad_cam_plus_plus", "layer_cam"])
+@pytest.mark.parametrize("relu", [True, False])
+def test_cams_of_positive_gradients_say_there_are_none(method: str, relu: bool) -> None:
+    """Their weights keep only positive gradients: zero, rectified or not, and said so."""
+    net = _no_positive_evidence()
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with pytest.warns(UserWarning, match=r"\[0, 1\] is zero.*no channel of layer '1' has a pos"):
+        result = salience.explain(net, x, method, 0, relu=relu)
+    assert torch.count_nonzero(result.values) == 0
+
+
+def test_a_blank_sample_of_score_cam_is_warned_about_once() -> None:
+    model = _init(ResNetish(), 1)
+    x = torch.cat([torch.zeros(1, 3, 16, 16), torch.randn(1, 3, 16, 16)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        salience.score_cam(model, x, 0, layer="stem")
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages
+    assert "constant on sample(s) [0]" in messages[0]
 
 
 def test_a_gradient_that_is_zero_everywhere_warns() -> None:

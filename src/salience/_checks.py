@@ -7,6 +7,7 @@ import math
 import os
 import sys
 import warnings
+from collections.abc import Iterable
 from types import FrameType
 from typing import Any
 
@@ -198,15 +199,18 @@ def even_chunks(total: int, most: int, unit: int = 1) -> int:
     return -(-groups // passes) * unit
 
 
-def warn_zero_maps(method: str, values: Tensor, why: str) -> None:
+def warn_zero_maps(method: str, values: Tensor, why: str, told: Iterable[int] = ()) -> None:
     """Warn when the map of a sample is zero everywhere, saying ``why`` that can happen.
 
     An all-zero map looks like "nothing matters" in a figure; it is rarely what the user
-    asked, so it never goes by silently.
+    asked, so it never goes by silently. ``told``: samples a warning of the method has named
+    already.
     """
     if values[0].numel() == 0:
         return
     # the largest magnitude per sample: float passes (a bool mask costs several times more)
     zero = (values.flatten(1).abs().amax(1) == 0).nonzero().flatten().tolist()
+    if told:
+        zero = sorted(set(zero) - set(told))
     if zero:
         warn(f"{method}: the map of sample(s) {zero[:10]} is zero everywhere {why}")

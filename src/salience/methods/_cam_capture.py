@@ -10,6 +10,7 @@ Score-CAM (:mod:`salience.methods.score_cam`) are built from these.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import warn_zero_maps
 from .._forward import Forward
 from ..attribution import Attribution
 from ..layers import (
@@ -246,7 +248,25 @@ def _result(
     cap: _Capture,
     values: Tensor,
     extras: dict[str, Any] | None = None,
+    *,
+    relu: bool,
+    why: str | None = None,
+    told: Iterable[int] = (),
 ) -> Attribution:
+    """Make the :class:`Attribution` of a CAM method; warn for a sample whose map is all zero.
+
+    The warning says why that happens: ``why`` if given, else by ``relu`` (whether the map was
+    rectified). ``told``: samples a warning of the method has named already.
+    """
+    if why is None and relu:
+        why = (
+            f"(at layer {cap.layer!r} the weighted channels sum to zero or less everywhere: "
+            "no positive evidence for the class there, which the ReLU clears; relu=False shows "
+            "the signed map, an earlier layer= may show evidence)"
+        )
+    elif why is None:
+        why = f"(the channels of layer {cap.layer!r}, or their weights, are zero everywhere)"
+    warn_zero_maps(method, values, why, told)
     scores = cap.scores.detach()
     return Attribution(
         values=values,

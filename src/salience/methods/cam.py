@@ -237,7 +237,7 @@ def cam(
         values = _combine(
             weights[..., None, None], activation, relu=relu, size=_size(inputs, upsample)
         )
-        return _result("cam", cap, values, {"weights": weights})
+        return _result("cam", cap, values, {"weights": weights}, relu=relu)
 
 
 # -- gradient-weighted CAMs ------------------------------------------------------------------
@@ -316,7 +316,7 @@ def grad_cam(
         weights = grads.mean(dim=(3, 4), keepdim=True)
         values = _combine(weights, cap.activation, relu=relu, size=_size(inputs, upsample))
         extras = {"weights": weights[..., 0, 0], "counterfactual": counterfactual}
-        return _result("grad_cam", cap, values, extras)
+        return _result("grad_cam", cap, values, extras, relu=relu)
 
 
 @register("grad_cam_plus_plus", kind="cam")
@@ -379,7 +379,13 @@ def grad_cam_plus_plus(
         alpha = torch.where(valid, g2 / torch.where(valid, denominator, 1.0), 0.0)
         weights = (alpha * g.clamp(min=0)).sum(dim=(3, 4), keepdim=True)
         values = _combine(weights, cap.activation, relu=relu, size=_size(inputs, upsample))
-        return _result("grad_cam_plus_plus", cap, values, {"weights": weights[..., 0, 0]})
+        why = (
+            f"(no channel of layer {cap.layer!r} has a positive gradient of the score: "
+            "Grad-CAM++ weighs channels by their positive gradients only; an earlier layer= "
+            "may show evidence)"
+        )
+        extras = {"weights": weights[..., 0, 0]}
+        return _result("grad_cam_plus_plus", cap, values, extras, relu=relu, why=why)
 
 
 @register("layer_cam", kind="cam")
@@ -428,7 +434,12 @@ def layer_cam(
         cap = _grad_capture(fwd, inputs, target, layer, reshape, score)
         weights = _gradients(cap).clamp(min=0)
         values = _combine(weights, cap.activation, relu=relu, size=_size(inputs, upsample))
-        return _result("layer_cam", cap, values)
+        why = (
+            f"(no channel of layer {cap.layer!r} has a positive gradient of the score where "
+            "it is active: Layer-CAM keeps only positive gradients; an earlier layer= may show "
+            "evidence)"
+        )
+        return _result("layer_cam", cap, values, relu=relu, why=why)
 
 
 @register("guided_grad_cam")

@@ -151,7 +151,8 @@ def score_cam(
         values = _combine(
             weights[..., None, None], activation, relu=relu, size=_size(inputs, upsample)
         )
-        return _result("score_cam", cap, values, {"weights": weights, "masked_inputs": masked})
+        extras = {"weights": weights, "masked_inputs": masked}
+        return _result("score_cam", cap, values, extras, relu=relu, told=blank)
 
 
 def _min_max(t: Tensor, dims: int | tuple[int, ...]) -> tuple[Tensor, Tensor]:
