@@ -8,6 +8,7 @@ implementation in ``salience.methods.lrp``.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -735,3 +736,64 @@ def test_functional_layers_get_their_types_rule() -> None:
     result = salience.lrp(model, x, target=1, composite="epsilon_plus")
     assert result.extras["rules"] == {"ZPlus": 1, "Epsilon": 1, "Pass": 1}
     torch.testing.assert_close(result.values.flatten(1).sum(1), result.scores, rtol=1e-5, atol=0)
+
+
+# -- relevance amplified where summed branches cancel -----------------------------------------
+
+
+class CancellingBranches(nn.Module):
+    """A standalone BatchNorm (shift 1), then two convolutions over 2 pixels, summed before the
+    ReLU: ``a = 1e-3 h1 - 10 h2`` and ``b = 10 h2 + 1`` nearly cancel, ``score = 1e-3 h1 + 1``.
+    ``fused``: the same function as one convolution (what re-parameterizing such blocks does).
+    """
+
+    def __init__(self, fused: bool = False) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(1, eps=0.0)
+        self.a = nn.Conv2d(1, 1, (1, 2))
+        self.b = nn.Conv2d(1, 1, (1, 2))
+        self.fc = nn.Linear(1, 1)
+        self.fused = fused
+        with torch.no_grad():
+            self.bn.bias.fill_(1.0)
+            self.a.weight.copy_(torch.tensor([1e-3, -10.0]).view(1, 1, 1, 2))
+            self.a.bias.zero_()
+            self.b.weight.copy_(torch.tensor([0.0, 10.0]).view(1, 1, 1, 2))
+            self.b.bias.fill_(1.0)
+            self.fc.weight.fill_(1.0)
+            self.fc.bias.zero_()
+            if fused:
+                self.a.weight += self.b.weight
+                self.a.bias += self.b.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.bn(x)
+        s = self.a(h) if self.fused else self.a(h) + self.b(h)
+        return self.fc(torch.relu(s).flatten(1))
+
+
+def test_amplified_relevance_is_reported() -> None:
+    """z⁺ gives all of each branch's relevance to its one positive input: h1 gets a = -1010,
+    h2 gets b = 1011; the BatchNorm (LRP-0) keeps x / (x + 1) of each, so the relevance sums
+    to about 991 for a score of 1, which is said. The fused twin gives h1 the score, of which
+    x1 / (x1 + 1) stays: no warning."""
+    x = torch.tensor([0.01, 100.0]).view(1, 1, 1, 2)
+    h1, h2 = 1.01, 101.0
+    expected = torch.tensor([0.01 / h1 * (1e-3 * h1 - 10 * h2), 100.0 / h2 * (10 * h2 + 1)])
+    with pytest.warns(UserWarning, match=r"sample\(s\) \[0\] sums to 991 for a score of 1: "):
+        result = salience.lrp(CancellingBranches().eval(), x, 0)
+    torch.testing.assert_close(result.values.flatten(), expected, rtol=1e-4, atol=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused = salience.lrp(CancellingBranches(fused=True).eval(), x, 0)
+    torch.testing.assert_close(fused.extras["relevance"], torch.tensor([0.01 / h1 * 1.00101]))
+
+
+def test_the_amplification_threshold() -> None:
+    from salience.methods.lrp import _warn_amplified
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # within 100 x max(|score|, 0.01): absorbed, not amplified
+        _warn_amplified(torch.tensor([-2.0, 0.9, 0.5]), torch.tensor([0.03, 0.004, -5.0]))
+    with pytest.warns(UserWarning, match=r"sample\(s\) \[1, 2\] sums to 1.2, 600 for a score"):
+        _warn_amplified(torch.tensor([-2.0, 1.2, 600.0]), torch.tensor([0.03, 0.004, -5.0]))

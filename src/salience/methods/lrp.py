@@ -64,6 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import warn
 from .._forward import ForwardArgs, model_scope
 from ..attribution import Attribution
 from ..hooks import call_rule, forward_hooks
@@ -462,6 +463,37 @@ class _State:
         return _NoRule.apply(func(*args, **kwargs), self.no_rule(f"the operation {name}"))
 
 
+AMPLIFIED = 100.0
+"""Relevance that differs from the score by more than this many times ``max(|score|, 0.01)``
+is reported: the rules amplified it (see :func:`_warn_amplified`)."""
+
+
+def _warn_amplified(relevance: Tensor, scores: Tensor) -> None:
+    """Warn for samples whose relevance is far from their score: amplified, not conserved.
+
+    Biases, ε and BatchNorm shifts absorb some relevance (a few times the score on random
+    networks). Far more means the rules amplified it: z⁺, αβ and γ divide a layer's relevance
+    by its positive part, tiny where the layer's output is negative but still carries relevance
+    (its output summed with others before a rectifier: multi-branch blocks), and an affine
+    layer under LRP-0 passes on :math:`a x` of the relevance of :math:`a x + b`. Such a map
+    shows the amplification (and float rounding) more than evidence.
+    """
+    off = (relevance - scores).abs() > AMPLIFIED * scores.abs().clamp(min=0.01)
+    far = off.nonzero().flatten().tolist()
+    if not far:
+        return
+    sums = ", ".join(f"{relevance[i].item():.3g}" for i in far[:5])
+    of = ", ".join(f"{scores[i].item():.3g}" for i in far[:5])
+    warn(
+        f"lrp: the relevance of sample(s) {far[:10]} sums to {sums} for a score of {of}: the "
+        "rules amplified it, and the map shows that more than evidence. z⁺, αβ and γ divide a "
+        "layer's relevance by its positive part, tiny where its output is negative yet summed "
+        "with others before a rectifier: fuse the branches of multi-branch blocks first "
+        "(RepVGG, MobileOne, FastViT in training form: timm.utils.reparameterize_model), or "
+        "compare composite='epsilon_gamma_box'; extras['conservation'] has the numbers"
+    )
+
+
 def _parameters(modules: list[tuple[str, nn.Module]]) -> dict[int, tuple[str, nn.Module]]:
     return {
         id(p): (name, module)
@@ -519,7 +551,9 @@ def lrp(
         ``"composite"`` (its name), ``"canonized"`` (convolution/linear + BatchNorm pairs
         folded), ``"relevance"`` (:math:`\sum_i R_i` per sample) and ``"conservation"``
         (``relevance - score`` per sample: 0 where every rule conserves; biases, ε and the
-        BatchNorm shifts absorb relevance).
+        BatchNorm shifts absorb relevance). A sample whose relevance is more than
+        100 × max(|score|, 0.01) off its score is warned about: the rules amplified it (see
+        :func:`_warn_amplified`).
 
     Raises:
         ValueError: a layer with no rule in the composite, a parameter used in a way no rule
@@ -578,6 +612,7 @@ def lrp(
             values = values + state.collected.to(values.dtype)
         values = values.detach()
     relevance = values.flatten(1).sum(1)
+    _warn_amplified(relevance, scores.detach().reshape(relevance.shape))
     extras = {
         "composite": resolved_composite.name,
         "rules": dict(state.counts),
