@@ -245,6 +245,23 @@ def test_a_map_that_ignores_the_model_stays_identical_and_fails(vgg, images):
                             "features.0")  # fmt: skip
 
 
+@pytest.mark.parametrize("mode", ["cascading", "independent"])
+def test_the_methods_warnings_are_shown_for_the_trained_model_only(vgg, images, mode):
+    """A randomized model's maps may well be all zero: the method's warnings about them are
+    not the user's; those on the trained model are shown."""
+    values = torch.rand(3, 3, 16, 16, generator=GEN)
+    fixed = _fixed_method(values)
+
+    def method(model, inputs, target):
+        warnings.warn("about this map", UserWarning, stacklevel=1)
+        return fixed(model, inputs, target)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        parameter_randomization(vgg, images, method, mode=mode)
+    assert [str(w.message) for w in caught] == ["about this map"]
+
+
 def test_independent_random_maps_have_similarity_near_zero(vgg):
     calls = iter(range(100))
     x = torch.randn(2, 3, 96, 96, generator=GEN)

@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -403,8 +404,20 @@ def _run(
     x: Tensor,
     target: Any,
     where: str,
+    *,
+    quiet: bool = False,
 ) -> Tensor:
-    result = run(model, x, target)
+    """Run the method on ``x`` and check its maps.
+
+    ``quiet``: without the method's warnings, for a randomized model, whose degenerate maps
+    (all zero, amplified relevance) are expected and not the user's to act on.
+    """
+    if quiet:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            result = run(model, x, target)
+    else:
+        result = run(model, x, target)
     if not isinstance(result, Attribution):
         raise TypeError(f"the method {name!r} returned {type(result).__name__}, not an Attribution")
     values = result.values
@@ -455,7 +468,8 @@ def parameter_randomization(
     Randomizes the layers of a deep copy of ``model`` from the top down (cascading) or one at
     a time (independent), re-runs ``method`` on the same inputs and target after each, and
     measures how similar each map stays to the map of the trained model; see
-    :mod:`salience.metrics.sanity` for exactly what is computed.
+    :mod:`salience.metrics.sanity` for exactly what is computed. The method's warnings are
+    shown for the trained model only (a randomized model's maps may well be all zero).
 
     Example:
         >>> check = parameter_randomization(model, x, "guided_backprop", checkpoints=5)
@@ -542,7 +556,9 @@ def parameter_randomization(
                 if k not in rows:
                     continue
                 state = tuple(u.name for u in units if u.name in done)
-                values = _run(run, name, twin, x, fixed, f"model randomized down to {label!r}")
+                values = _run(
+                    run, name, twin, x, fixed, f"model randomized down to {label!r}", quiet=True
+                )
             else:
                 if k not in rows:
                     continue
@@ -551,7 +567,8 @@ def parameter_randomization(
                     for unit in group:
                         _randomize(unit, _unit_seed(seed, index[unit.name]))
                     state = tuple(u.name for u in group)
-                    values = _run(run, name, twin, x, fixed, f"model with {label!r} randomized")
+                    where = f"model with {label!r} randomized"
+                    values = _run(run, name, twin, x, fixed, where, quiet=True)
                 finally:
                     _restore(saved)
             if tuple(values.shape) != tuple(reference_values.shape):
