@@ -828,6 +828,7 @@ def test_cam_follows_the_reshape_its_layer_error_advises() -> None:
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3),
     ).eval()  # fmt: skip
     x = torch.randn(2, 3, 16, 16)
+    assert sl.grad_cam(net, x, [1, 2]).layer == "1"  # by default: the last map of more cells
     with pytest.raises(ValueError, match=r"layer='3', reshape=lambda t: t \(channels first\)"):
         sl.cam(net, x, [1, 2], layer="3")
     a = sl.cam(net, x, [1, 2], layer="3", reshape=lambda t: t)

@@ -50,7 +50,11 @@ name when a container returns the tensor of its last child) with these exception
   without gradients (Score-CAM, CAM) find it on one forward pass with gradients, then record
   it without, so that every method picks the same layer;
 - token sequences computed inside an attention module (its q/k/v projections) are passed over
-  in favour of the attention's input.
+  in favour of the attention's input;
+- a map of one cell (``1 x 1``: a small input through a deep network) is no grid: the last
+  map with more cells is taken (timm's ``selecsls42b`` at 64², whose head ends at ``1 x 1``:
+  ``head.1``, ``2 x 2``). Read the ``1 x 1`` map itself with ``layer=`` and
+  ``reshape=lambda t: t``, or give a larger input.
 
 If token sequences that fit no grid (more than :data:`~salience.layouts.MAX_SPECIAL_TOKENS`
 special tokens, tokens at the end) come after that layer, the methods raise rather than
