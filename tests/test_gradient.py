@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from copy import deepcopy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -242,11 +244,10 @@ class Cubic(nn.Module):
 
 def _smoothgrad_noise(x: torch.Tensor, samples: int, level: float, seed: int) -> torch.Tensor:
     """The noisy copies SmoothGrad evaluates, ``(samples, N, C, H, W)``, drawn as documented:
-    ``randn(samples, C, H, W)`` from a generator seeded with ``seed`` (shared by the samples of
-    the batch), times ``sigma = level * (max - min)`` of each sample."""
-    eps = torch.randn(
-        (samples, *x.shape[1:]), generator=torch.Generator().manual_seed(seed), dtype=x.dtype
-    )
+    ``randn(samples, C, H, W)`` in float32 from a generator seeded with ``seed`` (shared by the
+    samples of the batch), times ``sigma = level * (max - min)`` of each sample."""
+    eps = torch.randn((samples, *x.shape[1:]), generator=torch.Generator().manual_seed(seed))
+    eps = eps.to(x.dtype)
     sigma = level * (x.flatten(1).amax(1) - x.flatten(1).amin(1))
     return x[None] + sigma.view(1, -1, 1, 1, 1) * eps[:, None]
 
@@ -311,6 +312,15 @@ def test_smoothgrad_variants_equal_a_plain_autograd_loop(
     scale = float(expected.abs().max())
     torch.testing.assert_close(result.values, expected, rtol=1e-4, atol=1e-5 * scale)
     assert float((stacked.std(0)).max()) > 0.01 * float(stacked.abs().max())  # noise matters
+
+
+def test_smoothgrad_noise_does_not_depend_on_the_dtype(vgg: nn.Module) -> None:
+    """The same seed draws the same noise for float64 inputs: the maps agree to float32."""
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    single = salience.smoothgrad(vgg, x, [3, 4], samples=4, seed=5)
+    double = salience.smoothgrad(deepcopy(vgg).double(), x.double(), [3, 4], samples=4, seed=5)
+    assert double.values.dtype == torch.float64
+    torch.testing.assert_close(double.values.float(), single.values, rtol=1e-4, atol=1e-5)
 
 
 def test_smoothgrad_does_not_depend_on_chunking(resnet: nn.Module, images: torch.Tensor) -> None:

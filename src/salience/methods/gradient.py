@@ -484,8 +484,9 @@ def smoothgrad(
         samples: Number of noisy copies ``n`` (the paper uses 50).
         noise_level: ``sigma`` as a fraction of each input's value range (paper: 10-20 %).
         variant: ``"mean"``, ``"squared"`` or ``"vargrad"``.
-        seed: Seed of the noise, drawn on the inputs' device: the same seed gives the same
-            maps on the same device (not across devices, whose generators differ).
+        seed: Seed of the noise, drawn on the inputs' device in float32 whatever the inputs'
+            dtype: the same seed gives the same maps on the same device, in any precision (not
+            across devices, whose generators differ).
         batch_size: Rows per forward pass, or ``"auto"``: from the device (the CPU: a few
             rows; CUDA: what fits in free memory, see :mod:`salience._chunks`).
         score: See :func:`gradient`.
@@ -554,11 +555,11 @@ def _smoothgrad(
 
     # The noise is drawn on the inputs' device, not on the host and copied (50 noise images
     # of 3 x 224 x 224 are 7.5 million draws): the same seed gives the same noise on the same
-    # device, not across devices.
+    # device, not across devices. Always in float32, then cast: the same seed gives the same
+    # noise whatever the inputs' dtype (a float64 draw is another random stream).
     generator = torch.Generator(device=x.device).manual_seed(seed)
-    noise_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     noise = torch.randn(
-        (samples, *x.shape[1:]), generator=generator, dtype=noise_dtype, device=x.device
+        (samples, *x.shape[1:]), generator=generator, dtype=torch.float32, device=x.device
     )
     noise = noise.to(dtype=x.dtype)
     value_range = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).view(n, 1, 1, 1)
