@@ -472,11 +472,10 @@ def _warn_amplified(relevance: Tensor, scores: Tensor) -> None:
     """Warn for samples whose relevance is far from their score: amplified, not conserved.
 
     Biases, ε and BatchNorm shifts absorb some relevance (a few times the score on random
-    networks). Far more means the rules amplified it: z⁺, αβ and γ divide a layer's relevance
-    by its positive part, tiny where the layer's output is negative but still carries relevance
-    (its output summed with others before a rectifier: multi-branch blocks), and an affine
-    layer under LRP-0 passes on :math:`a x` of the relevance of :math:`a x + b`. Such a map
-    shows the amplification (and float rounding) more than evidence.
+    networks). Far more means it was amplified: where branches summed before a rectifier cancel,
+    each carries far more relevance than their sum; z⁺, αβ and γ then divide it by a layer's
+    positive part, small where the layer's output is negative, and the shifts below absorb
+    it unevenly. Such a map shows the amplification (and float rounding) more than evidence.
     """
     off = (relevance - scores).abs() > AMPLIFIED * scores.abs().clamp(min=0.01)
     far = off.nonzero().flatten().tolist()
@@ -485,12 +484,13 @@ def _warn_amplified(relevance: Tensor, scores: Tensor) -> None:
     sums = ", ".join(f"{relevance[i].item():.3g}" for i in far[:5])
     of = ", ".join(f"{scores[i].item():.3g}" for i in far[:5])
     warn(
-        f"lrp: the relevance of sample(s) {far[:10]} sums to {sums} for a score of {of}: the "
-        "rules amplified it, and the map shows that more than evidence. z⁺, αβ and γ divide a "
-        "layer's relevance by its positive part, tiny where its output is negative yet summed "
-        "with others before a rectifier: fuse the branches of multi-branch blocks first "
-        "(RepVGG, MobileOne, FastViT in training form: timm.utils.reparameterize_model), or "
-        "compare composite='epsilon_gamma_box'; extras['conservation'] has the numbers"
+        f"lrp: the relevance of sample(s) {far[:10]} sums to {sums} for a score of {of}: "
+        "amplified, not conserved, and the map shows that more than evidence. It happens where "
+        "branches summed before a rectifier cancel (z⁺, αβ and γ divide each branch's share by "
+        "its small positive part; shifts absorb it unevenly): fuse the branches of multi-branch "
+        "blocks first (RepVGG, MobileOne, FastViT in training form: "
+        "timm.utils.reparameterize_model), or compare composite='epsilon_gamma_box'; "
+        "extras['conservation'] has the numbers"
     )
 
 
