@@ -478,11 +478,11 @@ def test_an_ambiguous_layout_raises_with_layer_and_reshape() -> None:
 
 
 def test_tokens_that_fit_no_grid_raise_with_layer_and_reshape() -> None:
-    """10 register tokens (more than 8): the sequence is no grid, and no early map is taken."""
-    net, x = ViT(registers=9, pool="mean"), _inputs((32, 32))
+    """34 special tokens (more than 32): the sequence is no grid, and no early map is taken."""
+    net, x = ViT(registers=33, pool="mean"), _inputs((32, 32))
     with pytest.raises(ValueError, match="cannot read the token sequences") as error:
         sl.grad_cam(net, x, 0)
-    hint = "reshape=lambda t: t[:, 10:].unflatten(1, (8, 8)).permute(0, 3, 1, 2)"
+    hint = "reshape=lambda t: t[:, 34:].unflatten(1, (8, 8)).permute(0, 3, 1, 2)"
     assert f"layer='norm', {hint}" in str(error.value)
     assert "layer='patch_embed'" in str(error.value)
     a = sl.grad_cam(
@@ -490,13 +490,78 @@ def test_tokens_that_fit_no_grid_raise_with_layer_and_reshape() -> None:
         x,
         0,
         layer="norm",
-        reshape=lambda t: t[:, 10:].unflatten(1, (8, 8)).permute(0, 3, 1, 2),
+        reshape=lambda t: t[:, 34:].unflatten(1, (8, 8)).permute(0, 3, 1, 2),
     )
     assert a.extras["layout"] == "custom"
     with pytest.raises(
-        ValueError, match=r"not a spatial feature map.*reshape=lambda t: t\[:, 10:\]"
+        ValueError, match=r"not a spatial feature map.*reshape=lambda t: t\[:, 34:\]"
     ):
         sl.grad_cam(net, x, 0, layer="norm")
+
+
+@pytest.mark.parametrize("registers", [8, 16])
+def test_many_register_tokens_are_read_by_the_patch_grid(registers: int) -> None:
+    """A class token and 8 or 16 registers: the patch embedding's 8 x 8 grid says how many
+    tokens are special (timm's ``reg_tokens=8`` was read as a 5 x 5 grid of rounded patches)."""
+    net, x = ViT(registers=registers, pool="mean"), _inputs((32, 32))
+    special = registers + 1
+    a = sl.grad_cam(net, x, [0, 1], layer="norm")
+    b = sl.grad_cam(
+        net, x, [0, 1], layer="norm",
+        reshape=lambda t: t[:, special:].unflatten(1, (8, 8)).permute(0, 3, 1, 2),
+    )  # fmt: skip
+    assert a.extras["layout"] == f"tokens {special}+8x8"
+    torch.testing.assert_close(a.values, b.values)
+
+
+class LinearPatches(nn.Module):
+    """Patches of 16 embedded by ``nn.Linear`` (no convolution shows the grid), 4 register
+    tokens first, a final ``norm``, the patch tokens averaged (timm's NaFlexViT ``gap``)."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(3 * 16 * 16, dim)
+        self.reg_token = nn.Parameter(torch.randn(1, 4, dim))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, CLASSES)
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        patches = F.unfold(x, 16, stride=16).transpose(1, 2)  # (N, h*w, 3*16*16)
+        tokens = self.embed(patches)
+        tokens = torch.cat([self.reg_token.expand(len(x), -1, -1), tokens], dim=1)
+        return self.head(self.norm(tokens)[:, 4:].mean(1))
+
+
+@pytest.mark.parametrize(("size", "grid"), [((64, 64), (4, 4)), ((64, 96), (4, 6))])
+def test_tokens_without_a_seen_grid_take_whole_patches(size, grid) -> None:
+    """20 tokens of a 64² input: 4 special + 4 x 4 patches of 16 (was 4 x 5 of no patch size);
+    28 of a 64 x 96 input: 4 + 4 x 6 (was 4 x 7 of patches of 13, rounded down)."""
+    net, x = LinearPatches(), _inputs(size)
+    a = sl.grad_cam(net, x, [0, 1], layer="norm")
+    b = sl.grad_cam(
+        net, x, [0, 1], layer="norm",
+        reshape=lambda t: t[:, 4:].unflatten(1, grid).permute(0, 3, 1, 2),
+    )  # fmt: skip
+    assert a.extras["layout"] == f"tokens 4+{grid[0]}x{grid[1]}"
+    torch.testing.assert_close(a.values, b.values)
+
+
+def test_patch_grids_and_fits() -> None:
+    from salience.layouts import fits, patch_grid
+
+    assert patch_grid(20, (64, 64)) is None  # 4 x 5 rounds one side down, the other up
+    assert patch_grid(16, (64, 64), exact=True) == (4, 4)
+    assert patch_grid(28, (64, 96), exact=True) is None
+    assert patch_grid(28, (64, 96)) == (4, 7)  # patches of 13, rounded down: not exact
+    assert patch_grid(24, (61, 83)) == (4, 6)  # padded up to whole patches of 16
+    assert patch_grid(20, (61, 83)) == (4, 5)  # or rounded down (patches of 14)
+    # an attention pool's (heads, queries) = (3, 1) is no grid of a square input
+    assert not fits(3, 1, (64, 64))
+    assert fits(7, 7, (224, 224))
+    assert fits(2, 1, (64, 32))
+    assert fits(4, 6, (61, 83))
 
 
 # -- explicit layers and reshape= ------------------------------------------------------------------

@@ -28,7 +28,9 @@ The layout is decided from what the model computes, not from shapes alone:
    ``(N, heads, T, T)`` are never read as maps (the latter are also recognised by their token
    count). A token sequence is folded into the grid of the patch embedding (a channels-first
    map computed before it, such as the output of a ``Conv2d`` with the patch size as stride,
-   ``h * w = T - s``), or else into the grid ``(H / p, W / p)`` with the fewest special tokens.
+   ``h * w = T - s``), or else into the grid ``(H / p, W / p)`` of one patch size ``p``:
+   whole patches first (``p`` divides both sides), then the fewest special tokens; sides
+   rounded, both down or both up, only if no whole patches fit.
 3. A 4-D tensor that nothing identifies is read channels-first if the model computes nothing
    channels-last (no token sequences, no channels-last map): that is PyTorch's convention and
    every CNN's, as before. In a model that mixes layouts it must fit the input; if it fits
@@ -515,14 +517,20 @@ class LayerSearch(_LayerMessages):
     # -- reading -----------------------------------------------------------------------------
 
     def _tokens(self, count: int, grids: int) -> Layout | None:
-        """Return the token layout of ``count`` tokens: a grid seen before, else a patch grid."""
+        """Return the token layout of ``count`` tokens: a grid seen before, else a patch grid.
+
+        Without a grid seen before (a patch embedding by ``nn.Linear``), patches that divide
+        the input exactly come first, then the fewest special tokens: 20 tokens of a 64²
+        input are 4 special tokens and ``4 x 4`` patches of 16, not ``4 x 5`` of no size.
+        """
         for h, w in reversed(self._grids[:grids]):
             if 0 <= count - h * w <= MAX_SPECIAL_TOKENS and h * w > 1:
                 return Layout("tokens", (h, w), count - h * w)
-        for special in range(MAX_SPECIAL_TOKENS + 1):
-            grid = patch_grid(count - special, self.size)
-            if grid is not None:
-                return Layout("tokens", grid, special)
+        for exact in (True, False):
+            for special in range(MAX_SPECIAL_TOKENS + 1):
+                grid = patch_grid(count - special, self.size, exact=exact)
+                if grid is not None:
+                    return Layout("tokens", grid, special)
         return None
 
     def mixed(self) -> bool:

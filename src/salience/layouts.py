@@ -48,8 +48,9 @@ __all__ = [
 Reshape: TypeAlias = "Callable[[Tensor], Tensor]"
 """``reshape=``: turns a layer output into ``(N, K, h, w)`` by re-indexing it alone."""
 
-MAX_SPECIAL_TOKENS = 8
-"""The most leading special tokens (class, distillation, register tokens) a sequence may have."""
+MAX_SPECIAL_TOKENS = 32
+"""The most leading special tokens (class, distillation, register tokens) a sequence may have:
+a ViT with 16 register tokens has 17."""
 
 
 @dataclass(frozen=True)
@@ -96,26 +97,39 @@ class Layout:
 
 
 def fits(a: int, b: int, size: tuple[int, int]) -> bool:
-    """Whether ``(a, b)`` is a grid of the ``size`` input: ``(H / s, W / s)`` within one cell."""
+    """Whether ``(a, b)`` is a grid of the ``size`` input: ``(H / s, W / s)`` within one cell.
+
+    Strictly within: ``(3, 1)`` is no grid of a square input (it would take ``s = H / 2``,
+    one cell off on both axes), and is the shape of an attention pool's ``(heads, queries)``.
+    """
     height, width = size
     if a < 1 or b < 1 or a * b < 2 or a > height or b > width:
         return False
     low = max(height / (a + 1), width / (b + 1))
     high = min(height / (a - 1) if a > 1 else math.inf, width / (b - 1) if b > 1 else math.inf)
-    return low <= high
+    return low < high
 
 
-def patch_grid(count: int, size: tuple[int, int]) -> tuple[int, int] | None:
-    """Return a grid ``(h, w)`` of ``count`` patches of an integer size: ``h = H / p`` rounded."""
+def patch_grid(count: int, size: tuple[int, int], *, exact: bool = False) -> tuple[int, int] | None:
+    """Return a grid ``(h, w)`` of ``count`` square patches of one integer size ``p``.
+
+    ``exact``: ``p`` divides both sides (``h = H / p``, ``w = W / p``, as a ViT needs); else
+    both sides rounded the same way, down (a patch convolution without padding) or up (an input
+    padded to whole patches). A grid that rounds one side down and the other up fits no patch
+    size: 20 tokens are no ``4 x 5`` grid of a 64² input.
+    """
     height, width = size
     if count < 2:
         return None
     guess = math.sqrt(height * width / count)
     for p in range(max(1, math.floor(guess) - 1), math.ceil(guess) + 2):
-        for h in {height // p, -(-height // p)}:
-            for w in {width // p, -(-width // p)}:
-                if h * w == count and h >= 1 and w >= 1:
-                    return h, w
+        if exact:
+            grids = [(height // p, width // p)] if height % p == 0 == width % p else []
+        else:
+            grids = [(height // p, width // p), (-(-height // p), -(-width // p))]
+        for h, w in grids:
+            if h * w == count and h >= 1 and w >= 1:
+                return h, w
     return None
 
 
