@@ -548,6 +548,37 @@ def test_tokens_without_a_seen_grid_take_whole_patches(size, grid) -> None:
     torch.testing.assert_close(a.values, b.values)
 
 
+class ReducedKeys(nn.Module):
+    """Twins-like: 4 x 4 patch tokens attend to keys from a 2 x 2 reduction of their map (a
+    grid seen after the patch grid): 16 tokens are 4 x 4, not 12 special + 2 x 2."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.patch_embed = nn.Conv2d(3, dim, 16, stride=16)
+        self.sr = nn.Conv2d(dim, dim, 2, stride=2)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, CLASSES)
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        grid = self.patch_embed(x)
+        tokens = grid.flatten(2).transpose(1, 2)  # (N, 16, C)
+        keys = self.sr(grid).flatten(2).transpose(1, 2)  # (N, 4, C)
+        mixed = tokens + (tokens @ keys.transpose(1, 2)).softmax(-1) @ keys
+        return self.head(self.norm(mixed).mean(1))
+
+
+def test_tokens_take_the_seen_grid_with_fewest_special_tokens() -> None:
+    net, x = ReducedKeys(), _inputs((64, 64))
+    a = sl.grad_cam(net, x, [0, 1], layer="norm")
+    b = sl.grad_cam(
+        net, x, [0, 1], layer="norm", reshape=lambda t: t.unflatten(1, (4, 4)).permute(0, 3, 1, 2)
+    )
+    assert a.extras["layout"] == "tokens 4x4"
+    torch.testing.assert_close(a.values, b.values)
+
+
 def test_patch_grids_and_fits() -> None:
     from salience.layouts import fits, patch_grid
 

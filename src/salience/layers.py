@@ -519,13 +519,19 @@ class LayerSearch(_LayerMessages):
     def _tokens(self, count: int, grids: int) -> Layout | None:
         """Return the token layout of ``count`` tokens: a grid seen before, else a patch grid.
 
-        Without a grid seen before (a patch embedding by ``nn.Linear``), patches that divide
+        Of the grids seen before, the one that leaves the fewest special tokens (the latest of
+        equals). Without one (a patch embedding by ``nn.Linear``), patches that divide
         the input exactly come first, then the fewest special tokens: 20 tokens of a 64²
         input are 4 special tokens and ``4 x 4`` patches of 16, not ``4 x 5`` of no size.
         """
-        for h, w in reversed(self._grids[:grids]):
-            if 0 <= count - h * w <= MAX_SPECIAL_TOKENS and h * w > 1:
-                return Layout("tokens", (h, w), count - h * w)
+        seen = [
+            (count - h * w, -i, (h, w))
+            for i, (h, w) in enumerate(self._grids[:grids])
+            if 0 <= count - h * w <= MAX_SPECIAL_TOKENS and h * w > 1
+        ]
+        if seen:  # Twins' 4 x 4 tokens are no 12 + 2 x 2 of its attention's reduced keys
+            special, _, grid = min(seen)
+            return Layout("tokens", grid, special)
         for exact in (True, False):
             for special in range(MAX_SPECIAL_TOKENS + 1):
                 grid = patch_grid(count - special, self.size, exact=exact)
