@@ -530,8 +530,8 @@ class LayerSearch(_LayerMessages):
             if 0 <= count - h * w <= MAX_SPECIAL_TOKENS and h * w > 1
         ]
         if seen:  # Twins' 4 x 4 tokens are no 12 + 2 x 2 of its attention's reduced keys
-            special, _, grid = min(seen)
-            return Layout("tokens", grid, special)
+            fewest, _, seen_grid = min(seen)
+            return Layout("tokens", seen_grid, fewest)
         for exact in (True, False):
             for special in range(MAX_SPECIAL_TOKENS + 1):
                 grid = patch_grid(count - special, self.size, exact=exact)
