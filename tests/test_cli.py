@@ -491,6 +491,13 @@ def test_visualize_class(tmp_path, imagenet_file, capsys):
     code, _, err = run(["visualize-class", "goldfsh", *_tiny_args(imagenet_file)], capsys)
     assert code == cli.EXIT_USAGE
     assert "'goldfish'" in err
+    # bad numbers are bad command lines (exit 2), for a class as for a channel
+    for option, value in (("--lr", "-1"), ("--l2", "-1"), ("--jitter", "-2"),
+                          ("--blur-every", "x"), ("--blur-sigma", "0")):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:  # argparse's own usage error
+            run(["visualize-class", "goldfish", option, value, *_tiny_args(imagenet_file)], capsys)
+        assert exit_info.value.code == cli.EXIT_USAGE, option
+        assert option in capsys.readouterr().err
 
 
 @pytest.mark.pretrained

@@ -91,6 +91,9 @@ def test_bad_arguments():
         class_model(model, 0, steps=1, size=16, input_range=(1, -1))
     with pytest.raises(ValueError, match="jitter"):
         class_model(model, 0, steps=1, size=16, jitter=-1)
+    for size in (0, (-4, 16), (16,), (1.5, 16), True):
+        with pytest.raises(ValueError, match=r"size must be a positive int or \(height, width\)"):
+            class_model(model, 0, steps=1, size=size)  # type: ignore[arg-type]
 
 
 # -- unit objectives, Fourier parameterisation, transformation robustness, batches ---------

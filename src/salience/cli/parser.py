@@ -14,6 +14,9 @@ from ._options import (
     _Formatter,
     _image_options,
     _model_options,
+    _non_negative_float,
+    _non_negative_int,
+    _positive_float,
     _positive_int,
     _wrap,
 )
@@ -247,11 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="optimize pixels, or a decorrelated Fourier spectrum with Adam (Olah et al. 2017)",
     )
     p.add_argument("--steps", type=_positive_int, default=200, help="gradient-ascent steps")
-    p.add_argument("--lr", type=float, default=0.05, help="step size, in input units")
-    p.add_argument("--l2", type=float, default=1e-4, help="weight of the L2 penalty")
-    p.add_argument("--jitter", type=int, default=8, help="largest random shift, in pixels")
-    p.add_argument("--blur-every", type=int, default=4, help="blur every N steps (0: never)")
-    p.add_argument("--blur-sigma", type=float, default=0.5, help="blur width, in pixels")
+    p.add_argument("--lr", type=_positive_float, default=0.05, help="step size, in input units")
+    p.add_argument("--l2", type=_non_negative_float, default=1e-4, help="weight of the L2 penalty")
+    p.add_argument(
+        "--jitter", type=_non_negative_int, default=8, help="largest random shift, in pixels"
+    )
+    p.add_argument(
+        "--blur-every", type=_non_negative_int, default=4, help="blur every N steps (0: never)"
+    )
+    p.add_argument("--blur-sigma", type=_positive_float, default=0.5, help="blur width, in pixels")
     p.add_argument("--seed", type=int, default=0, help="seed of the jitter")
     p.add_argument("-o", "--out", default=DEFAULT_OUT, help="output directory")
     p.set_defaults(handler=cmd_visualize_class)

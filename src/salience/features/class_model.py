@@ -31,6 +31,7 @@ one with the same seed.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -77,9 +78,13 @@ def _input_range(
 def _size(model: nn.Module, size: int | Sequence[int] | None) -> tuple[int, int]:
     if size is None:
         size = getattr(model, "input_size", 224)
-    if isinstance(size, int):
-        return size, size
-    height, width = (int(v) for v in size)
+    try:
+        sides = [size, size] if isinstance(size, int) else list(size)
+        height, width = (operator.index(v) for v in sides if not isinstance(v, bool))
+    except (TypeError, ValueError):
+        height = width = 0
+    if height < 1 or width < 1:
+        raise ValueError(f"size must be a positive int or (height, width) of them, got {size!r}")
     return height, width
 
 
@@ -233,7 +238,9 @@ def class_model(
 
     With a list of objectives, one image per objective is optimized in one batch; the random
     transformations and (for ``"fourier"``) the initial spectrum are shared, so each image is
-    the one that objective gets alone with the same seed.
+    the one that objective gets alone with the same seed, up to float rounding (a convolution
+    may round a batch of two differently from one image), which gradient ascent can amplify:
+    on EfficientNet-Lite0 with ``rotate=5``, 0.2 of the [-1, 1] range after 4 steps.
 
     The model is not changed: gradients are taken with ``torch.autograd.grad`` with respect to
     the image only, buffers are restored, and the train/eval flag is left as it is (use eval
