@@ -6,10 +6,12 @@ import argparse
 import ast
 import re
 import textwrap
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from ._common import DEFAULT_MODEL, UsageError, _one_line
+
+N = TypeVar("N", int, float)
 
 COMPARE_METHODS = (
     "gradient",
@@ -170,44 +172,25 @@ def _floats3(text: str) -> tuple[float, float, float]:
     return values  # type: ignore[return-value]
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _bounded(convert: Callable[[str], N], low: N, *, strict: bool, what: str) -> Callable[[str], N]:
+    """Make an argparse type: ``convert(text)``, at least ``low`` (above it if ``strict``)."""
+
+    def parse(text: str) -> N:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not (value > low if strict else value >= low):  # NaN fails both
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+_positive_int = _bounded(int, 1, strict=False, what="a positive integer")
+_non_negative_int = _bounded(int, 0, strict=False, what="an integer >= 0")
+_positive_float = _bounded(float, 0.0, strict=True, what="a positive number")
+_non_negative_float = _bounded(float, 0.0, strict=False, what="a number >= 0")
 
 
 def _model_options() -> argparse.ArgumentParser:
