@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .layouts import MAX_SPECIAL_TOKENS, Layout, patch_grid
+from .layouts import MAX_SPECIAL_TOKENS, Layout
 
 if TYPE_CHECKING:
     from .layers import _Entry
@@ -20,7 +20,7 @@ class _LayerMessages:
 
     if TYPE_CHECKING:
 
-        def _tokens(self, count: int, grids: int) -> Layout | None: ...
+        def _tokens(self, count: int, grids: int, most: int = ...) -> Layout | None: ...
 
     def _size_text(self) -> str:
         return f"{self.size[0]}x{self.size[1]}"
@@ -55,12 +55,8 @@ class _LayerMessages:
             ways = [("channels first", "lambda t: t")]
             ways.append(("channels last", Layout("NHWC").reshape_source()))
         else:
-            layout = self._tokens(shape[1], e.grids)
-            for special in range(MAX_SPECIAL_TOKENS + 1, 2 * MAX_SPECIAL_TOKENS + 1):
-                if layout is not None:
-                    break
-                grid = patch_grid(shape[1] - special, self.size)
-                layout = None if grid is None else Layout("tokens", grid, special)
+            # the reading of the layer, or one with more special tokens than it takes
+            layout = self._tokens(shape[1], e.grids, most=2 * MAX_SPECIAL_TOKENS)
             source = (
                 layout.reshape_source()
                 if layout is not None

@@ -516,24 +516,25 @@ class LayerSearch(_LayerMessages):
 
     # -- reading -----------------------------------------------------------------------------
 
-    def _tokens(self, count: int, grids: int) -> Layout | None:
+    def _tokens(self, count: int, grids: int, most: int = MAX_SPECIAL_TOKENS) -> Layout | None:
         """Return the token layout of ``count`` tokens: a grid seen before, else a patch grid.
 
         Of the grids seen before, the one that leaves the fewest special tokens (the latest of
         equals). Without one (a patch embedding by ``nn.Linear``), patches that divide
         the input exactly come first, then the fewest special tokens: 20 tokens of a 64²
         input are 4 special tokens and ``4 x 4`` patches of 16, not ``4 x 5`` of no size.
+        At most ``most`` special tokens (more only to suggest a ``reshape=`` in a message).
         """
         seen = [
             (count - h * w, -i, (h, w))
             for i, (h, w) in enumerate(self._grids[:grids])
-            if 0 <= count - h * w <= MAX_SPECIAL_TOKENS and h * w > 1
+            if 0 <= count - h * w <= most and h * w > 1
         ]
         if seen:  # Twins' 4 x 4 tokens are no 12 + 2 x 2 of its attention's reduced keys
             fewest, _, seen_grid = min(seen)
             return Layout("tokens", seen_grid, fewest)
         for exact in (True, False):
-            for special in range(MAX_SPECIAL_TOKENS + 1):
+            for special in range(most + 1):
                 grid = patch_grid(count - special, self.size, exact=exact)
                 if grid is not None:
                     return Layout("tokens", grid, special)
