@@ -6,8 +6,10 @@ A method added later is covered automatically: no side effects on the model or t
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -328,3 +330,73 @@ def test_the_model_walk_finds_every_module_once() -> None:
     assert walked[0] is model
     assert len(walked) == len({id(m) for m in walked}) == len(list(model.modules()))
     assert {id(m) for m in walked} == {id(m) for m in model.modules()}
+
+
+# -- structured outputs: a target written for the model's own output type ----------------------
+
+
+class _Named(NamedTuple):
+    logits: torch.Tensor
+    aux: torch.Tensor
+
+
+@dataclasses.dataclass
+class _Fields:
+    logits: torch.Tensor
+    extra: str = "kept"
+
+
+class _HubOutput(collections.OrderedDict):  # as Hugging Face's ModelOutput: keys and attributes
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+class Structured(nn.Module):
+    """The VGG-style net, its logits wrapped in a named tuple, a dataclass or a hub output."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.net = model_for("gradient")
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor) -> Any:
+        logits = self.net(x)
+        if self.kind == "named":
+            return _Named(logits, logits.sum(1))
+        if self.kind == "dataclass":
+            return _Fields(logits)
+        return _HubOutput(logits=logits)
+
+
+@pytest.mark.parametrize("kind", ["named", "dataclass", "hub"])
+@pytest.mark.parametrize("name", sorted(set(METHODS) - CLASS_TARGETS_ONLY))
+def test_a_target_on_a_structured_output_sees_one_batch_at_a_time(
+    name: str, kind: str, batch: torch.Tensor
+) -> None:
+    """A per-sample target (``gather`` with the batch's labels) on a structured output gives
+    the map of the same classes on the bare logits: methods that run several copies of the
+    batch per pass (SmoothGrad, IG, Score-CAM, occlusion, RISE) hand it one copy at a time,
+    in the model's own output type (occlusion's traced passes included)."""
+    model = Structured(kind)
+    labels = torch.tensor([1, 4, 7])
+
+    def picked(out: Any) -> torch.Tensor:
+        assert isinstance(out, type(model(batch)))
+        return out.logits.gather(1, labels[:, None])[:, 0]
+
+    options = {**FAST.get(name, {})}
+    if name in ("score_cam", "rise"):
+        options["score"] = "logit"  # what a callable target explains
+    expected = salience.explain(model.net, batch, method=name, target=labels, **options)
+    options.pop("score", None)
+    found = salience.explain(model, batch, method=name, target=picked, **options)
+    torch.testing.assert_close(found.values, expected.values, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(found.scores, expected.scores)
+    assert type(found.output) is type(model(batch))
+    first = found[0]  # the output is sliced with the maps
+    assert type(first.output) is type(found.output)
+    torch.testing.assert_close(first.output.logits, found.output.logits[:1])
+    assert not found.output.logits.requires_grad  # held detached, not the pass's graph

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from copy import deepcopy
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -175,6 +177,64 @@ def test_model_output_that_is_not_a_tensor_needs_a_callable(x: torch.Tensor) -> 
         salience.gradient(model, x)
     result = salience.gradient(model, x, target=lambda out: out["logits"][:, 1])
     torch.testing.assert_close(result.values[0], model.fc.weight[1].detach().view(3, 5, 5))
+
+
+class _Pair(NamedTuple):
+    logits: torch.Tensor
+    dense: torch.Tensor
+
+
+class _Returns(nn.Module):
+    """A dense (N, 4, 5, 5) output, as it is or wrapped the way models wrap theirs."""
+
+    def __init__(self, wrap: Any) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.wrap = wrap
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.wrap(self.conv(x))
+
+
+@pytest.mark.parametrize(
+    ("wrap", "hint"),
+    [
+        (lambda t: {"aux": None, "out": t}, "out['out']"),
+        (lambda t: (t, t.sum()), "out[0]"),
+        (lambda t: _Pair(t.sum((2, 3)), t), "out.logits"),
+    ],
+    ids=["dict", "tuple", "named"],
+)
+def test_structured_output_errors_say_how_to_reach_its_tensor(
+    x: torch.Tensor, wrap: Any, hint: str
+) -> None:
+    model = _Returns(wrap)
+    with pytest.raises(ValueError, match=re.escape(f"target=lambda out: {hint}[:, 3]")):
+        salience.gradient(model, x)
+    with pytest.raises(TypeError, match=re.escape(f"mask_target(1, mask)({hint})")):
+        salience.gradient(model, x, target=salience.mask_target(1))
+
+
+def test_mask_target_checks_its_class_and_mask(x: torch.Tensor) -> None:
+    model = _Returns(lambda t: t)
+    for bad, error in [(-1, ValueError), (1.0, TypeError), (True, TypeError)]:
+        with pytest.raises(error, match="class index"):
+            salience.mask_target(bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"\(H, W\) or \(N, H, W\)"):
+        salience.mask_target(1, torch.ones(5))
+    with pytest.raises(TypeError, match="mask must be a tensor"):
+        salience.mask_target(1, [[1.0]])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"class 4 is out of range: the output has 4 classes"):
+        salience.gradient(model, x, target=salience.mask_target(4))
+    with pytest.raises(ValueError, match=r"mask of shape \(4, 4\) does not fit"):
+        salience.gradient(model, x, target=salience.mask_target(1, torch.ones(4, 4)))
+    with pytest.raises(ValueError, match=r"mask of shape \(3, 5, 5\) does not fit"):
+        salience.gradient(model, x[:2], target=salience.mask_target(1, torch.ones(3, 5, 5)))
+    mask = torch.zeros(5, 5)
+    mask[1:3, 2:4] = 1
+    found = salience.gradient(model, x, target=salience.mask_target(3, mask))
+    w = model.conv.weight[3, :, 0, 0].detach()  # d/dx of sum(mask * conv(x)[3]) is w * mask
+    torch.testing.assert_close(found.values, (w[:, None, None] * mask).expand_as(x))
 
 
 def test_bad_callable_target_results_are_errors(linear: Linear, x: torch.Tensor) -> None:

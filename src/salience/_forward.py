@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, TypeAlias
 
 import torch
@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors
 
 from ._checks import check_inputs, check_model, modules_of
+from ._containers import map_tensors
 from ._performance import channels_last_input, compiled_model, get_performance, record_pass
 from .hooks import active_scopes, no_rectifier_inside
 
@@ -145,23 +146,12 @@ class _Boundary(torch.autograd.Function):
         return out, None, None
 
 
-def _map_tensors(fn: Callable[[Tensor], Any], value: Any) -> Any:
-    """Apply ``fn`` to every tensor in ``value``, through tuples, lists and dicts."""
-    if isinstance(value, Tensor):
-        return fn(value)
-    if isinstance(value, tuple | list):
-        return type(value)(_map_tensors(fn, v) for v in value)
-    if isinstance(value, dict):
-        return {k: _map_tensors(fn, v) for k, v in value.items()}
-    return value
-
-
 def _clone_tensors(value: Any) -> Any:
-    return _map_tensors(Tensor.clone, value)
+    return map_tensors(Tensor.clone, value)
 
 
 def _detach(value: Any) -> Any:
-    return _map_tensors(Tensor.detach, value)
+    return map_tensors(Tensor.detach, value)
 
 
 def _expand(value: Any, rows: Tensor, n: int) -> Any:
@@ -170,7 +160,7 @@ def _expand(value: Any, rows: Tensor, n: int) -> Any:
     def index(t: Tensor) -> Tensor:
         return t[rows.to(t.device)] if t.ndim > 0 and t.shape[0] == n else t
 
-    return _map_tensors(index, value)
+    return map_tensors(index, value)
 
 
 # -- precision: TF32 off while any call that wants float32 runs ------------------------------

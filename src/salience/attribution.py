@@ -9,6 +9,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from ._containers import map_tensors
+
 __all__ = ["Attribution", "Reduction"]
 
 Reduction = Literal["abs_max", "sum", "abs_sum", "mean", "none"]
@@ -54,6 +56,11 @@ class Attribution:
     extras: Mapping[str, Any] = field(default_factory=dict)
     reduction: Reduction = "sum"
     layer: str | None = None
+
+    def __post_init__(self) -> None:
+        # the output may keep the graph of the pass alive (tensors nested in a dict, a
+        # dataclass, a named tuple): hold it detached
+        object.__setattr__(self, "output", map_tensors(Tensor.detach, self.output))
 
     def saliency(self) -> Tensor:
         """Return the ``(N, H, W)`` map, reducing channels as the method's paper does.
@@ -110,7 +117,7 @@ class Attribution:
             target=None if self.target is None else self.target[index],
             scores=self.scores[index],
             method=self.method,
-            output=pick(self.output),
+            output=map_tensors(pick, self.output),
             extras={k: pick(v) for k, v in self.extras.items()},
             reduction=self.reduction,
             layer=self.layer,
@@ -148,7 +155,7 @@ class Attribution:
             target=move(self.target),
             scores=self.scores.to(device),
             method=self.method,
-            output=move(self.output),
+            output=map_tensors(move, self.output),
             extras={k: move(v) for k, v in self.extras.items()},
             reduction=self.reduction,
             layer=self.layer,

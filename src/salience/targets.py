@@ -19,8 +19,9 @@ one class is always 1, so ``"probability"`` is the sigmoid of the logit and
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeAlias
 
@@ -28,6 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ._containers import map_tensors, tensors_in
 
 __all__ = ["Score", "TargetLike", "class_target", "mask_target", "resolve_target"]
 
@@ -115,8 +118,8 @@ def resolve_target(
     if not isinstance(output, Tensor):
         raise ValueError(
             f"the model returned {type(output).__name__}, not a tensor of logits; pass a "
-            "callable target that picks the score from it, e.g. target=lambda out: "
-            "out['logits'][:, 3]"
+            f"callable target that picks the score from it, e.g. target=lambda out: "
+            f"{_logits_in(output)}[:, 3]"
         )
     _check_class_output(output, n)
     num_classes = output.shape[1]
@@ -156,20 +159,75 @@ def mask_target(class_index: int, mask: Tensor | None = None) -> Callable[[Tenso
 
     This is how segmentation networks are explained (Vinogradova et al. 2020): the score is
     ``sum_{h,w} mask[h, w] * output[:, class_index, h, w]``. ``mask`` is ``(H, W)``,
-    ``(N, H, W)`` or ``None`` for the whole image.
+    ``(N, H, W)`` or ``None`` for the whole image. For a model that returns the dense tensor
+    inside a dict (torchvision's segmentation models: ``{"out": ...}``), pick it first:
+    ``target=lambda out: mask_target(c, mask)(out["out"])``.
+
+    Raises:
+        ValueError: a negative class, a mask that is not 2-D or 3-D; when the target is
+            evaluated, a class beyond the output's or a mask of another size.
+        TypeError: a class that is not an int, a mask that is not a tensor.
     """
+    if not _is_index(class_index):
+        raise TypeError(f"mask_target needs an int class index, got {type(class_index).__name__}")
+    if class_index < 0:
+        raise ValueError(f"mask_target needs a class index >= 0, got {class_index}")
+    if mask is not None and not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a tensor (H, W) or (N, H, W), got {type(mask).__name__}")
+    if mask is not None and mask.ndim not in (2, 3):
+        raise ValueError(f"mask must be (H, W) or (N, H, W), got shape {tuple(mask.shape)}")
 
     def score(output: Tensor) -> Tensor:
+        if not isinstance(output, Tensor):
+            raise TypeError(
+                f"mask_target needs the dense output tensor (N, classes, H, W); the model "
+                f"returned {type(output).__name__}: pick the tensor first, e.g. "
+                f"target=lambda out: mask_target({class_index}, mask)({_logits_in(output)})"
+            )
         if output.ndim < 3:
             raise ValueError(
                 f"mask_target needs a dense output (N, classes, H, W); got {tuple(output.shape)}"
             )
+        classes = output.shape[1]
+        if class_index >= classes:
+            raise ValueError(
+                f"mask_target class {class_index} is out of range: the output has {classes} "
+                f"classes (valid: 0..{classes - 1})"
+            )
         plane = output[:, class_index]
         if mask is None:
             return plane.flatten(1).sum(1)
+        if mask.shape[-2:] != plane.shape[1:] or (mask.ndim == 3 and mask.shape[0] != len(plane)):
+            expected = f"{tuple(plane.shape[1:])} or {tuple(plane.shape)}"
+            raise ValueError(
+                f"the mask of shape {tuple(mask.shape)} does not fit the output's class planes: "
+                f"expected {expected}"
+            )
         return (plane * mask.to(plane.device, plane.dtype)).flatten(1).sum(1)
 
     return score
+
+
+def _logits_in(output: object) -> str:
+    """Return how to reach the logits of a structured ``output``, as an expression on ``out``."""
+    if isinstance(output, Mapping):
+        keys = [k for k, v in output.items() if isinstance(v, Tensor)] or list(output)
+        key = "logits" if "logits" in keys else keys[0] if keys else "logits"
+        return f"out[{key!r}]"
+    if isinstance(getattr(output, "logits", None), Tensor):
+        return "out.logits"
+    if hasattr(output, "_fields"):  # a named tuple
+        fields = list(output._fields)
+    elif dataclasses.is_dataclass(output) and not isinstance(output, type):
+        fields = [f.name for f in dataclasses.fields(output)]
+    else:
+        fields = []
+    if fields:
+        tensors = [f for f in fields if isinstance(getattr(output, f, None), Tensor)]
+        return f"out.{(tensors or fields)[0]}"
+    if isinstance(output, tuple | list):
+        return "out[0]"
+    return "out.logits"
 
 
 def _rows(output: object) -> int:
@@ -230,30 +288,42 @@ def _is_index(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _call_grouped(fn: Callable[[Tensor], Tensor], output: Tensor, n: int) -> Tensor:
-    """Apply a user's target to whole copies of the batch, ``n`` rows at a time."""
-    if not isinstance(output, Tensor):  # a structured output: the callable sees all of it
-        value = fn(output)
-        _check_scores(value, None, n)
-        return value
-    rows = _rows(output)
+def _call_grouped(fn: Callable[[Tensor], Tensor], output: object, n: int) -> Tensor:
+    """Apply a user's target to whole copies of the batch, ``n`` rows at a time.
+
+    A structured output (a dict, a tuple, a dataclass...) is cut the same way: every tensor
+    whose first axis has the pass's rows is sliced, so that a target written for one batch
+    (``lambda out: out.logits.gather(1, labels[:, None])[:, 0]``) sees one batch at a time.
+    """
+    if isinstance(output, Tensor):
+        rows = _rows(output)
+    else:
+        # the rows of the pass: the longest first axis among whole copies of the batch
+        firsts = [t.shape[0] for t in tensors_in(output) if t.ndim > 0 and t.shape[0] % n == 0]
+        rows = max(firsts, default=n)
     if rows % n:
         raise RuntimeError(f"{rows} rows are not whole copies of a batch of {n}")
     parts = []
     for start in range(0, rows, n):
-        chunk = output[start : start + n]
-        value = fn(chunk)
-        _check_scores(value, n, n)
+        if rows == n:
+            chunk = output
+        else:
+
+            def cut(t: Tensor, start: int = start) -> Tensor:
+                return t[start : start + n] if t.ndim > 0 and t.shape[0] == rows else t
+
+            chunk = map_tensors(cut, output)
+        value = fn(chunk)  # type: ignore[arg-type]  # a structured output, passed as it is
+        _check_scores(value, n)
         parts.append(value)
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _check_scores(value: object, rows: int | None, n: int) -> None:
+def _check_scores(value: object, n: int) -> None:
     if not isinstance(value, Tensor):
         raise TypeError(f"the target callable returned {type(value).__name__}, not a tensor")
-    ok = value.ndim == 1 and (value.shape[0] == rows if rows else value.shape[0] % n == 0)
-    if not ok:
+    if value.ndim != 1 or value.shape[0] != n:
         raise ValueError(
-            f"the target callable must return one score per sample, shape ({rows or n},); "
+            f"the target callable must return one score per sample, shape ({n},); "
             f"got {tuple(value.shape)}"
         )

@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from .._containers import map_tensors, tensors_in
 from ._incremental_kernels import _conv, _fused, _gather, _groups, _last, _pad, _paste, _shortcuts
 
 __all__ = [
@@ -117,6 +118,21 @@ class IncrementalPlan:
     image: fx.Node
     layers: dict[fx.Node, _Layer]
     order: list[fx.Node] = field(default_factory=list)
+    output: Any = None  # the model's own output, whose structure fx does not keep
+
+    def shaped(self, out: Any) -> Any:
+        """Return the traced graph's output ``out`` in the structure of the model's output.
+
+        fx returns a model's dict subclass (Hugging Face's ``ModelOutput``) or named tuple as
+        its own immutable containers, on which the user's target would fail.
+        """
+        if self.output is None or isinstance(self.output, Tensor):
+            return out
+        values = tensors_in(out)
+        if len(values) != len(tensors_in(self.output)):
+            return out
+        found = iter(values)
+        return map_tensors(lambda _: next(found), self.output)
 
 
 def plan_incremental(model: Any, has_args: bool) -> tuple[IncrementalPlan | None, str]:
@@ -516,7 +532,7 @@ def occlusion_scores(
                 env[node] = full
             env.setdefault(plan.image, None)
             out = fx.Interpreter(plan.graph).run(None, initial_env=env)
-            scores = score_rows(out, everyone).reshape(everyone.numel(), -1)
+            scores = score_rows(plan.shaped(out), everyone).reshape(everyone.numel(), -1)
             which = torch.cat([torch.zeros_like(group), win + 1])
             found = record_pass(found, scores, everyone, which, n, windows)
             tick()

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from .._checks import CPU_IMAGES, check_positive_int, even_chunks, warn_zero_maps
 from .._chunks import BatchSize, Chunker
+from .._containers import map_tensors
 from .._forward import Forward, ForwardArgs, model_scope
 from .._io import Progress
 from ..attribution import Attribution
@@ -187,6 +188,8 @@ def occlusion(
         chunker = Chunker(inputs, batch_size, owner=fwd.model, kind="occlusion", images=images)
         with chunker.measure(n):  # the clean pass measures a row's footprint (CUDA)
             output, resolved = _resolve(fwd, x, target, score)
+        if chain is not None:
+            chain.output = output  # the structure the target reads
         multi = resolved.classes is not None and resolved.classes.ndim == 2
         k = resolved.classes.shape[1] if multi else 1  # type: ignore[union-attr]
 
@@ -459,13 +462,7 @@ def _scores(fwd: Forward, resolved: ResolvedTarget, images: Tensor, ids: Tensor)
 
 def _normal(value: object) -> object:
     """Clone inference tensors (in nested outputs too) into normal ones, for the user."""
-    if isinstance(value, Tensor):
-        return value.clone() if value.is_inference() else value
-    if isinstance(value, tuple | list):
-        return type(value)(_normal(v) for v in value)
-    if isinstance(value, dict):
-        return {key: _normal(v) for key, v in value.items()}
-    return value
+    return map_tensors(lambda t: t.clone() if t.is_inference() else t, value)
 
 
 # -- RISE -----------------------------------------------------------------------------------------
