@@ -12,7 +12,7 @@ from torch import nn
 from salience import cli
 from salience.metrics import deletion, insertion
 from salience.metrics.audit import Reading, _versus_chance, audit
-from test_report import _chromium_counts, _parse, _photo
+from test_report import _batchnorm_net, _chromium_counts, _parse, _photo
 
 # The module, not the function salience.metrics.audit that shadows it.
 audit_module = importlib.import_module("salience.metrics.audit")
@@ -113,6 +113,15 @@ def test_the_model_and_inputs_are_untouched(vgg, images):
         torch.testing.assert_close(value, state[key], rtol=0, atol=0)
     assert all(p.grad is None for p in vgg.parameters())
     torch.testing.assert_close(images, before, rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:the model is in training mode")
+def test_the_predicted_class_keeps_a_training_models_buffers():
+    model = _batchnorm_net()
+    state = copy.deepcopy(model.state_dict())
+    audit(model, torch.rand(2, 3, 8, 8), ["gradient"], checks=["faithfulness"], steps=2)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), f"{key} changed"
 
 
 def test_bad_arguments_fail_before_any_work(vgg, images):

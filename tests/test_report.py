@@ -109,6 +109,32 @@ def test_predict_top_k(vgg, images):
     assert [p.index for p in predictions] == expected
 
 
+def _batchnorm_net() -> torch.nn.Module:
+    """A net in training mode whose BatchNorm would update its statistics on every pass."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 3),
+    ).train()
+
+
+@pytest.mark.filterwarnings("ignore:the model is in training mode")
+def test_the_prediction_and_the_report_keep_a_training_models_buffers() -> None:
+    model = _batchnorm_net()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand(2, 3, 8, 8)
+    report.predict(model, x)
+    methods = ["gradient"]
+    report.explain_image(model, _photo(8), methods=methods, target=1, preprocess=lambda _: x[:1])
+    assert model.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), f"{key} changed"
+
+
 def _chromium_counts(html_path: Path, tmp_path: Path) -> tuple[int, int]:
     """Open the page in headless Chromium; return (images, images that failed to render)."""
     chromium = _find_chromium()

@@ -27,6 +27,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from . import viz
+from ._forward import model_scope
 from .attribution import Attribution
 from .registry import check_options, explain, get_method
 
@@ -124,8 +125,7 @@ def predict(
         class_names: Names by index; default ``model.class_names``, ImageNet for 1000 classes,
             else ``"class <i>"``.
     """
-    with torch.no_grad():
-        output = model(inputs[:1])
+    output = _run(model, inputs[:1])
     if not isinstance(output, Tensor) or output.ndim != 2:
         shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
         raise ValueError(f"the model must return (N, classes) logits, got {shape}")
@@ -250,8 +250,7 @@ def explain_image(
         chosen = predictions[0]
     else:
         names = _names(model, class_names, _num_classes(model, x))
-        with torch.no_grad():
-            p = model(x).float().softmax(1)[0, target]
+        p = _run(model, x).float().softmax(1)[0, target]
         chosen = Prediction(int(target), names[int(target)], float(p))
     results = explain_many(model, x, methods, chosen.index, options=options, on_done=on_done)
     return ImageReport(
@@ -264,8 +263,13 @@ def explain_image(
 
 
 def _num_classes(model: nn.Module, x: Tensor) -> int:
-    with torch.no_grad():
-        return int(model(x).shape[1])
+    return int(_run(model, x).shape[1])
+
+
+def _run(model: nn.Module, x: Tensor) -> Any:
+    """Return the model's output on ``x``, its buffers kept (a model left in training mode)."""
+    with torch.no_grad(), model_scope(model, x) as forward:
+        return forward(x)
 
 
 def method_report(

@@ -40,6 +40,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from .._checks import check_inputs
+from .._forward import model_scope
 from .._io import Progress
 from ..attribution import Attribution
 from ..registry import check_options, explain, get_method
@@ -288,8 +289,8 @@ def audit(
         check_options(spec, opts)
         merged[name] = opts
     if target is None:
-        with torch.no_grad():
-            target = model(x).argmax(dim=1)
+        with torch.no_grad(), model_scope(model, x) as forward:
+            target = forward(x).argmax(dim=1)
     settings = {
         "steps": steps,
         "shift": shift,
