@@ -400,3 +400,35 @@ def test_a_target_on_a_structured_output_sees_one_batch_at_a_time(
     assert type(first.output) is type(found.output)
     torch.testing.assert_close(first.output.logits, found.output.logits[:1])
     assert not found.output.logits.requires_grad  # held detached, not the pass's graph
+
+
+class Checkpointed(nn.Module):
+    """The VGG-style net with its features under ``torch.utils.checkpoint`` (non-reentrant)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = model_for("gradient")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = torch.utils.checkpoint.checkpoint(self.net.features, x, use_reentrant=False)
+        return self.net.classifier(features)
+
+
+RULES_AT_CALLS = {"deeplift", "lrp"}  # rules installed around the forward pass's calls
+
+
+@pytest.mark.parametrize("name", sorted(set(METHODS) - NEEDS_GAP))
+def test_a_checkpointed_model_gives_its_maps_or_a_clear_error(
+    name: str, batch: torch.Tensor
+) -> None:
+    """Checkpointing recomputes a part of the forward pass in the backward pass: the methods
+    that read gradients see the same graph; the rules at calls (DeepLIFT, LRP) would not
+    reach the recomputation, and refuse rather than give another method's map."""
+    model = Checkpointed()
+    if name in RULES_AT_CALLS:
+        with pytest.raises(RuntimeError, match=rf"{name} cannot explain a model that checkpoints"):
+            run(name, model, batch, target=[1, 4, 7])
+        return
+    found = run(name, model, batch, target=[1, 4, 7])
+    expected = run(name, model.net, batch, target=[1, 4, 7])
+    torch.testing.assert_close(found.values, expected.values)

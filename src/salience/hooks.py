@@ -262,9 +262,10 @@ def rectifier_rule(
 class _CallMode(TorchFunctionMode):
     """Offers every torch call made inside the block to ``handle`` (see :func:`call_rule`)."""
 
-    def __init__(self, handle: CallHandler) -> None:
+    def __init__(self, handle: CallHandler, method: str) -> None:
         super().__init__()
         self.handle = handle
+        self.method = method
 
     def __torch_function__(
         self,
@@ -277,7 +278,22 @@ class _CallMode(TorchFunctionMode):
         result = self.handle(func, args, kwargs)
         if result is NotImplemented:
             return func(*args, **kwargs)
+        if _checkpointed():
+            raise RuntimeError(
+                f"{self.method} cannot explain a model that checkpoints part of its forward "
+                "pass (torch.utils.checkpoint): the backward pass recomputes that part outside "
+                f"{self.method}'s rules, which would give a wrong map. Turn checkpointing off "
+                "for the explanation (timm: model.set_grad_checkpointing(False); Hugging Face: "
+                "model.gradient_checkpointing_disable())"
+            )
         return result
+
+
+def _checkpointed() -> bool:
+    """Whether the call runs in a region that ``torch.utils.checkpoint`` recomputes."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    hooks = None if top is None else top(False)
+    return hooks is not None and "_checkpoint_hook" in getattr(hooks[0], "__qualname__", "")
 
 
 @contextlib.contextmanager
@@ -301,7 +317,7 @@ def call_rule(model: nn.Module, handle: CallHandler, *, method: str) -> Iterator
             f"{method} cannot be applied to a TorchScript model: its operations run outside "
             "Python. Load the model as a Python nn.Module instead"
         )
-    with _CallMode(handle), _counted():
+    with _CallMode(handle, method), _counted():
         yield
 
 

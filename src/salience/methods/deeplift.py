@@ -453,6 +453,8 @@ def deeplift(
         NotImplementedError: ``rule="reveal_cancel"`` at an activation whose input is not a
             linear function of the previous activations; the message names the operation.
         TypeError: a TorchScript model.
+        RuntimeError: a model that checkpoints part of its forward pass
+            (``torch.utils.checkpoint``), which the backward pass recomputes outside the rules.
 
     References:
         Shrikumar, Greenside, Kundaje. Learning Important Features Through Propagating

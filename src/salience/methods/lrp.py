@@ -560,6 +560,8 @@ def lrp(
             covers (the message names the module and its path), an operation without a rule
             that the relevance reaches, an option that no rule of the composite takes.
         TypeError: a TorchScript model; a bad ``composite``.
+        RuntimeError: a model that checkpoints part of its forward pass
+            (``torch.utils.checkpoint``), which the backward pass recomputes outside the rules.
 
     References:
         Bach, Binder, Montavon, Klauschen, Müller, Samek. On Pixel-Wise Explanations for
