@@ -680,6 +680,66 @@ def test_segmentation_targets_work_per_sample(seg: nn.Module, images: Tensor, me
         torch.testing.assert_close(batch.values[i : i + 1], one.values, rtol=1e-5, atol=1e-6)
 
 
+# -- models with other inputs: a question, a caption ----------------------------------------
+
+
+class VQA(nn.Module):
+    """Image features (pooled to ``pool``) gated by a question's mean word embedding."""
+
+    def __init__(self, pool: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(pool)
+        )
+        self.words = nn.Embedding(11, 8)
+        self.fc = nn.Linear(8, 6)
+
+    def forward(self, x: Tensor, question: Tensor) -> Tensor:
+        h = self.features(x)
+        q = self.words(question).mean(1)  # (N, length, 8): read as tokens, it would be a map
+        return self.fc((h * q[:, :, None, None]).mean((2, 3)))
+
+
+class Captioner(nn.Module):
+    """Teacher-forced: each caption token's state holds the pooled image features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.words = nn.Embedding(20, 8)
+        self.decoder = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 20)
+
+    def forward(self, x: Tensor, tokens: Tensor) -> Tensor:
+        image = self.encoder(x).mean((2, 3))
+        return self.out(torch.tanh(self.decoder(self.words(tokens) + image[:, None])))
+
+
+@pytest.mark.parametrize(
+    ("model", "length", "layer"),
+    [
+        (VQA(16), 5, "features"),  # 5 tokens would be 1 + 2 x 2 patches of 8
+        (VQA(4), 16, "features"),  # 16 tokens fit the 4 x 4 grid the image made
+        (Captioner(), 5, "encoder"),  # the caption's states depend on the image too
+    ],
+    ids=["vqa-5", "vqa-16", "captioner"],
+)
+@pytest.mark.parametrize("method", [*CAM_METHODS, "guided_grad_cam"])
+def test_the_default_layer_is_the_images_not_the_texts(
+    method: str, model: nn.Module, length: int, layer: str
+) -> None:
+    torch.manual_seed(0)
+    for p in model.parameters():
+        nn.init.normal_(p, std=0.5)
+    x = torch.randn(2, 3, 16, 16)
+    tokens = torch.randint(0, 11, (2, length))
+    target = 1 if isinstance(model, VQA) else (lambda out: out[:, 2, 3])
+    found = _run(method, model, x, target, forward_args=(tokens,))
+    expected = _run(method, model, x, target, forward_args=(tokens,), layer=layer)
+    assert found.layer == layer
+    torch.testing.assert_close(found.values, expected.values)
+
+
 # -- hygiene -----------------------------------------------------------------------------------
 
 

@@ -384,8 +384,10 @@ class LayerSearch(_LayerMessages):
         keep: int = _KEEP_WITH_GRAD,
         graph_from_layer: bool = False,
         layout: Layout | None = None,
+        texts: frozenset[int] = frozenset(),
     ) -> None:
         self.model = model
+        self._texts = texts  # sequence lengths of the model's other inputs (a question)
         self.n = int(inputs.shape[0])
         self.size = (int(inputs.shape[-2]), int(inputs.shape[-1]))
         self.calls: dict[str, int] = {}
@@ -533,6 +535,8 @@ class LayerSearch(_LayerMessages):
         if seen:  # Twins' 4 x 4 tokens are no 12 + 2 x 2 of its attention's reduced keys
             fewest, _, seen_grid = min(seen)
             return Layout("tokens", seen_grid, fewest)
+        if count in self._texts:
+            return None  # as long as a question or caption given with the image: its tokens
         for exact in (True, False):
             for special in range(most + 1):
                 grid = patch_grid(count - special, self.size, exact=exact)
@@ -584,13 +588,17 @@ class LayerSearch(_LayerMessages):
 
     # -- the default layer -------------------------------------------------------------------
 
-    def choose(self, output: Any, scores: Tensor | None = None) -> LayerChoice:
+    def choose(
+        self, output: Any, scores: Tensor | None = None, image: Tensor | None = None
+    ) -> LayerChoice:
         """Pick the default layer (see the module documentation).
 
         Args:
             output: The model output (never chosen, nor a map it merely resizes).
             scores: The explained scores, in the autograd graph, to pass over layers they do
                 not depend on; ``None`` when the forward pass ran without gradients.
+            image: With ``scores``, the leaf the image batch was fed from (it requires grad):
+                layers that do not depend on it (a question's embedding) are passed over.
 
         Raises:
             ValueError: no layer can be read as a map, or the chosen one is ambiguous.
@@ -613,12 +621,14 @@ class LayerSearch(_LayerMessages):
             raise ValueError(self._nothing_readable())
         special = self._special_tokens()
         graph = scores is not None and scores.grad_fn is not None
-        entry, layouts = self._pick(pool, scores if graph else None, check_maps=special)
+        entry, layouts = self._pick(
+            pool, scores if graph else None, check_maps=special, image=image if graph else None
+        )
         if len(layouts) > 1:
             raise ValueError(self._ambiguous(entry, pool))
         later = self.entries[self.entries.index(entry) + 1 :]
         unread = [e for e in later if len(e.shape) == 3 and e.cell.axis == "last"]
-        unread = [e for e in unread if not self.layouts(e)]
+        unread = [e for e in unread if not self.layouts(e) and e.shape[1] not in self._texts]
         if unread:
             # a transformer whose tokens fit no grid: an early map would explain little
             raise ValueError(self._unread_tokens(unread[-1], entry, layouts[0]))
@@ -640,13 +650,19 @@ class LayerSearch(_LayerMessages):
         return False
 
     def _pick(
-        self, pool: list[tuple[_Entry, list[Layout]]], scores: Tensor | None, *, check_maps: bool
+        self,
+        pool: list[tuple[_Entry, list[Layout]]],
+        scores: Tensor | None,
+        *,
+        check_maps: bool,
+        image: Tensor | None = None,
     ) -> tuple[_Entry, list[Layout]]:
         """Return the latest entry of ``pool`` that the scores depend on.
 
         With ``scores`` (in the graph), entries the scores do not reach are passed over, and
         with ``check_maps`` also entries whose map (patch tokens) has a zero gradient: in a
-        class-token model, the per-token layers after the last attention.
+        class-token model, the per-token layers after the last attention. With ``image``,
+        entries not computed from it are passed over too.
         """
         graph = None if scores is None else _Graph(scores)
         total = None if scores is None else scores.sum()
@@ -659,6 +675,8 @@ class LayerSearch(_LayerMessages):
             entry = pool[i][0]
             assert entry.tensor is not None
             if not graph.reaches(entry.tensor):
+                return False
+            if image is not None and not reaches(entry.tensor, image):
                 return False
             if not check_maps:
                 return True
@@ -747,6 +765,7 @@ def search_layers(
     *,
     graph_from_layer: bool = False,
     layout: Layout | None = None,
+    texts: frozenset[int] = frozenset(),
 ) -> Iterator[LayerSearch]:
     """Record the layer outputs of the forward passes run inside the block.
 
@@ -764,6 +783,9 @@ def search_layers(
         layout: With ``layer``, its layout when already known (from :func:`recall`, or
             ``Layout("custom")`` for a ``reshape=`` of the user): only the layer is hooked,
             whatever its type, and :meth:`LayerSearch.layer_layout` returns ``layout``.
+        texts: Sequence lengths of the model's other inputs (a question's tokens, a caption's):
+            token sequences of such a length are read as a map only on a grid the image made,
+            never on a grid of patches guessed from their count.
 
     Nothing is copied for the default layer: :meth:`LayerRecord.activation` checks afterwards
     that the chosen map was not modified in place later in the forward pass. Without autograd
@@ -771,7 +793,13 @@ def search_layers(
     """
     keep = _KEEP_WITH_GRAD if torch.is_grad_enabled() else _KEEP_WITHOUT_GRAD
     search = LayerSearch(
-        model, inputs, layer, keep=keep, graph_from_layer=graph_from_layer, layout=layout
+        model,
+        inputs,
+        layer,
+        keep=keep,
+        graph_from_layer=graph_from_layer,
+        layout=layout,
+        texts=texts,
     )
     if layer is not None and (layout is not None or is_channels_first(layer[1])):
         # a convolution (or a norm, pool, ...) says its layout itself

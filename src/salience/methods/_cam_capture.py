@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import warn_zero_maps
+from .._containers import tensors_in
 from .._forward import Forward
 from ..attribution import Attribution
 from ..layers import (
@@ -100,6 +101,9 @@ def _capture(
     # the score depends on the patch tokens of a default token layer (see salience.layers). At
     # a layer given by name, a gradient method records the graph from that layer on only.
     late = grad and named is not None and not _whole_graph
+    # with other inputs (a question), the default layer must be computed from the image:
+    # autograd tells, a gradient-free method included
+    _search_with_grad = _search_with_grad or (named is None and forward.has_args)
     track = (grad and not late) or _search_with_grad
     x = inputs.detach().clone()
     if track:
@@ -109,7 +113,9 @@ def _capture(
     given = Layout("custom") if reshape is not None else None if known is None else known.layout
     with (
         torch.set_grad_enabled(track),
-        search_layers(model, inputs, named, graph_from_layer=late, layout=given) as search,
+        search_layers(
+            model, inputs, named, graph_from_layer=late, layout=given, texts=_lengths(forward)
+        ) as search,
     ):
         fed = x.clone() if track else x  # the model may modify its input in place
         search.seed(fed)
@@ -119,7 +125,7 @@ def _capture(
         scores = scores if multi else scores.unsqueeze(1)  # (N, T), in the graph
     layout: Layout | None = None
     if named is None:
-        choice = search.choose(output, scores if track else None)
+        choice = search.choose(output, scores if track else None, x if track else None)
         if choice.needs_gradients:
             return _capture(
                 forward,
@@ -282,3 +288,9 @@ def _result(
 
 def _size(inputs: Tensor, upsample: bool) -> tuple[int, int] | None:
     return (int(inputs.shape[-2]), int(inputs.shape[-1])) if upsample else None
+
+
+def _lengths(forward: Forward) -> frozenset[int]:
+    """Return the sequence lengths of the model's other inputs: axis 1 of their batch tensors."""
+    others = tensors_in((forward.args, forward.kwargs))
+    return frozenset(t.shape[1] for t in others if t.ndim >= 2 and t.shape[0] == forward.n)
