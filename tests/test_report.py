@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from salience import cli, report
+from salience.attribution import Attribution
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
@@ -107,6 +108,16 @@ def test_predict_top_k(vgg, images):
     with torch.no_grad():
         expected = vgg(images[:1]).softmax(1)[0].topk(3).indices.tolist()
     assert [p.index for p in predictions] == expected
+
+
+def test_a_map_that_is_not_finite_is_noted():
+    values = torch.zeros(1, 3, 4, 4)
+    values[0, 0, 0, :2] = float("nan")
+    values[0, 2, 1, 1] = float("inf")
+    result = Attribution(values, None, torch.zeros(1), "gradient", reduction="abs_max")
+    assert "not finite: 2 NaN (drawn as zero) and 1 infinite value(s)" in " ".join(
+        report.method_notes(result)
+    )
 
 
 def _batchnorm_net() -> torch.nn.Module:

@@ -238,6 +238,37 @@ def test_guided_image_standardizes_to_gray_with_fixed_std():
 # -- styles, grid ----------------------------------------------------------------------------
 
 
+def test_maps_that_are_not_finite_are_drawn_with_a_warning():
+    """NaN is drawn as zero, +inf and -inf at the ends of the scale (an infinite gradient is
+    the largest value of its map), and the drawing says so."""
+    m = np.linspace(-1, 2, 16, dtype=np.float32).reshape(4, 4)
+    m[0, 0], m[3, 3], m[1, 1] = np.inf, -np.inf, np.nan
+    with pytest.warns(RuntimeWarning, match="1 NaN and 2 infinite value"):
+        norm = viz.normalize(m, percentile=None)
+    clean = m.copy()
+    clean[0, 0] = clean[3, 3] = clean[1, 1] = 0
+    expected = clean / np.abs(clean).max()  # scaled by the finite values only
+    expected[0, 0], expected[3, 3] = 1, -1
+    np.testing.assert_allclose(norm, expected, atol=1e-7)
+    with pytest.warns(RuntimeWarning, match="16 NaN"):
+        assert not viz.normalize(np.full((4, 4), np.nan)).any()
+    with pytest.warns(RuntimeWarning, match="4 infinite"):
+        top = np.array(viz.heatmap(np.where(np.eye(4) > 0, np.inf, 1.0), cmap="gray"))
+    assert (top[0, 0] == 255).all()  # the infinite value at the top, not black
+
+
+def test_guided_image_of_a_map_with_a_nan_is_the_map_with_a_zero():
+    g = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    holed = g.clone()
+    holed[0, 1, 2, 3] = float("nan")
+    g[0, 1, 2, 3] = 0
+    with pytest.warns(RuntimeWarning, match="1 NaN"):
+        picture = np.array(viz.guided_image(holed))
+    assert np.array_equal(picture, np.array(viz.guided_image(g)))
+    with pytest.raises(ValueError, match="index 5 out of range for a batch of 1"):
+        viz.guided_image(g, index=5)
+
+
 def test_render_picks_the_papers_style(vgg, images):
     x = images[:1]
     image = Image.new("RGB", (16, 16), "white")

@@ -141,8 +141,8 @@ def predict(
 def method_notes(attribution: Attribution) -> list[str]:
     """Short facts worth showing next to a map.
 
-    The layer and its layout, IG's completeness gap and steps, the number of noise samples, and
-    the rectifier calls a modified backward rule changed.
+    The layer and its layout, IG's completeness gap and steps, the number of noise samples, the
+    rectifier calls a modified backward rule changed, and values of the map that are not finite.
     """
     notes = []
     extras = attribution.extras
@@ -163,6 +163,14 @@ def method_notes(attribution: Attribution) -> list[str]:
         notes.append(f"{int(extras['steps'].flatten()[0])} gradient steps")
     if "samples" in extras and isinstance(extras["samples"], int):
         notes.append(f"{extras['samples']} noise samples")
+    values = attribution.values[:1]
+    bad = int((~torch.isfinite(values)).sum())
+    if bad:
+        nan = int(values.isnan().sum())
+        notes.append(
+            f"not finite: {nan} NaN (drawn as zero) and {bad - nan} infinite value(s) (at the "
+            "ends of the scale)"
+        )
     return notes
 
 

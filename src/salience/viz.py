@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal, TypeAlias
 
@@ -176,12 +177,11 @@ def normalize(
     Returns:
         A float32 array of the same shape, in ``[-1, 1]`` (signed) or ``[0, 1]``.
     """
-    m = _numpy(saliency).astype(np.float64)
-    m = np.nan_to_num(m, nan=0.0, posinf=0.0, neginf=0.0)
+    raw = _numpy(saliency).astype(np.float64)
+    m = _finite(raw)
     magnitude = np.abs(m)
-    peak = float(magnitude.max()) if m.size else 0.0
     if signed is None:
-        signed = bool(m.size) and float(m.min()) < -1e-6 * peak
+        signed = _is_signed(raw)
     if percentile is not None and not 0 < percentile <= 100:
         raise ValueError(f"percentile must be in (0, 100], got {percentile}")
     pool = magnitude if signed else np.clip(m, 0, None)
@@ -193,10 +193,35 @@ def normalize(
         scale = float(np.percentile(pool, percentile))
     if scale <= 0:
         scale = float(pool.max()) if pool.size else 0.0
-    if scale <= 0:
-        return np.zeros(m.shape, dtype=np.float32)
     low = -1.0 if signed else 0.0
-    return np.clip(m / scale, low, 1.0).astype(np.float32)
+    norm = np.clip(m / scale, low, 1.0) if scale > 0 else np.zeros(m.shape)
+    norm[raw == np.inf] = 1.0  # beyond the scale: its end
+    norm[raw == -np.inf] = low
+    return norm.astype(np.float32)
+
+
+def _finite(m: np.ndarray) -> np.ndarray:
+    """Return ``m`` with its NaN and infinite values as 0, warning about them."""
+    finite = np.isfinite(m)
+    if finite.all():
+        return m
+    nan = int(np.isnan(m).sum())
+    warnings.warn(
+        f"the map holds {nan} NaN and {m.size - int(finite.sum()) - nan} infinite value(s) "
+        "(the method's gradient or score is not finite there): NaN is drawn as zero, "
+        "infinite values at the ends of the colour scale",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return np.where(finite, m, 0.0)
+
+
+def _is_signed(m: np.ndarray) -> bool:
+    """Whether ``m`` has negative values beyond rounding (1e-6 of its largest magnitude)."""
+    finite = m[np.isfinite(m)]
+    peak = float(np.abs(finite).max()) if finite.size else 0.0
+    low = float(finite.min()) if finite.size else 0.0
+    return bool((m == -np.inf).any()) or low < -1e-6 * peak
 
 
 def _colormap(name: str | Colormap) -> Colormap:
@@ -246,7 +271,7 @@ def heatmap(
     """
     m = saliency_map(attribution, index=index, target=target, reduction=reduction)
     if signed is None:
-        signed = float(m.min()) < -1e-6 * float(np.abs(m).max()) if m.size else False
+        signed = _is_signed(m)
     norm = normalize(m, signed=signed, percentile=percentile)
     colors = _colorize(norm, cmap or (SIGNED_CMAP if signed else UNSIGNED_CMAP), signed)
     return Image.fromarray(colors, mode="RGB")
@@ -349,9 +374,13 @@ def guided_image(attribution: MapLike, *, std: float = 0.1, index: int = 0) -> I
         raise ValueError(
             f"guided_image needs a 3-channel map (N, 3, H, W), got shape {values.shape}"
         )
-    g = values[index].astype(np.float64)
+    if not -values.shape[0] <= index < values.shape[0]:
+        raise ValueError(f"index {index} out of range for a batch of {values.shape[0]}")
+    raw = values[index].astype(np.float64)
+    g = _finite(raw)
     spread = float(g.std())
     g = (g - g.mean()) / spread * std + 0.5 if spread > 0 else np.full_like(g, 0.5)
+    g[raw == np.inf], g[raw == -np.inf] = 1.0, 0.0
     pixels = np.round(np.clip(g, 0.0, 1.0) * 255).astype(np.uint8)
     return Image.fromarray(pixels.transpose(1, 2, 0), mode="RGB")
 
