@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 
 from salience import cli
 from salience.metrics import deletion, insertion
-from salience.metrics.audit import Reading, _versus_chance, audit
+from salience.metrics.audit import MethodAudit, Reading, _read_invariance, _versus_chance, audit
 from test_report import _batchnorm_net, _chromium_counts, _parse, _photo
 
 # The module, not the function salience.metrics.audit that shadows it.
@@ -124,6 +125,47 @@ def test_the_predicted_class_keeps_a_training_models_buffers():
         assert torch.equal(value, state[key]), f"{key} changed"
 
 
+@pytest.mark.filterwarnings("ignore")
+def test_zero_maps_are_undefined_not_stable_or_invariant():
+    """A class the input does not reach has zero maps: that they stay zero under a shift or
+    noise is no merit, and the scorecard says the figures are undefined."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(4, 3),
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        net[4].weight[0].zero_()
+    x = torch.rand(2, 3, 8, 8)
+    zero = torch.zeros(2, dtype=torch.long)
+    checks = ["invariance", "stability", "randomization"]
+    result = audit(net, x, ["gradient"], target=zero, checks=checks, samples=2, checkpoints=2)
+    readings = result.methods[0].readings
+    assert readings["invariance"].text == readings["stability"].text == "undefined (zero maps)"
+    assert readings["randomization"].text == "undefined (constant maps)"
+    assert result.methods[0].randomization.verdict().startswith("gradient: undefined")
+    # a class it reaches: the same figures are read
+    result = audit(net, x, ["gradient"], target=zero + 1, checks=checks, samples=2, checkpoints=2)
+    assert "undefined" not in result.methods[0].summary()
+
+
+def test_the_invariance_reading_shows_the_worst_image():
+    """The method passes only when every image's map is invariant: the cell shows the worst."""
+    change = torch.tensor([0.001, 0.001, 0.011])
+    rows = {
+        tolerance: MethodAudit(
+            "gradient", invariance=SimpleNamespace(change=change, tolerance=tolerance)
+        )
+        for tolerance in (0.01, 0.02)
+    }
+    failed, passed = _read_invariance(rows[0.01]), _read_invariance(rows[0.02])
+    assert failed is not None
+    assert passed is not None
+    assert failed.value == passed.value == pytest.approx(0.011)
+    assert (failed.verdict, passed.verdict) == ("bad", "good")
+    assert failed.text.startswith("changes by up to 1.1 %")
+
+
 def test_bad_arguments_fail_before_any_work(vgg, images):
     with pytest.raises(ValueError, match="unknown check"):
         audit(vgg, images, ["gradient"], checks=["faithfulness", "vibes"])
@@ -234,7 +276,7 @@ def test_randomization_and_invariance_are_those_of_the_metrics(vgg, images):
         assert reading.value == pytest.approx(check.average("spearman_abs"))
         assert reading.verdict == {True: "good", False: "bad", None: "fair"}[check.passed]
         change = input_invariance(vgg, images, [row.method], target)[row.method].change
-        assert row.readings["invariance"].value == pytest.approx(float(change.mean()))
+        assert row.readings["invariance"].value == pytest.approx(float(change.max()))
     # Kindermans et al.: the gradient is invariant to the mean shift, gradient x input is not.
     assert result["gradient"].readings["invariance"].verdict == "good"
     assert result["input_x_gradient"].readings["invariance"].verdict == "bad"

@@ -197,8 +197,9 @@ def _settings_html(result: Audit) -> str:
         f"above {1 / _BETTER_THAN_CHANCE:g}×, within {100 * _ABOUT:g} % of it no better than "
         f"chance; randomization passes when the mean rank correlation (Spearman of |map|) "
         f"over the cascade is below {PASS_BELOW:g}, fails above {FAIL_ABOVE:g}; input "
-        f"invariance holds when the relative L2 change is within 1 %; max-sensitivity good "
-        f"below {_STABLE:g}, bad above {_UNSTABLE:g}"
+        f"invariance holds when the relative L2 change of every image's map is within 1 % (the "
+        f"worst is shown); max-sensitivity good below {_STABLE:g}, bad above {_UNSTABLE:g}; "
+        f"images whose map is zero everywhere are left out of both (all zero: undefined)"
     )
     return (
         "<section><h2>How this was computed</h2><ul>"

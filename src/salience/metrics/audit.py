@@ -85,7 +85,9 @@ class Reading:
     """One figure of the scorecard and what it means.
 
     Attributes:
-        value: The figure (mean over the images), ``None`` when the check failed or did not run.
+        value: The figure: the mean over the images whose map is not zero everywhere (for
+            invariance the worst of them, as it passes only when every one does); ``None``
+            when the check failed, did not run, or every map is zero.
         text: One line for a person, e.g. "drops 3x faster than for a random map".
         verdict: ``"good"``, ``"fair"``, ``"bad"`` or ``"error"``.
     """
@@ -543,29 +545,43 @@ def _read_invariance(row: MethodAudit, *_: Any) -> Reading | None:
     result = row.invariance
     if result is None:
         return None
-    value = _mean(result.change)
-    if value is None:
+    change = _of_maps(row, result.change)
+    worst = float(change.max()) if change.numel() else math.nan
+    if math.isnan(worst):
         return Reading(None, "undefined (zero maps)", "error")
-    if result.passed:
-        return Reading(value, "unchanged by a constant input shift the model ignores", "good")
+    if worst <= result.tolerance:
+        return Reading(worst, "unchanged by a constant input shift the model ignores", "good")
     return Reading(
-        value,
-        f"changes by {100 * value:.0f} % under a constant input shift the model ignores "
+        worst,
+        f"changes by up to {100 * worst:.3g} % under a constant input shift the model ignores "
         "(Kindermans et al. 2018)",
         "bad",
     )
 
 
 def _read_stability(row: MethodAudit, *_: Any) -> Reading | None:
-    value = _mean(row.sensitivity)
+    if row.sensitivity is None:
+        return None
+    value = _mean(_of_maps(row, row.sensitivity))
     if value is None:
-        return None if row.sensitivity is None else Reading(None, "undefined (zero maps)", "error")
+        return Reading(None, "undefined (zero maps)", "error")
     moved = f"small random perturbations move the map by up to {100 * value:.0f} % of its norm"
     if value < _STABLE:
         return Reading(value, f"stable: {moved}", "good")
     if value > _UNSTABLE:
         return Reading(value, f"unstable: {moved}", "bad")
     return Reading(value, moved, "fair")
+
+
+def _of_maps(row: MethodAudit, per_image: Tensor) -> Tensor:
+    """Return the figures of the images whose map is not zero everywhere.
+
+    A zero map explains nothing: that it stays zero under a shift or noise is no merit.
+    """
+    if row.attribution is None:
+        return per_image
+    shown = row.attribution.values.flatten(1).abs().amax(1) > 0
+    return per_image[shown.to(per_image.device)]
 
 
 _READERS: dict[str, Callable[[MethodAudit, float | None, float | None], Reading | None]] = {

@@ -247,6 +247,11 @@ class SanityCheck:
         trend = (
             f"Spearman |map| {_fmt(first)} → {_fmt(last)} {what}, {_fmt(self.average())} on average"
         )
+        if math.isnan(self.average()):
+            return (
+                f"{self.method}: undefined, the maps are constant (zero) and have no rank "
+                f"correlation to read ({trend})"
+            )
         if self.passed is True:
             return f"{self.method}: maps change when the model is randomized ({trend}): passes"
         if self.passed is False:
