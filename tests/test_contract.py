@@ -432,3 +432,41 @@ def test_a_checkpointed_model_gives_its_maps_or_a_clear_error(
     found = run(name, model, batch, target=[1, 4, 7])
     expected = run(name, model.net, batch, target=[1, 4, 7])
     torch.testing.assert_close(found.values, expected.values)
+
+
+HOOKS_OR_RULES = {
+    "cam", "grad_cam", "grad_cam_plus_plus", "layer_cam", "score_cam", "guided_grad_cam",
+    "deconvnet", "guided_backprop", "deeplift", "lrp",
+}  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("trace", [False, True], ids=["scripted", "traced"])
+@pytest.mark.parametrize("name", METHODS)
+def test_a_torchscript_model_gives_its_maps_or_a_clear_error(
+    name: str, trace: bool, batch: torch.Tensor
+) -> None:
+    """Methods that only run the model and its gradient work on TorchScript (its BatchNorm
+    buffers kept as well); those that hook layers or change backward rules say that
+    TorchScript runs outside Python."""
+    model = _init(ResNetish(), 1)
+    compiled = torch.jit.trace(model, batch) if trace else torch.jit.script(model)
+    if name in HOOKS_OR_RULES:
+        with pytest.raises(TypeError, match="TorchScript"):
+            run(name, compiled, batch, target=[1, 4, 7])
+        return
+    found = run(name, compiled, batch, target=[1, 4, 7])
+    expected = run(name, model, batch, target=[1, 4, 7])
+    torch.testing.assert_close(found.values, expected.values, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("check", ["parameter_randomization", "input_invariance"])
+def test_metrics_that_hook_layers_refuse_torchscript_clearly(
+    check: str, batch: torch.Tensor
+) -> None:
+    from salience import metrics
+
+    compiled = torch.jit.script(model_for("gradient"))
+    methods = "gradient" if check == "parameter_randomization" else ["gradient"]
+    with pytest.raises(TypeError, match="TorchScript models run no hooks"):
+        getattr(metrics, check)(compiled, batch, methods, target=1)

@@ -231,6 +231,8 @@ def kept_buffers(model: Any, modules: list[nn.Module] | None = None) -> Iterator
         yield
     finally:
         for module, name, buffer in owned:
+            if isinstance(module, torch.jit.ScriptModule):
+                continue  # its buffers cannot be rebound (values are restored below)
             if module._buffers.get(name) is not buffer:
                 module._buffers[name] = buffer
         with torch.no_grad():

@@ -120,6 +120,9 @@ def forward_hooks(modules: Iterable[tuple[str, nn.Module]], hook: ForwardHook) -
 
     The hook runs only in the thread that entered the block; calls from other threads pass
     through untouched. The hooks are removed on exit, also when the block raises.
+
+    Raises:
+        TypeError: a TorchScript module, which runs no forward hooks.
     """
     owner = threading.get_ident()
 
@@ -134,6 +137,12 @@ def forward_hooks(modules: Iterable[tuple[str, nn.Module]], hook: ForwardHook) -
     handles: list[torch.utils.hooks.RemovableHandle] = []
     try:
         for name, module in modules:
+            if isinstance(module, torch.jit.ScriptModule):
+                raise TypeError(
+                    f"salience hooks the model's layers for this, and TorchScript models run "
+                    f"no hooks (module {name or '(the model)'!r} is {type(module).__name__}); "
+                    "load the model as a Python nn.Module instead"
+                )
             handles.append(module.register_forward_hook(scoped(name)))
         with _counted():
             yield

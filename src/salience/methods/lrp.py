@@ -584,7 +584,7 @@ def lrp(
         leaf = inputs.detach().requires_grad_(True)
         with torch.enable_grad():
             state.model_input = leaf.clone()  # the model may change its input in place
-            with forward_hooks(hooked, state.module_done), call_rule(model, state, method="lrp"):
+            with call_rule(model, state, method="lrp"), forward_hooks(hooked, state.module_done):
                 output = fwd(state.model_input)
             state.flush(everything=True)  # layer outputs that nothing read (the model output)
             state.check_modules(modules)
