@@ -470,3 +470,29 @@ def test_metrics_that_hook_layers_refuse_torchscript_clearly(
     methods = "gradient" if check == "parameter_randomization" else ["gradient"]
     with pytest.raises(TypeError, match="TorchScript models run no hooks"):
         getattr(metrics, check)(compiled, batch, methods, target=1)
+
+
+class StemWithoutGrad(nn.Module):
+    """The VGG-style net with its first convolution run under ``torch.no_grad``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = model_for("gradient")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            h = self.net.features[:2](x)
+        return self.net.classifier(self.net.features[2:](h))
+
+
+INPUT_GRADIENTS = {
+    "gradient", "input_x_gradient", "deconvnet", "guided_backprop", "smoothgrad",
+    "integrated_gradients", "deeplift", "lrp", "guided_grad_cam",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(INPUT_GRADIENTS))
+def test_a_score_cut_off_from_the_inputs_is_a_clear_error(name: str, batch: torch.Tensor) -> None:
+    """The graph holds the later weights but not the input: no torch internals, no zero map."""
+    with pytest.raises(ValueError, match="does not depend on the inputs through autograd"):
+        run(name, StemWithoutGrad(), batch, target=[1, 4, 7])

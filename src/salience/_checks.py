@@ -199,6 +199,14 @@ def even_chunks(total: int, most: int, unit: int = 1) -> int:
     return -(-groups // passes) * unit
 
 
+def not_differentiable(what: str = "explained score") -> ValueError:
+    """Return the error for a score (or layer) that autograd does not connect to the inputs."""
+    return ValueError(
+        f"the {what} does not depend on the inputs through autograd (is the model or the "
+        "target detached, or run under torch.no_grad inside forward?)"
+    )
+
+
 def warn_zero_maps(method: str, values: Tensor, why: str, told: Iterable[int] = ()) -> None:
     """Warn when the map of a sample is zero everywhere, saying ``why`` that can happen.
 

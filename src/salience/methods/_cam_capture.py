@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import warn_zero_maps
+from .._checks import not_differentiable, warn_zero_maps
 from .._containers import tensors_in
 from .._forward import Forward
 from ..attribution import Attribution
@@ -175,10 +175,7 @@ def _capture(
         )  # fmt: skip
     if grad and not reached:
         what = "explained score" if not scores.requires_grad else f"output of layer {record.name!r}"
-        raise ValueError(
-            f"the {what} does not depend on the inputs through autograd (is the model or the "
-            "target detached, or run under torch.no_grad inside forward?)"
-        )
+        raise not_differentiable(what)
     if reshape is not None:
         check_reshape(reshape, raw, record.name)
         layout = Layout("custom")

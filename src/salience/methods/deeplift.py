@@ -42,7 +42,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_choice, warn, warn_zero_maps
+from .._checks import check_choice, not_differentiable, warn, warn_zero_maps
 from .._forward import ForwardArgs, model_scope
 from ..attribution import Attribution
 from ..hooks import call_rule
@@ -491,12 +491,10 @@ def deeplift(
                 s = resolved.scores(out)
             tracer.finish()
             if not s.requires_grad:
-                raise ValueError(
-                    "the explained score does not depend on the inputs through autograd (is "
-                    "the model or the target detached, or run under torch.no_grad inside "
-                    "forward?)"
-                )
-            (m,) = torch.autograd.grad(s.sum(), leaf)
+                raise not_differentiable()
+            (m,) = torch.autograd.grad(s.sum(), leaf, allow_unused=True)
+            if m is None:  # the graph holds other leaves (weights), not the input
+                raise not_differentiable()
     values = (x - base) * m
     delta = values.double().flatten(1).sum(1) - (s.detach().double() - s0.double())
     if tracer.gradient_ops:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_positive_int, warn, warn_zero_maps
+from .._checks import check_choice, check_positive_int, not_differentiable, warn, warn_zero_maps
 from .._chunks import BatchSize, Chunker, add_rows
 from .._forward import Forward, ForwardArgs, model_scope
 from ..attribution import Attribution, Reduction
@@ -186,11 +186,10 @@ def score_gradient_with_clean(
 def _grad(scores: Tensor, wrt: Tensor) -> Tensor:
     """``d sum(scores) / d wrt``, or a clear error when the scores do not depend on it."""
     if not scores.requires_grad:
-        raise ValueError(
-            "the explained score does not depend on the inputs through autograd (is the "
-            "model or the target detached, or run under torch.no_grad inside forward?)"
-        )
-    (grad,) = torch.autograd.grad(scores.sum(), wrt)
+        raise not_differentiable()
+    (grad,) = torch.autograd.grad(scores.sum(), wrt, allow_unused=True)
+    if grad is None:  # the graph holds other leaves (weights), not the inputs
+        raise not_differentiable()
     return grad
 
 

@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import warn
+from .._checks import not_differentiable, warn
 from .._forward import ForwardArgs, model_scope
 from ..attribution import Attribution
 from ..hooks import call_rule, forward_hooks
@@ -603,12 +603,10 @@ def lrp(
                 logits = dataclasses.replace(resolved, score="logit").scores(output)
                 start = logits * _safe(scores, logits).detach()
             if not start.requires_grad:
-                raise ValueError(
-                    "the explained score does not depend on the inputs through autograd (is "
-                    "the model or the target detached, or run under torch.no_grad inside "
-                    "forward?)"
-                )
+                raise not_differentiable()
             (grad,) = torch.autograd.grad(start.sum(), leaf, allow_unused=True)
+            if grad is None and state.collected is None:  # other leaves (weights) only
+                raise not_differentiable()
         values = inputs.detach() * grad if grad is not None else torch.zeros_like(inputs)
         if state.collected is not None:
             values = values + state.collected.to(values.dtype)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import all_finite, check_positive_int
+from .._checks import all_finite, check_positive_int, not_differentiable
 from .._forward import Forward, ForwardArgs, _expand
 from ..attribution import Attribution, Reduction
 from ..hooks import call_rule, forward_hooks
@@ -219,11 +219,10 @@ def _differentiable_map(
 
 def _grad(scores: Tensor, wrt: Tensor) -> Tensor:
     if not scores.requires_grad:
-        raise ValueError(
-            "the explained score does not depend on the inputs through autograd (is the "
-            "model or the target detached, or run under torch.no_grad inside forward?)"
-        )
-    (g,) = torch.autograd.grad(scores.sum(), wrt, create_graph=True, materialize_grads=True)
+        raise not_differentiable()
+    (g,) = torch.autograd.grad(scores.sum(), wrt, create_graph=True, allow_unused=True)
+    if g is None:  # the graph holds other leaves (weights), not the inputs
+        raise not_differentiable()
     return g
 
 
