@@ -397,3 +397,16 @@ def test_parity_with_quantus() -> None:
         pointing_energy(maps, masks).double().numpy(),
         rtol=1e-5,
     )
+
+
+def test_sums_and_areas_do_not_overflow_the_maps_dtype():
+    """A float16 map of 224² twos sums past float16's range; float32 areas past 1e19 too."""
+    from salience.metrics import iou, pointing_energy
+
+    maps = torch.full((1, 224, 224), 2.0, dtype=torch.float16)
+    box = torch.tensor([[0, 0, 112, 112]])
+    energy = pointing_energy(maps, box)
+    assert energy.dtype == torch.float16
+    assert float(energy) == 0.25
+    huge = torch.tensor([[0.0, 0.0, 1e20, 1e20]])
+    assert float(iou(huge, huge)) == 1.0

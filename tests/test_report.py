@@ -120,6 +120,24 @@ def test_a_map_that_is_not_finite_is_noted():
     )
 
 
+def test_a_model_whose_output_is_not_finite_still_gets_its_report():
+    """An overflowed logit makes every probability NaN: shown as such, without a bar."""
+
+    class Overflowed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x.mean((2, 3))) + torch.tensor([float("inf"), 0.0, 0.0])
+
+    item = report.explain_image(
+        Overflowed(), _photo(8), methods=["gradient"], preprocess=lambda _: torch.rand(1, 3, 8, 8)
+    )
+    page = report.to_html([item])
+    assert 'style="width:0px"></span>nan' in page
+
+
 def _batchnorm_net() -> torch.nn.Module:
     """A net in training mode whose BatchNorm would update its statistics on every pass."""
     torch.manual_seed(0)

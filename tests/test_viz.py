@@ -305,6 +305,13 @@ def test_grid_lays_out_titled_panels():
 # -- Jupyter ---------------------------------------------------------------------------------
 
 
+def test_grid_titles_are_shown_as_written():
+    """File names may hold ``$``: matplotlib would read ``$x^$`` as broken mathematics."""
+    panel = np.zeros((4, 4, 3), dtype=np.uint8)
+    picture = viz.grid([panel, panel], ["price_$5_x^$.png", "$a$"], title="cost $5 and $10")
+    assert picture.size[0] > 0
+
+
 def test_attribution_displays_itself_in_jupyter(vgg, images):
     single = salience.grad_cam(vgg, images[:1])
     png = single._repr_png_()

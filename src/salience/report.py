@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -334,6 +335,11 @@ def _img(picture: Image.Image, alt: str) -> str:
     )
 
 
+def _bar(probability: float) -> int:
+    """Width in pixels of a probability's bar; none for a probability that is not finite."""
+    return max(1, round(120 * probability)) if math.isfinite(probability) else 0
+
+
 def _section(number: int, item: ImageReport) -> str:
     e = html.escape
     parts = [f'<section class="image" id="image-{number}">', f"<h2>{e(item.title)}</h2>"]
@@ -350,7 +356,7 @@ def _section(number: int, item: ImageReport) -> str:
     if item.predictions:
         rows = "".join(
             f"<tr><td>{rank}</td><td>{e(p.name)}</td><td>{p.index}</td>"
-            f'<td class="p"><span class="bar" style="width:{max(1, round(120 * p.probability))}px">'
+            f'<td class="p"><span class="bar" style="width:{_bar(p.probability)}px">'
             f"</span>{p.probability:.3f}</td></tr>"
             for rank, p in enumerate(item.predictions, 1)
         )

@@ -472,7 +472,8 @@ def grid(
 
     Args:
         images: The panels (PIL images or ``H×W×3`` / ``H×W`` arrays).
-        titles: One title per panel (may be empty strings).
+        titles: One title per panel (may be empty strings), shown as written: a ``$`` in a
+            file name is no mathematics.
         ncols: Panels per row; default all in one row up to 8, then rows of 8.
         title: A title over the whole figure.
         panel_size: Width and height of a panel, in inches.
@@ -501,9 +502,9 @@ def grid(
         ax.imshow(array, cmap="gray" if array.ndim == 2 else None, interpolation="antialiased")
         ax.set_axis_off()
         if titles is not None and titles[i]:
-            ax.set_title(titles[i], fontsize=fontsize)
+            ax.set_title(titles[i], fontsize=fontsize, usetex=False, parse_math=False)
     if title:
-        fig.suptitle(title, fontsize=fontsize + 2)
+        fig.suptitle(title, fontsize=fontsize + 2, usetex=False, parse_math=False)
     fig.tight_layout(pad=0.3)
     canvas.draw()
     rgba = np.asarray(canvas.buffer_rgba())

@@ -286,13 +286,14 @@ def iou(boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
     dtype = a.dtype if a.is_floating_point() else torch.get_default_dtype()
     a = a.to(dtype)
     b = b.to(device=a.device, dtype=dtype)
+    a, b = a.double(), b.double()  # areas in float64: a float32 area overflows past 1e19
     iw = (torch.minimum(a[:, 2], b[:, 2]) - torch.maximum(a[:, 0], b[:, 0])).clamp(min=0)
     ih = (torch.minimum(a[:, 3], b[:, 3]) - torch.maximum(a[:, 1], b[:, 1])).clamp(min=0)
     inter = iw * ih
     area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
     area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     union = area_a + area_b - inter
-    return torch.where(union > 0, inter / union.clamp(min=torch.finfo(dtype).tiny), 0.0)
+    return torch.where(union > 0, inter / union.clamp(min=torch.finfo(a.dtype).tiny), 0.0).to(dtype)
 
 
 def localization_error(
@@ -466,10 +467,11 @@ def pointing_energy(map: Tensor | Attribution, target: Tensor) -> Tensor:
     """
     maps = _as_maps(map)
     mask = _as_mask(target, maps)
-    pos = maps.clamp(min=0)
+    pos = maps.clamp(min=0).double()  # sums in float64: a float16 map's overflows
     total = pos.flatten(1).sum(dim=1)
     inside = (pos * mask).flatten(1).sum(dim=1)
     dead = total <= 0
     if dead.any():
         warn(f"maps of samples {_samples(dead)} have no positive mass; scoring them 0.0")
-    return torch.where(dead, torch.zeros_like(total), inside / torch.where(dead, 1.0, total))
+    energy = torch.where(dead, torch.zeros_like(total), inside / torch.where(dead, 1.0, total))
+    return energy.to(maps.dtype)
