@@ -214,5 +214,63 @@ def test_the_ray_engine_gives_the_local_results(tmp_path):
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key])
     # resuming on Ray skips what is stored
-    again = run(model, data, ["gradient"], tmp_path / "ray", engine="ray", num_workers=2)
+    again = run(
+        model, data, ["gradient"], tmp_path / "ray", engine="ray", num_workers=2, target="label"
+    )
     assert (again.written, again.skipped) == (0, 8)
+
+
+def test_maps_come_back_in_the_order_of_the_inputs(tmp_path):
+    """Keys sort as text (item-10 before item-2): the store gives the run's order back."""
+    generator = torch.Generator().manual_seed(2)
+    data = [torch.randn(3, 16, 16, generator=generator) for _ in range(12)]
+    model = _model()
+    run(model, data, ["gradient"], tmp_path / "s", batch_size=5)
+    store = Store(tmp_path / "s")
+    keys, maps = store.maps("gradient")
+    assert [e.position for e in store.entries("gradient")] == list(range(12))
+    expected = salience.gradient(model, torch.stack(data)).saliency()
+    torch.testing.assert_close(maps, expected)
+    rows = list(csv.DictReader((tmp_path / "s" / "index.csv").open()))
+    assert [int(r["position"]) for r in rows] == list(range(12))
+    assert [r["key"] for r in rows] == keys
+
+
+def test_targets_are_checked_before_anything_runs(tmp_path):
+    data = [torch.randn(3, 16, 16) for _ in range(6)]
+    for bad in (torch.tensor([0, 1, 2, 3, 4, 0]), torch.tensor(1), 2.5, True, "cat"):
+        with pytest.raises(ValueError, match="target must be None, a class index, 'label'"):
+            run(_model(), data, ["gradient"], tmp_path / "s", target=bad)
+    with pytest.raises(ValueError, match="options for grad_cam, which this run does not use"):
+        run(_model(), data, ["gradient"], tmp_path / "s", options={"grad_cam": {"relu": False}})
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_rerun_must_ask_what_the_store_holds(tmp_path):
+    """A store answers one question: the same model, target and options of each method."""
+    data = [torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    out = tmp_path / "s"
+    run(_model(), data[:2], ["grad_cam"], out, target=3)
+    with pytest.raises(ValueError, match="holds maps of target 3, not 4"):
+        run(_model(), data, ["grad_cam"], out, target=4)
+    with pytest.raises(ValueError, match=r"holds maps of grad_cam with options \{\}"):
+        run(_model(), data, ["grad_cam"], out, target=3, options={"grad_cam": {"relu": False}})
+    other = _model()
+    with torch.no_grad():
+        other[0].bias.add_(1)
+    with pytest.raises(ValueError, match="holds maps of model"):
+        run(other, data, ["grad_cam"], out, target=3)
+    # the same question resumes, and another method extends the store
+    summary = run(_model(), data, ["grad_cam", "gradient"], out, target=3)
+    assert (summary.written, summary.skipped) == (4, 2)
+    assert Store(out).info["methods"] == ["grad_cam", "gradient"]
+
+
+def test_a_damaged_map_file_is_named(tmp_path):
+    data = [torch.randn(3, 16, 16) for _ in range(2)]
+    run(_model(), data, ["gradient"], tmp_path / "s")
+    store = Store(tmp_path / "s")
+    broken = tmp_path / "s" / store.entries()[0].file
+    broken.write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"{broken.name}: a damaged map file .* delete it"):
+        store.entries()

@@ -11,6 +11,9 @@ entry is never half-written. An input that cannot be read or explained is record
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
+import numbers
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -186,10 +189,12 @@ def run(
             preprocessed in the loader's workers), or a map-style dataset / sequence of
             ``(C, H, W)`` tensors or ``(tensor, label)`` pairs.
         methods: Registered method names.
-        out: The store directory (created if new; an existing store is resumed).
+        out: The store directory (created if new; an existing store is resumed, or extended
+            with more methods: its model, target and each method's options must be the same).
         target: ``None``: the predicted class; a class index; ``"label"``: the dataset's
-            label of each input; or a callable target (see :mod:`salience.targets`).
-        options: ``{method: {option: value}}``.
+            label of each input; or a callable target (see :mod:`salience.targets`). One class
+            per input comes with the dataset: ``(input, label)`` pairs and ``"label"``.
+        options: ``{method: {option: value}}`` for methods of ``methods``.
         batch_size: Inputs per batch (each method runs on a batch at once).
         num_workers: Loader processes decoding images (0: in this process).
         preprocess: ``image -> (1, C, H, W) or (C, H, W)`` tensor, run in the workers;
@@ -210,19 +215,25 @@ def run(
         A :class:`BatchSummary`; ``summary.store`` reads the maps back.
 
     Raises:
-        ValueError: unknown methods or options, a ``target`` of the wrong kind, or ``out``
-            an existing directory that is not a store — before anything is computed.
+        ValueError: unknown methods, options for a method not run, a ``target`` of the wrong
+            kind, ``out`` an existing directory that is not a store or a store of another
+            model, target or options — before anything is computed.
+        TypeError: an option the method does not take.
         FileNotFoundError: a file, directory or pattern that does not exist.
     """
     specs = {name: get_method(name) for name in methods}
     if not specs:
         raise ValueError("run needs at least one method")
+    stray = sorted(set(options or {}) - set(methods))
+    if stray:
+        raise ValueError(f"options for {', '.join(stray)}, which this run does not use")
     opts = {name: dict((options or {}).get(name, {})) for name in methods}
     for name, spec in specs.items():
         check_options(spec, opts[name])
-    if isinstance(target, str) and target != "label":
+    if not (target is None or target == "label" or callable(target) or _is_index(target)):
         raise ValueError(
-            f"target must be None, a class index, 'label' or a callable; got {target!r}"
+            "target must be None, a class index, 'label' (the dataset's label of each input) "
+            f"or a callable; got {target!r}"
         )
     if isinstance(dataset, str | os.PathLike) or (
         isinstance(dataset, Sequence) and dataset and isinstance(dataset[0], str | os.PathLike)
@@ -239,7 +250,13 @@ def run(
         device = param.device if param is not None else torch.device("cpu")
     if engine not in ("local", "ray"):
         raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
-    store = Store(out, create=True, description={"methods": list(methods)})
+    described = {
+        "methods": list(methods),
+        "model": _fingerprint(model),
+        "target": _plain(target),
+        "options": {name: _plain(opts[name]) for name in methods},
+    }
+    store = Store(out, create=True, description=json.loads(json.dumps(described)))
     job = _Job(
         model=model,
         inputs=_Inputs(items, sources, preprocess, crop, max_pixels),
@@ -358,10 +375,41 @@ def _explain_group(job: _Job, group: list[Any], outcome: Outcome) -> None:
             continue
         for j, n in enumerate(rows):
             i, source, _x, image, _label = group[n]
-            job.store.write(job.keys[i], source, result, j)
+            job.store.write(job.keys[i], source, result, j, position=i)
             if job.overlays:
                 _write_overlay(job.store, job.keys[i], method, result, j, image)
             outcome.written += 1
+
+
+def _is_index(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _fingerprint(model: nn.Module) -> str:
+    """Return the model's class and a digest of its parameters and buffers (what made a store)."""
+    digest = hashlib.sha1()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode("utf-8"))
+        if isinstance(tensor, Tensor):
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    kind = type(model)
+    return f"{kind.__module__}.{kind.__qualname__} {digest.hexdigest()[:16]}"
+
+
+def _plain(value: Any) -> Any:
+    """Return a JSON form of an option or target, to compare a rerun with the store's."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, Tensor):
+        data = value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+        return f"tensor {list(value.shape)} {value.dtype} {hashlib.sha1(data).hexdigest()[:16]}"
+    if callable(value):
+        return f"callable {getattr(value, '__module__', '')}.{getattr(value, '__qualname__', '')}"
+    return repr(value)
 
 
 def _write_overlay(

@@ -2,7 +2,8 @@
 
 Layout of a store directory::
 
-    salience-store.json          what wrote the store (format version, model, methods)
+    salience-store.json          what wrote the store (format version, model, methods,
+                                 target, options): a rerun must match it
     maps/<method>/<key>.npz      one map: its values and its metadata, compressed
     overlays/<method>/<key>.png  the map drawn over the image (only when asked for)
     index.csv                    one row per map: key, source, method, target, score, file
@@ -44,7 +45,7 @@ __all__ = ["Entry", "Store", "entry_key"]
 
 FORMAT = "salience-store"
 VERSION = 1
-_INDEX_FIELDS = ("key", "source", "method", "target", "score", "shape", "file")
+_INDEX_FIELDS = ("position", "key", "source", "method", "target", "score", "shape", "file")
 
 
 def entry_key(source: str) -> str:
@@ -61,7 +62,7 @@ def entry_key(source: str) -> str:
 
 @dataclass(frozen=True)
 class Entry:
-    """One map in a store: which input, which method, where the file is."""
+    """One map in a store: which input (its position in the dataset), which method, which file."""
 
     key: str
     source: str
@@ -70,6 +71,7 @@ class Entry:
     score: float
     shape: tuple[int, ...]
     file: str
+    position: int | None = None
 
 
 class Store:
@@ -107,6 +109,8 @@ class Store:
                     f"{self.path}: not a salience store ({marker.name} says otherwise)"
                 )
             self.info: dict[str, Any] = info
+            if description is not None:
+                self._extend(marker, description)
             return
         if not create:
             raise FileNotFoundError(f"{self.path}: no salience store here ({marker.name} missing)")
@@ -120,6 +124,35 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({os.fspath(self.path)!r}, maps={len(self.entries())})"
+
+    def _extend(self, marker: Path, description: Mapping[str, Any]) -> None:
+        """Check a rerun against what wrote the store; record the methods it adds.
+
+        The model, the target and the options of a method already in the store must be the
+        same: a store whose maps answer different questions would mix them silently.
+        """
+        info = self.info
+        for what in ("model", "target"):
+            if what in info and what in description and info[what] != description[what]:
+                raise ValueError(
+                    f"{self.path}: this store holds maps of {what} {info[what]!r}, not "
+                    f"{description[what]!r}; rerun with the same {what} or choose a new --out"
+                )
+        options = dict(info.get("options", {}))
+        for method, given in dict(description.get("options", {})).items():
+            if method in options and options[method] != given:
+                raise ValueError(
+                    f"{self.path}: this store holds maps of {method} with options "
+                    f"{options[method]!r}, not {given!r}; rerun with the same options or "
+                    "choose a new --out"
+                )
+            options[method] = given
+        methods = list(dict.fromkeys([*info.get("methods", []), *description.get("methods", [])]))
+        if methods == info.get("methods") and options == info.get("options", options):
+            return
+        self.info = {**info, **{k: v for k, v in description.items() if k not in info}}
+        self.info.update(methods=methods, options=options)
+        atomic_write(marker, json.dumps(self.info, indent=2).encode("utf-8"))
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -135,12 +168,24 @@ class Store:
         """Whether a complete map of ``key`` by ``method`` is stored (what a rerun skips)."""
         return self.map_path(key, method).is_file()
 
-    def write(self, key: str, source: str, attribution: Attribution, index: int = 0) -> Path:
-        """Store sample ``index`` of ``attribution`` as the map of ``key``, atomically."""
+    def write(
+        self,
+        key: str,
+        source: str,
+        attribution: Attribution,
+        index: int = 0,
+        position: int | None = None,
+    ) -> Path:
+        """Store sample ``index`` of ``attribution`` as the map of ``key``, atomically.
+
+        ``position``: the input's place in the dataset, the order :meth:`entries` and
+        :meth:`maps` give back.
+        """
         values = attribution.values[index].detach().to("cpu", torch.float32).numpy()
         target = attribution.target
         meta = {
             "key": key,
+            "position": position,
             "source": source,
             "method": attribution.method,
             "target": None if target is None else target[index].tolist(),
@@ -163,7 +208,8 @@ class Store:
         writer.writerow(_INDEX_FIELDS)
         for e in self.entries():
             shape = "x".join(map(str, e.shape))
-            writer.writerow([e.key, e.source, e.method, e.target, f"{e.score:.9g}", shape, e.file])
+            row = [e.position, e.key, e.source, e.method, e.target, f"{e.score:.9g}", shape]
+            writer.writerow([*row, e.file])
         return atomic_write(self.path / "index.csv", text.getvalue().encode("utf-8"))
 
     def write_failures(self, failures: list[tuple[str, str]]) -> Path:
@@ -177,7 +223,15 @@ class Store:
     # -- reading -------------------------------------------------------------------------------
 
     def entries(self, method: str | None = None) -> list[Entry]:
-        """Every stored map (of ``method``), sorted by method then key; read from the files."""
+        """Every stored map (of ``method``), read from the files.
+
+        Sorted by method, then by the input's position in the dataset (the order of the run's
+        inputs; maps of stores written without positions come after, by key).
+
+        Raises:
+            ValueError: a damaged map file (it names the file: delete it, and a rerun
+                computes it again).
+        """
         root = self.path / "maps"
         if not root.is_dir():
             return []
@@ -185,10 +239,12 @@ class Store:
         for folder in sorted(p for p in root.iterdir() if p.is_dir()):
             if method is not None and folder.name != method:
                 continue
-            for file in sorted(folder.glob("*.npz")):
+            entries = []
+            for file in folder.glob("*.npz"):
                 meta = _read_meta(file)
                 target = meta.get("target")
-                found.append(
+                position = meta.get("position")
+                entries.append(
                     Entry(
                         key=meta["key"],
                         source=meta["source"],
@@ -197,8 +253,11 @@ class Store:
                         score=float(meta["score"]),
                         shape=tuple(meta["shape"]),
                         file=os.fspath(file.relative_to(self.path)),
+                        position=position if isinstance(position, int) else None,
                     )
                 )
+            entries.sort(key=lambda e: (e.position is None, e.position or 0, e.key))
+            found.extend(entries)
         return found
 
     def methods(self) -> list[str]:
@@ -227,7 +286,9 @@ class Store:
     def maps(self, method: str, keys: list[str] | None = None) -> tuple[list[str], Tensor]:
         """Return ``(keys, saliency)``: one method's maps as ``(N, H, W)``, for the metrics.
 
-        The maps must share a size (inputs preprocessed to one size, as a model needs).
+        In the order of the run's inputs (map ``i`` is of input ``i`` when every input was
+        explained; ``keys`` says which), or of ``keys`` when given. The maps must share a size
+        (inputs preprocessed to one size, as a model needs).
         """
         keys = keys if keys is not None else [e.key for e in self.entries(method)]
         if not keys:
@@ -247,9 +308,15 @@ class Store:
 
 def _read_meta(file: Path) -> dict[str, Any]:
     """Return the metadata of a stored map (its values stay compressed)."""
-    with zipfile.ZipFile(file) as archive:
-        meta = np.load(io.BytesIO(archive.read("meta.npy")), allow_pickle=False)
-    return json.loads(meta.tobytes().decode("utf-8"))
+    try:
+        with zipfile.ZipFile(file) as archive:
+            meta = np.load(io.BytesIO(archive.read("meta.npy")), allow_pickle=False)
+        return dict(json.loads(meta.tobytes().decode("utf-8")))
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        raise ValueError(
+            f"{file}: a damaged map file ({type(exc).__name__}: {exc}); delete it and rerun "
+            "to compute it again"
+        ) from None
 
 
 def _plain_extras(extras: Mapping[str, Any], index: int) -> dict[str, Any]:

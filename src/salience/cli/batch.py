@@ -52,7 +52,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
             engine=args.engine,
             ray_address=args.ray_address,
         )
-    except (ValueError, FileNotFoundError, ImportError) as exc:
+    except (ValueError, OSError, ImportError) as exc:  # a file as --out, a read-only store
         raise CLIError(_one_line(exc)) from None
     print(
         f"{summary.written} maps written, {summary.skipped} already stored, "
