@@ -8,6 +8,7 @@ from the papers' formulas with masks, not with PyTorch's backward kernels or sal
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -756,3 +757,31 @@ def test_rules_at_nodes_in_guided_grad_cam_and_smoothgrad_equal_the_mode() -> No
         assert torch.equal(smooth.values, mode.values)
         assert smooth.extras["rectifiers"] == 2
     assert not _mode_only(net)
+
+
+class _HalfRectified(nn.Module):
+    """A rectifier, then a Hardswish on the main path (MobileNetV3's mix)."""
+
+    def __init__(self, spelling: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.conv2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+        self.spelling = spelling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(x)
+        h = h.relu() if self.spelling == "relu" else h.clamp(min=0)  # nodes / the mode
+        h = F.hardswish(self.conv2(h))
+        return self.head(torch.sigmoid(h).mean((2, 3)))  # a gate: no warning of its own
+
+
+@pytest.mark.parametrize("spelling", ["relu", "clamp"])
+@pytest.mark.parametrize("method", ["guided_backprop", "deconvnet"])
+def test_other_nonlinearities_left_unmodified_are_warned_of(method: str, spelling: str) -> None:
+    model, x = _HalfRectified(spelling).eval(), torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match=r"modified 1 rectifier call\(s\), .* Hardswish × 1,"):
+        getattr(salience, method)(model, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        getattr(salience, method)(model, x, activations="all")

@@ -58,6 +58,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from ._checks import warn
 from .rectifiers import (
     RECTIFIER_SPELLINGS,
     SITES,
@@ -212,8 +213,12 @@ class _RectifierMode(TorchFunctionMode):
         return {"rectifiers": self.count, "activations_modified": dict(self.modified)}
 
     def check(self, method: str) -> None:
-        """Raise when the forward pass ran nothing the rule could modify."""
+        """Raise when the pass ran nothing the rule could modify; warn of unmodified others."""
         if self.count or self.modified:
+            unruled = Counter(
+                {n: k for n, k in self.used.items() if n in _MAIN_PATH and n not in self.extend}
+            )
+            _warn_unruled(method, self.rule, self.count, unruled)
             return
         rule = _RULE_NAMES.get(self.rule, self.rule)
         uses = ", ".join(f"{name} × {n}" for name, n in self.used.most_common())
@@ -392,7 +397,7 @@ def ruled_forward(
     if rule == "gradient":
         return run(), None
     if not resolve_activations(activations):
-        ruled = _node_rule(model, run, rule)
+        ruled = _node_rule(model, run, rule, method or _METHODS.get(rule, rule))
         if ruled is not None:
             return ruled
     with rectifier_rule(model, rule, activations=activations, method=method) as mode:
@@ -402,7 +407,7 @@ def ruled_forward(
 
 
 def _node_rule(
-    model: Any, run: Callable[[], Any], rule: RectifierRule
+    model: Any, run: Callable[[], Any], rule: RectifierRule, method: str
 ) -> tuple[Any, dict[str, Any]] | None:
     """Run ``run()`` and rule its rectifiers at their nodes: ``(output, extras)``.
 
@@ -415,11 +420,13 @@ def _node_rule(
             return None
     with _counted():  # keeps a compiled model out, as under the mode
         output = run()
-    nodes = _rectifier_nodes(output)
+    unruled: Counter[str] = Counter()
+    nodes = _rectifier_nodes(output, unruled)
     if not nodes:  # a node the rule cannot see into, or none: the mode says what there is
         with _MODE_LOCK:
             _MODE_ONLY[model] = True
         return None
+    _warn_unruled(method, rule, len(nodes), unruled)
     ruled = _guided_node if rule == "guided" else _deconvnet_node
     for node in nodes:
         node.register_hook(ruled)
@@ -440,12 +447,13 @@ def _deconvnet_node(grad_inputs: tuple[Any, ...], grad_outputs: tuple[Any, ...])
     return (grad_outputs[0].clamp(min=0.0), *grad_inputs[1:])
 
 
-def _rectifier_nodes(output: Any) -> list[Any] | None:
+def _rectifier_nodes(output: Any, others: Counter[str] | None = None) -> list[Any] | None:
     """Return the rectifier nodes of ``output``'s graph, or ``None`` where the mode must rule.
 
     ``None`` for a node that hides the calls behind it (a custom autograd function, compiled
     code, an in-place call on a view), a node of another rectifier spelling, or an output that
-    is not tensors in tuples, lists and dicts.
+    is not tensors in tuples, lists and dicts. ``others`` counts the nodes of the other
+    nonlinearities of :data:`_MAIN_PATH` the walk meets.
     """
     roots: list[Any] = []
     pending = [output]
@@ -472,11 +480,43 @@ def _rectifier_nodes(output: Any) -> list[Any] | None:
             kind in _MAYBE_RECTIFIERS and not _no_rectifier(node, kind)
         ):
             return None
+        elif others is not None and kind in _MAIN_PATH_NODES:
+            others[_MAIN_PATH_NODES[kind]] += 1
         for following, _ in node.next_functions:
             if following is not None and following not in seen:
                 seen.add(following)
                 roots.append(following)
     return nodes
+
+
+_MAIN_PATH = frozenset(
+    {"GELU", "SiLU", "Hardswish", "Mish", "ELU", "SELU", "CELU", "RReLU", "PReLU", "Softplus",
+     "LeakyReLU", "Hardtanh"}
+)  # fmt: skip
+"""Activations that carry a network's signal where rectifiers would (gates such as sigmoid and
+tanh are left out): a rule that modifies the rectifiers and leaves these gives a map that is
+partly the plain gradient."""
+
+_MAIN_PATH_NODES = {
+    "GeluBackward": "GELU", "SiluBackward": "SiLU", "HardswishBackward": "Hardswish",
+    "MishBackward": "Mish", "EluBackward": "ELU", "CeluBackward": "CELU",
+    "RreluWithNoiseBackward": "RReLU", "PreluKernelBackward": "PReLU",
+    "SoftplusBackward": "Softplus", "LeakyReluBackward": "LeakyReLU",
+    "HardtanhBackward": "Hardtanh",
+}  # fmt: skip
+"""The backward nodes of :data:`_MAIN_PATH` (SELU's is ELU's), by kind (less version digits)."""
+
+
+def _warn_unruled(method: str, rule: str, count: int, unruled: Counter[str]) -> None:
+    if not unruled:
+        return
+    uses = ", ".join(f"{name} × {n}" for name, n in unruled.most_common())
+    warn(
+        f"{method} modified {count} rectifier call(s), but the model also runs {uses}, which "
+        "keep their plain gradient: the map is partly the plain gradient. Pass "
+        f"activations='all' to apply the {_RULE_NAMES.get(rule, rule)} rule there too (an "
+        "extension, not the paper's method)"
+    )
 
 
 def _hides_calls(node: Any, kind: str) -> bool:
