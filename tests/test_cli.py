@@ -360,6 +360,9 @@ def test_method_options():
         cli.method_options(["gradient.score=logit"], ["grad_cam"], None)
     with pytest.raises(cli.UsageError, match="--layer"):
         cli.method_options([], ["gradient"], "features")
+    assert cli.method_options(["relu=off"], ["grad_cam"], None)["grad_cam"]["relu"] is False
+    with pytest.raises(cli.UsageError, match=r"grad_cam\.relu: a switch, true or false"):
+        cli.method_options(["relu=flase"], ["grad_cam"], None)  # a typo: no ReLU turned on
 
 
 def test_unreadable_model_file_is_one_line_naming_the_file(tmp_path, capsys):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import inspect
 import warnings
 from typing import Any, NamedTuple
 
@@ -46,8 +47,11 @@ def skip_if_not_applicable(name: str, model_key: str) -> None:
         pytest.skip(f"{name} needs a GAP + linear head; its error on {model_key} is tested")
 
 
-def run(name: str, model: nn.Module, inputs: torch.Tensor, target: Any = None) -> Any:
-    return salience.explain(model, inputs, method=name, target=target, **FAST.get(name, {}))
+def run(
+    name: str, model: nn.Module, inputs: torch.Tensor, target: Any = None, **options: Any
+) -> Any:
+    options = {**FAST.get(name, {}), **options}
+    return salience.explain(model, inputs, method=name, target=target, **options)
 
 
 def snapshot(model: nn.Module) -> dict[str, Any]:
@@ -496,3 +500,17 @@ def test_a_score_cut_off_from_the_inputs_is_a_clear_error(name: str, batch: torc
     """The graph holds the later weights but not the input: no torch internals, no zero map."""
     with pytest.raises(ValueError, match="does not depend on the inputs through autograd"):
         run(name, StemWithoutGrad(), batch, target=[1, 4, 7])
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_switches_take_true_or_false_only(name: str, batch: torch.Tensor) -> None:
+    """A string is true: ``relu="false"``, or a typo from the command line, would turn a
+    switch on silently."""
+    spec = get_method(name)
+    params = inspect.signature(spec.func).parameters.values()
+    switches = [p.name for p in params if p.annotation in ("bool", bool)]
+    assert "allow_tf32" in switches
+    for switch in switches:
+        for bad in ("false", None, 0):
+            with pytest.raises(TypeError, match=rf"{name}: {switch} must be True or False"):
+                run(name, model_for(name), batch, **{switch: bad})

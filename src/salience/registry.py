@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+import numpy as np
 from torch import Tensor, nn
 
 from ._performance import recorded
@@ -39,6 +40,11 @@ class MethodSpec:
         params = inspect.signature(self.func).parameters.values()
         return tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
+    @functools.cached_property
+    def switches(self) -> frozenset[str]:
+        """The options that take ``True`` or ``False`` only."""
+        return _switches(self.func)
+
 
 _REGISTRY: dict[str, MethodSpec] = {}
 
@@ -55,11 +61,36 @@ def register(name: str, *, kind: Kind = "pixel") -> Callable[[F], F]:
             raise ValueError(f"a method named {name!r} is already registered")
         doc = inspect.getdoc(func) or ""
         description = doc.splitlines()[0].rstrip(".") if doc else name
-        method = recorded(func)
+        method = _checked_switches(name, recorded(func))
         _REGISTRY[name] = MethodSpec(name=name, func=method, description=description, kind=kind)
         return method
 
     return decorate
+
+
+def _checked_switches(name: str, method: F) -> F:
+    """Wrap ``method`` so that its ``bool`` options take ``True`` or ``False`` only.
+
+    ``relu="false"`` (a string, which is true) or a typo from the command line would otherwise
+    turn a switch on silently.
+    """
+    switches = _switches(method)
+    if not switches:
+        return method
+
+    @functools.wraps(method)
+    def checked(*args: Any, **kwargs: Any) -> Attribution:
+        for key in switches.intersection(kwargs):
+            if not isinstance(kwargs[key], bool | np.bool_):
+                raise TypeError(f"{name}: {key} must be True or False, got {kwargs[key]!r}")
+        return method(*args, **kwargs)
+
+    return checked  # type: ignore[return-value]
+
+
+def _switches(func: Callable[..., Any]) -> frozenset[str]:
+    params = inspect.signature(func).parameters.values()
+    return frozenset(p.name for p in params if p.annotation in ("bool", bool))
 
 
 def get_method(name: str) -> MethodSpec:

@@ -124,6 +124,9 @@ def method_options(
             for m in takers:
                 user[m][key] = _value(value)
     for m in methods:
+        for key in specs[m].switches.intersection(user[m]):
+            if not isinstance(user[m][key], bool):
+                raise UsageError(f"-O {m}.{key}: a switch, true or false; got {user[m][key]!r}")
         if "quadrature" in user[m] and "tolerance" not in user[m]:
             options[m].pop("tolerance", None)  # a fixed rule was asked for
         options[m].update(user[m])
