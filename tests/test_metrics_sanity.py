@@ -558,3 +558,37 @@ def test_adebayo_finding_on_lite0_gradient_and_grad_cam_change_guided_backprop_d
     assert checks["gradient"].passed is True
     assert checks["guided_backprop"].passed is False
     assert "fails" in checks["guided_backprop"].verdict()
+
+
+def _two_convs() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5),
+    ).eval()  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        torch.nn.utils.spectral_norm,  # legacy: weight recomputed from weight_orig
+        torch.nn.utils.parametrizations.spectral_norm,
+        torch.nn.utils.parametrizations.weight_norm,
+    ],
+    ids=["legacy-spectral", "spectral", "weight-norm"],
+)
+def test_a_layer_whose_weight_is_computed_is_randomized_too(wrap):
+    """reset_parameters() writes the computed weight, which the next forward pass recomputes
+    from the parameters it hides: those are randomized, and the layer is one layer."""
+    model = _two_convs()
+    wrap(model[2])
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    names = [name for name, _ in randomization_layers(model, x, "units")]
+    assert names == ["0", "2", "6"]
+    check = parameter_randomization(model, x, "gradient", [1, 3], layers=["2"], mode="independent")
+    plain = parameter_randomization(
+        _two_convs(), x, "gradient", [1, 3], layers=["2"], mode="independent"
+    )
+    assert float(plain.mean()[0]) < 0.5
+    assert float(check.mean()[0]) < 0.5  # it stayed 0.99 with the weight left as it was

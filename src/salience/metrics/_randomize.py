@@ -15,6 +15,9 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from .._checks import check_inputs
 from .._forward import ForwardArgs, model_scope
@@ -40,11 +43,16 @@ class _Unit:
 
 
 def _units(model: nn.Module, run: Callable[[], Any]) -> tuple[list[_Unit], list[str]]:
-    """Modules with own parameters, in the order their forward returns; and those never run."""
+    """Modules with own parameters, in the order their forward returns; and those never run.
+
+    A parametrized module's parameters (``torch.nn.utils.parametrize``: weight norm, spectral
+    norm) are its own: the parametrization modules that hold them are no units of their own.
+    """
     owners = [
         (name, m)
         for name, m in model.named_modules()
-        if any(True for _ in m.parameters(recurse=False))
+        if ".parametrizations." not in f".{name}."
+        and (any(True for _ in m.parameters(recurse=False)) or parametrize.is_parametrized(m))
     ]
     order: dict[str, int] = {}
 
@@ -197,21 +205,48 @@ def _unit_seed(seed: int, index: int) -> int:
     return (seed * 1_000_003 + index * 7919 + 12345) % (2**63 - 1)
 
 
+def _hidden(module: nn.Module) -> list[nn.Parameter]:
+    """Return the parameters a module computes its weight from, which resets miss.
+
+    It re-initializes the computed ``weight`` instead, recomputed on the next forward pass: the
+    originals of a parametrization, ``weight_orig`` of the legacy ``spectral_norm`` and
+    ``weight_g`` / ``weight_v`` of the legacy ``weight_norm``.
+    """
+    found: list[nn.Parameter] = []
+    if parametrize.is_parametrized(module):
+        found.extend(_parametrizations(module).parameters())
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, SpectralNorm):
+            found.append(getattr(module, f"{hook.name}_orig"))
+        elif isinstance(hook, WeightNorm):
+            found.extend([getattr(module, f"{hook.name}_g"), getattr(module, f"{hook.name}_v")])
+    return found
+
+
+def _parametrizations(module: nn.Module) -> nn.Module:
+    parametrizations = module.parametrizations
+    assert isinstance(parametrizations, nn.ModuleDict)
+    return parametrizations
+
+
 def _randomize(unit: _Unit, seed: int) -> None:
-    """Re-initialize the unit's own parameters: ``reset_parameters()``, else a Gaussian."""
+    """Re-initialize the unit's own parameters: ``reset_parameters()``, else a Gaussian.
+
+    Parameters a weight is computed from (:func:`_hidden`) get the Gaussian in any case.
+    """
     module = unit.module
     reset = getattr(module, "reset_parameters", None)
-    devices = sorted(
-        {p.device.index or 0 for p in module.parameters(recurse=False) if p.device.type == "cuda"}
-    )
+    hidden = _hidden(module)
+    own = [*module.parameters(recurse=False), *hidden]
+    devices = sorted({p.device.index or 0 for p in own if p.device.type == "cuda"})
     with torch.no_grad():
         if callable(reset):
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(seed)
                 reset()
-            return
+            own = hidden
         generator = torch.Generator().manual_seed(seed)
-        for p in module.parameters(recurse=False):
+        for p in own:
             values = p.detach().double()
             scale = values.std() if values.numel() > 1 else values.abs().reshape(())
             if not bool(torch.isfinite(scale)) or float(scale) == 0.0:
@@ -221,8 +256,11 @@ def _randomize(unit: _Unit, seed: int) -> None:
 
 
 def _snapshot(unit: _Unit) -> list[tuple[Tensor, Tensor]]:
-    tensors = list(unit.module.parameters(recurse=False)) + [
-        b for b in unit.module.buffers(recurse=False) if b is not None
+    module = unit.module
+    parametrized = parametrize.is_parametrized(module)
+    inner = _parametrizations(module).buffers() if parametrized else []
+    tensors = [*module.parameters(recurse=False), *_hidden(module)] + [
+        b for b in [*module.buffers(recurse=False), *inner] if b is not None
     ]
     return [(t, t.detach().clone()) for t in tensors]
 
