@@ -59,6 +59,7 @@ SHIFTS = [1.0, -0.7, [0.5, -1.0, 2.0]]
         "constant_pad",
         "reflect_padding",
         "same_string",
+        "weight_norm",
     ],
 )
 def test_twin_is_exact(first, shift):
@@ -70,6 +71,8 @@ def test_twin_is_exact(first, shift):
         "constant_pad": lambda: nn.Sequential(nn.ConstantPad2d(1, 0.25), nn.Conv2d(3, 6, 3)),
         "reflect_padding": lambda: nn.Conv2d(3, 6, 3, padding=1, padding_mode="reflect"),
         "same_string": lambda: nn.Conv2d(3, 6, 4, padding="same", bias=False),
+        # a parametrization runs when the conv reads its weight: it is no step on the input
+        "weight_norm": lambda: nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 6, 3).double()),
     }
     model = conv_net(layers[first]())
     x = images()

@@ -205,10 +205,13 @@ def _build_twin(
         if isinstance(module, _LAYERS):
             found.append(name)
 
+    # the modules a forward pass runs on the input (a parametrization runs when a layer reads
+    # its weight: it computes the weight, not the input)
+    watched = [(n, m) for n, m in twin.named_modules() if ".parametrizations." not in f".{n}."]
     with (
         model_scope(twin, x, forward_args=forward_args) as fwd,
         torch.no_grad(),
-        forward_hooks(list(twin.named_modules()), hook),
+        forward_hooks(watched, hook),
     ):
         fwd(x.clone())
     if not found:
