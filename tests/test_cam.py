@@ -1019,3 +1019,32 @@ def test_autograd_switched_off_after_the_layer_records_the_whole_graph(images: T
     expected = (g.mean((2, 3), keepdim=True) * a).sum(1).clamp(min=0).detach()
     assert expected.abs().amax() > 0
     torch.testing.assert_close(result.values[:, 0], expected, rtol=1e-5, atol=1e-6)
+
+
+class TorchvisionVGG(nn.Module):
+    """torchvision's VGG layout: features, an adaptive average pool to a fixed grid, an MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        )  # fmt: skip
+        self.avgpool = nn.AdaptiveAvgPool2d((4, 4))
+        self.classifier = nn.Linear(8 * 16, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.avgpool(self.features(x)).flatten(1))
+
+
+@pytest.mark.parametrize("size", [16, 8, 12], ids=["identity", "upsampled", "resampled"])
+def test_an_adaptive_pool_that_only_resamples_is_no_default_layer(size: int) -> None:
+    """At 16² the pool is the identity, at 8² it copies a 2 x 2 map to 4 x 4, at 12² it
+    resamples 3 x 3 to 4 x 4: the map is the last one the convolutions computed."""
+    torch.manual_seed(0)
+    model = TorchvisionVGG().eval()
+    x = torch.randn(2, 3, size, size)
+    found = sl.grad_cam(model, x, 1)
+    assert found.layer == "features"
+    torch.testing.assert_close(found.values, sl.grad_cam(model, x, 1, layer="features").values)
+    assert sl.grad_cam(model, x, 1, layer="avgpool").layer == "avgpool"  # still yours to pick

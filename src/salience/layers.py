@@ -56,7 +56,13 @@ name when a container returns the tensor of its last child) with these exception
 - a map of one cell (``1 x 1``: a small input through a deep network) is no grid: the last
   map with more cells is taken (timm's ``selecsls42b`` at 64², whose head ends at ``1 x 1``:
   ``head.1``, ``2 x 2``). Read the ``1 x 1`` map itself with ``layer=`` and
-  ``reshape=lambda t: t``, or give a larger input.
+  ``reshape=lambda t: t``, or give a larger input;
+- an adaptive pooling that does not shrink its input only resamples the map before it
+  (torchvision VGG's ``avgpool`` to ``7 x 7``: the identity at 224², an upsampled copy at
+  128²): the map before it is taken (``features``);
+- with other inputs beside the image (``forward_args``: a question, a caption), a layer not
+  computed from the image is passed over, and a token sequence as long as such an input is
+  read as image tokens only on a grid the image made.
 
 If token sequences that fit no grid (more than :data:`~salience.layouts.MAX_SPECIAL_TOKENS`
 special tokens, tokens at the end) come after that layer, the methods raise rather than
@@ -443,7 +449,16 @@ class LayerSearch(_LayerMessages):
                 known.axis = known.axis or axis
         elif cell.axis is None and source is not None and source.shape == output.shape:
             cell.axis = self._cell(source).axis
-        entry = self._add(name, output, cell, force=chosen)
+        # an adaptive pooling that only resamples its input (torchvision VGG's 7 x 7 avgpool:
+        # the identity at 224², a resampled copy of the last map at other sizes) is no map of
+        # its own
+        resamples = (
+            isinstance(module, nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d)
+            and source is not None
+            and source.ndim == output.ndim == 4
+            and output.shape[2] * output.shape[3] >= source.shape[2] * source.shape[3]
+        )
+        entry = self._add(name, output, cell, force=chosen, skip=resamples)
         if not chosen:
             return None
         assert self.record is not None
@@ -460,10 +475,12 @@ class LayerSearch(_LayerMessages):
         self._cell(copy, cell)  # the copy the model goes on with is the same layer output
         return copy
 
-    def _add(self, name: str, output: Tensor, cell: _Cell, *, force: bool) -> _Entry | None:
+    def _add(
+        self, name: str, output: Tensor, cell: _Cell, *, force: bool, skip: bool = False
+    ) -> _Entry | None:
         shape = tuple(output.shape)
         ndim = len(shape)
-        candidate = (ndim == 3 or ndim == 4) and shape[0] == self.n and shape[1] > 1
+        candidate = (ndim == 3 or ndim == 4) and shape[0] == self.n and shape[1] > 1 and not skip
         if ndim == 4:
             candidate = candidate and (shape[2] * shape[3] > 1 or shape[2] * shape[1] > 1)
         if not (candidate or force):
