@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 import pytest
@@ -879,6 +880,30 @@ def test_cam_refuses_other_architectures(vgg: nn.Module, images: Tensor) -> None
         sl.cam(body.eval(), images, layer="0")
 
 
+@pytest.mark.parametrize("fc", [None, "head"])
+def test_cam_with_a_one_by_one_convolution_as_classifier(fc: str | None) -> None:
+    """DLA's and DPN's head: global average pooling kept 1 x 1, a 1 x 1 convolution, flatten."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        OrderedDict(
+            body=nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 1)),
+            pool=nn.AdaptiveAvgPool2d(1),
+            head=nn.Conv2d(6, 5, 1),
+            flat=nn.Flatten(),
+        )
+    ).double().eval()  # fmt: skip
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    c = sl.cam(model, x, [1, 4], fc=fc, upsample=False)
+    assert c.layer == "body"
+    w = model.head.weight.detach()[[1, 4], :, 0, 0]
+    expected = torch.einsum("nk,nkhw->nhw", w, model.body(x).detach())[:, None]
+    torch.testing.assert_close(c.values, expected)
+    g = sl.grad_cam(model, x, [1, 4], relu=False, upsample=False)
+    _assert_proportional(c.values, g.values, 8 * 8, rtol=1e-10)  # CAM = Grad-CAM x hw
+    with pytest.raises(TypeError, match=r"nn.Linear or a 1 x 1 nn.Conv2d\); 'body.0' is Conv2d"):
+        sl.cam(model, x, fc="body.0")
+
+
 def test_cam_follows_the_reshape_its_layer_error_advises() -> None:
     """A last map of 1x1 is not read as a grid: the error shows layer= and reshape=, which
     cam takes like the other CAM methods (a 1x1 map: the logit minus the bias everywhere)."""
@@ -900,7 +925,7 @@ def test_cam_follows_the_reshape_its_layer_error_advises() -> None:
 def test_cam_with_explicit_layer_and_fc(resnet: nn.Module, images: Tensor) -> None:
     a = sl.cam(resnet, images, 1, layer=resnet.layer2, fc="fc")
     torch.testing.assert_close(a.values, sl.cam(resnet, images, 1).values)
-    with pytest.raises(TypeError, match=r"fc must be an nn\.Linear"):
+    with pytest.raises(TypeError, match=r"fc must be a linear layer"):
         sl.cam(resnet, images, 1, fc="pool")
 
 

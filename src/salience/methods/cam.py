@@ -89,24 +89,40 @@ class _LinearRecord:
     inputs: Tensor | None = None
     output: Tensor | None = None
     version: int = 0
-    module: nn.Linear | None = field(default=None, repr=False)
+    module: nn.Linear | nn.Conv2d | None = field(default=None, repr=False)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is ``nn.Linear`` or a ``1 x 1`` convolution (DLA's and DPN's head)."""
+    if isinstance(module, nn.Linear):
+        return True
+    return (
+        isinstance(module, nn.Conv2d)
+        and module.kernel_size == (1, 1)
+        and module.stride == (1, 1)
+        and module.groups == 1
+        and module.padding in ((0, 0), "valid")
+    )
 
 
 @contextlib.contextmanager
 def _record_linear(model: nn.Module, fc: LayerLike | None) -> Iterator[_LinearRecord]:
-    """Record the input and output of the last ``nn.Linear`` call (or of ``fc``)."""
+    """Record the input and output of the last linear layer call (or of ``fc``)."""
     if fc is None:
-        linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        linears = [(n, m) for n, m in model.named_modules() if _is_linear(m)]
     else:
         name, module = find_layer(model, fc)
-        if not isinstance(module, nn.Linear):
-            raise TypeError(f"fc must be an nn.Linear layer; {name!r} is {type(module).__name__}")
+        if not _is_linear(module):
+            raise TypeError(
+                f"fc must be a linear layer (nn.Linear or a 1 x 1 nn.Conv2d); {name!r} is "
+                f"{type(module).__name__}"
+            )
         linears = [(name, module)]
     record = _LinearRecord()
 
     def hook(name: str, module: nn.Module, args: Any, output: Any) -> None:
         record.name, record.calls = name, record.calls + 1
-        record.module = module  # type: ignore[assignment]  # only nn.Linear modules are hooked
+        record.module = module  # type: ignore[assignment]  # only linear layers are hooked
         record.inputs = args[0] if args and isinstance(args[0], Tensor) else None
         record.output = output if isinstance(output, Tensor) else None
         record.version = output._version if isinstance(output, Tensor) else 0
@@ -161,7 +177,8 @@ def cam(
         layer: The pooled layer; by default the last spatial feature map.
         reshape: Turns the layer output into ``(N, K, h, w)`` (see :func:`grad_cam`), e.g. the
             patch tokens of a transformer whose head averages them.
-        fc: The linear classifier; by default the last ``nn.Linear`` that runs.
+        fc: The linear classifier; by default the last ``nn.Linear`` (or ``1 x 1``
+            convolution on the pooled features, as in DLA and DPN) that runs.
         relu: Rectify the map (not part of CAM).
         upsample: Resize the map to the input size (bilinear); ``False`` keeps ``(h, w)``.
         forward_args: Extra arguments for the model after the image (see
@@ -195,14 +212,15 @@ def cam(
         n = inputs.shape[0]
         activation = cap.activation
         if linear.calls == 0 or linear.module is None or linear.output is None:
-            what = "no nn.Linear layer ran" if fc is None else f"the fc layer {fc!r} did not run"
+            what = "no linear layer ran" if fc is None else f"the fc layer {fc!r} did not run"
             raise ValueError(_NOT_CAM.format(reason=f"{what} in the forward pass"))
         out = cap.output
+        logits = linear.output.reshape(n, -1)  # a 1 x 1 convolution's (N, classes, 1, 1)
         if (
             linear.output._version != linear.version
             or not isinstance(out, Tensor)
-            or out.shape != linear.output.shape
-            or not torch.equal(out, linear.output)
+            or out.shape != logits.shape
+            or not torch.equal(out, logits)
         ):
             raise ValueError(
                 _NOT_CAM.format(
@@ -233,7 +251,8 @@ def cam(
         classes = cap.resolved.classes
         assert classes is not None
         rows = classes if cap.multi else classes.unsqueeze(1)  # (N, T)
-        weights = linear.module.weight.detach()[rows].to(activation.dtype)  # (N, T, K)
+        matrix = linear.module.weight.detach().flatten(1)  # (classes, K), a 1 x 1 conv's too
+        weights = matrix[rows].to(activation.dtype)  # (N, T, K)
         values = _combine(
             weights[..., None, None], activation, relu=relu, size=_size(inputs, upsample)
         )
