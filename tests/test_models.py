@@ -255,6 +255,14 @@ def test_preprocess_resizes_shorter_side_and_center_crops():
     assert float(x[0, :, :, 112:].min()) == 1.0
 
 
+def test_an_extreme_aspect_ratio_is_refused_before_it_is_resized():
+    """A 3000 x 1 PNG is 88 bytes; resized to a shorter side of 256 it would be 196 M pixels."""
+    thin = np.zeros((1, 3000, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match=r"3000x1 image .* 768000x256 pixels, over Pillow's limit"):
+        models.resize_center_crop(thin)
+    models.resize_center_crop(np.zeros((1, 300, 3), dtype=np.uint8))  # 76800x256: in bounds
+
+
 def test_preprocess_other_modes(tmp_path):
     gray = Image.fromarray(np.full((240, 320), 128, dtype=np.uint8))
     rgba = Image.new("RGBA", (320, 240), (255, 0, 0, 0))  # fully transparent red

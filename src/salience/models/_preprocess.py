@@ -161,6 +161,10 @@ def resize_center_crop(
 
     Returns:
         The cropped RGB image, ``size`` pixels.
+
+    Raises:
+        ValueError: ``resize`` below the crop size, or an image whose resized form would pass
+            Pillow's pixel limit (an extreme aspect ratio).
     """
     height, width = _size_hw(size)
     if resize < max(height, width):
@@ -171,6 +175,12 @@ def resize_center_crop(
         new_w, new_h = resize, int(resize * h / w)
     else:
         new_w, new_h = int(resize * w / h), resize
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and new_w * new_h > limit:  # a tiny file of an extreme aspect ratio (3000 x 1)
+        raise ValueError(
+            f"a {w}x{h} image resized to a shorter side of {resize} would be {new_w}x{new_h} "
+            f"pixels, over Pillow's limit of {limit}: crop it to a usual aspect ratio first"
+        )
     if (new_w, new_h) != (w, h):
         rgb = rgb.resize((new_w, new_h), Image.Resampling.BILINEAR)
     top = round((new_h - height) / 2.0)
