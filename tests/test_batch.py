@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,6 +176,19 @@ def test_find_images_walks_folders_and_globs(folder):
     assert find_images(str(folder / "sub" / "*.png")) == sorted(
         str(p) for p in (folder / "sub").glob("*.png")
     )
+
+
+def test_a_missing_file_or_broken_link_is_reported_and_the_run_goes_on(folder, tmp_path):
+    (folder / "gone.png").symlink_to(folder / "nowhere.png")  # a broken link in the folder
+    named = [str(folder / "im0.png"), str(folder / "typo.png")]
+    assert find_images(named) == named
+    summary = _run([*named], tmp_path / "a")
+    assert summary.written == 2
+    assert [(s, e.split(":")[0]) for s, e in summary.failures] == [(named[1], "no such file")]
+    summary = _run(folder, tmp_path / "b")
+    failed = sorted(Path(s).name for s, _ in summary.failures)
+    assert failed == ["bad.png", "gone.png"]
+    assert summary.written == 10
 
 
 def test_batch_command(folder, tmp_path, capsys):

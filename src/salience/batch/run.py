@@ -69,14 +69,17 @@ class BatchSummary:
 def find_images(sources: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
     """Expand directories (recursively, :data:`IMAGE_EXTENSIONS`) and glob patterns into files.
 
-    Files named explicitly are kept whatever their ending (a bad one fails later, reported).
+    Files named explicitly are kept whatever their ending, and so are names of files that do
+    not exist, and broken links in a directory: each fails later, reported, while the run goes
+    on with the others (as ``salience explain`` does).
 
     Raises:
-        FileNotFoundError: a source that is neither a file, a directory nor a matching glob.
+        FileNotFoundError: a glob pattern that matches no file, or no source that exists.
     """
     if isinstance(sources, str | os.PathLike):
         sources = [sources]
     files: list[str] = []
+    missing: list[str] = []
     for source in sources:
         text = os.fspath(source)
         path = Path(text)
@@ -85,7 +88,7 @@ def find_images(sources: str | os.PathLike[str] | Sequence[str | os.PathLike[str
                 sorted(
                     os.fspath(p)
                     for p in path.rglob("*")
-                    if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                    if p.suffix.lower() in IMAGE_EXTENSIONS and (p.is_file() or p.is_symlink())
                 )
             )
         elif path.is_file():
@@ -96,7 +99,10 @@ def find_images(sources: str | os.PathLike[str] | Sequence[str | os.PathLike[str
                 raise FileNotFoundError(f"{text}: no file matches this pattern")
             files.extend(matched)
         else:
-            raise FileNotFoundError(f"{text}: no such file or directory")
+            missing.append(text)
+            files.append(text)  # reported when it is read
+    if missing and len(missing) == len(files):
+        raise FileNotFoundError(f"{missing[0]}: no such file or directory")
     return list(dict.fromkeys(files))  # each file once, in the order found
 
 
