@@ -537,3 +537,32 @@ def test_library_warnings_are_one_line_each(tmp_path, capsys):
     lines = [line for line in err.splitlines() if "zero everywhere" in line]
     assert len(lines) == 1
     assert lines[0].startswith("salience: warning: gradient: the map of sample(s) [0] is zero")
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "value", "expected"),
+    [
+        ("compare", "--panel-size", "0", "inches above 0"),
+        ("compare", "--panel-size", "1000", "at most 20"),
+        ("explain", "--alpha", "5", "from 0 to 1"),
+        ("explain", "--cmap", "jeet", "unknown colormap 'jeet'; did you mean 'jet'?"),
+        ("report", "--percentile", "0", "above 0, at most 100"),
+        ("explain", "--percentile", "nan", "above 0, at most 100"),
+        ("explain", "--std", "0,0,0", "three positive numbers"),
+        ("explain", "--max-pixels", "-1", "an integer >= 0"),
+        ("batch", "--workers", "-1", "an integer >= 0"),
+    ],
+)
+def test_display_and_input_options_are_checked_before_any_work(
+    tmp_path, capsys, command, option, value, expected
+):
+    """These failed after the maps were computed (a traceback for --panel-size 0) or ran on
+    with every image failing (--std 0,0,0, --max-pixels -1)."""
+    image = _image(tmp_path / "x.png")
+    argv = [command, image, "-m", "gradient", option, value]
+    argv += ["--out" if command == "batch" else "-o", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own usage error
+        run(argv, capsys)
+    assert exit_info.value.code == cli.EXIT_USAGE
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

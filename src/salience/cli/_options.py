@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import difflib
 import re
 import textwrap
 from collections.abc import Callable, Sequence
@@ -175,16 +176,18 @@ def _floats3(text: str) -> tuple[float, float, float]:
     return values  # type: ignore[return-value]
 
 
-def _bounded(convert: Callable[[str], N], low: N, *, strict: bool, what: str) -> Callable[[str], N]:
-    """Make an argparse type: ``convert(text)``, at least ``low`` (above it if ``strict``)."""
+def _bounded(
+    convert: Callable[[str], N], low: N, *, strict: bool, what: str, high: N | None = None
+) -> Callable[[str], N]:
+    """Make an argparse type: ``convert(text)`` from ``low`` (above if ``strict``) to ``high``."""
 
     def parse(text: str) -> N:
         try:
             value = convert(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not (value > low if strict else value >= low):  # NaN fails both
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        if not (value > low if strict else value >= low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")  # NaN too
         return value
 
     return parse
@@ -194,6 +197,26 @@ _positive_int = _bounded(int, 1, strict=False, what="a positive integer")
 _non_negative_int = _bounded(int, 0, strict=False, what="an integer >= 0")
 _positive_float = _bounded(float, 0.0, strict=True, what="a positive number")
 _non_negative_float = _bounded(float, 0.0, strict=False, what="a number >= 0")
+_fraction = _bounded(float, 0.0, strict=False, high=1.0, what="a number from 0 to 1")
+_percentile = _bounded(float, 0.0, strict=True, high=100.0, what="a number above 0, at most 100")
+_panel_size = _bounded(float, 0.0, strict=True, high=20.0, what="inches above 0, at most 20")
+
+
+def _positive_floats3(text: str) -> tuple[float, float, float]:
+    values = _floats3(text)
+    if not all(v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected three positive numbers, got {text!r}")
+    return values
+
+
+def _colormap(text: str) -> str:
+    import matplotlib
+
+    if text not in matplotlib.colormaps:
+        close = difflib.get_close_matches(text, list(matplotlib.colormaps), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise argparse.ArgumentTypeError(f"unknown colormap {text!r}{hint}")
+    return text
 
 
 def _model_options() -> argparse.ArgumentParser:
@@ -256,7 +279,7 @@ def _model_options() -> argparse.ArgumentParser:
     )
     pipe.add_argument(
         "--std",
-        type=_floats3,
+        type=_positive_floats3,
         metavar="R,G,B",
         help="per-channel std (default: ImageNet's 0.229,0.224,0.225)",
     )
@@ -335,14 +358,14 @@ def _image_options(
     )
     group.add_argument(
         "--percentile",
-        type=float,
+        type=_percentile,
         default=99.0,
         help="display scale: this percentile of |map| is the end of the color scale",
     )
     group.add_argument("-o", "--out", default=out_default, help=out_help)
     group.add_argument(
         "--max-pixels",
-        type=int,
+        type=_non_negative_int,
         default=DEFAULT_MAX_PIXELS,
         metavar="N",
         help="refuse images with more pixels (decompression-bomb guard); 0 for no limit",

@@ -11,11 +11,14 @@ from collections.abc import Sequence
 from ._common import DEFAULT_OUT, EXIT_INTERRUPTED, CLIError, UsageError, _err
 from ._options import (
     COMPARE_METHODS,
+    _colormap,
     _Formatter,
+    _fraction,
     _image_options,
     _model_options,
     _non_negative_float,
     _non_negative_int,
+    _panel_size,
     _positive_float,
     _positive_int,
     _wrap,
@@ -83,9 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="how to draw the PNG: overlay on the image, heatmap alone, rgb (guided-backprop "
         "rendering, 3-channel maps only), or auto (as in each method's paper)",
     )
-    p.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity of overlays")
+    p.add_argument("--alpha", type=_fraction, default=0.5, help="heatmap opacity of overlays")
     p.add_argument(
         "--cmap",
+        type=_colormap,
         default=None,
         help="matplotlib colormap (default: RdBu_r for signed maps, jet otherwise)",
     )
@@ -110,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="panels per row (default: one row of up to 8)",
     )
-    p.add_argument("--panel-size", type=float, default=2.2, help="panel size in inches")
+    p.add_argument("--panel-size", type=_panel_size, default=2.2, help="panel size in inches")
     p.add_argument("--dpi", type=_positive_int, default=100, help="pixels per inch")
     p.set_defaults(handler=cmd_compare)
 
@@ -201,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--workers",
-        type=int,
+        type=_non_negative_int,
         default=min(4, os.cpu_count() or 1),
         help="processes decoding and preprocessing images (0: none)",
     )
