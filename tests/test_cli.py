@@ -321,6 +321,13 @@ def test_labels_file_names_the_classes_of_a_custom_model(tmp_path, model_file, c
     )
     assert code == cli.EXIT_USAGE
     assert "did you mean" in err
+    labels.write_text("\n".join(["cat", "dog", "bird", "Cat", *"efghij"]))  # one name twice
+    code, _, err = run(
+        ["explain", image, "-t", "cat", "--labels", str(labels), *_tiny_args(model_file)],
+        capsys,
+    )
+    assert code == cli.EXIT_USAGE
+    assert "class name 'cat' is ambiguous: it names classes 0 ('cat'), 3 ('Cat')" in err
 
 
 # -- usage errors, models, devices -----------------------------------------------------------

@@ -283,8 +283,12 @@ def lookup_class(text: str, pipe: Pipeline) -> int:
         )
     wanted = raw.replace("_", " ").lower()
     lowered = [n.lower() for n in pipe.class_names]
-    if wanted in lowered:
-        return lowered.index(wanted)
+    matches = [i for i, name in enumerate(lowered) if name == wanted]
+    if len(matches) > 1:
+        listed = ", ".join(f"{i} ({pipe.class_names[i]!r})" for i in matches)
+        raise UsageError(f"class name {text!r} is ambiguous: it names classes {listed}")
+    if matches:
+        return matches[0]
     close = difflib.get_close_matches(wanted, lowered, n=5, cutoff=0.6)
     hint = (
         "; did you mean "
