@@ -288,3 +288,11 @@ def test_a_damaged_map_file_is_named(tmp_path):
     broken.write_bytes(b"")
     with pytest.raises(ValueError, match=rf"{broken.name}: a damaged map file .* delete it"):
         store.entries()
+
+
+def test_a_file_is_one_entry_however_its_path_is_typed(folder, tmp_path, monkeypatch):
+    monkeypatch.chdir(folder.parent)
+    first = _run(folder.name, tmp_path / "s")
+    again = _run(str(folder.resolve()), tmp_path / "s")
+    assert (first.written, again.written, again.skipped) == (10, 0, 10)
+    assert len(Store(tmp_path / "s")) == 10

@@ -246,11 +246,14 @@ def run(
     ):
         items: Sequence[Any] = find_images(dataset)  # type: ignore[arg-type]
         sources = list(items)
+        # a file is the same entry however its path is typed (photos/, ./photos, /abs/photos)
+        identities: list[str | None] = [os.path.realpath(s) for s in sources]
         preprocess = preprocess or getattr(model, "preprocess", None)
         crop = crop or getattr(model, "crop", None)
     else:
         items = dataset  # type: ignore[assignment]
         sources = [f"item {i}" for i in range(len(items))]  # type: ignore[arg-type]
+        identities = [None] * len(sources)
     if device is None:
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
@@ -269,7 +272,7 @@ def run(
         methods=tuple(methods),
         options=opts,
         target=target,
-        keys=[entry_key(s) for s in sources],
+        keys=[entry_key(s, i) for s, i in zip(sources, identities, strict=True)],
         store=store,
         device=device,
         overlays=overlays,

@@ -48,15 +48,16 @@ VERSION = 1
 _INDEX_FIELDS = ("position", "key", "source", "method", "target", "score", "shape", "file")
 
 
-def entry_key(source: str) -> str:
+def entry_key(source: str, identity: str | None = None) -> str:
     """Return a file-name-safe key for an input, unique and the same in every run.
 
     ``"cats/tabby 1.jpg"`` → ``"tabby-1-3f2a9c1e"``: the readable stem and a hash of the
-    whole source, so that ``a/x.jpg`` and ``b/x.jpg`` do not collide.
+    whole source (or of ``identity``: a file's real path, however it was typed), so that
+    ``a/x.jpg`` and ``b/x.jpg`` do not collide.
     """
     stem = Path(source).stem if source else "input"
     readable = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.")[:60] or "input"
-    digest = hashlib.sha1(source.encode("utf-8")).hexdigest()[:8]
+    digest = hashlib.sha1((identity or source).encode("utf-8")).hexdigest()[:8]
     return f"{readable}-{digest}"
 
 
