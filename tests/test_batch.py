@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib
 from pathlib import Path
 
 import numpy as np
@@ -296,3 +297,23 @@ def test_a_file_is_one_entry_however_its_path_is_typed(folder, tmp_path, monkeyp
     again = _run(str(folder.resolve()), tmp_path / "s")
     assert (first.written, again.written, again.skipped) == (10, 0, 10)
     assert len(Store(tmp_path / "s")) == 10
+
+
+def test_an_interrupted_run_leaves_the_index_of_what_it_did(tmp_path, monkeypatch):
+    run_module = importlib.import_module("salience.batch.run")
+    process = run_module._Job.process
+    calls = []
+
+    def interrupted(self, batch):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return process(self, batch)
+
+    monkeypatch.setattr(run_module._Job, "process", interrupted)
+    data = [torch.randn(3, 16, 16) for _ in range(6)]
+    with pytest.raises(KeyboardInterrupt):
+        run(_model(), data, ["gradient"], tmp_path / "s", batch_size=2)
+    rows = list(csv.DictReader((tmp_path / "s" / "index.csv").open()))
+    assert [int(r["position"]) for r in rows] == [0, 1]
+    assert (tmp_path / "s" / "failures.csv").is_file()

@@ -282,33 +282,45 @@ def run(
     todo = [i for i, key in enumerate(job.keys) if not all(store.has(key, m) for m in methods)]
     summary.skipped = sum(store.has(key, m) for key in job.keys for m in methods)
     start = time.perf_counter()
-    with Progress(len(todo), "batch", enabled=progress) as bar:
-        if engine == "ray":
-            from .ray_engine import run_on_ray
+    finished = False
+    outcomes: Any = None
+    try:
+        with Progress(len(todo), "batch", enabled=progress) as bar:
+            if engine == "ray":
+                from .ray_engine import run_on_ray
 
-            outcomes = run_on_ray(job, todo, max(1, int(batch_size)), num_workers, ray_address)
-        else:
-            loader = torch.utils.data.DataLoader(
-                job.inputs,
-                batch_size=max(1, int(batch_size)),
-                sampler=todo,
-                num_workers=num_workers,
-                collate_fn=_collate,
-            )
-            outcomes = (job.process(batch) for batch in loader)
-        for outcome in outcomes:
-            summary.written += outcome.written
-            summary.images += outcome.images
-            for source, error in outcome.failures:
-                summary.failures.append((source, error))
-                say(f"{source}: {error}")
-            elapsed = time.perf_counter() - start
-            rate = summary.images / elapsed if elapsed > 0 else 0.0
-            bar.update(outcome.inputs, label=f"batch {rate:.1f} images/s")
-    summary.seconds = time.perf_counter() - start
-    summary.failures.sort()
-    store.write_index()
-    store.write_failures(summary.failures)
+                outcomes = run_on_ray(job, todo, max(1, int(batch_size)), num_workers, ray_address)
+            else:
+                loader = torch.utils.data.DataLoader(
+                    job.inputs,
+                    batch_size=max(1, int(batch_size)),
+                    sampler=todo,
+                    num_workers=num_workers,
+                    collate_fn=_collate,
+                )
+                outcomes = (job.process(batch) for batch in loader)
+            for outcome in outcomes:
+                summary.written += outcome.written
+                summary.images += outcome.images
+                for source, error in outcome.failures:
+                    summary.failures.append((source, error))
+                    say(f"{source}: {error}")
+                elapsed = time.perf_counter() - start
+                rate = summary.images / elapsed if elapsed > 0 else 0.0
+                bar.update(outcome.inputs, label=f"batch {rate:.1f} images/s")
+        finished = True
+    finally:
+        if outcomes is not None:
+            outcomes.close()  # Ray's engine shuts down here, not at interpreter exit
+        # the index and failures of what was done, also when interrupted
+        summary.seconds = time.perf_counter() - start
+        summary.failures.sort()
+        try:
+            store.write_index()
+            store.write_failures(summary.failures)
+        except Exception:
+            if finished:
+                raise  # else the interruption is what the caller must see
     return summary
 
 
