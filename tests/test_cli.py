@@ -573,3 +573,15 @@ def test_display_and_input_options_are_checked_before_any_work(
     assert exit_info.value.code == cli.EXIT_USAGE
     assert expected in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_long_file_name_still_gets_its_outputs(tmp_path, model_file, capsys):
+    """A 230-byte name is legal; with '.gradient.<class>.png' after it, it was not."""
+    image = _image(tmp_path / f"{'x' * 230}.png")
+    code, _, err = run(
+        ["explain", image, "-m", "gradient", "-o", str(tmp_path / "o"), *_tiny_args(model_file)],
+        capsys,
+    )
+    assert code == cli.EXIT_OK, err
+    (written,) = (tmp_path / "o").glob("*.png")
+    assert written.name.startswith("x" * 120 + ".gradient.")

@@ -50,11 +50,16 @@ def _input_path(text: str) -> tuple[str, Any]:
     return text, text
 
 
+_STEM = 120
+"""Longest stem of an output file: file systems allow 255 bytes per name, and the method and
+class names follow the stem."""
+
+
 def _stems(images: Sequence[str]) -> list[str]:
     stems: list[str] = []
     for text in images:
         stem = slug(text.partition(":")[2]) if text.startswith("sample:") else Path(text).stem
-        stem = slug(stem) if stem else "image"
+        stem = slug(stem)[:_STEM] if stem else "image"  # room for .method.class.png
         base, n = stem, 2
         while stem in stems:
             stem, n = f"{base}-{n}", n + 1
