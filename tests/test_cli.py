@@ -585,3 +585,15 @@ def test_a_long_file_name_still_gets_its_outputs(tmp_path, model_file, capsys):
     assert code == cli.EXIT_OK, err
     (written,) = (tmp_path / "o").glob("*.png")
     assert written.name.startswith("x" * 120 + ".gradient.")
+
+
+def test_failures_that_are_no_images_are_not_counted_as_images(capsys):
+    from salience.cli._run import Run
+
+    run_ = Run("audit")
+    run_.fail("gradient: randomization: out of memory")  # a check failed, every image is fine
+    run_.finish(4)
+    assert "salience audit: 1 failure(s):" in capsys.readouterr().err
+    run_.images_failed = 1
+    run_.finish(4)
+    assert "1 of 4 images failed:" in capsys.readouterr().err

@@ -75,8 +75,11 @@ def test_spearman_and_top_k_against_slow_references() -> None:
         top = lambda m: set(sorted(range(63), key=lambda p: (-m.flatten()[p].item(), p))[:k])  # noqa: E731
         assert inter[i].item() == len(top(a[i]) & top(b[i])) / k
     assert torch.equal(top_k_intersection(const, const, k), torch.ones(4, dtype=torch.float64))
-    with pytest.raises(ValueError, match="k must lie"):
-        top_k_intersection(a, b, 64)
+    for bad in (64, 0, 2.5, True):  # 2.5 gave 1.2, outside [0, 1]
+        with pytest.raises(ValueError, match="k must be an integer in"):
+            top_k_intersection(a, b, bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="hold NaN"):
+        top_k_intersection(a, torch.full_like(b, float("nan")), k)
 
 
 # --------------------------------------------------------------------------- known answers

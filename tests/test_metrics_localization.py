@@ -187,6 +187,13 @@ def test_tolerance_around_a_box(tolerance: float, hit: float) -> None:
     assert pointing_game(maps, mask, tolerance=tolerance).item() == hit
 
 
+def test_a_tolerance_beyond_the_map_is_a_hit_anywhere() -> None:
+    """1e200 pixels passed the finite check, then overflowed when squared."""
+    maps = torch.zeros(1, 8, 8)
+    maps[0, 7, 7] = 1
+    assert pointing_game(maps, torch.tensor([[0, 0, 2, 2]]), tolerance=1e200).item() == 1.0
+
+
 def test_tolerance_is_euclidean() -> None:
     maps = torch.zeros(1, 40, 40)
     maps[0, 28, 28] = 1.0  # (6, 8) px off the corner pixel (22, 20): distance 10

@@ -29,7 +29,12 @@ class Run:
 
     def finish(self, total: int) -> int:
         if self.failures and total > 1:
-            _err(f"salience {self.command}: {self.images_failed} of {total} images failed:")
+            what = (
+                f"{self.images_failed} of {total} images failed"
+                if self.images_failed
+                else f"{len(self.failures)} failure(s)"  # a check of the audit, not an image
+            )
+            _err(f"salience {self.command}: {what}:")
             for message in self.failures:
                 _err(f"  {message}")
         if not self.failures:

@@ -217,8 +217,10 @@ def top_k_intersection(a: Tensor, b: Tensor, k: int) -> Tensor:
     if a.shape != b.shape:
         raise ValueError(f"maps of shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
     pixels = a[0].numel()
-    if not 1 <= k <= pixels:
-        raise ValueError(f"k must lie in [1, {pixels}] (pixels per map), got {k}")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= pixels:
+        raise ValueError(f"k must be an integer in [1, {pixels}] (pixels per map), got {k!r}")
+    if torch.isnan(a).any() or torch.isnan(b).any():
+        raise ValueError("the maps hold NaN: their top pixels are undefined")
     top_a = _ranking(a) < k
     top_b = _ranking(b) < k
     return (top_a & top_b).sum(1).double() / k

@@ -445,7 +445,8 @@ def pointing_game(
     ) ** 2
     inf = torch.iinfo(d2.dtype).max
     nearest = torch.where(mask, d2, torch.full_like(d2, inf)).flatten(1).amin(dim=1)
-    hit = nearest.to(torch.float64) <= float(tolerance) ** 2
+    reach = min(float(tolerance), float(h + w))  # no pixel is farther: 1e200 squared overflows
+    hit = nearest.to(torch.float64) <= reach**2
     return hit.to(maps.dtype)
 
 
