@@ -934,6 +934,17 @@ def test_models_that_cannot_be_hooked(images: Tensor) -> None:
         sl.grad_cam(lambda x: x.mean(dim=(2, 3)), images)
 
 
+@pytest.mark.parametrize("method", CAM_METHODS)
+def test_a_compiled_model_is_refused_with_what_to_pass(
+    method: str, vgg: nn.Module, images: Tensor
+) -> None:
+    """Compiled code runs no hooks: the search found no layer, or said the layer did not run."""
+    compiled = torch.compile(vgg, backend="eager")
+    compiled(images)
+    with pytest.raises(TypeError, match=r"torch\.compile .*\(model\._orig_mod\)"):
+        _run(method, compiled, images)
+
+
 # -- a layer given by name: the autograd graph starts at the layer ------------------------------
 
 

@@ -79,6 +79,14 @@ def _capture(
             "CAM methods record a layer with forward hooks, which TorchScript models do not "
             "run; load the model as a Python nn.Module instead"
         )
+    if type(model).__name__ == "OptimizedModule" and isinstance(
+        getattr(model, "_orig_mod", None), nn.Module
+    ):
+        raise TypeError(
+            "CAM methods record a layer with forward hooks, which the code torch.compile "
+            "made does not run; pass the module it compiled (model._orig_mod), and for speed "
+            "salience.performance(compile=True), which compiles the passes that need no hook"
+        )
     if reshape is not None and not callable(reshape):
         raise TypeError(f"reshape must be a callable, got {type(reshape).__name__}")
     if reshape is not None and layer is None:
