@@ -514,3 +514,22 @@ def test_switches_take_true_or_false_only(name: str, batch: torch.Tensor) -> Non
         for bad in ("false", None, 0):
             with pytest.raises(TypeError, match=rf"{name}: {switch} must be True or False"):
                 run(name, model_for(name), batch, **{switch: bad})
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [torch.nn.utils.spectral_norm, torch.nn.utils.parametrizations.spectral_norm],
+    ids=["legacy", "parametrization"],
+)
+def test_spectral_norm_in_training_mode_is_warned_of(wrap: Any, batch: torch.Tensor) -> None:
+    """Its power iteration moves the weight at every pass: IG's or SmoothGrad's passes would
+    see different models."""
+    model = model_for("gradient")
+    wrap(model.features[0])
+    model.features[0].train()
+    with pytest.warns(UserWarning, match=r"training mode \(features\.0.*spectral norm"):
+        salience.gradient(model, batch)
+    model.features[0].eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        salience.gradient(model, batch)

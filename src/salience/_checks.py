@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.parametrizations import _SpectralNorm
+from torch.nn.utils.spectral_norm import SpectralNorm
 
 # Frames a warning skips to reach the user's line: salience, and the torch and contextlib code
 # that calls back into it (autograd functions, hooks, ``with`` blocks).
@@ -37,13 +39,24 @@ def warn(message: str, category: type[Warning] = UserWarning) -> None:
     warnings.warn(message, category, stacklevel=level + 1)
 
 
-# Modules whose forward depends on the training flag.
+# Modules whose forward depends on the training flag (spectral norm: a power iteration that
+# moves the weight at every pass in training mode).
 _TRAINING_DEPENDENT = (
     nn.modules.batchnorm._NormBase,
     nn.modules.dropout._DropoutNd,
     nn.AlphaDropout,
     nn.FeatureAlphaDropout,
+    _SpectralNorm,
 )
+
+
+def _depends_on_training(m: nn.Module) -> bool:
+    if not m.training:
+        return False
+    if isinstance(m, _TRAINING_DEPENDENT):
+        return True
+    hooks = m._forward_pre_hooks  # the legacy spectral_norm is a hook of its module
+    return bool(hooks) and any(isinstance(h, SpectralNorm) for h in hooks.values())
 
 
 def modules_of(model: nn.Module) -> list[nn.Module]:
@@ -78,18 +91,19 @@ def check_model(model: Any, modules: list[nn.Module] | None = None) -> None:
     if isinstance(model, nn.Module):
         if modules is None:
             modules = modules_of(model)
-        if any(m.training and isinstance(m, _TRAINING_DEPENDENT) for m in modules):
+        if any(_depends_on_training(m) for m in modules):
             training = [
                 name or type(model).__name__
                 for name, m in model.named_modules()
-                if m.training and isinstance(m, _TRAINING_DEPENDENT)
+                if _depends_on_training(m)
             ]
             warn(
                 f"the model is in training mode ({', '.join(training[:3])}"
-                f"{', ...' if len(training) > 3 else ''}): BatchNorm and Dropout make the maps "
-                "depend on the batch and on chance (BatchNorm uses the statistics of the batch; "
-                "its running statistics are restored after the call). Call model.eval() first "
-                "(salience leaves the flag as you set it)",
+                f"{', ...' if len(training) > 3 else ''}): BatchNorm, Dropout and spectral norm "
+                "make the maps depend on the batch, on chance or on the pass (BatchNorm uses "
+                "the statistics of the batch, spectral norm moves its weights at every pass; "
+                "both are restored after the call). Call model.eval() first (salience leaves "
+                "the flag as you set it)",
             )
 
 
