@@ -317,3 +317,19 @@ def test_an_interrupted_run_leaves_the_index_of_what_it_did(tmp_path, monkeypatc
     rows = list(csv.DictReader((tmp_path / "s" / "index.csv").open()))
     assert [int(r["position"]) for r in rows] == [0, 1]
     assert (tmp_path / "s" / "failures.csv").is_file()
+
+
+def test_a_model_with_batchnorm_and_tensor_options_are_described(tmp_path):
+    """BatchNorm's counter and a tensor option are 0-dim: they are described, not crashed on."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+    ).eval()  # fmt: skip
+    data = [torch.randn(3, 8, 8) for _ in range(2)]
+    options = {"integrated_gradients": {"baseline": torch.tensor(0.0), "steps": 4}}
+    run(model, data, ["integrated_gradients"], tmp_path / "s", options=options)
+    again = run(model, data, ["integrated_gradients"], tmp_path / "s", options=options)
+    assert (again.written, again.skipped) == (0, 2)
+    described = Store(tmp_path / "s").info["options"]["integrated_gradients"]["baseline"]
+    assert described.startswith("tensor [] torch.float32 ")

@@ -350,12 +350,38 @@ class _Fields:
     extra: str = "kept"
 
 
-class _HubOutput(collections.OrderedDict):  # as Hugging Face's ModelOutput: keys and attributes
-    def __getattr__(self, key: str) -> Any:
-        try:
-            return self[key]
-        except KeyError:
-            raise AttributeError(key) from None
+class _ModelOutput(collections.OrderedDict):
+    """Hugging Face's ModelOutput, trimmed: a dataclass whose fields are also its items."""
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):  # type: ignore[arg-type]
+            if getattr(self, field.name) is not None:
+                self[field.name] = getattr(self, field.name)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("ModelOutput has no update()")
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        super().__setattr__(key, value)
+
+    def __reduce__(self) -> Any:
+        rebuild, _, *rest = super().__reduce__()
+        return (rebuild, tuple(getattr(self, f.name) for f in dataclasses.fields(self)), *rest)  # type: ignore[arg-type]
+
+
+@dataclasses.dataclass
+class _HubOutput(_ModelOutput):
+    logits: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+
+
+class _Configured(collections.OrderedDict):
+    """A dict subclass whose constructor needs an argument: copied as a plain dict."""
+
+    def __init__(self, config: str, **items: Any) -> None:
+        super().__init__(**items)
+        self.config = config
 
 
 class Structured(nn.Module):
@@ -372,10 +398,12 @@ class Structured(nn.Module):
             return _Named(logits, logits.sum(1))
         if self.kind == "dataclass":
             return _Fields(logits)
+        if self.kind == "configured":
+            return _Configured("cfg", logits=logits)
         return _HubOutput(logits=logits)
 
 
-@pytest.mark.parametrize("kind", ["named", "dataclass", "hub"])
+@pytest.mark.parametrize("kind", ["named", "dataclass", "hub", "configured"])
 @pytest.mark.parametrize("name", sorted(set(METHODS) - CLASS_TARGETS_ONLY))
 def test_a_target_on_a_structured_output_sees_one_batch_at_a_time(
     name: str, kind: str, batch: torch.Tensor
@@ -387,9 +415,15 @@ def test_a_target_on_a_structured_output_sees_one_batch_at_a_time(
     model = Structured(kind)
     labels = torch.tensor([1, 4, 7])
 
+    own = type(model(batch))
+    copied = dict if kind == "configured" else own  # its copies are plain dicts
+
     def picked(out: Any) -> torch.Tensor:
-        assert isinstance(out, type(model(batch)))
-        return out.logits.gather(1, labels[:, None])[:, 0]
+        assert type(out) in (own, copied)
+        logits = out["logits"] if kind == "configured" else out.logits
+        if kind == "hub":
+            assert logits is out["logits"]  # mapped once: the field is the item
+        return logits.gather(1, labels[:, None])[:, 0]
 
     options = {**FAST.get(name, {})}
     if name in ("score_cam", "rise"):
@@ -399,11 +433,58 @@ def test_a_target_on_a_structured_output_sees_one_batch_at_a_time(
     found = salience.explain(model, batch, method=name, target=picked, **options)
     torch.testing.assert_close(found.values, expected.values, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(found.scores, expected.scores)
-    assert type(found.output) is type(model(batch))
+    assert type(found.output) is copied
     first = found[0]  # the output is sliced with the maps
-    assert type(first.output) is type(found.output)
-    torch.testing.assert_close(first.output.logits, found.output.logits[:1])
-    assert not found.output.logits.requires_grad  # held detached, not the pass's graph
+    assert type(first.output) is copied
+    logits = found.output["logits"] if kind == "configured" else found.output.logits
+    torch.testing.assert_close(
+        first.output["logits"] if kind == "configured" else first.output.logits, logits[:1]
+    )
+    assert not logits.requires_grad  # held detached, not the pass's graph
+
+
+class _WithAnchors(nn.Module):
+    """A detector-like output: per-image logits beside tensors of other lengths first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = model_for("gradient")
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.net(x)
+        anchors = torch.arange(48.0).view(12, 4)  # 12 rows: a multiple of any small batch
+        return {"anchors": anchors, "seq_first": logits.T[:, :, None], "logits": logits}
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("name", sorted(set(METHODS) - CLASS_TARGETS_ONLY))
+def test_tensors_of_other_lengths_are_not_taken_for_copies_of_the_batch(
+    name: str, n: int, batch: torch.Tensor
+) -> None:
+    """Only a pass's own rows are cut: with one image, 12 anchors made 12 'batches' (a map
+    12 times too large); several copies with no tensor of their rows first are refused."""
+    model, x = _WithAnchors(), batch[:n]
+    labels = torch.tensor([1, 4, 7])[:n]
+    options = {**FAST.get(name, {})}
+    if name in ("score_cam", "rise"):
+        options["score"] = "logit"
+    expected = salience.explain(model.net, x, method=name, target=labels, **options)
+    options.pop("score", None)
+
+    def picked(out: dict[str, torch.Tensor]) -> torch.Tensor:
+        return out["logits"].gather(1, labels[:, None])[:, 0]
+
+    found = salience.explain(model, x, method=name, target=picked, **options)
+    torch.testing.assert_close(found.values, expected.values, rtol=1e-4, atol=1e-5)
+    assert found.scores.shape == (n,)
+    if name == "gradient":  # one copy: a sequence-first tensor is the target's to read
+        by_time = salience.gradient(model, x, target=lambda out: out["seq_first"][1, :, 0])
+        torch.testing.assert_close(by_time.values, salience.gradient(model.net, x, 1).values)
+    if name == "smoothgrad":  # copies of the batch: a sequence-first output cannot be cut
+        with pytest.raises(ValueError, match="needs the batch on the first axis"):
+            salience.smoothgrad(
+                lambda t: model(t)["seq_first"], x, target=lambda o: o[1, :, 0], samples=4
+            )
 
 
 class Checkpointed(nn.Module):

@@ -29,26 +29,33 @@ def map_tensors(fn: Callable[[Tensor], Any], value: Any) -> Any:
     if isinstance(value, Tensor):
         return fn(value)
     if isinstance(value, tuple | list):
-        items = [map_tensors(fn, v) for v in value]
+        members = [map_tensors(fn, v) for v in value]
         if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
-            return type(value)(*items)
+            return type(value)(*members)
         try:
-            return type(value)(items)
+            return type(value)(members)
         except TypeError:  # a subclass with a constructor of its own
-            return tuple(items) if isinstance(value, tuple) else items
-    mapped = value
+            return tuple(members) if isinstance(value, tuple) else members
+    items: dict[Any, Any] | None = None
     if isinstance(value, dict):
+        items = {k: map_tensors(fn, v) for k, v in value.items()}
         if type(value) is dict:
-            return {k: map_tensors(fn, v) for k, v in value.items()}
+            return items
+    if not (items is not None or dataclasses.is_dataclass(value)) or isinstance(value, type):
+        return value
+    try:
         mapped = copy.copy(value)
-        for k, v in value.items():
-            mapped[k] = map_tensors(fn, v)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        if mapped is value:
-            mapped = copy.copy(value)
+    except Exception:  # a constructor of its own (an argument it needs): a plain dict then
+        return items if items is not None else value
+    for key, item in (items or {}).items():
+        mapped[key] = item  # item by item: ModelOutput refuses update()
+    if dataclasses.is_dataclass(value):
         for field in dataclasses.fields(value):
-            item = getattr(value, field.name, None)
-            object.__setattr__(mapped, field.name, map_tensors(fn, item))  # frozen ones too
+            if items is not None and field.name in items:  # Hugging Face's ModelOutput:
+                item = items[field.name]  # its fields are its items, mapped once
+            else:
+                item = map_tensors(fn, getattr(value, field.name, None))
+            object.__setattr__(mapped, field.name, item)  # frozen ones too
     return mapped
 
 

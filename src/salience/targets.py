@@ -64,7 +64,8 @@ class ResolvedTarget:
                 target always needs whole copies: it is applied ``n`` rows at a time.
         """
         if self.fn is not None:
-            return _call_grouped(self.fn, output, self.n)
+            rows = None if sample_ids is None else int(sample_ids.numel())
+            return _call_grouped(self.fn, output, self.n, rows)
         rows = _rows(output)
         assert self.classes is not None
         _check_class_output(output, rows)
@@ -288,35 +289,47 @@ def _is_index(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _call_grouped(fn: Callable[[Tensor], Tensor], output: object, n: int) -> Tensor:
+def _call_grouped(
+    fn: Callable[[Tensor], Tensor], output: object, n: int, rows: int | None = None
+) -> Tensor:
     """Apply a user's target to whole copies of the batch, ``n`` rows at a time.
 
-    A structured output (a dict, a tuple, a dataclass...) is cut the same way: every tensor
-    whose first axis has the pass's rows is sliced, so that a target written for one batch
-    (``lambda out: out.logits.gather(1, labels[:, None])[:, 0]``) sees one batch at a time.
+    ``rows``: how many the pass ran (``None``: one copy of the batch). One copy is handed to
+    the target as it is (a sequence-first ``(T, N, V)`` output, a CLIP model's text
+    embeddings). Of several copies, the tensors whose first axis has the pass's rows are cut,
+    in a structured output (a dict, a tuple, a dataclass...) too, so that a target written for
+    one batch (``lambda out: out.logits.gather(1, labels[:, None])[:, 0]``) sees one batch at a
+    time; anything else (anchors, a loss) is passed whole.
+
+    Raises:
+        ValueError: several copies but no tensor with their rows first: the output cannot be
+            cut into batches.
     """
-    if isinstance(output, Tensor):
-        rows = _rows(output)
-    else:
-        # the rows of the pass: the longest first axis among whole copies of the batch
-        firsts = [t.shape[0] for t in tensors_in(output) if t.ndim > 0 and t.shape[0] % n == 0]
-        rows = max(firsts, default=n)
+    rows = n if rows is None else rows
     if rows % n:
         raise RuntimeError(f"{rows} rows are not whole copies of a batch of {n}")
+    if rows == n:
+        value = fn(output)  # type: ignore[arg-type]  # a structured output, passed as it is
+        _check_scores(value, n)
+        return value
+    if not any(t.ndim > 0 and t.shape[0] == rows for t in tensors_in(output)):
+        raise ValueError(
+            f"this method runs {rows // n} copies of the batch in one pass, and no tensor of "
+            f"the model output has their {rows} rows first (a sequence-first output?): a "
+            "callable target needs the batch on the first axis here; pass batch_size=1 or a "
+            "target on a batch-first view of the output"
+        )
+
     parts = []
     for start in range(0, rows, n):
-        if rows == n:
-            chunk = output
-        else:
 
-            def cut(t: Tensor, start: int = start) -> Tensor:
-                return t[start : start + n] if t.ndim > 0 and t.shape[0] == rows else t
+        def cut(t: Tensor, start: int = start) -> Tensor:
+            return t[start : start + n] if t.ndim > 0 and t.shape[0] == rows else t
 
-            chunk = map_tensors(cut, output)
-        value = fn(chunk)  # type: ignore[arg-type]  # a structured output, passed as it is
+        value = fn(map_tensors(cut, output))
         _check_scores(value, n)
         parts.append(value)
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    return torch.cat(parts)
 
 
 def _check_scores(value: object, n: int) -> None:

@@ -412,9 +412,14 @@ def _fingerprint(model: nn.Module) -> str:
     for name, tensor in model.state_dict().items():
         digest.update(name.encode("utf-8"))
         if isinstance(tensor, Tensor):
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            digest.update(_bytes(tensor))
     kind = type(model)
     return f"{kind.__module__}.{kind.__qualname__} {digest.hexdigest()[:16]}"
+
+
+def _bytes(tensor: Tensor) -> bytes:
+    """Return the bytes of a tensor's values (0-dim ones too: BatchNorm's counter)."""
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def _plain(value: Any) -> Any:
@@ -426,8 +431,8 @@ def _plain(value: Any) -> Any:
     if isinstance(value, tuple | list):
         return [_plain(v) for v in value]
     if isinstance(value, Tensor):
-        data = value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
-        return f"tensor {list(value.shape)} {value.dtype} {hashlib.sha1(data).hexdigest()[:16]}"
+        digest = hashlib.sha1(_bytes(value)).hexdigest()[:16]
+        return f"tensor {list(value.shape)} {value.dtype} {digest}"
     if callable(value):
         return f"callable {getattr(value, '__module__', '')}.{getattr(value, '__qualname__', '')}"
     return repr(value)
