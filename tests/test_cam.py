@@ -716,6 +716,58 @@ class Captioner(nn.Module):
         return self.out(torch.tanh(self.decoder(self.words(tokens) + image[:, None])))
 
 
+class PatchTokens(nn.Module):
+    """Patches by unfold and nn.Linear (no convolution shows the grid), with a keep mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.mix, self.fc = nn.Linear(48, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x: Tensor, keep: Tensor) -> Tensor:
+        patches = F.unfold(x, 4, stride=4).transpose(1, 2)  # (N, 16, 48): 4 x 4 patches
+        tokens = torch.relu(self.mix(self.embed(patches))) * keep[..., None]
+        return self.fc(tokens.mean(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
+def test_a_mask_of_patches_is_no_question(dtype: torch.dtype) -> None:
+    """A (N, 16) mask beside 16 patch tokens: its length is no text's."""
+    x, keep = torch.randn(2, 3, 16, 16), torch.ones(2, 16, dtype=dtype)
+    found = sl.grad_cam(PatchTokens(), x, 1, forward_args=(keep,))
+    assert (found.layer, str(found.extras["layout"])) == ("mix", "tokens 4x4")
+
+
+class Siamese(nn.Module):
+    """One backbone run on the image, then on a second input (a reference) that the score
+    ignores; with ``twice=False`` the reference is not run."""
+
+    def __init__(self, twice: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.ReLU())
+        self.head = nn.Linear(6, 4)
+        self.twice = twice
+
+    def forward(self, x: Tensor, reference: Tensor) -> Tensor:
+        logits = self.head(self.body(x).mean((2, 3)))
+        if self.twice:
+            logits = logits + 0 * self.body(reference).mean()
+        return logits
+
+
+@pytest.mark.parametrize("method", CAM_METHODS)
+def test_a_backbone_run_twice_is_read_at_the_images_call(method: str) -> None:
+    """Score-CAM found the image's call with gradients, then recorded the layer again by name:
+    its last call, the reference's (a zero map)."""
+    x, reference = torch.randn(2, 3, 8, 8), torch.zeros(2, 3, 8, 8)
+    found = _run(method, Siamese(True), x, 1, forward_args=(reference,))
+    expected = _run(method, Siamese(False), x, 1, forward_args=(reference,))
+    assert found.layer == "body"
+    torch.testing.assert_close(found.values, expected.values)
+    assert found.values.abs().sum() > 0
+
+
 @pytest.mark.parametrize(
     ("model", "length", "layer"),
     [
@@ -1084,3 +1136,23 @@ def test_an_adaptive_pool_that_only_resamples_is_no_default_layer(size: int) -> 
     assert found.layer == "features"
     torch.testing.assert_close(found.values, sl.grad_cam(model, x, 1, layer="features").values)
     assert sl.grad_cam(model, x, 1, layer="avgpool").layer == "avgpool"  # still yours to pick
+
+
+class RectifiedByFunction(nn.Module):
+    """conv -> F.relu -> an identity adaptive pool: the rectified map is no module's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.avgpool = nn.AdaptiveAvgPool2d((8, 8))
+        self.fc = nn.Linear(6 * 64, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.avgpool(F.relu(self.conv(x))).flatten(1))
+
+
+def test_a_pool_after_a_functional_rectifier_is_the_rectified_map() -> None:
+    """Passing over the pool would fall back to the convolution before the ReLU."""
+    found = sl.grad_cam(RectifiedByFunction().eval(), torch.randn(2, 3, 8, 8), 1)
+    assert found.layer == "avgpool"

@@ -449,14 +449,16 @@ class LayerSearch(_LayerMessages):
                 known.axis = known.axis or axis
         elif cell.axis is None and source is not None and source.shape == output.shape:
             cell.axis = self._cell(source).axis
-        # an adaptive pooling that only resamples its input (torchvision VGG's 7 x 7 avgpool:
-        # the identity at 224², a resampled copy of the last map at other sizes) is no map of
-        # its own
+        # an adaptive pooling that only resamples the last map (torchvision VGG's 7 x 7
+        # avgpool: the identity at 224², a resampled copy at other sizes) is no map of its own;
+        # one that resamples a map no module returned (after a functional ReLU) stays
         resamples = (
             isinstance(module, nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d)
             and source is not None
             and source.ndim == output.ndim == 4
             and output.shape[2] * output.shape[3] >= source.shape[2] * source.shape[3]
+            and bool(self.entries)
+            and self.entries[-1].ref() is source
         )
         entry = self._add(name, output, cell, force=chosen, skip=resamples)
         if not chosen:

@@ -151,10 +151,11 @@ def _capture(
             found = Known(record.name, layout, tuple(record.output.shape))
             remember(model, None, inputs, found, forward.modules)
         changed = record.output is not None and record.output._version != record._version
-        if changed or (_search_with_grad and not grad):
-            # the chosen map was changed in place later on (record it again, with a copy), or
-            # was found with gradients for a method that runs without them (record it again,
-            # without a graph)
+        if changed:
+            # the chosen map was changed in place later on: record it again, with a copy (a
+            # map found with gradients for a method that runs without them is taken as found,
+            # detached below: recording it again by name would take the module's last call,
+            # another image's in a model that runs its backbone twice)
             return _capture(
                 forward, inputs, target, layer=record.name, reshape=None, score=score, grad=grad
             )
@@ -296,6 +297,18 @@ def _size(inputs: Tensor, upsample: bool) -> tuple[int, int] | None:
 
 
 def _lengths(forward: Forward) -> frozenset[int]:
-    """Return the sequence lengths of the model's other inputs: axis 1 of their batch tensors."""
+    """Return the sequence lengths of the model's other inputs (its question, its caption).
+
+    Token ids (and attention masks) ``(N, L)`` of integers, embedded sequences ``(N, L, D)``
+    of floats; a boolean or float ``(N, P)`` mask of patches is no sequence of its own.
+    """
     others = tensors_in((forward.args, forward.kwargs))
-    return frozenset(t.shape[1] for t in others if t.ndim >= 2 and t.shape[0] == forward.n)
+    return frozenset(
+        t.shape[1]
+        for t in others
+        if t.shape[:1] == (forward.n,)
+        and (
+            (t.ndim == 2 and not t.is_floating_point() and t.dtype != torch.bool)
+            or (t.ndim == 3 and t.is_floating_point())
+        )
+    )
