@@ -333,3 +333,18 @@ def test_a_model_with_batchnorm_and_tensor_options_are_described(tmp_path):
     assert (again.written, again.skipped) == (0, 2)
     described = Store(tmp_path / "s").info["options"]["integrated_gradients"]["baseline"]
     assert described.startswith("tensor [] torch.float32 ")
+
+
+def test_the_order_is_that_of_the_last_runs_inputs(tmp_path):
+    """A rerun on a grown folder: the maps it skipped take their places among the new ones."""
+    root = tmp_path / "images"
+    root.mkdir()
+    for name in "cd":
+        Image.fromarray(np.full((16, 16, 3), ord(name), dtype=np.uint8)).save(root / f"{name}.png")
+    _run(root, tmp_path / "s")
+    for name in "ab":
+        Image.fromarray(np.full((16, 16, 3), ord(name), dtype=np.uint8)).save(root / f"{name}.png")
+    _run(root, tmp_path / "s")
+    entries = Store(tmp_path / "s").entries("gradient")
+    assert [Path(e.source).stem for e in entries] == ["a", "b", "c", "d"]
+    assert [e.position for e in entries] == [0, 1, 2, 3]

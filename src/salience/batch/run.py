@@ -316,6 +316,7 @@ def run(
         summary.seconds = time.perf_counter() - start
         summary.failures.sort()
         try:
+            store.write_order(job.keys)
             store.write_index()
             store.write_failures(summary.failures)
         except Exception:

@@ -6,7 +6,9 @@ Layout of a store directory::
                                  target, options): a rerun must match it
     maps/<method>/<key>.npz      one map: its values and its metadata, compressed
     overlays/<method>/<key>.png  the map drawn over the image (only when asked for)
-    index.csv                    one row per map: key, source, method, target, score, file
+    index.csv                    one row per map: position, key, source, method, target,
+                                 score, shape, file
+    order.json                   the position of each input in the last run's inputs
     failures.csv                 the inputs that could not be read or explained, and why
 
 Why one file per map rather than one chunked array (Zarr, HDF5): a dataset-scale run is
@@ -29,7 +31,7 @@ import json
 import os
 import re
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -202,6 +204,18 @@ class Store:
         ))  # fmt: skip
         return atomic_write(self.map_path(key, attribution.method), buffer.getvalue())
 
+    def write_order(self, keys: Sequence[str]) -> Path:
+        """Record ``keys`` as the order of the inputs (of the last run), atomically."""
+        order = {key: i for i, key in enumerate(keys)}
+        return atomic_write(self.path / "order.json", json.dumps(order).encode("utf-8"))
+
+    def _order(self) -> dict[str, int]:
+        try:
+            order = json.loads((self.path / "order.json").read_text("utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return {}
+        return order if isinstance(order, dict) else {}
+
     def write_index(self) -> Path:
         """Rebuild ``index.csv`` from the stored maps, atomically; returns its path."""
         text = io.StringIO()
@@ -226,8 +240,8 @@ class Store:
     def entries(self, method: str | None = None) -> list[Entry]:
         """Every stored map (of ``method``), read from the files.
 
-        Sorted by method, then by the input's position in the dataset (the order of the run's
-        inputs; maps of stores written without positions come after, by key).
+        Sorted by method, then by the input's position among the last run's inputs (maps of
+        inputs it did not have come after, by their position when written, then key).
 
         Raises:
             ValueError: a damaged map file (it names the file: delete it, and a rerun
@@ -237,6 +251,7 @@ class Store:
         if not root.is_dir():
             return []
         found = []
+        order = self._order()
         for folder in sorted(p for p in root.iterdir() if p.is_dir()):
             if method is not None and folder.name != method:
                 continue
@@ -245,6 +260,7 @@ class Store:
                 meta = _read_meta(file)
                 target = meta.get("target")
                 position = meta.get("position")
+                written = position if isinstance(position, int) else None
                 entries.append(
                     Entry(
                         key=meta["key"],
@@ -254,10 +270,12 @@ class Store:
                         score=float(meta["score"]),
                         shape=tuple(meta["shape"]),
                         file=os.fspath(file.relative_to(self.path)),
-                        position=position if isinstance(position, int) else None,
+                        position=order.get(meta["key"], written),
                     )
                 )
-            entries.sort(key=lambda e: (e.position is None, e.position or 0, e.key))
+            entries.sort(
+                key=lambda e: (e.key not in order, e.position is None, e.position or 0, e.key)
+            )
             found.extend(entries)
         return found
 
