@@ -254,3 +254,28 @@ def test_cli_evaluate_errors(tmp_path, capsys):
     code = cli.main(["evaluate", "-m", "cam", "--images", "2", "--steps", "2", "-q", "--seed", "1"])
     assert code == cli.EXIT_OK
     assert "training data" in capsys.readouterr().err
+
+
+def test_cli_evaluate_more_errors(tmp_path, capsys, monkeypatch):
+    for argv, message in [
+        (["--tolerance", "inf"], "finite number of pixels"),
+        (["-m", ""], "-m names no method"),
+        (["-m", ","], "-m names no method"),
+    ]:
+        assert cli.main(["evaluate", *argv]) == cli.EXIT_USAGE
+        assert message in capsys.readouterr().err
+    # a damaged install: the shipped weights are not this network's
+    damaged = tmp_path / "weights.pt"
+    torch.save({"weight": torch.zeros(2, 2)}, damaged)
+    monkeypatch.setattr("salience.models.synthetic.synthetic_weights_path", lambda *a, **k: damaged)
+    assert cli.main(["evaluate", "-m", "gradient", "--images", "2", "-q"]) == cli.EXIT_FAILURE
+    err = capsys.readouterr().err
+    assert "cannot load the synthetic benchmark's model" in err
+    assert "Traceback" not in err
+
+
+def test_evaluate_needs_class_logits():
+    data = salience.metrics.synthetic.generate(2, seed=3)
+    flat = torch.nn.Sequential(torch.nn.Conv2d(3, 1, 1), torch.nn.Flatten(0))
+    with pytest.raises(ValueError, match=r"needs a classifier's \(N, classes\) logits"):
+        evaluate(flat, data.images, data.labels, data.boxes, methods=["gradient"], steps=2)

@@ -449,3 +449,23 @@ def test_smoothgrad_with_a_callable_target_and_small_passes(
     small = salience.smoothgrad(resnet, images, target=target, samples=3, batch_size=1)
     large = salience.smoothgrad(resnet, images, target=target, samples=3, batch_size=64)
     torch.testing.assert_close(small.values, large.values, rtol=1e-5, atol=1e-6)
+
+
+class _ChannelsLastGradient(torch.autograd.Function):
+    """The identity, whose backward hands its gradient on channels-last (as compiled code may)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x * 1
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous(memory_format=torch.channels_last)
+
+
+def test_the_map_keeps_the_inputs_layout(x: torch.Tensor) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    wrapped = lambda t: model(_ChannelsLastGradient.apply(t))  # noqa: E731
+    found = salience.gradient(wrapped, x, target=1)
+    assert found.values.is_contiguous()
+    torch.testing.assert_close(found.values, salience.gradient(model, x, target=1).values)

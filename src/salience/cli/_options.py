@@ -55,6 +55,8 @@ def parse_methods(values: Sequence[str] | None, default: Sequence[str]) -> list[
                 raise UsageError(_one_line(exc)) from None
             if name not in names:
                 names.append(name)
+    if values and not names:  # -m "" or -m , (a variable that expanded to nothing?)
+        raise UsageError("-m names no method; give one or more, or 'all'")
     return names or list(default)
 
 

@@ -101,8 +101,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         )
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
-    if args.tolerance is not None and not args.tolerance >= 0:
-        raise UsageError(f"--tolerance must be a number of pixels >= 0, got {args.tolerance}")
+    if args.tolerance is not None and not 0 <= args.tolerance < float("inf"):
+        raise UsageError(
+            f"--tolerance must be a finite number of pixels >= 0, got {args.tolerance}"
+        )
     methods = parse_methods(args.method, list(available_methods()))
     items = [
         f"{m}.{k}={v!r}" for m, o in EVALUATE_DEFAULTS.items() if m in methods for k, v in o.items()
@@ -115,8 +117,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         )
     try:
         model = synthetic_cnn()
-    except FileNotFoundError as exc:
-        raise CLIError(_one_line(exc)) from None
+    except Exception as exc:  # missing, or not the weights of this network (a damaged install)
+        raise CLIError(f"cannot load the synthetic benchmark's model: {_one_line(exc)}") from None
     data = generate(args.images, seed=args.seed)
     table = evaluate(
         model,

@@ -190,6 +190,8 @@ def _grad(scores: Tensor, wrt: Tensor) -> Tensor:
     (grad,) = torch.autograd.grad(scores.sum(), wrt, allow_unused=True)
     if grad is None:  # the graph holds other leaves (weights), not the inputs
         raise not_differentiable()
+    if wrt.is_contiguous() and not grad.is_contiguous():
+        grad = grad.contiguous()  # the layout of the input (compiled code may choose another)
     return grad
 
 

@@ -376,7 +376,13 @@ def evaluate(
     with model_scope(model, x) as fwd, torch.no_grad():
         for start in range(0, n, batch_size):
             index = torch.arange(start, min(start + batch_size, n), device=x.device)
-            predicted.append(fwd(x[index].clone(), index).argmax(dim=1))
+            logits = fwd(x[index].clone(), index)
+            if not isinstance(logits, Tensor) or logits.ndim != 2:
+                shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits)
+                raise ValueError(
+                    f"evaluate needs a classifier's (N, classes) logits; the model returned {shape}"
+                )
+            predicted.append(logits.argmax(dim=1))
     top1 = torch.cat(predicted)
     region = masks if masks is not None else boxes
     chunks = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
