@@ -58,7 +58,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from ._checks import warn
+from ._checks import modules_of, warn
 from .rectifiers import (
     RECTIFIER_SPELLINGS,
     SITES,
@@ -263,14 +263,27 @@ def rectifier_rule(
         yield None
         return
     extend = resolve_activations(activations)
-    if isinstance(model, torch.jit.ScriptModule):
-        raise TypeError(
-            f"the {rule} backward rule cannot be applied to a TorchScript model: its ReLUs run "
-            "outside Python. Load the model as a Python nn.Module instead"
-        )
+    _refuse_script(model, f"the {rule} backward rule", "its ReLUs")
     with _RectifierMode(rule, extend) as mode, _counted():
         yield mode
     mode.check(method or _METHODS.get(rule, rule))
+
+
+def _refuse_script(model: Any, what: str, calls: str) -> None:
+    """Raise for a model that is, or holds, TorchScript: its calls run outside Python.
+
+    A rule would not reach them, and a scripted block would keep its plain gradient.
+    """
+    if not isinstance(model, nn.Module):
+        return
+    for module in modules_of(model):
+        if isinstance(module, torch.jit.ScriptModule):
+            name = next(n for n, m in model.named_modules() if m is module)
+            where = "a TorchScript model" if not name else f"TorchScript module {name!r}"
+            raise TypeError(
+                f"{what} cannot be applied to {where}: {calls} run outside Python. Load the "
+                "model as a Python nn.Module instead"
+            )
 
 
 class _CallMode(TorchFunctionMode):
@@ -326,11 +339,7 @@ def call_rule(model: nn.Module, handle: CallHandler, *, method: str) -> Iterator
         TypeError: for TorchScript models, whose calls run outside Python; the message names
             ``method``.
     """
-    if isinstance(model, torch.jit.ScriptModule):
-        raise TypeError(
-            f"{method} cannot be applied to a TorchScript model: its operations run outside "
-            "Python. Load the model as a Python nn.Module instead"
-        )
+    _refuse_script(model, method, "its operations")
     with _CallMode(handle, method), _counted():
         yield
 
@@ -396,6 +405,7 @@ def ruled_forward(
     """
     if rule == "gradient":
         return run(), None
+    _refuse_script(model, f"the {rule} backward rule", "its ReLUs")
     if not resolve_activations(activations):
         ruled = _node_rule(model, run, rule, method or _METHODS.get(rule, rule))
         if ruled is not None:

@@ -824,7 +824,13 @@ def search_layers(
         # a convolution (or a norm, pool, ...) says its layout itself
         watched = [layer]
     else:
-        watched = [(n, m) for n, m in model.named_modules() if n]
+        # every module but TorchScript ones (they run no hooks: a scripted stem of a Python
+        # model is passed over)
+        watched = [
+            (n, m)
+            for n, m in model.named_modules()
+            if n and not isinstance(m, torch.jit.ScriptModule)
+        ]
     with forward_hooks(watched, search._hook):
         yield search
 
