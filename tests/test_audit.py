@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from salience import cli
+from salience.attribution import Attribution
 from salience.metrics import deletion, insertion
 from salience.metrics.audit import MethodAudit, Reading, _read_invariance, _versus_chance, audit
 from test_report import _batchnorm_net, _chromium_counts, _parse, _photo
@@ -159,6 +161,14 @@ def test_the_invariance_reading_shows_the_worst_image():
         for tolerance in (0.01, 0.02)
     }
     failed, passed = _read_invariance(rows[0.01]), _read_invariance(rows[0.02])
+    # a zero map that does not stay zero under the shift is a failure, not left out
+    zero_map = Attribution(torch.zeros(2, 1, 2, 2), None, torch.zeros(2), "gradient")
+    row = MethodAudit("gradient", attribution=zero_map, invariance=SimpleNamespace(
+        change=torch.tensor([math.inf, 0.0]), tolerance=0.01
+    ))  # fmt: skip
+    reading = _read_invariance(row)
+    assert reading is not None
+    assert (reading.value, reading.verdict) == (math.inf, "bad")
     assert failed is not None
     assert passed is not None
     assert failed.value == passed.value == pytest.approx(0.011)

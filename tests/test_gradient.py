@@ -235,6 +235,9 @@ def test_mask_target_checks_its_class_and_mask(x: torch.Tensor) -> None:
     found = salience.gradient(model, x, target=salience.mask_target(3, mask))
     w = model.conv.weight[3, :, 0, 0].detach()  # d/dx of sum(mask * conv(x)[3]) is w * mask
     torch.testing.assert_close(found.values, (w[:, None, None] * mask).expand_as(x))
+    # an argmax's 0-d tensor as the class, one (1, H, W) mask for every sample: as before
+    again = salience.gradient(model, x, target=salience.mask_target(torch.tensor(3), mask[None]))
+    torch.testing.assert_close(again.values, found.values)
 
 
 def test_bad_callable_target_results_are_errors(linear: Linear, x: torch.Tensor) -> None:

@@ -169,6 +169,12 @@ def mask_target(class_index: int, mask: Tensor | None = None) -> Callable[[Tenso
             evaluated, a class beyond the output's or a mask of another size.
         TypeError: a class that is not an int, a mask that is not a tensor.
     """
+    if (
+        isinstance(class_index, Tensor)
+        and class_index.numel() == 1
+        and not (class_index.is_floating_point() or class_index.dtype == torch.bool)
+    ):
+        class_index = int(class_index)  # an argmax
     if not _is_index(class_index):
         raise TypeError(f"mask_target needs an int class index, got {type(class_index).__name__}")
     if class_index < 0:
@@ -198,7 +204,9 @@ def mask_target(class_index: int, mask: Tensor | None = None) -> Callable[[Tenso
         plane = output[:, class_index]
         if mask is None:
             return plane.flatten(1).sum(1)
-        if mask.shape[-2:] != plane.shape[1:] or (mask.ndim == 3 and mask.shape[0] != len(plane)):
+        if mask.shape[-2:] != plane.shape[1:] or (
+            mask.ndim == 3 and mask.shape[0] not in (1, len(plane))
+        ):
             expected = f"{tuple(plane.shape[1:])} or {tuple(plane.shape)}"
             raise ValueError(
                 f"the mask of shape {tuple(mask.shape)} does not fit the output's class planes: "

@@ -576,12 +576,13 @@ def _read_stability(row: MethodAudit, *_: Any) -> Reading | None:
 def _of_maps(row: MethodAudit, per_image: Tensor) -> Tensor:
     """Return the figures of the images whose map is not zero everywhere.
 
-    A zero map explains nothing: that it stays zero under a shift or noise is no merit.
+    A zero map explains nothing: that it stays zero under a shift or noise is no merit. One
+    that does not stay zero (an infinite change) is kept: that is a failure.
     """
     if row.attribution is None:
         return per_image
-    shown = row.attribution.values.flatten(1).abs().amax(1) > 0
-    return per_image[shown.to(per_image.device)]
+    shown = row.attribution.values.flatten(1).abs().amax(1).to(per_image.device) > 0
+    return per_image[shown | (per_image != 0)]
 
 
 _READERS: dict[str, Callable[[MethodAudit, float | None, float | None], Reading | None]] = {
