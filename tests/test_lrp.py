@@ -797,3 +797,32 @@ def test_the_amplification_threshold() -> None:
         _warn_amplified(torch.tensor([-2.0, 0.9, 0.5]), torch.tensor([0.03, 0.004, -5.0]))
     with pytest.warns(UserWarning, match=r"sample\(s\) \[1, 2\] sums to 1.2, 600 for a score"):
         _warn_amplified(torch.tensor([-2.0, 1.2, 600.0]), torch.tensor([0.03, 0.004, -5.0]))
+
+
+class _Pooled(nn.Module):
+    """conv -> ReLU -> a 2 x 2 average, as nn.AvgPool2d or as F.conv2d with a buffer filter
+    (timm's BlurPool2d) -> linear."""
+
+    def __init__(self, fixed_filter: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.register_buffer("filt", torch.full((4, 1, 2, 2), 0.25))
+        self.pool = nn.AvgPool2d(2)
+        self.fc = nn.Linear(4 * 16, 3)
+        self.fixed_filter = fixed_filter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))
+        h = F.conv2d(h, self.filt, stride=2, groups=4) if self.fixed_filter else self.pool(h)
+        return self.fc(h.flatten(1))
+
+
+@pytest.mark.parametrize("composite", ["epsilon_plus", "epsilon_alpha2_beta1", "epsilon_plus_flat"])
+def test_a_fixed_filter_passes_relevance_as_a_pool(composite: str) -> None:
+    """α2β1 at the buffer convolution handed on twice its relevance (nothing negative)."""
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    pooled = salience.lrp(_Pooled(False).double().eval(), x, 1, composite=composite)
+    filtered = salience.lrp(_Pooled(True).double().eval(), x, 1, composite=composite)
+    torch.testing.assert_close(filtered.values, pooled.values)
+    assert filtered.extras["rules"] == pooled.extras["rules"]

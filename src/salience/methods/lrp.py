@@ -117,6 +117,7 @@ class _State:
     composite: Composite
     inputs: Tensor
     params: dict[int, tuple[str, nn.Module]]
+    filters: frozenset[int] = frozenset()  # ids of module buffers: fixed filters (blur pooling)
     model_input: Tensor = field(default_factory=lambda: torch.empty(0))
     counts: Counter[str] = field(default_factory=Counter)
     canonized: int = 0
@@ -250,6 +251,11 @@ class _State:
         if not _grad_tensor(x) or not isinstance(weight, Tensor):
             return NotImplemented
         owner = self.owner(weight)
+        if owner is None and id(weight) in self.filters and _pools(func, x, weight, args, kwargs):
+            # a fixed filter (timm's BlurPool2d: a depthwise F.conv2d with a non-negative
+            # buffer) is a pooling: the relevance passes it as it passes an average pool
+            # (LRP-0), not by the conv rule (α2β1 would double it: no negative part)
+            return NotImplemented
         path, module_type = (owner[0], type(owner[1])) if owner else (None, kind[0])
         name = path if path is not None else f"functional {getattr(func, '__name__', func)}"
         direct = self.direct_of(x)
@@ -494,6 +500,16 @@ def _warn_amplified(relevance: Tensor, scores: Tensor) -> None:
     )
 
 
+def _pools(
+    func: Any, x: Tensor, weight: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> bool:
+    """Whether a convolution with a buffer as weight is a pooling: depthwise, non-negative."""
+    if func is F.linear or weight.ndim < 3 or weight.shape[1] != 1:
+        return False
+    groups = _arg(args, kwargs, 6, "groups", 1)
+    return groups == x.shape[1] and bool((weight >= 0).all())
+
+
 def _parameters(modules: list[tuple[str, nn.Module]]) -> dict[int, tuple[str, nn.Module]]:
     return {
         id(p): (name, module)
@@ -577,7 +593,8 @@ def lrp(
     )
     with model_scope(model, inputs, forward_args=forward_args, allow_tf32=allow_tf32) as fwd:
         modules = list(model.named_modules()) if isinstance(model, nn.Module) else []
-        state = _State(resolved_composite, inputs, _parameters(modules))
+        filters = frozenset(id(b) for _, m in modules for b in m._buffers.values() if b is not None)
+        state = _State(resolved_composite, inputs, _parameters(modules), filters)
         # The modules with parameters: check_modules needs to know which ran (and where()
         # names the last one in messages).
         hooked = [(n, m) for n, m in modules if any(p is not None for p in m._parameters.values())]

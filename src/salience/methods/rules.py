@@ -216,7 +216,9 @@ class Composite:
     A rule is looked up, for a layer that reads the model input (or a zero padding of it),
     first in ``first``; then by the module's path in ``layers``; then by type, in the order of
     ``layers``. A functional ``F.conv2d``/``F.linear`` whose weight is no module parameter is
-    looked up by type as ``nn.Conv2d``/``nn.Linear`` would be.
+    looked up by type as ``nn.Conv2d``/``nn.Linear`` would be, unless it is a fixed filter (a
+    depthwise convolution whose weight is a non-negative module buffer: blur pooling), which
+    relevance passes as an average pool (LRP-0).
 
     Args:
         layers: ``(key, rule)`` pairs; a key is a module type or a module path. A mapping is
