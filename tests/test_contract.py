@@ -645,3 +645,29 @@ def test_a_scripted_part_is_refused_by_rules_and_passed_over_by_hooks(
     found = run(name, model, batch, target=[1, 4, 7])
     expected = run(name, model.net, batch, target=[1, 4, 7])
     torch.testing.assert_close(found.values, expected.values, rtol=1e-4, atol=1e-6)
+
+
+class _ClipLike(nn.Module):
+    """Image embeddings beside a fixed set of prompts' embeddings (as many as a pass's rows)."""
+
+    def __init__(self, prompts: int) -> None:
+        super().__init__()
+        self.net = model_for("gradient")
+        generator = torch.Generator().manual_seed(2)
+        self.text = nn.Parameter(torch.randn(prompts, 10, generator=generator))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"image_embeds": self.net(x), "text_embeds": self.text * 1}
+
+
+def test_per_sample_tensors_are_told_from_others_by_the_first_pass(batch: torch.Tensor) -> None:
+    """4 prompts and passes of 4 rows (IG, batch_size=4 on one image): the prompts were cut
+    as if they were copies of the image (a map 0.71 off)."""
+    model, x = _ClipLike(prompts=4), batch[:1]
+
+    def similarity(out: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (out["image_embeds"] @ out["text_embeds"].T)[:, 0]
+
+    grouped = salience.integrated_gradients(model, x, similarity, steps=8, batch_size=4)
+    alone = salience.integrated_gradients(model, x, similarity, steps=8, batch_size=1)
+    torch.testing.assert_close(grouped.values, alone.values, rtol=1e-4, atol=1e-6)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeAlias
 
@@ -53,6 +53,7 @@ class ResolvedTarget:
     classes: Tensor | None
     fn: Callable[[Tensor], Tensor] | None
     score: Score = "logit"
+    batched: tuple[bool, ...] | None = None  # a structured output's per-sample tensors
 
     def scores(self, output: Tensor, sample_ids: Tensor | None = None) -> Tensor:
         """Return the explained score of each row of ``output``: ``(R,)``, or ``(R, K)``.
@@ -65,7 +66,7 @@ class ResolvedTarget:
         """
         if self.fn is not None:
             rows = None if sample_ids is None else int(sample_ids.numel())
-            return _call_grouped(self.fn, output, self.n, rows)
+            return _call_grouped(self.fn, output, self.n, rows, self.batched)
         rows = _rows(output)
         assert self.classes is not None
         _check_class_output(output, rows)
@@ -113,7 +114,12 @@ def resolve_target(
                 f"score={score!r} applies to class targets; a callable target defines its own "
                 "score (apply softmax inside it if you need probabilities)"
             )
-        resolved = ResolvedTarget(n=n, classes=None, fn=target)
+        # which tensors of a structured output hold one row per sample (logits, not a CLIP
+        # model's text embeddings): only those are cut into copies of the batch later
+        batched = None
+        if not isinstance(output, Tensor):
+            batched = tuple(t.ndim > 0 and t.shape[0] == n for t in tensors_in(output))
+        resolved = ResolvedTarget(n=n, classes=None, fn=target, batched=batched)
         resolved.scores(output)  # type: ignore[arg-type]  # validates shape now
         return resolved
     if not isinstance(output, Tensor):
@@ -298,7 +304,11 @@ def _is_index(value: object) -> bool:
 
 
 def _call_grouped(
-    fn: Callable[[Tensor], Tensor], output: object, n: int, rows: int | None = None
+    fn: Callable[[Tensor], Tensor],
+    output: object,
+    n: int,
+    rows: int | None = None,
+    batched: tuple[bool, ...] | None = None,
 ) -> Tensor:
     """Apply a user's target to whole copies of the batch, ``n`` rows at a time.
 
@@ -307,7 +317,9 @@ def _call_grouped(
     embeddings). Of several copies, the tensors whose first axis has the pass's rows are cut,
     in a structured output (a dict, a tuple, a dataclass...) too, so that a target written for
     one batch (``lambda out: out.logits.gather(1, labels[:, None])[:, 0]``) sees one batch at a
-    time; anything else (anchors, a loss) is passed whole.
+    time; anything else (anchors, a loss) is passed whole. ``batched`` (from the output of one
+    copy) says which tensors hold one row per sample: a CLIP model's text embeddings are not
+    cut, even when there are as many prompts as the pass has rows.
 
     Raises:
         ValueError: several copies but no tensor with their rows first: the output cannot be
@@ -320,19 +332,23 @@ def _call_grouped(
         value = fn(output)  # type: ignore[arg-type]  # a structured output, passed as it is
         _check_scores(value, n)
         return value
-    if not any(t.ndim > 0 and t.shape[0] == rows for t in tensors_in(output)):
+    tensors = tensors_in(output)
+    if batched is None or len(batched) != len(tensors):
+        batched = (True,) * len(tensors)
+    cuts = [b and t.ndim > 0 and t.shape[0] == rows for b, t in zip(batched, tensors, strict=True)]
+    if not any(cuts):
         raise ValueError(
             f"this method runs {rows // n} copies of the batch in one pass, and no tensor of "
             f"the model output has their {rows} rows first (a sequence-first output?): a "
-            "callable target needs the batch on the first axis here; pass batch_size=1 or a "
-            "target on a batch-first view of the output"
+            "callable target needs the batch on the first axis of the output here"
         )
 
     parts = []
     for start in range(0, rows, n):
+        order = iter(cuts)
 
-        def cut(t: Tensor, start: int = start) -> Tensor:
-            return t[start : start + n] if t.ndim > 0 and t.shape[0] == rows else t
+        def cut(t: Tensor, start: int = start, order: Iterator[bool] = order) -> Tensor:
+            return t[start : start + n] if next(order, False) else t
 
         value = fn(map_tensors(cut, output))
         _check_scores(value, n)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import not_differentiable, warn_zero_maps
-from .._containers import tensors_in
+from .._containers import map_tensors, tensors_in
 from .._forward import Forward
 from ..attribution import Attribution
 from ..layers import (
@@ -203,7 +203,7 @@ def _capture(
         activation=raw if reshape is None else reshape(raw),
         reshape=reshape,
         layout=layout,
-        output=output.detach() if isinstance(output, Tensor) else output,
+        output=map_tensors(Tensor.detach, output),  # a dict's too: no graph held past here
         resolved=resolved,
         scores=scores,
         multi=multi,
