@@ -96,6 +96,7 @@ def _capture(
         )
     n = inputs.shape[0]
     named = None if layer is None else find_layer(model, layer)
+    _check_script(model, named, forward.modules)
     # The layer search hooks every module when the layer's type does not say its layout (or
     # none is named): what it found for this model and input shape is remembered, and later
     # calls hook that layer only (salience.layers.recall). Not with extra forward arguments,
@@ -312,3 +313,29 @@ def _lengths(forward: Forward) -> frozenset[int]:
             or (t.ndim == 3 and t.is_floating_point())
         )
     )
+
+
+def _check_script(
+    model: nn.Module, named: tuple[str, nn.Module] | None, modules: list[nn.Module] | None
+) -> None:
+    """Refuse a layer inside TorchScript, and a default layer where TorchScript runs.
+
+    Scripted modules run no hooks: a layer in one cannot be recorded, and a search that passes
+    them over could take a layer before a scripted backbone without knowing.
+    """
+    walked = modules if modules is not None else list(model.modules())
+    if not any(isinstance(m, torch.jit.ScriptModule) for m in walked):
+        return
+    scripted = [n for n, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
+    if named is None:
+        raise TypeError(
+            f"the model holds TorchScript module {scripted[0]!r}, which runs no hooks: the "
+            "default layer cannot be found past it. Pass layer= a Python module of the model "
+            "(the layer to explain), or load the model as Python"
+        )
+    inside = [s for s in scripted if named[0] == s or named[0].startswith(f"{s}.")]
+    if inside:
+        raise TypeError(
+            f"layer {named[0]!r} is in TorchScript module {inside[0]!r}, which runs no hooks; "
+            "pass a layer of the model's Python modules, or load the model as Python"
+        )
