@@ -348,3 +348,15 @@ def test_the_order_is_that_of_the_last_runs_inputs(tmp_path):
     entries = Store(tmp_path / "s").entries("gradient")
     assert [Path(e.source).stem for e in entries] == ["a", "b", "c", "d"]
     assert [e.position for e in entries] == [0, 1, 2, 3]
+
+
+def test_maps_the_last_run_did_not_have_come_after_without_a_position(folder, tmp_path):
+    _run(folder, tmp_path / "s")
+    one = sorted(str(p) for p in folder.glob("im*.png"))[:1]
+    again = _run(one, tmp_path / "s")
+    assert (again.written, again.skipped) == (0, 2)
+    entries = Store(tmp_path / "s").entries("gradient")
+    assert [e.position for e in entries] == [0, None, None, None, None]
+    assert entries[0].source == one[0]
+    rows = list(csv.DictReader((tmp_path / "s" / "index.csv").open()))
+    assert [r["position"] for r in rows[:2]] == ["0", ""]  # no two rows at position 0

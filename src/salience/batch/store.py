@@ -240,8 +240,8 @@ class Store:
     def entries(self, method: str | None = None) -> list[Entry]:
         """Every stored map (of ``method``), read from the files.
 
-        Sorted by method, then by the input's position among the last run's inputs (maps of
-        inputs it did not have come after, by their position when written, then key).
+        Sorted by method, then by the input's position among the last run's inputs; maps of
+        inputs it did not have come after, by key, with no position.
 
         Raises:
             ValueError: a damaged map file (it names the file: delete it, and a rerun
@@ -270,12 +270,11 @@ class Store:
                         score=float(meta["score"]),
                         shape=tuple(meta["shape"]),
                         file=os.fspath(file.relative_to(self.path)),
-                        position=order.get(meta["key"], written),
+                        # the position among the last run's inputs; none for the others
+                        position=order.get(meta["key"]) if order else written,
                     )
                 )
-            entries.sort(
-                key=lambda e: (e.key not in order, e.position is None, e.position or 0, e.key)
-            )
+            entries.sort(key=lambda e: (e.position is None, e.position or 0, e.key))
             found.extend(entries)
         return found
 
@@ -305,8 +304,8 @@ class Store:
     def maps(self, method: str, keys: list[str] | None = None) -> tuple[list[str], Tensor]:
         """Return ``(keys, saliency)``: one method's maps as ``(N, H, W)``, for the metrics.
 
-        In the order of the run's inputs (map ``i`` is of input ``i`` when every input was
-        explained; ``keys`` says which), or of ``keys`` when given. The maps must share a size
+        In the order of the last run's inputs (map ``i`` is of its input ``i`` when every input
+        was explained; ``keys`` says which), or of ``keys`` when given. The maps must share a size
         (inputs preprocessed to one size, as a model needs).
         """
         keys = keys if keys is not None else [e.key for e in self.entries(method)]
