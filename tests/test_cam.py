@@ -764,6 +764,7 @@ def test_a_backbone_run_twice_is_read_at_the_images_call(method: str) -> None:
     found = _run(method, Siamese(True), x, 1, forward_args=(reference,))
     expected = _run(method, Siamese(False), x, 1, forward_args=(reference,))
     assert found.layer == "body"
+    assert (found.extras["layer_call"], found.extras["layer_calls"]) == (1, 2)
     torch.testing.assert_close(found.values, expected.values)
     assert found.values.abs().sum() > 0
 

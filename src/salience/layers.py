@@ -72,8 +72,11 @@ explain an early map, with the ``layer=`` and ``reshape=`` for the tokens.
 ResNet block, the ``_swish`` ReLU6 of EfficientNet-Lite0, which runs on the stem and on the
 head) has several outputs. The layer is then explained at its **last** call: that is the output
 that is closest to the prediction and, for a module reused for the final activation, the
-feature map that the classifier pools. The number of calls is reported
-(``Attribution.extras["layer_calls"]``) so that a reused module never goes unnoticed.
+feature map that the classifier pools (the default layer: its last call computed from the
+image, so that a backbone run on the image and then on a reference from ``forward_args`` is
+read at the image's call; ``layer=`` reads the last call). The number of calls is reported
+(``Attribution.extras["layer_calls"]``), and the call explained (``extras["layer_call"]``),
+so that a reused module never goes unnoticed.
 
 Recording never changes what the model computes: for a layer chosen with ``layer=``, the hook
 hands the model an identical copy of the layer output, so that in-place operations later in
@@ -245,12 +248,14 @@ class LayerRecord:
     Attributes:
         name: Dotted name of the layer.
         calls: How many times the layer ran.
-        output: Its output at the last call (in the autograd graph when gradients were on).
+        output: Its output at the call recorded (in the autograd graph when gradients were on).
+        call: Which call that is, from 1 (``None``: the last).
     """
 
     name: str
     calls: int = 0
     output: Tensor | None = None
+    call: int | None = None
     _version: int = field(default=0, repr=False)
 
     def activation(self) -> Tensor:
@@ -652,7 +657,7 @@ class LayerSearch(_LayerMessages):
             # a transformer whose tokens fit no grid: an early map would explain little
             raise ValueError(self._unread_tokens(unread[-1], entry, layouts[0]))
         calls = self.calls[entry.name]
-        record = LayerRecord(entry.name, calls=calls, output=entry.tensor)
+        record = LayerRecord(entry.name, calls=calls, output=entry.tensor, call=entry.call)
         record._version = entry.version
         structural = entry is pool[0][0] and entry.call == calls and not special
         return LayerChoice(

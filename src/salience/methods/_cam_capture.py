@@ -45,6 +45,7 @@ class _Capture:
 
     layer: str
     calls: int
+    call: int  # the call explained, from 1
     raw: Tensor  # the layer output, in the graph when gradients are on
     activation: Tensor  # (N, K, h, w): ``reshape(raw)``
     reshape: Reshape | None  # raw -> activation (and gradients alike); None: raw is the map
@@ -200,6 +201,7 @@ def _capture(
     return _Capture(
         layer=record.name,
         calls=record.calls,
+        call=record.call or record.calls,
         raw=raw,
         activation=raw if reshape is None else reshape(raw),
         reshape=reshape,
@@ -287,7 +289,12 @@ def _result(
         scores=scores if cap.multi else scores[:, 0],
         method=method,
         output=cap.output,
-        extras={"layer_calls": cap.calls, "layout": str(cap.layout), **(extras or {})},
+        extras={
+            "layer_calls": cap.calls,
+            "layer_call": cap.call,
+            "layout": str(cap.layout),
+            **(extras or {}),
+        },
         reduction="none",
         layer=cap.layer,
     )

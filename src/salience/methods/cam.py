@@ -25,7 +25,9 @@ same tensor), ``"features"`` for a VGG, ``"norm"`` (NHWC) for a Swin, ``"blocks.
 (tokens) for a ViT that classifies its class token: the final ``norm`` would have zero
 gradients at every patch token. Attention tensors ``(N, heads, tokens, head_dim)`` are never
 taken for maps. A module that runs several times per forward pass is explained at its
-**last** call, and ``extras["layer_calls"]`` says how many calls there were. On
+**last** call (the default layer: its last call computed from the image, not a reference
+image's from ``forward_args``), and ``extras["layer_calls"]`` says how many calls there were,
+``extras["layer_call"]`` which was explained. On
 EfficientNet-Lite0 the default is therefore ``"_swish"``, the ReLU6 module shared by the stem
 and the head, at its second call: the activated head features, exactly the map the classifier
 pools (the choice CAM needs). The model output itself is never chosen, nor a class map the
