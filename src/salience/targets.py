@@ -161,7 +161,9 @@ def class_target(index: int) -> Callable[[Tensor], Tensor]:
     return pick
 
 
-def mask_target(class_index: int, mask: Tensor | None = None) -> Callable[[Tensor], Tensor]:
+def mask_target(
+    class_index: int | Tensor, mask: Tensor | None = None
+) -> Callable[[Tensor], Tensor]:
     """Return a target for dense outputs ``(N, classes, H, W)``: a class summed over a mask.
 
     This is how segmentation networks are explained (Vinogradova et al. 2020): the score is
@@ -173,7 +175,8 @@ def mask_target(class_index: int, mask: Tensor | None = None) -> Callable[[Tenso
     Raises:
         ValueError: a negative class, a mask that is not 2-D or 3-D; when the target is
             evaluated, a class beyond the output's or a mask of another size.
-        TypeError: a class that is not an int, a mask that is not a tensor.
+        TypeError: a class that is not an int (or a one-element integer tensor: an argmax), a
+            mask that is not a tensor.
     """
     if (
         isinstance(class_index, Tensor)
