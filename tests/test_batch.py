@@ -360,3 +360,10 @@ def test_maps_the_last_run_did_not_have_come_after_without_a_position(folder, tm
     assert entries[0].source == one[0]
     rows = list(csv.DictReader((tmp_path / "s" / "index.csv").open()))
     assert [r["position"] for r in rows[:2]] == ["0", ""]  # no two rows at position 0
+
+
+def test_a_run_with_no_inputs_leaves_no_positions(tmp_path):
+    data = [torch.randn(3, 16, 16) for _ in range(3)]
+    run(_model(), data, ["gradient"], tmp_path / "s")
+    run(_model(), [], ["gradient"], tmp_path / "s")
+    assert [e.position for e in Store(tmp_path / "s").entries()] == [None, None, None]

@@ -637,8 +637,8 @@ def test_a_scripted_part_is_refused_by_rules_and_passed_over_by_hooks(
     name: str, batch: torch.Tensor
 ) -> None:
     """DeepLIFT's map was 62 % off, silently: its rules did not reach the scripted block. A
-    CAM cannot tell where a scripted block runs: it needs layer= (a search passing the block
-    over took a layer before a scripted backbone)."""
+    CAM cannot tell where a scripted block runs: its default layer comes with a warning (a
+    search passing the block over took a layer before a scripted backbone, silently)."""
     model = ScriptedStem()
     if name in RULES:
         with pytest.raises(TypeError, match="TorchScript module 'stem'"):
@@ -646,7 +646,7 @@ def test_a_scripted_part_is_refused_by_rules_and_passed_over_by_hooks(
         return
     options = {}
     if get_method(name).kind == "cam":
-        with pytest.raises(TypeError, match=r"holds TorchScript module 'stem'.*Pass layer="):
+        with pytest.warns(UserWarning, match=r"holds TorchScript module 'stem'.*Pass layer="):
             run(name, model, batch, target=[1, 4, 7])
         with pytest.raises(TypeError, match=r"'stem\.0' is in TorchScript module 'stem'"):
             run(name, model, batch, target=[1, 4, 7], layer="stem.0")
@@ -680,3 +680,34 @@ def test_per_sample_tensors_are_told_from_others_by_the_first_pass(batch: torch.
     grouped = salience.integrated_gradients(model, x, similarity, steps=8, batch_size=4)
     alone = salience.integrated_gradients(model, x, similarity, steps=8, batch_size=1)
     torch.testing.assert_close(grouped.values, alone.values, rtol=1e-4, atol=1e-6)
+
+
+@dataclasses.dataclass
+class _ItemsAndFields(collections.OrderedDict):
+    """A dict and a dataclass whose field ``prompts`` is no item (unlike a ModelOutput's)."""
+
+    logits: torch.Tensor | None = None
+    prompts: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self["logits"] = self.logits
+
+
+def test_a_field_that_is_no_item_is_walked_in_the_same_order() -> None:
+    """The per-sample flags of the first pass are read in map_tensors' order: with the field
+    left out of the walk, the prompts took the logits' flag and were cut, silently."""
+    prompts = torch.arange(3.0)[:, None]  # 3 x 1: no row per sample
+
+    class Model(nn.Module):
+        def forward(self, x: torch.Tensor) -> Any:
+            logits = x.flatten(1)[:, :4] * 10
+            return (_ItemsAndFields(logits=logits, prompts=prompts), logits)
+
+    def target(out: Any) -> torch.Tensor:
+        return out[1][:, 1] + out[0].prompts.sum()
+
+    x = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).view(2, 3, 2, 2)
+    resolved = salience.resolve_target(target, Model()(x), 2)
+    copies = Model()(torch.cat([x, x * 2]))
+    expected = torch.cat([x[:, 0, 0, 1] * 10, x[:, 0, 0, 1] * 20]) + 3
+    torch.testing.assert_close(resolved.scores(copies, torch.arange(4) % 2), expected)

@@ -65,9 +65,15 @@ def tensors_in(value: Any) -> list[Tensor]:
         return [value]
     if isinstance(value, tuple | list):
         return [t for v in value for t in tensors_in(v)]
+    found: list[Tensor] = []
     if isinstance(value, dict):
-        return [t for v in value.values() for t in tensors_in(v)]
+        found = [t for v in value.values() for t in tensors_in(v)]
+        if type(value) is dict:
+            return found
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = dataclasses.fields(value)
-        return [t for f in fields for t in tensors_in(getattr(value, f.name, None))]
-    return []
+        # the fields that are no items too (a ModelOutput's are all items): as map_tensors
+        items = value if isinstance(value, dict) else {}
+        for field in dataclasses.fields(value):
+            if field.name not in items:
+                found.extend(tensors_in(getattr(value, field.name, None)))
+    return found

@@ -351,7 +351,8 @@ def _call_grouped(
         order = iter(cuts)
 
         def cut(t: Tensor, start: int = start, order: Iterator[bool] = order) -> Tensor:
-            return t[start : start + n] if next(order, False) else t
+            per_sample = next(order, False) and t.ndim > 0 and t.shape[0] == rows
+            return t[start : start + n] if per_sample else t
 
         value = fn(map_tensors(cut, output))
         _check_scores(value, n)

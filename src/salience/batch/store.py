@@ -209,12 +209,13 @@ class Store:
         order = {key: i for i, key in enumerate(keys)}
         return atomic_write(self.path / "order.json", json.dumps(order).encode("utf-8"))
 
-    def _order(self) -> dict[str, int]:
+    def _order(self) -> dict[str, int] | None:
+        """Return the last run's order, or ``None`` for a store written before there was one."""
         try:
             order = json.loads((self.path / "order.json").read_text("utf-8"))
         except (OSError, json.JSONDecodeError):
-            return {}
-        return order if isinstance(order, dict) else {}
+            return None
+        return order if isinstance(order, dict) else None
 
     def write_index(self) -> Path:
         """Rebuild ``index.csv`` from the stored maps, atomically; returns its path."""
@@ -271,7 +272,7 @@ class Store:
                         shape=tuple(meta["shape"]),
                         file=os.fspath(file.relative_to(self.path)),
                         # the position among the last run's inputs; none for the others
-                        position=order.get(meta["key"]) if order else written,
+                        position=order.get(meta["key"]) if order is not None else written,
                     )
                 )
             entries.sort(key=lambda e: (e.position is None, e.position or 0, e.key))

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import not_differentiable, warn_zero_maps
+from .._checks import not_differentiable, warn, warn_zero_maps
 from .._containers import map_tensors, tensors_in
 from .._forward import Forward
 from ..attribution import Attribution
@@ -325,21 +325,23 @@ def _lengths(forward: Forward) -> frozenset[int]:
 def _check_script(
     model: nn.Module, named: tuple[str, nn.Module] | None, modules: list[nn.Module] | None
 ) -> None:
-    """Refuse a layer inside TorchScript, and a default layer where TorchScript runs.
+    """Refuse a layer inside TorchScript; warn that a default layer may come before some.
 
     Scripted modules run no hooks: a layer in one cannot be recorded, and a search that passes
-    them over could take a layer before a scripted backbone without knowing.
+    them over would take a layer before a scripted backbone without knowing (a scripted input
+    normalization, or an auxiliary head that never runs, is harmless: a warning, not an error).
     """
     walked = modules if modules is not None else list(model.modules())
     if not any(isinstance(m, torch.jit.ScriptModule) for m in walked):
         return
     scripted = [n for n, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
     if named is None:
-        raise TypeError(
+        warn(
             f"the model holds TorchScript module {scripted[0]!r}, which runs no hooks: the "
-            "default layer cannot be found past it. Pass layer= a Python module of the model "
-            "(the layer to explain), or load the model as Python"
+            "default layer is searched among the Python modules only, and comes before it if "
+            "it is a backbone. Pass layer= the layer to explain, or load the model as Python"
         )
+        return
     inside = [s for s in scripted if named[0] == s or named[0].startswith(f"{s}.")]
     if inside:
         raise TypeError(
