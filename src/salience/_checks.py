@@ -221,6 +221,21 @@ def not_differentiable(what: str = "explained score") -> ValueError:
     )
 
 
+def input_gradient(score: Tensor, wrt: Tensor, **options: Any) -> Tensor:
+    """Return ``d score / d wrt`` (``options`` go to :func:`torch.autograd.grad`).
+
+    Raises:
+        ValueError: the score does not depend on ``wrt`` through autograd, also where its
+            graph holds other leaves (weights) but not ``wrt`` (:func:`not_differentiable`).
+    """
+    if not score.requires_grad:
+        raise not_differentiable()
+    (grad,) = torch.autograd.grad(score, wrt, allow_unused=True, **options)
+    if grad is None:
+        raise not_differentiable()
+    return grad
+
+
 def warn_zero_maps(method: str, values: Tensor, why: str, told: Iterable[int] = ()) -> None:
     """Warn when the map of a sample is zero everywhere, saying ``why`` that can happen.
 

@@ -42,7 +42,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_choice, not_differentiable, warn, warn_zero_maps
+from .._checks import check_choice, input_gradient, warn, warn_zero_maps
 from .._forward import ForwardArgs, model_scope
 from ..attribution import Attribution
 from ..hooks import call_rule
@@ -490,11 +490,7 @@ def deeplift(
             with call_rule(model, tracer, method="deeplift"):
                 s = resolved.scores(out)
             tracer.finish()
-            if not s.requires_grad:
-                raise not_differentiable()
-            (m,) = torch.autograd.grad(s.sum(), leaf, allow_unused=True)
-            if m is None:  # the graph holds other leaves (weights), not the input
-                raise not_differentiable()
+            m = input_gradient(s.sum(), leaf)
     values = (x - base) * m
     delta = values.double().flatten(1).sum(1) - (s.detach().double() - s0.double())
     if tracer.gradient_ops:
@@ -517,7 +513,7 @@ def deeplift(
         target=resolved.classes,
         scores=s.detach(),
         method="deeplift",
-        output=out.detach() if isinstance(out, Tensor) else out,
+        output=out,
         extras={
             "delta": delta.to(x.dtype),
             "baseline": base,

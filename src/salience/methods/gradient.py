@@ -17,8 +17,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_positive_int, not_differentiable, warn, warn_zero_maps
+from .._checks import check_choice, check_positive_int, input_gradient, warn, warn_zero_maps
 from .._chunks import BatchSize, Chunker, add_rows
+from .._containers import map_tensors
 from .._forward import Forward, ForwardArgs, model_scope
 from ..attribution import Attribution, Reduction
 from ..hooks import ruled_forward
@@ -57,8 +58,7 @@ def backprop(
         resolved = resolve_target(target, output, x.shape[0], score=score)
         scores = resolved.scores(output)
         grad = _grad(scores, x)
-    detached = output.detach() if isinstance(output, Tensor) else output
-    return grad, detached, scores.detach(), resolved
+    return grad, map_tensors(Tensor.detach, output), scores.detach(), resolved
 
 
 def score_gradient(
@@ -185,11 +185,7 @@ def score_gradient_with_clean(
 
 def _grad(scores: Tensor, wrt: Tensor) -> Tensor:
     """``d sum(scores) / d wrt``, or a clear error when the scores do not depend on it."""
-    if not scores.requires_grad:
-        raise not_differentiable()
-    (grad,) = torch.autograd.grad(scores.sum(), wrt, allow_unused=True)
-    if grad is None:  # the graph holds other leaves (weights), not the inputs
-        raise not_differentiable()
+    grad = input_gradient(scores.sum(), wrt)
     if wrt.is_contiguous() and not grad.is_contiguous():
         grad = grad.contiguous()  # the layout of the input (compiled code may choose another)
     return grad
@@ -632,7 +628,7 @@ def _smoothgrad(
         target=resolved.classes,
         scores=clean_scores.detach(),
         method="smoothgrad",
-        output=output.detach() if isinstance(output, Tensor) else output,
+        output=output,
         extras={
             "base": base,
             "variant": variant,

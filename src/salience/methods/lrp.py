@@ -637,5 +637,4 @@ def lrp(
         "relevance": relevance,
         "conservation": relevance - scores.detach().reshape(relevance.shape),
     }
-    detached = output.detach() if isinstance(output, Tensor) else output
-    return _result("lrp", values, detached, scores.detach(), resolved, "sum", extras)
+    return _result("lrp", values, output, scores.detach(), resolved, "sum", extras)

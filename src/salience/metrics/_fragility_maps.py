@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import all_finite, check_positive_int, not_differentiable
+from .._checks import all_finite, check_positive_int, input_gradient
 from .._forward import Forward, ForwardArgs, _expand
 from ..attribution import Attribution, Reduction
 from ..hooks import call_rule, forward_hooks
@@ -218,12 +218,7 @@ def _differentiable_map(
 
 
 def _grad(scores: Tensor, wrt: Tensor) -> Tensor:
-    if not scores.requires_grad:
-        raise not_differentiable()
-    (g,) = torch.autograd.grad(scores.sum(), wrt, create_graph=True, allow_unused=True)
-    if g is None:  # the graph holds other leaves (weights), not the inputs
-        raise not_differentiable()
-    return g
+    return input_gradient(scores.sum(), wrt, create_graph=True)
 
 
 def _ig(
