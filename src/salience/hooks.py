@@ -78,6 +78,7 @@ __all__ = [
     "no_rectifier_inside",
     "rectifier_rule",
     "ruled_forward",
+    "scripted_modules",
 ]
 
 ForwardHook = Callable[[str, nn.Module, tuple[Any, ...], Any], Any]
@@ -274,16 +275,27 @@ def _refuse_script(model: Any, what: str, calls: str) -> None:
 
     A rule would not reach them, and a scripted block would keep its plain gradient.
     """
+    scripted = scripted_modules(model)
+    if scripted:
+        where = "a TorchScript model" if not scripted[0] else f"TorchScript module {scripted[0]!r}"
+        raise TypeError(
+            f"{what} cannot be applied to {where}: {calls} run outside Python. Load the model "
+            "as a Python nn.Module instead"
+        )
+
+
+def scripted_modules(model: Any, modules: list[nn.Module] | None = None) -> list[str]:
+    """Return the names of the TorchScript modules of ``model`` (``""``: the model itself).
+
+    ``modules``: :func:`~salience._checks.modules_of` the model, if the caller has it; the names
+    are looked up only when there is one.
+    """
     if not isinstance(model, nn.Module):
-        return
-    for module in modules_of(model):
-        if isinstance(module, torch.jit.ScriptModule):
-            name = next(n for n, m in model.named_modules() if m is module)
-            where = "a TorchScript model" if not name else f"TorchScript module {name!r}"
-            raise TypeError(
-                f"{what} cannot be applied to {where}: {calls} run outside Python. Load the "
-                "model as a Python nn.Module instead"
-            )
+        return []
+    walked = modules if modules is not None else modules_of(model)
+    if not any(isinstance(m, torch.jit.ScriptModule) for m in walked):
+        return []
+    return [n for n, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
 
 
 class _CallMode(TorchFunctionMode):

@@ -22,6 +22,7 @@ from .._checks import not_differentiable, warn, warn_zero_maps
 from .._containers import map_tensors, tensors_in
 from .._forward import Forward
 from ..attribution import Attribution
+from ..hooks import scripted_modules
 from ..layers import (
     Known,
     LayerLike,
@@ -331,10 +332,9 @@ def _check_script(
     them over would take a layer before a scripted backbone without knowing (a scripted input
     normalization, or an auxiliary head that never runs, is harmless: a warning, not an error).
     """
-    walked = modules if modules is not None else list(model.modules())
-    if not any(isinstance(m, torch.jit.ScriptModule) for m in walked):
+    scripted = scripted_modules(model, modules)
+    if not scripted:
         return
-    scripted = [n for n, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
     if named is None:
         warn(
             f"the model holds TorchScript module {scripted[0]!r}, which runs no hooks: the "
