@@ -13,7 +13,6 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import numbers
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -26,6 +25,7 @@ from torch import Tensor, nn
 
 from .._io import Progress
 from ..registry import check_options, explain, get_method
+from ..targets import _is_index
 from .store import Store, entry_key
 
 __all__ = ["IMAGE_EXTENSIONS", "BatchSummary", "Outcome", "find_images", "run"]
@@ -401,10 +401,6 @@ def _explain_group(job: _Job, group: list[Any], outcome: Outcome) -> None:
             if job.overlays:
                 _write_overlay(job.store, job.keys[i], method, result, j, image)
             outcome.written += 1
-
-
-def _is_index(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _fingerprint(model: nn.Module) -> str:
