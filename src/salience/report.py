@@ -258,8 +258,9 @@ def explain_image(
     if target is None:
         chosen = predictions[0]
     else:
-        names = _names(model, class_names, _num_classes(model, x))
-        p = _run(model, x).float().softmax(1)[0, target]
+        logits = _run(model, x)
+        names = _names(model, class_names, int(logits.shape[1]))
+        p = logits.float().softmax(1)[0, target]
         chosen = Prediction(int(target), names[int(target)], float(p))
     results = explain_many(model, x, methods, chosen.index, options=options, on_done=on_done)
     return ImageReport(
@@ -269,10 +270,6 @@ def explain_image(
         target=chosen,
         methods=[method_report(m, r, shown) for m, r in results.items()],
     )
-
-
-def _num_classes(model: nn.Module, x: Tensor) -> int:
-    return int(_run(model, x).shape[1])
 
 
 def _run(model: nn.Module, x: Tensor) -> Any:
