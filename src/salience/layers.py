@@ -49,8 +49,8 @@ name when a container returns the tensor of its last child) with these exception
   per-token layer of the last block, at the class token only (a Grad-CAM there is zero), so
   the default is ``blocks[-1].norm1``, the input of the last attention, where the patch tokens
   are mixed into the class token (the layer pytorch-grad-cam recommends). Methods that run
-  without gradients (Score-CAM, CAM) find it on one forward pass with gradients, then record
-  it without, so that every method picks the same layer;
+  without gradients (Score-CAM, CAM) find it on one forward pass with gradients and take it,
+  detached, so that every method picks the same layer;
 - token sequences computed inside an attention module (its q/k/v projections) are passed over
   in favour of the attention's input;
 - a map of one cell (``1 x 1``: a small input through a deep network) is no grid: the last
@@ -549,7 +549,8 @@ class LayerSearch(_LayerMessages):
         equals). Without one (a patch embedding by ``nn.Linear``), patches that divide
         the input exactly come first, then the fewest special tokens: 20 tokens of a 64²
         input are 4 special tokens and ``4 x 4`` patches of 16, not ``4 x 5`` of no size.
-        At most ``most`` special tokens (more only to suggest a ``reshape=`` in a message).
+        At most ``most`` special tokens (more only to suggest a ``reshape=`` in a message). A
+        count as long as another input's sequence (``texts``) is read only on a seen grid.
         """
         seen = [
             (count - h * w, -i, (h, w))
