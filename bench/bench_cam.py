@@ -1,10 +1,11 @@
 """CAM speed, side by side in one run: salience vs pytorch-grad-cam 1.5 and torchcam.
 
 Model and input: the pretrained EfficientNet-Lite0 on the bundled cat photo (1x3x224x224),
-class 285 (Egyptian cat), CPU. The peers need torchvision; run this in an environment that has
-them (see tests/test_parity_cam.py); without them only salience's own figures are printed.
+class 285 (Egyptian cat), on the CPU or ``--device cuda`` (timed with the device synchronized).
+The peers need torchvision; run this in an environment that has them (see
+tests/test_parity_cam.py); without them only salience's own figures are printed.
 
-    python bench/bench_cam.py [--repeats 5] [--threads 2] [--score-cam-repeats 1]
+    python bench/bench_cam.py [--repeats 5] [--threads 2] [--score-cam-repeats 1] [--device cuda]
 
 Measured (wall-clock, median of repeats, every method on the same layer):
 
@@ -40,6 +41,11 @@ CLASS = 285
 TARGETS = [285, 281, 282, 283, 284]  # Egyptian cat, tabby, tiger cat, Persian, Siamese
 
 
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def interleaved(
     fns: dict[str, Callable[[], Any]], repeats: int, warmup: bool = True
 ) -> dict[str, tuple[float, Any]]:
@@ -51,8 +57,10 @@ def interleaved(
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            _sync()
             start = time.perf_counter()
             results[name] = fn()
+            _sync()
             times[name].append(time.perf_counter() - start)
     return {name: (statistics.median(times[name]), results[name]) for name in fns}
 
@@ -64,7 +72,7 @@ def minmax(values: torch.Tensor) -> torch.Tensor:
 
 def corr(a: torch.Tensor, b: torch.Tensor) -> str:
     """Pearson correlation of two maps, as text ("flat" when one map is constant)."""
-    a, b = a.flatten().double(), b.flatten().double()
+    a, b = a.detach().cpu().flatten().double(), b.detach().cpu().flatten().double()
     if a.std() == 0 or b.std() == 0:
         return "flat map (ReLU of a negative sum)"
     return f"corr {float(torch.corrcoef(torch.stack([a, b]))[0, 1]):.6f}"
@@ -81,11 +89,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--score-cam-repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    # Full float32 on both sides (salience switches TF32 off; the peers follow these flags).
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
 
-    model = models.load("efficientnet_lite0")
-    x = model.preprocess(models.sample_image("chelsea"))
+    model = models.load("efficientnet_lite0").to(args.device)
+    x = model.preprocess(models.sample_image("chelsea")).to(args.device)
     try:
         import pytorch_grad_cam as pgc
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -95,7 +106,8 @@ def main() -> None:
         import torchcam.methods as tc
     except ImportError:
         tc = None
-    print(f"torch {torch.__version__}, {args.threads} threads, input {tuple(x.shape)}")
+    device = torch.cuda.get_device_name() if x.is_cuda else f"CPU, {args.threads} threads"
+    print(f"torch {torch.__version__}, {device}, input {tuple(x.shape)}")
     print(
         f"pytorch-grad-cam: {'yes' if pgc else 'missing'}, torchcam: {'yes' if tc else 'missing'}\n"
     )
@@ -130,11 +142,11 @@ def main() -> None:
     # 2. Score-CAM ---------------------------------------------------------------------------
     reps = args.score_cam_repeats
     head: dict[str, Callable[[], Any]] = {
-        "salience score_cam, default (8 rows per pass)": lambda: sl.score_cam(model, x, CLASS),
+        "salience score_cam, default batch_size": lambda: sl.score_cam(model, x, CLASS),
         "salience score_cam, batch_size=16": lambda: sl.score_cam(model, x, CLASS, batch_size=16),
     }
     dense: dict[str, Callable[[], Any]] = {
-        "salience score_cam, default (8 rows per pass)": lambda: sl.score_cam(
+        "salience score_cam, default batch_size": lambda: sl.score_cam(
             model, x, CLASS, layer="_bn1"
         ),
     }
@@ -173,7 +185,7 @@ def main() -> None:
     # 3. K targets -----------------------------------------------------------------------------
     print("\nK = 5 targets (classes 281-285): one call vs 5 calls")
     print("| method | one call, K=5 | 5 calls | speed-up |\n|---|---|---|---|")
-    many = torch.tensor([TARGETS])
+    many = torch.tensor([TARGETS], device=x.device)
     for method in ("grad_cam", "grad_cam_plus_plus", "layer_cam"):
         fn = sl.get_method(method).func
         timing = interleaved(

@@ -9,7 +9,8 @@
 # $OUT/RESULTS.md, a copy of bench/RESULTS.md: bring the block over, and teach
 # bench/readme_speed.py to render it), check_cuda.py (automatic chunks, host syncs, copies,
 # chunking independence, a real out-of-memory error redone, the rectifier rules at their nodes
-# against the mode: same bits), the fixed cost of a call at batch 1
+# against the mode: same bits), the CAM methods against pytorch-grad-cam and torchcam
+# (bench_cam.py), the fixed cost of a call at batch 1
 # (an `overhead-cuda` block), LRP and the speed settings
 # (channels-last, compile with CUDA graphs). A step that runs out of time leaves what it
 # printed (the suite prints each row as it goes). DEVICE=cpu QUICK=1 runs a smoke test.
@@ -46,12 +47,13 @@ if [ -n "$QUICK" ]; then
 fi
 cp bench/RESULTS.md "$OUT/RESULTS.md"
 # Most wanted first: the suite (the targets), then the checks, then the extras.
-step suite 300 python3 bench/suite.py --device "$DEVICE" --batch 1 8 32 --heavy-batches 1 8 \
+step suite 290 python3 bench/suite.py --device "$DEVICE" --batch 1 8 32 --heavy-batches 1 8 \
     --tf32 off --repeats 3 --out "$OUT/RESULTS.md" --block suite-cuda
 step check_cuda 120 python3 bench/check_cuda.py --device "$DEVICE" --models lite0 \
     --batch 1 32 --repeats 3 --oom
+step cam 45 python3 bench/bench_cam.py --device "$DEVICE" --repeats 5 --score-cam-repeats 3
 step overhead 40 python3 bench/bench_overhead.py --device "$DEVICE" --size 224 --repeats 20 \
     --out "$OUT/RESULTS.md" --block overhead-cuda
 step lrp 30 python3 bench/bench_lrp.py --device "$DEVICE" --repeats 7 --batch 1 8
-step performance 50 python3 bench/bench_performance.py --device "$DEVICE" --batch 1 8 \
+step performance 45 python3 bench/bench_performance.py --device "$DEVICE" --batch 1 8 \
     --repeats 3 --compile-mode reduce-overhead
