@@ -1,12 +1,12 @@
-"""Write the README's table of measured speed from bench/RESULTS.md, or check that it is current.
+"""Write the README's speed tables from bench/RESULTS.md, or check that they are current.
 
-    python bench/readme_speed.py            # after python bench/suite.py: rewrite the README block
+    python bench/readme_speed.py            # after python bench/suite.py: rewrite the README blocks
     python bench/readme_speed.py --check    # exit 1 if the README differs from RESULTS.md (tests)
 
-The README's figures are never typed by hand: the block ``<!-- speed-suite:begin -->`` of
-README.md is rendered from the blocks (:data:`BLOCKS`) that ``bench/suite.py`` writes into
-``bench/RESULTS.md``, for the rows chosen in :data:`SELECTION`. A chosen row that RESULTS.md does
-not have is an error, so the two files cannot drift apart.
+The README's figures are never typed by hand: its blocks ``<!-- speed-suite:begin -->`` (the
+CPU) and ``<!-- speed-cuda:begin -->`` (a GPU) are rendered from the blocks that
+``bench/suite.py`` writes into ``bench/RESULTS.md`` (:data:`TABLES`), for the rows chosen there.
+A chosen row that RESULTS.md does not have is an error, so the files cannot drift apart.
 """
 
 from __future__ import annotations
@@ -45,28 +45,64 @@ SELECTION: list[tuple[str, int, str, str]] = [
     ("lite0", 1, "occlusion", "occlusion 16/8, Lite0"),
 ]
 
+CUDA_BLOCKS = ("suite-cuda",)
+"""The GPU run (bench/gpu_session.sh: bench/suite.py --device cuda --block suite-cuda)."""
 
-def render(results: str = RESULTS) -> str:
-    """The README block: the command and machine of the run, then the chosen rows."""
+CUDA_SELECTION: list[tuple[str, int, str, str]] = [
+    ("lite0", 1, "gradient", "gradient, Lite0"),
+    ("lite0", 1, "guided_backprop", "guided backprop, Lite0"),
+    ("lite0", 1, "grad_cam", "Grad-CAM, Lite0"),
+    ("lite0", 1, "integrated_gradients", "Integrated Gradients 50 steps, Lite0"),
+    ("lite0", 1, "smoothgrad", "SmoothGrad 32 samples, Lite0"),
+    ("lite0", 1, "deeplift", "DeepLIFT, Lite0"),
+    ("lite0", 1, "occlusion", "occlusion 16/8, Lite0"),
+    ("vgg", 1, "gradient", "gradient, VGG-style"),
+    ("vgg", 1, "deeplift", "DeepLIFT, VGG-style"),
+    ("resnet", 1, "gradient", "gradient, ResNet-style"),
+    ("lite0", 32, "gradient", "gradient, Lite0, batch 32"),
+    ("lite0", 32, "grad_cam", "Grad-CAM, Lite0, batch 32"),
+    ("lite0", 32, "integrated_gradients", "Integrated Gradients 50 steps, Lite0, batch 32"),
+    ("lite0", 32, "smoothgrad", "SmoothGrad 32 samples, Lite0, batch 32"),
+    ("vgg", 32, "integrated_gradients", "Integrated Gradients 50 steps, VGG-style, batch 32"),
+    ("vgg", 32, "deeplift", "DeepLIFT, VGG-style, batch 32"),
+    ("lite0", 8, "occlusion", "occlusion 16/8, Lite0, batch 8"),
+]
+
+TABLES: dict[str, tuple[tuple[str, ...], list[tuple[str, int, str, str]]]] = {
+    "speed-suite": (BLOCKS, SELECTION),
+    "speed-cuda": (CUDA_BLOCKS, CUDA_SELECTION),
+}
+"""README block: (the RESULTS.md blocks it is taken from, its rows)."""
+
+
+def render(results: str = RESULTS, table: str = "speed-suite") -> str:
+    """The README block ``table``: the command and machine of the runs, then the chosen rows.
+
+    A table of multi-pass methods' rows (the GPU's) also gives salience's time over the limit
+    (passes x one forward + backward of the same batch).
+    """
+    blocks, selection = TABLES[table]
     rows: dict[tuple[str, str, str], dict[str, str]] = {}
     runs: list[str] = []
     machine = ""
-    for name in BLOCKS:
+    for name in blocks:
         block = read_block(results, name)
         rows.update({(r["model"], r["batch"], r["method"]): r for r in table_rows(block)})
         for line in block.splitlines():
             if line.startswith("`python bench/"):
                 command, machine = line.split(" on ", 1)
                 runs.append(f"- {command}")
+    limits = table == "speed-cuda"
     lines = [
         f"From `bench/RESULTS.md`, measured on {machine}",
         "",
         *runs,
         "",
-        "| work (batch 1 unless said) | salience | Captum | Captum / salience | agreement |",
-        "|---|---:|---:|---:|---:|",
+        "| work (batch 1 unless said) | salience | Captum | Captum / salience | agreement |"
+        + (" salience / limit |" if limits else ""),
+        "|---|---:|---:|---:|---:|" + ("---:|" if limits else ""),
     ]
-    for model, batch, method, label in SELECTION:
+    for model, batch, method, label in selection:
         row = rows.get((model, str(batch), method))
         if row is None:
             raise SystemExit(
@@ -77,9 +113,10 @@ def render(results: str = RESULTS) -> str:
         note = row.get("note", "")
         theirs = row["peer time"] or ("raises" if note.startswith("Captum raises") else "—")
         ratio = f"**{row['peer / salience']}**" if row["peer / salience"] else "—"
-        lines.append(
-            f"| {label} | {row['salience']} | {theirs} | {ratio} | {row['agreement'] or '—'} |"
-        )
+        line = f"| {label} | {row['salience']} | {theirs} | {ratio} | {row['agreement'] or '—'} |"
+        if limits:
+            line += f" {row['salience / limit'] or '—'} |"
+        lines.append(line)
     return "\n".join(lines).strip("\n")
 
 
@@ -89,18 +126,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=RESULTS)
     parser.add_argument("--readme", default=README)
     args = parser.parse_args(argv)
-    text = render(args.results)
+    texts = {table: render(args.results, table) for table in TABLES}
     if args.check:
-        if read_block(args.readme, "speed-suite") != text:
+        stale = [table for table, text in texts.items() if read_block(args.readme, table) != text]
+        if stale:
             print(
-                "README.md's speed table differs from bench/RESULTS.md: run "
-                "python bench/readme_speed.py",
+                f"README.md's speed tables ({', '.join(stale)}) differ from bench/RESULTS.md: "
+                "run python bench/readme_speed.py",
                 file=sys.stderr,
             )
             return 1
         return 0
-    write_block(args.readme, "speed-suite", text)
-    print(f"wrote the speed-suite block of {args.readme}")
+    for table, text in texts.items():
+        write_block(args.readme, table, text)
+        print(f"wrote the {table} block of {args.readme}")
     return 0
 
 
