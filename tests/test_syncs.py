@@ -479,3 +479,75 @@ def test_clean_rows_ride_again_after_an_out_of_memory_pass(
     assert model.passes[0] > LIMIT  # the first try, with the endpoints, ran out of memory
     torch.testing.assert_close(again.values, reference.values, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(again.extras["delta"], reference.extras["delta"], atol=1e-5, rtol=0)
+
+
+class Quiet(nn.Module):
+    """Eval-mode buffers: BatchNorm statistics, and a counter written on request only, either
+    in place (its version bumps) or through ``.data`` (it does not)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.register_buffer("count", torch.zeros(()))
+        self.write: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.write == "in place":
+            self.count += 1
+        elif self.write == "data":
+            self.count.data.add_(1)
+        return self.bn(x).mean((2, 3))
+
+
+def _comparisons(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    from salience import _forward
+
+    calls: list[int] = []
+    put_back = _forward._put_back
+    monkeypatch.setattr(
+        _forward,
+        "_put_back",
+        lambda *a: calls.append(1) or put_back(*a),  # type: ignore[func-returns-value]
+    )
+    return calls
+
+
+def test_version_counters_spare_the_comparison_once_a_call_showed_them_honest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model, x = Quiet().eval(), torch.randn(1, 3, 4, 4)
+    calls = _comparisons(monkeypatch)
+    salience.gradient(model, x, 0)
+    assert len(calls) == 1  # the first call compares
+    salience.gradient(model, x, 0)
+    assert len(calls) == 1  # no version moved: nothing to compare
+    model.write = "in place"  # a write that bumps the version is compared and put back
+    salience.gradient(model, x, 0)
+    assert len(calls) == 2
+    assert model.count == 0
+    model.write = None
+    salience.gradient(model, x, 0)
+    assert len(calls) == 2
+    model.bn = nn.BatchNorm2d(3).eval()  # other buffers: compared again
+    salience.gradient(model, x, 0)
+    assert len(calls) == 3
+    model.train()  # native BatchNorm writes its statistics behind the counter
+    with pytest.warns(UserWarning, match="training mode"):
+        salience.gradient(model, x, 0)
+    assert len(calls) == 4
+    torch.testing.assert_close(model.bn.running_mean, torch.zeros(3), rtol=0, atol=0)
+
+
+def test_a_model_that_writes_behind_the_counters_is_compared_at_every_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model, x = Quiet().eval(), torch.randn(1, 3, 4, 4)
+    model.write = "data"
+    calls = _comparisons(monkeypatch)
+    for n in range(1, 4):
+        salience.gradient(model, x, 0)
+        assert len(calls) == n
+        assert model.count == 0
+    model.write = None
+    salience.gradient(model, x, 0)
+    assert len(calls) == 4

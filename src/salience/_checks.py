@@ -68,11 +68,12 @@ def modules_of(model: nn.Module) -> list[nn.Module]:
     """
     found = [model]
     seen = {id(model)}
+    append, see = found.append, seen.add
     for module in found:  # grows while it is read
         for child in module._modules.values():
             if child is not None and id(child) not in seen:
-                seen.add(id(child))
-                found.append(child)
+                see(id(child))
+                append(child)
     return found
 
 
@@ -91,7 +92,8 @@ def check_model(model: Any, modules: list[nn.Module] | None = None) -> None:
     if isinstance(model, nn.Module):
         if modules is None:
             modules = modules_of(model)
-        if any(_depends_on_training(m) for m in modules):
+        # most models are in eval mode: one attribute read per module, no call
+        if any(m.training for m in modules) and any(_depends_on_training(m) for m in modules):
             training = [
                 name or type(model).__name__
                 for name, m in model.named_modules()
