@@ -397,6 +397,47 @@ def test_batchnorm_is_folded_into_the_convolution(composite: str) -> None:
         assert torch.equal(v, before[k])
 
 
+class TwoNorms(nn.Module):
+    """A convolution followed by two BatchNorms: both fold into it, one on top of the other."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn1, self.bn2 = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.relu(self.bn2(self.bn1(self.conv(x)))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("composite", ["epsilon_plus", "epsilon_gamma_box", "epsilon_alpha2_beta1"])
+def test_two_batchnorms_in_a_row_fold_one_on_the_other(composite: str) -> None:
+    torch.manual_seed(10)
+    model = TwoNorms().double()
+    for bn in (model.bn1, model.bn2):
+        nn.init.uniform_(bn.weight, -2, 2)  # negative scales swap w+ and w-: a lost fold shows
+        nn.init.uniform_(bn.bias, -0.5, 0.5)
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    by_hand = copy.deepcopy(model)
+    a1 = model.bn1.weight / torch.sqrt(model.bn1.running_var + model.bn1.eps)
+    a2 = model.bn2.weight / torch.sqrt(model.bn2.running_var + model.bn2.eps)
+    with torch.no_grad():
+        by_hand.conv.weight.mul_((a2 * a1).view(-1, 1, 1, 1))
+        shift1 = model.bn1.bias - model.bn1.running_mean * a1
+        by_hand.conv.bias.copy_(
+            a2 * (a1 * model.conv.bias + shift1) + model.bn2.bias - model.bn2.running_mean * a2
+        )
+    by_hand.bn1, by_hand.bn2 = nn.Identity(), nn.Identity()
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    torch.testing.assert_close(by_hand(x), model(x))
+    ours = salience.lrp(model, x, target=0, composite=composite)
+    theirs = salience.lrp(by_hand, x, target=0, composite=composite)
+    assert ours.extras["canonized"] == 2
+    torch.testing.assert_close(ours.values, theirs.values, rtol=1e-9, atol=1e-12)
+
+
 # (αβ conserves only where each output has positive and negative contributions: not here,
 # where ReLU outputs leave some outputs without negative ones.)
 @pytest.mark.parametrize("composite", ["zero", "epsilon_plus", "epsilon_plus_flat"])

@@ -270,12 +270,14 @@ def rectifier_rule(
     mode.check(method or _METHODS.get(rule, rule))
 
 
-def _refuse_script(model: Any, what: str, calls: str) -> None:
+def _refuse_script(
+    model: Any, what: str, calls: str, modules: list[nn.Module] | None = None
+) -> None:
     """Raise for a model that is, or holds, TorchScript: its calls run outside Python.
 
     A rule would not reach them, and a scripted block would keep its plain gradient.
     """
-    scripted = scripted_modules(model)
+    scripted = scripted_modules(model, modules)
     if scripted:
         where = "a TorchScript model" if not scripted[0] else f"TorchScript module {scripted[0]!r}"
         raise TypeError(
@@ -336,7 +338,13 @@ def _checkpointed() -> bool:
 
 
 @contextlib.contextmanager
-def call_rule(model: nn.Module, handle: CallHandler, *, method: str) -> Iterator[None]:
+def call_rule(
+    model: nn.Module,
+    handle: CallHandler,
+    *,
+    method: str,
+    modules: list[nn.Module] | None = None,
+) -> Iterator[None]:
     """Let ``handle`` replace torch calls (activations, pooling, additions) inside the block.
 
     The general form of :func:`rectifier_rule`, for methods that change the backward pass at
@@ -351,7 +359,7 @@ def call_rule(model: nn.Module, handle: CallHandler, *, method: str) -> Iterator
         TypeError: for TorchScript models, whose calls run outside Python; the message names
             ``method``.
     """
-    _refuse_script(model, method, "its operations")
+    _refuse_script(model, method, "its operations", modules)
     with _CallMode(handle, method), _counted():
         yield
 

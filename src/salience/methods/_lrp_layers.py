@@ -94,6 +94,16 @@ class _Layer:
     linear: bool = False
     read: bool = False
     """Whether its rule was put on its output for a reader (then no BatchNorm folds it)."""
+    fold: Callable[[], tuple[Tensor, Tensor | None]] | None = None
+    """A BatchNorm folded in: returns the folded ``(weight, bias)``, made when the rule runs
+    (:meth:`weights`), not in the forward pass: the folded copies of the weights then live
+    only while the backward of their layer runs."""
+
+    def weights(self) -> tuple[Tensor, Tensor | None]:
+        """Return the weight and bias the rule applies to (folded with a BatchNorm if any)."""
+        if self.fold is None:
+            return self.weight, self.bias
+        return self.fold()
 
     def but(self, **changes: Any) -> _Layer:
         """Return a copy with ``changes`` (``dataclasses.replace``, without its overhead)."""
@@ -176,6 +186,25 @@ class _Signed:
             torch.clamp(x, max=0, out=both.narrow(dim, size, size))
             self.stacked, self.dim = both, dim
 
+    def by_sign(self, w: Tensor, negative: bool) -> tuple[Tensor, Tensor]:
+        """Return ``(w⁺, w⁻)`` (``w⁻`` is ``w⁺`` unless ``negative``).
+
+        Where the inputs stack, both are written into the halves of the stacked weight
+        (:meth:`_stack` finds it), instead of being made apart and concatenated: one pass
+        over the weights less.
+        """
+        if self.stacked is None:
+            wp = w.clamp(min=0)
+            return wp, (w.clamp(max=0) if negative else wp)
+        size = w.shape[self.axis]
+        shape = list(w.shape)
+        shape[self.axis] = 2 * size
+        both = w.new_empty(shape)
+        wp = torch.clamp(w, min=0, out=both.narrow(self.axis, 0, size))
+        wn = torch.clamp(w, max=0, out=both.narrow(self.axis, size, size))
+        self._weights[(id(wp), id(wn))] = both
+        return wp, wn
+
     def _stack(self, wp: Tensor, wn: Tensor) -> Tensor:
         """``[wp, wn]`` on the weight's input axis (made once per pair)."""
         key = (id(wp), id(wn))
@@ -248,13 +277,13 @@ def rule_backward(
     weights (per sign of the inputs, stacked into one call where the layer allows it, see
     :func:`_stacking`), and its backward (:func:`_input_grad`) with the same weights.
     """
-    rule, w, b, x = layer.rule, layer.weight, layer.bias, layer.x.detach()
+    rule, x = layer.rule, layer.x.detach()
+    w, b = layer.weights()
     if isinstance(rule, ZPlus | AlphaBeta):
         # c_in = W⁺ᵀ (α R / z⁺) - W⁻ᵀ (β R / z⁻), per sign of the inputs.
         alpha, beta = (1.0, 0.0) if isinstance(rule, ZPlus) else (rule.alpha, rule.beta)
         signed = _Signed(layer, x)
-        wp = w.clamp(min=0)
-        wn = w.clamp(max=0) if signed.negative or beta else wp  # wn is read only then
+        wp, wn = signed.by_sign(w, bool(signed.negative or beta))  # wn is read only then
         zp = signed.forward(wp, wn)
         if beta:
             sn = _safe(relevance, signed.forward(wn, wp)).mul_(-beta)
@@ -276,8 +305,7 @@ def rule_backward(
         g = rule.gamma
         signed = _Signed(layer, x)
         negative = signed.negative
-        wp = w.clamp(min=0)
-        wn = w.clamp(max=0) if negative else wp
+        wp, wn = signed.by_sign(w, negative)
         u = signed.forward(wp, wn, b.clamp(min=0) if b is not None else None)
         if rectified:
             # A rectifier reads z: R = 0 wherever z <= 0, so q_n = 0 and the backward is one

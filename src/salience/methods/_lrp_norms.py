@@ -69,12 +69,14 @@ def batch_norm(state: _State, func: Any, args: tuple[Any, ...], kwargs: dict[str
         # The rule of the layer applies to W' = a W, b' = a b + shift.
         a, shift = bn_scale(x, args, kwargs)
         a = a.flatten()
-        record = prev.but(
-            weight=_scale_outputs(prev, a),
-            bias=shift + (a * prev.bias if prev.bias is not None else 0.0),
-            name=name,
-            folded=False,
-        )
+
+        def fold(prev: _Layer = prev, a: Tensor = a, shift: Tensor = shift) -> tuple[Tensor, Any]:
+            # made by the rule in the backward pass: the folded weights live only meanwhile;
+            # on a layer folded already (two BatchNorms in a row), on top of that fold
+            weight, bias = prev.weights()
+            return _scale_outputs(prev, a, weight), shift + (a * bias if bias is not None else 0.0)
+
+        record = prev.but(fold=fold, name=name, folded=False)
     # The rule goes on the BatchNorm output (the folded layer's output) when it is read.
     out = affine()
     state._pending[id(out)] = (weakref.ref(out), record)
@@ -91,14 +93,13 @@ def _out_channels(layer: _Layer) -> int | None:
     return layer.weight.shape[1] * layer.conv[5]
 
 
-def _scale_outputs(layer: _Layer, a: Tensor) -> Tensor:
-    """Return the layer's weight with output channel ``o`` scaled by ``a[o]``.
+def _scale_outputs(layer: _Layer, a: Tensor, w: Tensor) -> Tensor:
+    """Return ``w``, the layer's weight, with output channel ``o`` scaled by ``a[o]``.
 
     A convolution's or linear layer's weight is ``[out, in / groups, ...]``; a transposed
     convolution's is ``[in, out / groups, ...]``, its output channel ``g * out / groups + j``
     being column ``j`` of the rows of group ``g``.
     """
-    w = layer.weight
     if not layer.transposed:
         return w * a.view([a.numel()] + [1] * (w.ndim - 1))
     assert layer.conv is not None

@@ -68,6 +68,24 @@ from .integrated import BaselineLike, make_baseline
 __all__ = ["DeepLiftRule", "deeplift"]
 
 DeepLiftRule = Literal["rescale", "reveal_cancel"]
+# ``_name(func)`` by function, for the calls of the replay pass. Torch's functions and methods
+# take no weak references; the dictionary is bounded in case a model makes functions at run
+# time.
+_names: dict[Any, str] = {}
+
+
+def _func_name(func: Any) -> str:
+    try:
+        name = _names.get(func)
+    except TypeError:  # unhashable
+        return _name(func)
+    if name is None:
+        name = _name(func)
+        if len(_names) < 4096:
+            _names[func] = name
+    return name
+
+
 _RULES = ("rescale", "reveal_cancel")
 
 
@@ -219,7 +237,7 @@ class _Tracer:
         outs = _outputs(result)
         for out in outs:
             self.taint(out)
-        if _name(func) == "__setitem__" and isinstance(args[0], Tensor):
+        if _func_name(func) == "__setitem__" and isinstance(args[0], Tensor):
             self.taint(args[0])
             outs = [args[0]]
         if plan is not None and not handled:  # activations, pools and layers register their own
@@ -230,7 +248,7 @@ class _Tracer:
         self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any
     ) -> None:
         """Count a call not covered by the rules that computes nonlinearly from the input."""
-        name = _name(func)
+        name = _func_name(func)
         if name in _INERT:
             return
         if func in _LAYERS:
@@ -465,11 +483,11 @@ def deeplift(
         x = inputs.detach()
         base = make_baseline(x, baseline, model=model)
         tracer = _Tracer(rule)
-        with torch.no_grad(), call_rule(model, tracer, method="deeplift"):
+        with torch.no_grad(), call_rule(model, tracer, method="deeplift", modules=fwd.modules):
             out0 = fwd(base.clone())
         if tracer.stale():  # the model changed recorded tensors in place: record copies
             tracer.restart()
-            with torch.no_grad(), call_rule(model, tracer, method="deeplift"):
+            with torch.no_grad(), call_rule(model, tracer, method="deeplift", modules=fwd.modules):
                 out0 = fwd(base.clone())
         tracer.copy = True  # the score's own records (below) are few and small
         leaf = x.clone().requires_grad_(True)
@@ -479,15 +497,15 @@ def deeplift(
             tracer.taint(start)
             if tracer.split is not None:
                 tracer.split.neuron(start, base)
-            with call_rule(model, tracer, method="deeplift"):
+            with call_rule(model, tracer, method="deeplift", modules=fwd.modules):
                 out = fwd(start)
             resolved = resolve_target(target, out, x.shape[0], score=score)
             # The score is part of what is explained: its operations go through the rules too.
             tracer.phase = "record"
-            with torch.no_grad(), call_rule(model, tracer, method="deeplift"):
+            with torch.no_grad(), call_rule(model, tracer, method="deeplift", modules=fwd.modules):
                 s0 = resolved.scores(out0)
             tracer.phase = "replay"
-            with call_rule(model, tracer, method="deeplift"):
+            with call_rule(model, tracer, method="deeplift", modules=fwd.modules):
                 s = resolved.scores(out)
             tracer.finish()
             m = input_gradient(s.sum(), leaf)
