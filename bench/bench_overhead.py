@@ -12,11 +12,17 @@ forward + backward pass of the same model, interleaved after a warm-up, one thre
 
 ``fixed`` is salience's median minus the hand-written pass's (for Grad-CAM: a forward with one
 hook and the backward to that layer); ``peer / salience`` above 1 means salience is faster.
+
+``--parts`` says where the gradient's fixed cost goes: the call is timed again with one part
+taken out at a time (patched away: the buffers kept, the input and model checks, the TF32
+switch, the zero-map check), interleaved with the whole call; each row is what that part costs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import os
 import sys
 import time
@@ -95,6 +101,53 @@ def ours(model: nn.Module, x: Tensor, target: Tensor, method: str, layer: str) -
     return run
 
 
+def parts(model: nn.Module, x: Tensor, target: Tensor, repeats: int, device: torch.device) -> str:
+    """The gradient's call timed with each part taken out: what each part costs (a table)."""
+    forward = importlib.import_module("salience._forward")
+    gradient = importlib.import_module("salience.methods.gradient")
+    taken_out: dict[str, list[tuple[object, str, object]]] = {
+        "buffers kept": [(forward, "kept_buffers", lambda *a, **k: contextlib.nullcontext())],
+        "input and model checks": [
+            (forward, "check_inputs", lambda inputs: inputs),
+            (forward, "check_model", lambda *a, **k: None),
+        ],
+        "TF32 switch": [(forward, "full_float32", lambda *a, **k: contextlib.nullcontext())],
+        "zero-map check": [(gradient, "warn_zero_maps", lambda *a, **k: None)],
+    }
+
+    def call() -> Tensor:
+        return salience.gradient(model, x, target).values
+
+    def without(patches: list[tuple[object, str, object]]) -> Callable[[], Tensor]:
+        def run() -> Tensor:
+            kept = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+            for owner, name, new in patches:
+                setattr(owner, name, new)
+            try:
+                return call()
+            finally:
+                for owner, name, old in kept:
+                    setattr(owner, name, old)
+
+        return run
+
+    runs = {"whole call": call, **{part: without(p) for part, p in taken_out.items()}}
+    runs["bare pass"] = bare(model, x, target, "gradient", model)
+    t = interleaved(runs, repeats, device)
+    lines = [
+        f"gradient: bare pass {t['bare pass'] * 1e3:.2f} ms, whole call "
+        f"{t['whole call'] * 1e3:.2f} ms (+{(t['whole call'] - t['bare pass']) * 1e3:.2f} ms)",
+        "",
+        "| part taken out | call without it | the part costs |",
+        "|---|---:|---:|",
+    ]
+    for part in taken_out:
+        lines.append(
+            f"| {part} | {t[part] * 1e3:.2f} ms | {(t['whole call'] - t[part]) * 1e3:+.2f} ms |"
+        )
+    return "\n".join(lines)
+
+
 def theirs(model: nn.Module, x: Tensor, target: Tensor, method: str, layer: nn.Module):
     if method in ("grad_cam_default", "grad_cam_first"):
         return None
@@ -128,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
     parser.add_argument("--block", default=None, help="write the table into this block of --out")
+    parser.add_argument("--parts", action="store_true", help="where the gradient's cost goes")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")  # Captum warns on every call
     torch.set_num_threads(args.threads)
@@ -168,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             lines.append(line)
             print(line, flush=True)
+        if args.parts:
+            print(f"\n{name}: " + parts(model, x, target, args.repeats, device) + "\n", flush=True)
     if args.block:
         command = " ".join(argv if argv is not None else sys.argv[1:])
         text = (
