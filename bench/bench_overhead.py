@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---:|---:|---:|---:|---:|"
     )
     print(header)
-    lines = []
+    lines: list[str] = []
+    found: list[str] = []  # --parts: where the gradient's cost goes, per model
     for name in args.models:
         model = load(name).to(device)
         torch.manual_seed(0)
@@ -223,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(line)
             print(line, flush=True)
         if args.parts:
-            print(f"\n{name}: " + parts(model, x, target, args.repeats, device) + "\n", flush=True)
+            found.append(f"{name}, " + parts(model, x, target, args.repeats, device))
+            print(f"\n{found[-1]}\n", flush=True)
     if args.block:
         command = " ".join(argv if argv is not None else sys.argv[1:])
         text = (
@@ -236,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
             f"forgotten before each call); IG and SmoothGrad with {STEPS} steps / "
             f"samples in one pass.\n\n" + header + "\n" + "\n".join(lines) + "\n"
         )
+        if found:
+            text += "\n" + "\n\n".join(found) + "\n"
         write_block(args.out, args.block, text, title="Benchmark results")
         print(f"wrote the {args.block} block of {args.out}")
     return 0
