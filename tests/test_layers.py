@@ -13,7 +13,6 @@ a non-square input are used, so that a transposed grid or swapped height and wid
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import pytest
@@ -23,6 +22,7 @@ from torch import Tensor, nn
 
 import salience as sl
 from salience import cli, layers
+from salience._weak import ByIdentity
 from salience.layers import find_layer, search_layers
 from salience.layouts import Layout, check_reshape
 
@@ -679,7 +679,7 @@ def hooked(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         return real(modules, hook)
 
     monkeypatch.setattr(layers, "forward_hooks", spy)
-    monkeypatch.setattr(layers, "_MEMO", weakref.WeakKeyDictionary())
+    monkeypatch.setattr(layers, "_MEMO", ByIdentity())
     return counts
 
 

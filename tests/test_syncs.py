@@ -551,3 +551,60 @@ def test_a_model_that_writes_behind_the_counters_is_compared_at_every_call(
     model.write = None
     salience.gradient(model, x, 0)
     assert len(calls) == 4
+
+
+class Shifted(nn.Module):
+    """Two buffers added to the input; written in place on request (versions bumped)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("a", torch.zeros(3))
+        self.register_buffer("b", torch.zeros(3))
+        self.head = nn.Linear(3, 2)
+        self.write = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.write:
+            self.a.add_(1)
+            self.b.add_(1)
+        shift = (self.a + self.b.to(self.a.dtype)).view(1, 3, 1, 1)
+        return self.head((x + shift).mean((2, 3)))
+
+
+def test_a_buffer_given_another_dtype_through_data_is_regrouped() -> None:
+    model, x = Shifted().eval(), torch.randn(1, 3, 4, 4)
+    salience.gradient(model, x, 0)  # remembered: a and b in one float32 copy
+    model.b.data = torch.full((3,), 2**40 + 1, dtype=torch.int64)  # same object, other dtype
+    model.write = True
+    salience.gradient(model, x, 0)
+    assert model.a.tolist() == [0.0] * 3
+    assert model.b.dtype == torch.int64
+    assert model.b.tolist() == [2**40 + 1] * 3  # not rounded through a float32 copy
+
+
+def test_buffers_that_are_inference_tensors_are_compared_every_time() -> None:
+    with torch.inference_mode():
+        model = Shifted().eval()  # built under inference_mode: no version counters
+    model.write = True
+    x = torch.randn(1, 3, 4, 4)
+    for method in ("occlusion", "rise"):  # forward-only methods can run such a model
+        salience.explain(
+            model, x, method, 0, **({"masks": 8, "cells": 2} if method == "rise" else {})
+        )
+        assert model.a.tolist() == [0.0] * 3
+
+
+def test_the_model_can_swap_its_tensors_after_a_call() -> None:
+    # torch.utils.swap_tensors (load_state_dict may use it) refuses a tensor with a weak
+    # reference: what a call remembers of the buffers holds none
+    model = Quiet().eval()
+    salience.gradient(model, torch.randn(1, 3, 4, 4), 0)
+    state = {k: v.clone() + 1 for k, v in model.state_dict().items()}
+    torch.utils.swap_tensors(model.count, torch.ones(()))
+    previous = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.load_state_dict(state)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(previous)
+    assert model.count == state["count"]

@@ -46,7 +46,6 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-import weakref
 from collections.abc import Iterator
 from types import TracebackType
 from typing import Any, Generic, Literal, TypeAlias, TypeVar
@@ -55,6 +54,7 @@ import torch
 from torch import Tensor
 
 from ._checks import CPU_IMAGES, check_batch_size, cpu_rows, even_chunks
+from ._weak import ByIdentity
 
 __all__ = [
     "CUDA_MEMORY_FRACTION",
@@ -159,9 +159,7 @@ class _Probe:
 
 # -- remembered footprints -------------------------------------------------------------------
 
-_FOOTPRINTS: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], float]] = (
-    weakref.WeakKeyDictionary()
-)
+_FOOTPRINTS: ByIdentity[Any, dict[tuple[Any, ...], float]] = ByIdentity()
 
 
 def _remembered(owner: Any, key: tuple[Any, ...]) -> float | None:

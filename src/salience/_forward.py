@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any, TypeAlias
 
@@ -35,6 +34,7 @@ from torch._utils import _flatten_dense_tensors
 from ._checks import check_inputs, check_model, modules_of
 from ._containers import map_tensors
 from ._performance import channels_last_input, compiled_model, get_performance, record_pass
+from ._weak import ByIdentity
 from .hooks import active_scopes, no_rectifier_inside
 
 __all__ = ["Forward", "ForwardArgs", "model_scope"]
@@ -197,33 +197,25 @@ def full_float32(allow_tf32: bool = False) -> Iterator[None]:
 
 
 class _Buffers:
-    """What :func:`kept_buffers` learned of a model's buffers, for as long as they all live.
+    """What :func:`kept_buffers` learned of a model's buffers.
 
-    ``ids``: the buffers' ids, in the order of the model's walk; ``groups``: their positions
-    per dtype and device (the flat copies); ``honest``: a call in eval mode found every buffer
-    it changed with its version bumped. A weak reference to each buffer drops the record when
-    one dies, so the ids of a record always name live buffers.
+    ``kinds``: each buffer's id, dtype and device in the order of the model's walk, and the
+    types of its modules: the record holds while they are the same. ``groups``: the buffers'
+    positions per dtype and device (the flat copies). ``honest``: a call in eval mode found
+    every buffer it changed with its version bumped. No reference to a buffer is kept (a weak
+    one would stop ``torch.utils.swap_tensors``, which ``load_state_dict`` may use).
     """
 
-    __slots__ = ("__weakref__", "groups", "honest", "ids", "refs")
+    __slots__ = ("groups", "honest", "kinds")
 
-    def __init__(self, model: nn.Module, buffers: list[Tensor]) -> None:
-        self.ids = tuple(map(id, buffers))
-        self.groups = _same_kind(buffers)  # positions: no strong reference to a buffer
+    def __init__(self, kinds: Any, buffers: list[Tensor]) -> None:
+        self.kinds = kinds
+        self.groups = _same_kind(buffers)
         self.honest = False
-        owner = weakref.ref(model)
-        record = weakref.ref(self)
-
-        def forget(_: Any) -> None:
-            found = owner()
-            if found is not None and _KNOWN.get(found) is record():
-                _KNOWN.pop(found, None)
-
-        self.refs = [weakref.ref(buffer, forget) for buffer in buffers]
 
 
-_KNOWN: weakref.WeakKeyDictionary[nn.Module, _Buffers] = weakref.WeakKeyDictionary()
-_DISHONEST: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_KNOWN: ByIdentity[nn.Module, _Buffers] = ByIdentity()
+_DISHONEST: ByIdentity[nn.Module, bool] = ByIdentity()
 """Models a call found changing a buffer behind its version counter: compared at every call."""
 
 
@@ -266,11 +258,16 @@ def kept_buffers(model: Any, modules: list[nn.Module] | None = None) -> Iterator
         if buffer is not None
     ]
     buffers = [buffer for _, _, buffer in owned]
-    versions = [buffer._version for buffer in buffers]
+    versions: list[int] | None
+    try:
+        versions = [buffer._version for buffer in buffers]
+    except RuntimeError:  # inference tensors keep no version counter: compared every time
+        versions = None
     training = any(module.training for module in modules)
+    kinds = ([(id(b), b.dtype, b.device) for b in buffers], tuple(map(type, modules)))
     known = _KNOWN.get(model)
-    if known is None or known.ids != tuple(map(id, buffers)):
-        known = _KNOWN[model] = _Buffers(model, buffers)
+    if known is None or known.kinds != kinds:
+        known = _KNOWN[model] = _Buffers(kinds, buffers)
     groups = [[buffers[i] for i in group] for group in known.groups]
     with torch.no_grad():
         saved = [_copy(group) for group in groups]
@@ -283,17 +280,24 @@ def kept_buffers(model: Any, modules: list[nn.Module] | None = None) -> Iterator
             if module._buffers.get(name) is not buffer:
                 module._buffers[name] = buffer
         training = training or any(module.training for module in modules)
-        moved = any(b._version != v for b, v in zip(buffers, versions, strict=True))
+        moved = versions is None or any(
+            b._version != v for b, v in zip(buffers, versions, strict=True)
+        )
         if training or moved or not known.honest:
-            bumped = [b._version != v for b, v in zip(buffers, versions, strict=True)]
-            with torch.no_grad():
+            bumped = (
+                None
+                if versions is None
+                else [b._version != v for b, v in zip(buffers, versions, strict=True)]
+            )
+            # inference tensors (a model made under inference_mode) are written back in it
+            with torch.no_grad(), torch.inference_mode(versions is None):
                 changed = _put_back(groups, saved)
-            if not training:
+            if not training and bumped is not None:
                 unseen = any(
                     id(b) in changed and not up for b, up in zip(buffers, bumped, strict=True)
                 )
                 if unseen:
-                    _DISHONEST.add(model)
+                    _DISHONEST[model] = True
                 known.honest = model not in _DISHONEST
 
 

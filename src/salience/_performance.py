@@ -80,6 +80,7 @@ from typing import Any, TypeAlias, TypeVar
 import torch
 from torch import Tensor, nn
 
+from ._weak import ByIdentity
 from .attribution import Attribution
 
 __all__ = [
@@ -275,9 +276,7 @@ def _cache_key(options: Mapping[str, Any]) -> Hashable:
 
 # -- the compiled models: one per model and setting, held weakly -----------------------------
 
-_compiled: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, Callable[..., Any]]] = (
-    weakref.WeakKeyDictionary()
-)
+_compiled: ByIdentity[nn.Module, dict[Hashable, Callable[..., Any]]] = ByIdentity()
 _compiled_lock = threading.Lock()
 
 

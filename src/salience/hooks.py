@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
@@ -59,6 +58,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from ._checks import modules_of, warn
+from ._weak import ByIdentity
 from .rectifiers import (
     RECTIFIER_SPELLINGS,
     SITES,
@@ -387,7 +387,7 @@ _OPAQUE = "torch::autograd::CopySlices"
 _NO_RECTIFIER_INSIDE: set[type] = set()
 """Backward node classes of salience's own autograd functions that run no rectifier."""
 
-_MODE_ONLY: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+_MODE_ONLY: ByIdentity[nn.Module, bool] = ByIdentity()
 """Models whose graph the rule cannot be read from: :func:`ruled_forward` uses the mode."""
 _MODE_LOCK = threading.Lock()
 

@@ -128,6 +128,7 @@ from torch import Tensor, nn
 
 from ._checks import modules_of
 from ._layer_messages import _LayerMessages
+from ._weak import ByIdentity
 from .hooks import forward_hooks
 from .layouts import (
     MAX_SPECIAL_TOKENS,
@@ -869,7 +870,7 @@ class _Memo:
         self.found: dict[tuple[Any, ...], Known] = {}
 
 
-_MEMO: weakref.WeakKeyDictionary[nn.Module, _Memo] = weakref.WeakKeyDictionary()
+_MEMO: ByIdentity[nn.Module, _Memo] = ByIdentity()
 _MEMO_LOCK = threading.Lock()
 _MEMO_SIZE = 16  # layers x input shapes remembered per model; the oldest go first
 

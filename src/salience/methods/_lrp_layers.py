@@ -97,7 +97,10 @@ class _Layer:
     fold: Callable[[], tuple[Tensor, Tensor | None]] | None = None
     """A BatchNorm folded in: returns the folded ``(weight, bias)``, made when the rule runs
     (:meth:`weights`), not in the forward pass: the folded copies of the weights then live
-    only while the backward of their layer runs."""
+    only while the backward of their layer runs. Like every layer's rule, it reads the weight
+    then: a model that changes a weight through ``.data`` after using it in the same pass
+    gets the rule of the changed weight (a write that bumps the version is refused by
+    autograd)."""
 
     def weights(self) -> tuple[Tensor, Tensor | None]:
         """Return the weight and bias the rule applies to (folded with a BatchNorm if any)."""
