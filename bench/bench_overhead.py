@@ -16,6 +16,8 @@ hook and the backward to that layer); ``peer / salience`` above 1 means salience
 ``--parts`` says where the gradient's fixed cost goes: the call is timed again with one part
 taken out at a time (patched away: the buffers kept, the input and model checks, the TF32
 switch, the zero-map check), interleaved with the whole call; each row is what that part costs.
+A last row gives the class as an int instead of a tensor on the input's device (what reading
+the tensor's classes back costs).
 """
 
 from __future__ import annotations
@@ -132,6 +134,10 @@ def parts(model: nn.Module, x: Tensor, target: Tensor, repeats: int, device: tor
         return run
 
     runs = {"whole call": call, **{part: without(p) for part, p in taken_out.items()}}
+    # the class as an int: no tensor to read back (the call's target is a tensor on x's device)
+    index = int(target.flatten()[0]) if target.numel() == 1 else None
+    if index is not None:
+        runs["the target as an int"] = lambda: salience.gradient(model, x, index).values
     runs["bare pass"] = bare(model, x, target, "gradient", model)
     t = interleaved(runs, repeats, device)
     lines = [
@@ -141,7 +147,7 @@ def parts(model: nn.Module, x: Tensor, target: Tensor, repeats: int, device: tor
         "| part taken out | call without it | the part costs |",
         "|---|---:|---:|",
     ]
-    for part in taken_out:
+    for part in [*taken_out, *(["the target as an int"] if index is not None else [])]:
         lines.append(
             f"| {part} | {t[part] * 1e3:.2f} ms | {(t['whole call'] - t[part]) * 1e3:+.2f} ms |"
         )

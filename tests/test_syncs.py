@@ -608,3 +608,36 @@ def test_the_model_can_swap_its_tensors_after_a_call() -> None:
     finally:
         torch.__future__.set_swap_module_params_on_conversion(previous)
     assert model.count == state["count"]
+
+
+def test_a_target_tensor_on_a_device_is_read_before_the_passes(
+    reads: Reads, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from salience import targets
+
+    monkeypatch.setattr(targets, "_on_a_device", lambda t: True)
+    model, x = chain(2), torch.randn(2, 3, 16, 16)
+    target = torch.tensor([1, 4])
+    for method in ("gradient", "grad_cam", "integrated_gradients", "deeplift", "lrp"):
+        salience.explain(model, x, method, target, **OPTIONS.get(method, {}))
+        reads.sites.clear()
+        reads.on = True
+        try:
+            salience.explain(model, x, method, target, **OPTIONS.get(method, {}))
+        finally:
+            reads.on = False
+        where = " ".join(reads.sites)
+        assert "targets.py" in where, (method, where)  # the early read
+        late = [s for s in reads.sites if "targets.py" in s and "__bool__" in s]
+        assert not late, (method, dict(reads.sites))  # no read of the check after the pass
+
+
+@pytest.mark.parametrize(("classes", "named"), [([1, 5], "5"), ([-1, 2], "-1")])
+def test_a_target_read_early_is_still_checked(
+    monkeypatch: pytest.MonkeyPatch, classes: list[int], named: str
+) -> None:
+    from salience import targets
+
+    monkeypatch.setattr(targets, "_on_a_device", lambda t: True)
+    with pytest.raises(ValueError, match=f"target class {named} is out of range"):
+        salience.gradient(chain(1), torch.randn(2, 3, 8, 8), torch.tensor(classes))

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ._performance import recorded
 from .attribution import Attribution
+from .targets import span_read_early
 
 __all__ = ["MethodSpec", "available_methods", "explain", "get_method", "register"]
 
@@ -61,11 +62,26 @@ def register(name: str, *, kind: Kind = "pixel") -> Callable[[F], F]:
             raise ValueError(f"a method named {name!r} is already registered")
         doc = inspect.getdoc(func) or ""
         description = doc.splitlines()[0].rstrip(".") if doc else name
-        method = _checked_switches(name, recorded(func))
+        method = _checked_switches(name, _target_read_early(recorded(func)))
         _REGISTRY[name] = MethodSpec(name=name, func=method, description=description, kind=kind)
         return method
 
     return decorate
+
+
+def _target_read_early(method: F) -> F:
+    """Wrap ``method``: a target tensor on a device has its range read before the passes.
+
+    See :func:`salience.targets.span_read_early`.
+    """
+
+    @functools.wraps(method)
+    def early(*args: Any, **kwargs: Any) -> Attribution:
+        target = args[2] if len(args) > 2 else kwargs.get("target")
+        with span_read_early(target):
+            return method(*args, **kwargs)
+
+    return early  # type: ignore[return-value]
 
 
 def _checked_switches(name: str, method: F) -> F:

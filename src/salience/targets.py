@@ -19,6 +19,8 @@ one class is always 1, so ``"probability"`` is the sigmoid of the logit and
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import numbers
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -143,12 +145,20 @@ def resolve_target(
         classes = torch.full((n,), index, dtype=torch.long, device=output.device)
     else:
         classes = _as_classes(target, n, multi)
-        bad = (classes < 0) | (classes >= num_classes)
-        if bad.any():
-            raise ValueError(
-                f"target class {classes[bad][0].item()} is out of range: the model has "
-                f"{num_classes} classes (valid: 0..{num_classes - 1})"
-            )
+        span = _span_read_early(target)
+        if span is not None:  # read at the start of the call: no wait for the pass here
+            if span[0] < 0 or span[1] >= num_classes:
+                raise ValueError(
+                    f"target class {span[0] if span[0] < 0 else span[1]} is out of range: the "
+                    f"model has {num_classes} classes (valid: 0..{num_classes - 1})"
+                )
+        else:
+            bad = (classes < 0) | (classes >= num_classes)
+            if bad.any():
+                raise ValueError(
+                    f"target class {classes[bad][0].item()} is out of range: the model has "
+                    f"{num_classes} classes (valid: 0..{num_classes - 1})"
+                )
     return ResolvedTarget(n=n, classes=classes.to(output.device), fn=None, score=score)
 
 
@@ -304,6 +314,55 @@ def _as_classes(target: object, n: int, multi: bool = False) -> Tensor:
 def _is_index(value: object) -> bool:
     """Tell whether ``value`` is an integer but not a bool: ``int``, ``numpy.int64``, ..."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+# -- the range of a target tensor on a device, read before the call's first pass -------------
+
+_SPAN: contextvars.ContextVar[tuple[Tensor, int, int, int] | None] = contextvars.ContextVar(
+    "salience_target_span", default=None
+)
+
+
+@contextlib.contextmanager
+def span_read_early(target: object) -> Iterator[None]:
+    """Read the smallest and largest class of a target tensor on a device, before the passes.
+
+    Checking the classes against the model's output (:func:`resolve_target`) reads them back
+    from the device: after the forward pass, that makes the host wait for the whole pass
+    before it can start the backward one. Read at the start of the call, the wait is for
+    nothing queued by the call (on a GPU at batch 1, where the host's launches set the pace,
+    the late read cost about one forward pass of idle waiting). Integer tensors off the CPU
+    only (elsewhere the read costs nothing); the span is used if the same tensor, unchanged,
+    is checked (a copy or a changed tensor is checked the usual way).
+    """
+    if not (
+        isinstance(target, Tensor)
+        and _on_a_device(target)
+        and target.numel() > 0
+        and not (target.is_floating_point() or target.is_complex() or target.dtype == torch.bool)
+        and not target.is_inference()
+    ):
+        yield
+        return
+    low, high = (int(v) for v in torch.aminmax(target.detach()))
+    token = _SPAN.set((target, target._version, low, high))
+    try:
+        yield
+    finally:
+        _SPAN.reset(token)
+
+
+def _on_a_device(t: Tensor) -> bool:
+    """Whether reading ``t`` back waits for a device (tests patch this on the CPU)."""
+    return t.device.type != "cpu"
+
+
+def _span_read_early(target: object) -> tuple[int, int] | None:
+    """``(smallest, largest)`` class of ``target`` if :func:`span_read_early` read it."""
+    span = _SPAN.get()
+    if span is None or span[0] is not target or span[1] != target._version:  # type: ignore[attr-defined]
+        return None
+    return span[2], span[3]
 
 
 def _call_grouped(
