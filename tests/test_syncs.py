@@ -641,3 +641,45 @@ def test_a_target_read_early_is_still_checked(
     monkeypatch.setattr(targets, "_on_a_device", lambda t: True)
     with pytest.raises(ValueError, match=f"target class {named} is out of range"):
         salience.gradient(chain(1), torch.randn(2, 3, 8, 8), torch.tensor(classes))
+
+
+def test_a_module_replaced_is_compared_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a new module may write behind the counters: its first call compares, even where the
+    # buffers stayed the same objects
+    model, x = Shifted().eval(), torch.randn(1, 3, 4, 4)
+    calls = _comparisons(monkeypatch)
+    salience.gradient(model, x, 0)
+    salience.gradient(model, x, 0)
+    assert len(calls) == 1
+    model.head = nn.Linear(3, 2).eval()  # no buffer of its own: only the module changed
+    salience.gradient(model, x, 0)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int32, torch.uint16, torch.uint64])
+def test_target_dtypes_on_a_device(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    from salience import targets
+
+    monkeypatch.setattr(targets, "_on_a_device", lambda t: True)
+    model, x = chain(1), torch.randn(2, 3, 8, 8)
+    ok = salience.gradient(model, x, torch.tensor([1, 4], dtype=dtype))
+    assert ok.target.tolist() == [1, 4]
+    with pytest.raises(ValueError, match="target class 7 is out of range"):
+        salience.gradient(model, x, torch.tensor([1, 7], dtype=dtype))
+
+
+def test_a_method_called_by_another_reads_the_target_once(
+    reads: Reads, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from salience import targets
+
+    monkeypatch.setattr(targets, "_on_a_device", lambda t: True)
+    model, x, target = chain(2), torch.randn(2, 3, 16, 16), torch.tensor([1, 4])
+    salience.guided_grad_cam(model, x, target)  # runs grad_cam and guided backprop
+    reads.sites.clear()
+    reads.on = True
+    try:
+        salience.guided_grad_cam(model, x, target)
+    finally:
+        reads.on = False
+    assert sum(n for site, n in reads.sites.items() if "targets.py" in site) == 1, reads.sites

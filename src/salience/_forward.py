@@ -200,10 +200,12 @@ class _Buffers:
     """What :func:`kept_buffers` learned of a model's buffers.
 
     ``kinds``: each buffer's id, dtype and device in the order of the model's walk, and the
-    types of its modules: the record holds while they are the same. ``groups``: the buffers'
-    positions per dtype and device (the flat copies). ``honest``: a call in eval mode found
-    every buffer it changed with its version bumped. No reference to a buffer is kept (a weak
-    one would stop ``torch.utils.swap_tensors``, which ``load_state_dict`` may use).
+    ids and types of its modules: the record holds while they are the same. ``groups``: the
+    buffers' positions per dtype and device (the flat copies). ``honest``: a call in eval mode
+    found every buffer it changed with its version bumped. No reference to a buffer is kept (a
+    weak one would stop ``torch.utils.swap_tensors``, which ``load_state_dict`` may use), so a
+    module replaced by one of the same type whose module and buffers all take the freed ids
+    would keep the record: the new module's writes behind the counter would then go unseen.
     """
 
     __slots__ = ("groups", "honest", "kinds")
@@ -264,7 +266,11 @@ def kept_buffers(model: Any, modules: list[nn.Module] | None = None) -> Iterator
     except RuntimeError:  # inference tensors keep no version counter: compared every time
         versions = None
     training = any(module.training for module in modules)
-    kinds = ([(id(b), b.dtype, b.device) for b in buffers], tuple(map(type, modules)))
+    kinds = (
+        [(id(b), b.dtype, b.device) for b in buffers],
+        tuple(map(id, modules)),
+        tuple(map(type, modules)),
+    )
     known = _KNOWN.get(model)
     if known is None or known.kinds != kinds:
         known = _KNOWN[model] = _Buffers(kinds, buffers)

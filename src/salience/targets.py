@@ -318,9 +318,15 @@ def _is_index(value: object) -> bool:
 
 # -- the range of a target tensor on a device, read before the call's first pass -------------
 
-_SPAN: contextvars.ContextVar[tuple[Tensor, int, int, int] | None] = contextvars.ContextVar(
+_SPAN: contextvars.ContextVar[tuple[Tensor, int, int, int, int] | None] = contextvars.ContextVar(
     "salience_target_span", default=None
 )
+"""The target tensor read early, its version and storage then, its smallest and largest class."""
+
+
+_EARLY_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+"""Integer dtypes whose smallest and largest values every backend reads (wider unsigned ones
+are left to the check after the pass)."""
 
 
 @contextlib.contextmanager
@@ -329,27 +335,33 @@ def span_read_early(target: object) -> Iterator[None]:
 
     Checking the classes against the model's output (:func:`resolve_target`) reads them back
     from the device: after the forward pass, that makes the host wait for the whole pass
-    before it can start the backward one. Read at the start of the call, the wait is for
-    nothing queued by the call (on a GPU at batch 1, where the host's launches set the pace,
-    the late read cost about one forward pass of idle waiting). Integer tensors off the CPU
-    only (elsewhere the read costs nothing); the span is used if the same tensor, unchanged,
-    is checked (a copy or a changed tensor is checked the usual way).
+    before it can start the backward one. Read at the start of the call (one transfer), the
+    wait is for nothing the call queued. Integer tensors off the CPU only (elsewhere a read
+    costs nothing). The span is used if the same tensor is checked with the same version and
+    storage; a write the version counter does not see (through ``.data``) is not seen here
+    either. A method called by another with the same target reads nothing again.
     """
-    if not (
-        isinstance(target, Tensor)
-        and _on_a_device(target)
-        and target.numel() > 0
-        and not (target.is_floating_point() or target.is_complex() or target.dtype == torch.bool)
-        and not target.is_inference()
+    span = _SPAN.get()
+    if (
+        not isinstance(target, Tensor)
+        or target.dtype not in _EARLY_DTYPES
+        or target.numel() == 0
+        or not _on_a_device(target)
+        or target.is_inference()
+        or (span is not None and _same_state(span, target))
     ):
         yield
         return
-    low, high = (int(v) for v in torch.aminmax(target.detach()))
-    token = _SPAN.set((target, target._version, low, high))
+    low, high = torch.stack(torch.aminmax(target.detach())).tolist()
+    token = _SPAN.set((target, target._version, target.data_ptr(), low, high))
     try:
         yield
     finally:
         _SPAN.reset(token)
+
+
+def _same_state(span: tuple[Tensor, int, int, int, int], target: Tensor) -> bool:
+    return span[0] is target and span[1] == target._version and span[2] == target.data_ptr()
 
 
 def _on_a_device(t: Tensor) -> bool:
@@ -360,9 +372,9 @@ def _on_a_device(t: Tensor) -> bool:
 def _span_read_early(target: object) -> tuple[int, int] | None:
     """``(smallest, largest)`` class of ``target`` if :func:`span_read_early` read it."""
     span = _SPAN.get()
-    if span is None or span[0] is not target or span[1] != target._version:  # type: ignore[attr-defined]
+    if span is None or not isinstance(target, Tensor) or not _same_state(span, target):
         return None
-    return span[2], span[3]
+    return span[3], span[4]
 
 
 def _call_grouped(
