@@ -11,7 +11,8 @@
 # bench/readme_speed.py); check_cuda.py (automatic chunks, host syncs, copies, chunking
 # independence, the rectifier rules at their nodes against the mode: same bits; check_heavy:
 # occlusion and RISE at batch 32 and a real out-of-memory error redone); the fixed cost of a
-# call at batch 1 and where the gradient's goes (the `overhead-cuda` block); the CAM methods
+# call at batch 1 and where the gradient's goes (the `overhead-cuda` block); a dataset run's
+# images per second (bench_batch.py: Grad-CAM, IG-32, end to end); the CAM methods
 # against pytorch-grad-cam and torchcam (bench_cam.py); LRP; the speed settings (channels-last,
 # compile with CUDA graphs). A step that runs out of time leaves what it printed (the suite
 # prints each row as it goes).
@@ -51,6 +52,8 @@ if [ -n "$QUICK" ]; then
     step check_cuda 120 python3 bench/check_cuda.py --device "$DEVICE" --size 32 --repeats 1 --oom
     step performance 120 python3 bench/bench_performance.py --device "$DEVICE" --quick
     step lrp 120 python3 bench/bench_lrp.py --device "$DEVICE" --quick
+    step batch 120 python3 bench/bench_batch.py --device "$DEVICE" --images 8 --batch-size 4 \
+        --workers 0 --methods grad_cam
     step overhead 120 python3 bench/bench_overhead.py --device "$DEVICE" --models resnet \
         --methods gradient grad_cam --repeats 2 --parts --out "$OUT/RESULTS.md" --block overhead
     exit 0
@@ -69,6 +72,8 @@ if [ -n "$BASE" ]; then  # the same with another tree's src (BASE=dir): before a
     step overhead_base 50 env PYTHONPATH="$BASE/src:/tmp/site" python3 bench/bench_overhead.py \
         --device "$DEVICE" --size 224 --repeats 20 --parts --out "$OUT/base.md" --block overhead
 fi
+step batch 60 python3 bench/bench_batch.py --device "$DEVICE" --images 512 --batch-size 32 \
+    --workers 8
 step cam 45 python3 bench/bench_cam.py --device "$DEVICE" --repeats 5 --score-cam-repeats 3
 step lrp 30 python3 bench/bench_lrp.py --device "$DEVICE" --repeats 7 --batch 1 8
 step performance 60 python3 bench/bench_performance.py --device "$DEVICE" --batch 1 \

@@ -207,6 +207,36 @@ def test_batch_command(folder, tmp_path, capsys):
     assert cli.main([*argv[:-2], "--target", "top2"]) == cli.EXIT_USAGE
 
 
+@pytest.mark.parametrize(
+    ("engine", "cores", "workers"),
+    [("local", 1, 0), ("local", 2, 0), ("local", 3, 3), ("local", 16, 4), ("ray", 2, 2)],
+)
+def test_the_default_workers(engine, cores, workers):
+    from salience.cli.batch import default_workers
+
+    assert default_workers(engine, cores) == workers
+
+
+def test_the_batch_command_takes_the_default_workers(folder, tmp_path, monkeypatch):
+    import salience.batch
+
+    seen = {}
+    real = salience.batch.run
+
+    def run(*args, **kwargs):
+        seen["workers"] = kwargs["num_workers"]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(salience.batch, "run", run)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    model_path = tmp_path / "tiny.pt"
+    torch.save(_model(), model_path)
+    argv = ["batch", str(folder / "im0.png"), "-m", "gradient", "--out", str(tmp_path / "s")]
+    argv += ["-q", "--model", str(model_path), "--trust-model", "--input-size", "16"]
+    assert cli.main(argv) == cli.EXIT_OK
+    assert seen == {"workers": 0}
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Data's own, at start-up
 def test_the_ray_engine_gives_the_local_results(tmp_path):
     pytest.importorskip("ray.data", reason="the optional Ray engine: pip install 'ray[data]'")

@@ -11,6 +11,19 @@ from ._options import method_options, parse_methods
 from ._pipeline import Pipeline, load_pipeline, parse_targets
 
 
+def default_workers(engine: str, cores: int | None = None) -> int:
+    """``--workers`` when not given: loader processes (``local``) or Ray actors (``ray``).
+
+    Loader processes compete with the model's threads for the cores: on two cores, Grad-CAM
+    on EfficientNet-Lite0 ran 25–28 images/s with none against 15–18 with one or two
+    (``bench/bench_batch.py``, 48 images, batch 8). Ray actors each run the model.
+    """
+    cores = cores if cores is not None else (os.cpu_count() or 1)
+    if engine == "local" and cores <= 2:
+        return 0
+    return min(4, cores)
+
+
 def cmd_batch(args: argparse.Namespace) -> int:
     """``salience batch``: stream the images through the methods into a store."""
     from ..batch import find_images, run
@@ -28,7 +41,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     if len(specs) != 1 or specs[0].top > 1:
         raise UsageError("batch explains one class per image: --target top1 or a class")
     target = specs[0].index  # None: the predicted class
-    workers = args.workers
+    workers = args.workers if args.workers is not None else default_workers(args.engine)
     preprocess = _cpu_preprocess(pipe, args)
     if preprocess is None:
         preprocess, workers = pipe.preprocess, 0

@@ -206,8 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--workers",
         type=_non_negative_int,
-        default=min(4, os.cpu_count() or 1),
-        help="processes decoding and preprocessing images (0: none)",
+        default=None,
+        help="processes decoding and preprocessing images (0: none; default: min(4, cores), "
+        "none on two cores or fewer, where they slow the run down); with --engine ray, "
+        "actors (default: min(4, cores))",
     )
     p.add_argument(
         "--overlays", action="store_true", help="also write each map over its image as a PNG"
