@@ -397,3 +397,40 @@ def test_a_run_with_no_inputs_leaves_no_positions(tmp_path):
     run(_model(), data, ["gradient"], tmp_path / "s")
     run(_model(), [], ["gradient"], tmp_path / "s")
     assert [e.position for e in Store(tmp_path / "s").entries()] == [None, None, None]
+
+
+class _DiesInAWorker(torch.utils.data.Dataset):
+    """Input 3 kills the loader process that loads it (as an out-of-memory kill would)."""
+
+    def __init__(self) -> None:
+        generator = torch.Generator().manual_seed(2)
+        self.items = [torch.randn(3, 16, 16, generator=generator) for _ in range(8)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if i == 3 and torch.utils.data.get_worker_info() is not None:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.items[i]
+
+
+def test_a_dead_loader_process_leaves_the_rest_to_this_one(tmp_path):
+    said = []
+    summary = run(
+        _model(), _DiesInAWorker(), ["gradient"], tmp_path / "s", batch_size=2, num_workers=1,
+        log=said.append, progress=False,
+    )  # fmt: skip
+    assert summary.written == 8
+    assert not summary.failures
+    assert len(said) == 1
+    assert "a loader process died" in said[0]
+    assert "loaded in this process" in said[0]
+    alone = run(_model(), _DiesInAWorker(), ["gradient"], tmp_path / "t", batch_size=2)
+    keys, maps = summary.store.maps("gradient")
+    _, expected = alone.store.maps("gradient")
+    assert len(keys) == 8
+    torch.testing.assert_close(torch.as_tensor(maps), torch.as_tensor(expected))

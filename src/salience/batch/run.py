@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -291,14 +291,7 @@ def run(
 
                 outcomes = run_on_ray(job, todo, max(1, int(batch_size)), num_workers, ray_address)
             else:
-                loader = torch.utils.data.DataLoader(
-                    job.inputs,
-                    batch_size=max(1, int(batch_size)),
-                    sampler=todo,
-                    num_workers=num_workers,
-                    collate_fn=_collate,
-                )
-                outcomes = (job.process(batch) for batch in loader)
+                outcomes = _run_here(job, todo, max(1, int(batch_size)), num_workers, say)
             for outcome in outcomes:
                 summary.written += outcome.written
                 summary.images += outcome.images
@@ -323,6 +316,39 @@ def run(
             if finished:
                 raise  # else the interruption is what the caller must see
     return summary
+
+
+def _run_here(
+    job: _Job, todo: list[int], batch_size: int, workers: int, say: Callable[[str], None]
+) -> Iterator[Outcome]:
+    """Explain the inputs ``todo`` in this process, loaded by ``workers`` loader processes.
+
+    A loader process that dies (out of memory, or of shared memory: Docker's default
+    ``/dev/shm`` is 64 MB) takes its batches with it and stops the loader: the inputs not yet
+    explained are then loaded in this process, and the run goes on (it says so).
+    """
+    left = list(todo)
+    while left:
+        loader = torch.utils.data.DataLoader(
+            job.inputs, batch_size=batch_size, sampler=left, num_workers=workers,
+            collate_fn=_collate,
+        )  # fmt: skip
+        done: set[int] = set()
+        try:
+            for batch in loader:
+                outcome = job.process(batch)
+                done.update(item[0] for item in batch)
+                yield outcome
+            return
+        except RuntimeError as exc:
+            if workers == 0 or "DataLoader worker" not in str(exc):
+                raise
+            left = [i for i in left if i not in done]
+            say(
+                f"a loader process died ({str(exc).splitlines()[0]}); the {len(left)} inputs "
+                "left are loaded in this process (--workers 0)"
+            )
+            workers = 0
 
 
 @dataclass
