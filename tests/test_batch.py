@@ -434,3 +434,20 @@ def test_a_dead_loader_process_leaves_the_rest_to_this_one(tmp_path):
     _, expected = alone.store.maps("gradient")
     assert len(keys) == 8
     torch.testing.assert_close(torch.as_tensor(maps), torch.as_tensor(expected))
+
+
+def test_a_file_name_with_a_newline_is_one_line_of_the_log(tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(folder / "good.png")
+    (folder / "bad\nname.png").write_text("not an image")
+    model_path = tmp_path / "tiny.pt"
+    torch.save(_model(), model_path)
+    argv = ["batch", str(folder), "-m", "gradient", "--out", str(tmp_path / "s"), "-q"]
+    argv += ["--model", str(model_path), "--trust-model", "--input-size", "16", "--workers", "0"]
+    assert cli.main(argv) == cli.EXIT_PARTIAL
+    lines = capsys.readouterr().err.splitlines()
+    bad = [line for line in lines if "name.png" in line]
+    assert len(bad) == 1
+    assert "bad\\nname.png: " in bad[0]
+    assert "not an image" in bad[0]

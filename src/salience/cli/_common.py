@@ -42,6 +42,17 @@ def _err(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def printable(text: str) -> str:
+    r"""Return ``text`` with control characters escaped (a newline in a file name is ``\n``).
+
+    A line of output stays one line, whatever the names in it: a log read line by line is
+    neither broken nor given lines that are not its own.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text or type(exc).__name__

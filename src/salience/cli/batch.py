@@ -6,7 +6,16 @@ import argparse
 import os
 from typing import Any
 
-from ._common import EXIT_FAILURE, EXIT_OK, EXIT_PARTIAL, CLIError, UsageError, _err, _one_line
+from ._common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    CLIError,
+    UsageError,
+    _err,
+    _one_line,
+    printable,
+)
 from ._options import method_options, parse_methods
 from ._pipeline import Pipeline, load_pipeline, parse_targets
 
@@ -61,7 +70,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
             max_pixels=args.max_pixels or None,
             device=pipe.device,
             progress=False if args.quiet else None,
-            log=lambda line: _err(f"salience batch: error: {line}"),
+            log=lambda line: _err(f"salience batch: error: {printable(line)}"),
             engine=args.engine,
             ray_address=args.ray_address,
         )
