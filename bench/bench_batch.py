@@ -3,14 +3,15 @@
     python bench/bench_batch.py                                # CPU, 64 images, 2 workers
     python bench/bench_batch.py --device cuda --images 512 --batch-size 32 --workers 8
 
-Writes ``--images`` JPEG files (the bundled cat and coffee photos, mirrored and cropped so that
-no two are alike) into a temporary folder and runs :func:`salience.batch.run` on them with
-EfficientNet-Lite0, one method at a time (Grad-CAM; Integrated Gradients with 32 steps), into a
-fresh store each: decoding, resizing and preprocessing in the loader's workers, the method,
-and the compressed maps written with their index. Each row gives the run's images per second
-(and per core on the CPU), and the method alone on the same batches already in memory (the
-part of the run that is not reading and writing). The first run of each method is a warm-up
-on a few images (model loading, the first call's caches), not counted.
+Writes ``--images`` JPEG files (the bundled cat and coffee photos, mirrored and cropped: 64
+different images, repeated beyond) into a temporary folder and runs :func:`salience.batch.run`
+on them with EfficientNet-Lite0, one method at a time (Grad-CAM; Integrated Gradients with 32
+steps), into a fresh store each: decoding, resizing and preprocessing in the loader's workers,
+the method, and the compressed maps written (the run's own clock, ``BatchSummary.seconds``).
+Each row gives the run's images per second (and per core the process may use, on the CPU), and
+the method alone on the same batches already in memory (the part of the run that is not
+reading and writing). The first run of each method is a warm-up on a few images (model
+loading, the first call's caches), not counted.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("ignore")
     model = models.load("efficientnet_lite0").to(args.device)
     device = torch.device(args.device)
-    cores = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"{machine(device)}, device {device}; {args.images} images, batch {args.batch_size}, "
           f"{args.workers} loader workers")  # fmt: skip
     print("| method | run: images/s | per core | method alone: images/s | run / alone |")

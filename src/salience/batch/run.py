@@ -10,10 +10,13 @@ entry is never half-written. An input that cannot be read or explained is record
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._checks import warn
 from .._io import Progress
 from ..registry import check_options, explain, get_method
 from ..targets import _is_index
@@ -158,8 +162,8 @@ class _Inputs(torch.utils.data.Dataset):
                 label = int(label)
             return i, source, x, image, label, None
         except Exception as exc:
-            text = " ".join(str(exc).split()) or type(exc).__name__
-            text = text.removeprefix(f"{source}: ")  # the source is said once, by the caller
+            text = str(exc).removeprefix(f"{source}: ")  # the source is said once, by the caller
+            text = " ".join(text.split()) or type(exc).__name__
             return i, source, None, None, None, text
 
 
@@ -291,7 +295,7 @@ def run(
 
                 outcomes = run_on_ray(job, todo, max(1, int(batch_size)), num_workers, ray_address)
             else:
-                outcomes = _run_here(job, todo, max(1, int(batch_size)), num_workers, say)
+                outcomes = _run_here(job, todo, max(1, int(batch_size)), num_workers)
             for outcome in outcomes:
                 summary.written += outcome.written
                 summary.images += outcome.images
@@ -318,14 +322,12 @@ def run(
     return summary
 
 
-def _run_here(
-    job: _Job, todo: list[int], batch_size: int, workers: int, say: Callable[[str], None]
-) -> Iterator[Outcome]:
+def _run_here(job: _Job, todo: list[int], batch_size: int, workers: int) -> Iterator[Outcome]:
     """Explain the inputs ``todo`` in this process, loaded by ``workers`` loader processes.
 
     A loader process that dies (out of memory, or of shared memory: Docker's default
     ``/dev/shm`` is 64 MB) takes its batches with it and stops the loader: the inputs not yet
-    explained are then loaded in this process, and the run goes on (it says so).
+    explained are then loaded in this process, and the run goes on (with a warning).
     """
     left = list(todo)
     while left:
@@ -334,21 +336,46 @@ def _run_here(
             collate_fn=_collate,
         )  # fmt: skip
         done: set[int] = set()
-        try:
-            for batch in loader:
-                outcome = job.process(batch)
+        batches = iter(loader)  # starts the workers (and installs torch's SIGCHLD handler)
+        with _no_sigchld_raise(workers):
+            while True:
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    return
+                except RuntimeError as exc:
+                    if workers == 0 or "DataLoader worker" not in str(exc):
+                        raise
+                    del batches
+                    left = [i for i in left if i not in done]
+                    warn(
+                        f"a loader process died ({str(exc).splitlines()[0].strip()}); the "
+                        f"{len(left)} inputs left are loaded in this process"
+                    )
+                    workers = 0
+                    break
                 done.update(item[0] for item in batch)
-                yield outcome
-            return
-        except RuntimeError as exc:
-            if workers == 0 or "DataLoader worker" not in str(exc):
-                raise
-            left = [i for i in left if i not in done]
-            say(
-                f"a loader process died ({str(exc).splitlines()[0]}); the {len(left)} inputs "
-                "left are loaded in this process (--workers 0)"
-            )
-            workers = 0
+                yield job.process(batch)
+
+
+@contextlib.contextmanager
+def _no_sigchld_raise(workers: int) -> Iterator[None]:
+    """Keep torch's SIGCHLD handler from raising a worker's death anywhere in this thread.
+
+    Torch's handler raises in the main thread wherever it is: inside a method (the batch would
+    be recorded as failed), in the caller's loop (the run would stop). The loader still
+    reports the death from ``next()`` (within its status check, about five seconds).
+    """
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGCHLD) if main and hasattr(signal, "SIGCHLD") else None
+    if workers == 0 or before is None:  # no handler of Python's to set aside
+        yield
+        return
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGCHLD, before)
 
 
 @dataclass

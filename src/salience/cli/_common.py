@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import sys
+import unicodedata
 
 EXIT_OK = 0
 """Everything succeeded."""
@@ -43,14 +44,24 @@ def _err(message: str) -> None:
 
 
 def printable(text: str) -> str:
-    r"""Return ``text`` with control characters escaped (a newline in a file name is ``\n``).
+    r"""Return ``text`` with control characters and line breaks escaped (a newline: ``\n``).
 
     A line of output stays one line, whatever the names in it: a log read line by line is
-    neither broken nor given lines that are not its own.
+    neither broken nor given lines that are not its own. Other characters, spaces of any
+    script and emoji included, are kept; a byte that was not valid UTF-8 in a file name (a
+    lone surrogate, which the terminal could not print) is escaped too.
     """
     if text.isprintable():
         return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+    return "".join(
+        c.encode("unicode_escape", "backslashreplace").decode()
+        if unicodedata.category(c) in _ESCAPED
+        else c
+        for c in text
+    )
+
+
+_ESCAPED = frozenset({"Cc", "Cs", "Zl", "Zp"})  # controls, surrogates, line/paragraph breaks
 
 
 def _one_line(exc: BaseException) -> str:

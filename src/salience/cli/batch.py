@@ -27,10 +27,18 @@ def default_workers(engine: str, cores: int | None = None) -> int:
     on EfficientNet-Lite0 ran 25–28 images/s with none against 15–18 with one or two
     (``bench/bench_batch.py``, 48 images, batch 8). Ray actors each run the model.
     """
-    cores = cores if cores is not None else (os.cpu_count() or 1)
+    cores = cores if cores is not None else usable_cores()
     if engine == "local" and cores <= 2:
         return 0
     return min(4, cores)
+
+
+def usable_cores() -> int:
+    """Count the cores this process may run on (its affinity: ``taskset``, a cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
