@@ -163,12 +163,8 @@ _FOOTPRINTS: ByIdentity[Any, dict[tuple[Any, ...], float]] = ByIdentity()
 
 
 def _remembered(owner: Any, key: tuple[Any, ...]) -> float | None:
-    if owner is None:
-        return None
-    try:
-        return _FOOTPRINTS.get(owner, {}).get(key)
-    except TypeError:  # not weakly referenceable
-        return None
+    # an owner that takes no weak reference (None included) is never remembered: not found
+    return _FOOTPRINTS.get(owner, {}).get(key)
 
 
 def _remember(owner: Any, key: tuple[Any, ...], value: float) -> None:
