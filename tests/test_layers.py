@@ -275,6 +275,43 @@ class Segmenter(nn.Module):
         )
 
 
+class TwoBranchSegmenter(nn.Module):
+    """LRASPP's head: a 1x1 classifier of early features plus one of late features, resized.
+
+    The head module returns the sum: it, and both classifiers, are the logit head; the late
+    branch's last feature map (``late``) is the default layer. ``aux``: an auxiliary head on
+    the early features computed after the main one and returned beside it (torchvision's
+    FCN and DeepLabV3 with ``aux_loss=True``), a class map of the same shape.
+    """
+
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.late = nn.Sequential(nn.Conv2d(16, 12, 3, padding=1), nn.ReLU())
+            self.low_classifier = nn.Conv2d(8, 3, 1)
+            self.high_classifier = nn.Conv2d(12, 3, 1)
+
+        def forward(self, early: Tensor, late: Tensor) -> Tensor:
+            up = F.interpolate(self.late(late), size=early.shape[-2:], mode="bilinear")
+            return self.low_classifier(early) + self.high_classifier(up)
+
+    def __init__(self, aux: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.early = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.deep = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.head = self.Head()
+        self.aux = nn.Conv2d(8, 3, 1) if aux else None
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor | dict[str, Tensor]:
+        early = self.early(x)
+        out = F.interpolate(self.head(early, self.deep(early)), size=x.shape[-2:])
+        if self.aux is None:
+            return out
+        return {"out": out, "aux": F.interpolate(self.aux(early), size=x.shape[-2:])}
+
+
 class PlainCNN(nn.Module):
     """Conv / ReLU / pool with 8 channels on an 8x8 grid: (N, 8, 8, 8) fits both readings."""
 
@@ -316,6 +353,8 @@ class PlainCNN(nn.Module):
         (lambda: Segmenter(), (32, 32), "encoder", "NCHW"),
         (lambda: Segmenter("nearest", None), (32, 32), "encoder", "NCHW"),
         (lambda: Segmenter("bilinear", True), (32, 32), "encoder", "NCHW"),
+        (lambda: TwoBranchSegmenter(), (32, 32), "head.late", "NCHW"),
+        (lambda: TwoBranchSegmenter(aux=True), (32, 32), "head.late", "NCHW"),
         (lambda: PlainCNN(), (32, 32), "features", "NCHW"),  # (N, 8, 8, 8) channels first
     ],
     ids=[
@@ -329,6 +368,8 @@ class PlainCNN(nn.Module):
         "segmentation",
         "segmentation-nearest",
         "segmentation-corners",
+        "segmentation-two-branches",
+        "segmentation-two-branches-aux",
         "cnn",
     ],
 )
@@ -337,7 +378,9 @@ def test_default_layer_and_layout(
 ) -> None:
     net = model()
     x = _inputs(size)
-    target = sl.mask_target(1) if isinstance(net, Segmenter) else 0
+    target: Any = sl.mask_target(1) if isinstance(net, Segmenter | TwoBranchSegmenter) else 0
+    if isinstance(net, TwoBranchSegmenter) and net.aux is not None:
+        target = lambda out: out["out"][:, 1].sum((1, 2))  # noqa: E731
     for method in CAM_METHODS:
         a = _run(method, net, x, target)
         assert (a.layer, a.extras["layout"]) == (layer, layout), method

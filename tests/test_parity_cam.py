@@ -142,6 +142,42 @@ def test_gradient_cams_equal_pytorch_grad_cam(
     torch.testing.assert_close(_minmax(ours.values[:, 0]), ref, rtol=0, atol=2e-5)
 
 
+class _Logits(nn.Module):
+    """A torchvision segmentation network returning its ``"out"`` logits (pytorch-grad-cam's
+    semantic segmentation tutorial wraps DeepLabV3 so)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)["out"]
+
+
+@pytest.mark.parametrize(
+    ("make", "layer"),
+    [
+        # the sum of two 1x1 classifiers (early and late features), resized: the late branch's
+        # last feature map, not a classifier
+        ("lraspp_mobilenet_v3_large", "model.classifier.cbr"),
+        # the head's last feature map (before its 1x1 classifier), with an auxiliary head after
+        ("deeplabv3_mobilenet_v3_large", "model.classifier.3"),
+    ],
+)
+def test_torchvision_segmentation_default_layer_and_pytorch_grad_cam(make: str, layer: str) -> None:
+    segmentation = pytest.importorskip("torchvision.models.segmentation")
+    pytest.importorskip("pytorch_grad_cam")
+    torch.manual_seed(0)
+    options = {"aux_loss": True} if make.startswith("deeplab") else {}
+    net = getattr(segmentation, make)(weights=None, weights_backbone=None, num_classes=4, **options)
+    model = _Logits(net.eval())
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    ours = sl.grad_cam(model, x, sl.mask_target(1))
+    assert ours.layer == layer
+    ref = _pytorch_grad_cam("GradCAM", model, layer, x, [lambda out: out[1].sum()] * 2)
+    torch.testing.assert_close(_minmax(ours.values[:, 0]), ref, rtol=0, atol=5e-5)
+
+
 class _HalfPixelUpsampling(nn.Module):
     """``UpsamplingBilinear2d`` with ``align_corners=False``, as in the Score-CAM authors' code."""
 

@@ -582,6 +582,47 @@ def test_a_buffer_given_another_dtype_through_data_is_regrouped() -> None:
     assert model.b.tolist() == [2**40 + 1] * 3  # not rounded through a float32 copy
 
 
+class Scalars(nn.Module):
+    """Vector and scalar buffers (copied by concatenation and by stacking) written in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in ("a", "b"):
+            self.register_buffer(name, torch.zeros(3))
+        for name in ("c", "d"):
+            self.register_buffer(name, torch.zeros((), dtype=torch.long))
+        self.write = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.write:
+            for buffer in (self.a, self.b, self.c, self.d):
+                buffer.add_(1)
+        return x.mean((2, 3)) + sum(b.sum() for b in (self.a, self.b, self.c, self.d))
+
+
+def test_vector_and_scalar_buffers_are_put_back_also_after_their_ranks_changed() -> None:
+    model, x = Scalars().eval(), torch.randn(1, 3, 4, 4)
+    salience.gradient(model, x, 0)  # remembered: a and b concatenated, c and d stacked
+    model.write = True
+    salience.gradient(model, x, 0)
+    assert [model.a.tolist(), model.b.tolist(), model.c.item(), model.d.item()] == [
+        [0.0] * 3,
+        [0.0] * 3,
+        0,
+        0,
+    ]
+    # same objects, other ranks (behind the record's back): the copies fall back to flattening
+    model.b.data = torch.zeros(1, 3)
+    model.d.data = torch.zeros(2, dtype=torch.long)
+    salience.gradient(model, x, 0)
+    assert [model.a.tolist(), model.b.tolist(), model.c.item(), model.d.tolist()] == [
+        [0.0] * 3,
+        [[0.0] * 3],
+        0,
+        [0, 0],
+    ]
+
+
 def test_buffers_that_are_inference_tensors_are_compared_every_time() -> None:
     with torch.inference_mode():
         model = Shifted().eval()  # built under inference_mode: no version counters

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import os
 import sys
 import warnings
@@ -59,6 +60,11 @@ def _depends_on_training(m: nn.Module) -> bool:
     return bool(hooks) and any(isinstance(h, SpectralNorm) for h in hooks.values())
 
 
+is_training = operator.attrgetter("training")
+"""``module.training``, to ``map`` over a model's modules (a loop in C: a generator over
+EfficientNet-Lite0's 185 modules takes four times as long)."""
+
+
 def modules_of(model: nn.Module) -> list[nn.Module]:
     """Every module of ``model`` once, ``model`` first: the modules ``model.modules()`` yields.
 
@@ -93,7 +99,7 @@ def check_model(model: Any, modules: list[nn.Module] | None = None) -> None:
         if modules is None:
             modules = modules_of(model)
         # most models are in eval mode: one attribute read per module, no call
-        if any(m.training for m in modules) and any(_depends_on_training(m) for m in modules):
+        if any(map(is_training, modules)) and any(map(_depends_on_training, modules)):
             training = [
                 name or type(model).__name__
                 for name, m in model.named_modules()

@@ -295,7 +295,7 @@ def scripted_modules(model: Any, modules: list[nn.Module] | None = None) -> list
     if not isinstance(model, nn.Module):
         return []
     walked = modules if modules is not None else modules_of(model)
-    if not any(isinstance(m, torch.jit.ScriptModule) for m in walked):
+    if not any(issubclass(kind, torch.jit.ScriptModule) for kind in set(map(type, walked))):
         return []
     return [n for n, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
 

@@ -41,8 +41,11 @@ The layout is decided from what the model computes, not from shapes alone:
 name when a container returns the tensor of its last child) with these exceptions:
 
 - the model output itself is never chosen, nor a class map that the model output merely
-  resizes (a segmentation network that upsamples its logits with ``F.interpolate``): it is
-  the logit head, and the feature map before it is taken;
+  resizes (a segmentation network that upsamples its logits with ``F.interpolate``), nor the
+  class maps it resizes the sum of (torchvision's LRASPP adds a 1x1 classifier of early
+  features to one of late features): they are the logit head, and the feature map before it
+  is taken (LRASPP: ``classifier.cbr``, the late branch; its early branch reaches the score
+  through a classifier only, so read ``backbone`` layers with ``layer=`` to see it);
 - with gradients on, a layer the score does not reach (an auxiliary head) is passed over;
 - in a model with class or register tokens, so is a layer whose map (patch tokens) has a zero
   gradient: a ViT that classifies its class token reads the final ``norm``, and every
@@ -126,7 +129,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import modules_of
+from ._checks import is_training, modules_of
 from ._layer_messages import _LayerMessages
 from ._weak import ByIdentity
 from .hooks import forward_hooks
@@ -320,6 +323,47 @@ _RESIZES: tuple[tuple[str, bool | None], ...] = (
     ("bicubic", False),
     ("bicubic", True),
 )
+
+
+_HEADS_SUMMED = 4
+"""The most class maps a model output may be the resized sum of (LRASPP sums two)."""
+
+
+def _logit_heads(entries: list[_Entry], outputs: list[Tensor]) -> set[int]:
+    """Return the ids of the entries that are logit heads: class maps a model output resizes.
+
+    A 4-D output ``(N, classes, H, W)`` that is a class map resized (a segmentation network
+    upsampling its logits with ``F.interpolate``) or the resized sum of a few class maps of one
+    size computed one after the other (LRASPP adds a classifier of early features to one of
+    late features, then upsamples; its head module returns the sum, a head too): those maps are
+    the logit head, not features to explain. Runs of such maps are tried from each map on, the
+    latest first (an auxiliary head computed after the main one has their shape and is not
+    part of the sum).
+    """
+    heads: set[int] = set()
+    for out in outputs:
+        if out.ndim != 4 or not out.is_floating_point():
+            continue
+        maps = [
+            e
+            for e in reversed(entries)
+            if e.tensor is not None
+            and len(e.shape) == 4
+            and tuple(e.shape[:2]) == tuple(out.shape[:2])
+            and e.tensor is not out
+        ]
+        for start, first in enumerate(maps):
+            run = [e for e in maps[start:] if e.shape == first.shape][:_HEADS_SUMMED]
+            total: Tensor | None = None
+            for i, entry in enumerate(run):
+                assert entry.tensor is not None  # held (see above)
+                with torch.no_grad():
+                    t = entry.tensor.detach()
+                    total = t if total is None else total + t
+                if _is_resized_to(total, [out]):
+                    heads.update(id(e) for e in run[: i + 1])
+                    break
+    return heads
 
 
 def _is_resized_to(t: Tensor, outputs: list[Tensor]) -> bool:
@@ -630,6 +674,7 @@ class LayerSearch(_LayerMessages):
             ValueError: no layer can be read as a map, or the chosen one is ambiguous.
         """
         outputs = _tensors_in(output)
+        heads = _logit_heads(self.entries, outputs)
         pool: list[tuple[_Entry, list[Layout]]] = []
         for entry in reversed(self.entries):
             layouts = self.layouts(entry)
@@ -640,7 +685,7 @@ class LayerSearch(_LayerMessages):
                 break  # beyond the outputs held for the choice
             if any(t is out for out in outputs):
                 continue
-            if layouts[0].kind == "NCHW" and len(layouts) == 1 and _is_resized_to(t, outputs):
+            if layouts[0].kind == "NCHW" and len(layouts) == 1 and id(entry) in heads:
                 continue  # the logit head of a network that upsamples it functionally
             pool.append((entry, layouts))
         if not pool:
@@ -865,7 +910,7 @@ class _Memo:
 
     __slots__ = ("fingerprint", "found")
 
-    def __init__(self, fingerprint: tuple[tuple[int, type, bool], ...]) -> None:
+    def __init__(self, fingerprint: tuple[tuple[Any, ...], ...]) -> None:
         self.fingerprint = fingerprint
         self.found: dict[tuple[Any, ...], Known] = {}
 
@@ -877,13 +922,14 @@ _MEMO_SIZE = 16  # layers x input shapes remembered per model; the oldest go fir
 
 def _fingerprint(
     model: nn.Module, modules: list[nn.Module] | None = None
-) -> tuple[tuple[int, type, bool], ...]:
+) -> tuple[tuple[int, ...], tuple[type, ...], tuple[bool, ...]]:
     """Every module of ``model`` by identity, class and training mode, in order.
 
     A replaced module shows, and so does a switch to training mode (another path, maybe).
     ``modules``: :func:`~salience._checks.modules_of` the model, if the caller has it.
     """
-    return tuple((id(m), type(m), m.training) for m in modules or modules_of(model))
+    modules = modules or modules_of(model)
+    return tuple(map(id, modules)), tuple(map(type, modules)), tuple(map(is_training, modules))
 
 
 def _key(layer: str | None, inputs: Tensor) -> tuple[Any, ...]:

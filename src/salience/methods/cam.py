@@ -31,9 +31,10 @@ image's from ``forward_args``), and ``extras["layer_calls"]`` says how many call
 EfficientNet-Lite0 the default is therefore ``"_swish"``, the ReLU6 module shared by the stem
 and the head, at its second call: the activated head features, exactly the map the classifier
 pools (the choice CAM needs). The model output itself is never chosen, nor a class map the
-output merely upsamples, so a segmentation network is explained at its last inner feature
-map. Where the layout cannot be decided, the methods raise an error that names the candidate
-layers and shows the ``layer=`` and ``reshape=`` to pass.
+output merely upsamples (nor the maps it upsamples the sum of, as LRASPP does), so a
+segmentation network is explained at its last inner feature map. Where the layout cannot be
+decided, the methods raise an error that names the candidate layers and shows the ``layer=``
+and ``reshape=`` to pass.
 
 **Several targets.** ``target`` may be an ``(N, K)`` tensor of class indices: ``values`` is
 then ``(N, K, H, W)``, one map per target, from one forward pass and one batched backward pass
