@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import salience
 from salience.metrics import InputInvariance, input_invariance, mean_shift_twin
 from salience.models.efficientnet_lite import Conv2dStaticSamePadding
 from test_contract import assert_same, snapshot
@@ -89,6 +90,18 @@ def test_twin_is_exact(first, shift):
     assert names <= {n for n, _ in twin.named_parameters()}
     added = len(list(twin.parameters())) - len(names)
     assert added == (first in ("same_string", "static_same_padding"))
+
+
+@pytest.mark.parametrize("wrap", [nn.utils.weight_norm, nn.utils.spectral_norm])
+def test_twin_of_a_legacy_normed_model_after_a_pass_with_gradients(wrap):
+    """Its computed weight, kept as an attribute, is in an autograd graph after any method's
+    pass: the twin is copied with it detached, and is exact."""
+    model = conv_net(wrap(nn.Conv2d(3, 6, 3, padding=1).double()))
+    x = images()
+    salience.gradient(model, x, 0)
+    twin = mean_shift_twin(model, x, 1.0)
+    with torch.no_grad():
+        assert torch.allclose(twin(x + 1.0), model(x), rtol=0, atol=1e-12)
 
 
 def test_zero_padding_needs_the_shifted_pad_value():

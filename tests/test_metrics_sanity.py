@@ -592,3 +592,21 @@ def test_a_layer_whose_weight_is_computed_is_randomized_too(wrap):
     )
     assert float(plain.mean()[0]) < 0.5
     assert float(check.mean()[0]) < 0.5  # it stayed 0.99 with the weight left as it was
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize(
+    "wrap", [torch.nn.utils.weight_norm, torch.nn.utils.spectral_norm], ids=["weight", "spectral"]
+)
+def test_a_legacy_normed_model_is_checked_after_a_pass_with_gradients(wrap):
+    """The legacy hooks keep the weight they compute as an attribute: after any method's pass it
+    is in an autograd graph, which copy.deepcopy refuses; the check copies it detached."""
+    model = _two_convs()
+    wrap(model[2])
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    salience.gradient(model, x, 1)
+    assert not model[2].weight.is_leaf  # what made the copy fail
+    before = snapshot(model)
+    check = parameter_randomization(model, x, "gradient", [1, 3], layers=["2"], mode="independent")
+    assert float(check.mean()[0]) < 0.5
+    assert_same(before, snapshot(model))

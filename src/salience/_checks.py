@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import operator
 import os
@@ -81,6 +82,33 @@ def modules_of(model: nn.Module) -> list[nn.Module]:
                 see(id(child))
                 append(child)
     return found
+
+
+def copy_model(model: nn.Module, purpose: str) -> nn.Module:
+    """Return a deep copy of ``model``, also of one whose modules hold computed tensors.
+
+    The legacy ``torch.nn.utils.weight_norm`` and ``spectral_norm`` keep the weight they
+    compute at each forward pass as a plain attribute of the module: after a pass with
+    gradients (any saliency method's) it is part of an autograd graph, and ``copy.deepcopy``
+    refuses such tensors. The copy gets them detached (the next forward pass of the copy
+    computes them again from the parameters they come from).
+
+    Raises:
+        TypeError: the model still cannot be copied; ``purpose`` says why a copy is made
+            (``"the sanity check randomizes a copy"``).
+    """
+    memo: dict[int, Any] = {}
+    for module in modules_of(model):
+        for value in vars(module).values():
+            if isinstance(value, Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as error:
+        raise TypeError(
+            f"the model cannot be deep-copied ({type(error).__name__}: {error}); {purpose} "
+            "and never your model"
+        ) from error
 
 
 def check_model(model: Any, modules: list[nn.Module] | None = None) -> None:

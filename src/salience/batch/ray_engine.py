@@ -17,13 +17,13 @@ otherwise). Results are identical to a single-process run (tested).
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
+from .._checks import copy_model
 from .run import Outcome, _Job
 
 __all__ = ["run_on_ray"]
@@ -92,7 +92,7 @@ def run_on_ray(
         context.execution_options.preserve_order = True
         cpu_job = job
         if gpu:  # each actor moves its copy to its own GPU; the user's model stays put
-            model = copy.deepcopy(job.model).cpu()
+            model = copy_model(job.model, "each Ray actor moves a copy to its GPU").cpu()
             cpu_job = _Job(**{**job.__dict__, "model": model, "device": "cpu"})
         data = ray.data.from_items([{"index": i} for i in todo], override_num_blocks=len(todo))
         results = data.map_batches(

@@ -8,7 +8,6 @@ see :mod:`salience.metrics.invariance` for exactly what is built and refused). P
 
 from __future__ import annotations
 
-import copy
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import all_finite, check_inputs
+from .._checks import all_finite, check_inputs, copy_model
 from .._forward import ForwardArgs, model_scope
 from ..hooks import forward_hooks
 
@@ -186,13 +185,7 @@ def _build_twin(
     check_inputs(inputs)
     x = inputs.detach()
     s = _as_shift(shift, x)
-    try:
-        twin = copy.deepcopy(model)
-    except Exception as error:
-        raise TypeError(
-            f"the model cannot be deep-copied ({type(error).__name__}: {error}); the twin is "
-            "built from a copy and never from your model"
-        ) from error
+    twin = copy_model(model, "the twin is built from a copy")
 
     events: list[tuple[str, nn.Module, Any]] = []
     found: list[str] = []

@@ -12,7 +12,9 @@ What is computed, exactly, for each sample ``i`` and randomized model ``k``:
 
 1. **A copy.** The model is deep-copied once; only the copy is changed. The user's model,
    its parameters, buffers, ``requires_grad`` flags and training flag are never touched, also
-   when the method raises midway.
+   when the method raises midway. The weight the legacy ``weight_norm`` and
+   ``spectral_norm`` keep as an attribute is copied detached (after a pass with gradients it
+   is in an autograd graph, which ``copy.deepcopy`` refuses).
 2. **Layers.** A *unit* is a module with parameters of its own (conv, linear, norm, ...). A
    forward pass on the inputs (forward hooks of :mod:`salience.hooks`) orders the units by
    when their forward call returns; units the forward pass does not run are left out. Units
@@ -61,7 +63,6 @@ References:
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -71,7 +72,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .._checks import all_finite, check_inputs, check_positive_int, warn
+from .._checks import all_finite, check_inputs, check_positive_int, copy_model, warn
 from .._forward import ForwardArgs
 from .._io import Progress
 from ..attribution import Attribution
@@ -524,13 +525,7 @@ def parameter_randomization(
             "the sanity check randomizes the parameters of an nn.Module; got "
             f"{type(model).__name__}"
         )
-    try:
-        twin = copy.deepcopy(model)
-    except Exception as error:
-        raise TypeError(
-            f"the model cannot be deep-copied ({type(error).__name__}: {error}); the sanity "
-            "check randomizes a copy and never your model"
-        ) from error
+    twin = copy_model(model, "the sanity check randomizes a copy")
 
     units, output = _discover(twin, x, forward_args, allow_tf32)
     resolved = resolve_target(target, output, n)
