@@ -13,6 +13,13 @@ forward + backward pass of the same model, interleaved after a warm-up, one thre
 ``fixed`` is salience's median minus the hand-written pass's (for Grad-CAM: a forward with one
 hook and the backward to that layer); ``peer / salience`` above 1 means salience is faster.
 
+``--models thin`` adds a network with Lite0's count of modules and BatchNorm buffers (16
+inverted-residual blocks, 155 modules, 150 buffers) but 4 channels, run at 8²: its arithmetic
+is nearly nothing, so its bare pass is the cost of launching its operations, and the fixed
+cost is measured against that, as a GPU at batch 1 sees it, on any machine::
+
+    python bench/bench_overhead.py --models thin --repeats 200 --methods gradient grad_cam
+
 ``--parts`` says where the gradient's fixed cost goes: the call is timed again with one part
 taken out at a time (patched away: the buffers kept, the input and model checks, the TF32
 switch, the zero-map check), interleaved with the whole call; each row is what that part costs.
@@ -44,6 +51,40 @@ from suite import captum_peer, load, machine, measure_side_by_side
 METHODS = ("gradient", "guided_backprop", "deconvnet", "grad_cam", "grad_cam_default",
            "grad_cam_first", "deeplift", "lrp", "integrated_gradients", "smoothgrad")  # fmt: skip
 STEPS = 8  # IG steps and SmoothGrad samples: one pass each, as a GPU would run them
+
+
+class Thin(nn.Module):
+    """Lite0's count of modules and BatchNorm buffers with 4 channels (see the module doc)."""
+
+    def __init__(self, channels: int = 4, blocks: int = 16, classes: int = 10) -> None:
+        super().__init__()
+        c = channels
+
+        def block() -> nn.Sequential:
+            return nn.Sequential(
+                *(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU6()),
+                *(nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), nn.BatchNorm2d(c)),
+                *(nn.ReLU6(), nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c)),
+            )
+
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU6())
+        self.blocks = nn.ModuleList(block() for _ in range(blocks))
+        self.head = nn.Sequential(nn.Conv2d(c, 8, 1), nn.BatchNorm2d(8), nn.ReLU6())
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.fc(self.head(x).mean((2, 3)))
+
+
+def model_and_size(name: str, size: int) -> tuple[nn.Module, int]:
+    """The model ``name`` of the suite, or ``thin`` (at 8², whatever ``size``)."""
+    if name == "thin":
+        torch.manual_seed(0)
+        return Thin().eval(), 8
+    return load(name), size
 
 
 def interleaved(
@@ -203,9 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     lines: list[str] = []
     found: list[str] = []  # --parts: where the gradient's cost goes, per model
     for name in args.models:
-        model = load(name).to(device)
+        model, size = model_and_size(name, args.size)
+        model = model.to(device)
         torch.manual_seed(0)
-        x = torch.rand(1, 3, args.size, args.size, device=device) * 2 - 1
+        x = torch.rand(1, 3, size, size, device=device) * 2 - 1
         target = model(x).argmax(1)
         layer_name = salience.grad_cam(model, x, target).layer
         layer = model.get_submodule(layer_name)

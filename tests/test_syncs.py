@@ -571,6 +571,57 @@ class Shifted(nn.Module):
         return self.head((x + shift).mean((2, 3)))
 
 
+def test_the_copy_kept_from_the_last_call_puts_back_what_the_model_writes() -> None:
+    from salience import _forward
+
+    model, x = Shifted().eval(), torch.randn(1, 3, 4, 4)
+    salience.gradient(model, x, 0)  # compared: the model is honest; its copy is kept
+    assert _forward._KNOWN[model].saved is not None
+    salience.gradient(model, x, 0)  # nothing copied
+    model.write = True
+    salience.gradient(model, x, 0)
+    assert model.a.tolist() == [0.0] * 3
+    assert model.b.tolist() == [0.0] * 3
+    # kept again, with the versions after the write back: the next call copies nothing
+    assert _forward._KNOWN[model].versions == [model.a._version, model.b._version]
+    salience.gradient(model, x, 0)
+    assert model.a.tolist() == [0.0] * 3
+
+
+@pytest.mark.parametrize("how", ["in place", "load_state_dict", ".data ="])
+def test_a_buffer_you_change_between_calls_is_copied_again(how: str) -> None:
+    """Your write bumps the version, or moves the data: the copy kept from the last call is
+    not used, and what the model then writes is put back to your value, not the kept one."""
+    model, x = Shifted().eval(), torch.randn(1, 3, 4, 4)
+    for _ in range(2):
+        salience.gradient(model, x, 0)
+    if how == "in place":
+        model.a.fill_(5.0)
+    elif how == "load_state_dict":
+        model.load_state_dict({**model.state_dict(), "a": torch.full((3,), 5.0)})
+    else:
+        model.a.data = torch.full((3,), 5.0)
+    model.write = True
+    salience.gradient(model, x, 0)
+    assert model.a.tolist() == [5.0] * 3
+    assert model.b.tolist() == [0.0] * 3
+
+
+def test_no_copy_is_kept_in_training_mode_or_when_large(monkeypatch: pytest.MonkeyPatch) -> None:
+    from salience import _forward
+
+    model, x = Shifted().train(), torch.randn(2, 3, 4, 4)
+    salience.gradient(model, x, 0)
+    assert _forward._KNOWN[model].saved is None
+    model.eval()
+    monkeypatch.setattr(_forward, "_KEPT_BYTES", 16)  # the two buffers: 24 bytes
+    salience.gradient(model, x, 0)
+    assert _forward._KNOWN[model].saved is None
+    monkeypatch.setattr(_forward, "_KEPT_BYTES", 24)
+    salience.gradient(model, x, 0)
+    assert _forward._KNOWN[model].saved is not None
+
+
 def test_a_buffer_given_another_dtype_through_data_is_regrouped() -> None:
     model, x = Shifted().eval(), torch.randn(1, 3, 4, 4)
     salience.gradient(model, x, 0)  # remembered: a and b in one float32 copy

@@ -200,26 +200,40 @@ def full_float32(allow_tf32: bool = False) -> Iterator[None]:
 class _Buffers:
     """What :func:`kept_buffers` learned of a model's buffers.
 
-    ``kinds``: each buffer's dtype, device and id in the order of the model's walk, and the
-    ids and types of its modules: the record holds while they are the same. ``groups``: the
-    buffers' positions per dtype, device and rank (the flat copies). ``honest``: a call in eval mode
-    found every buffer it changed with its version bumped. No reference to a buffer is kept (a
-    weak one would stop ``torch.utils.swap_tensors``, which ``load_state_dict`` may use), so a
-    module replaced by one of the same type whose module and buffers all take the freed ids
-    would keep the record: the new module's writes behind the counter would then go unseen.
+    ``kinds``: each buffer's dtype and device, and ``ids``: each buffer's id in the order of
+    the model's walk with the ids and types of its modules: the record holds while they are
+    the same. ``groups``: the buffers' positions per dtype, device and rank (the flat copies).
+    ``honest``: a call in eval mode found every buffer it changed with its version bumped.
+    ``saved``: the flat copies of the last call, kept for the next one while every buffer
+    still has the version and data pointer of ``versions`` and ``places`` (see
+    :func:`kept_buffers`); ``None`` when none are kept.
+
+    No reference to a buffer is kept (a weak one would stop ``torch.utils.swap_tensors``,
+    which ``load_state_dict`` may use), so a module replaced by one of the same type whose
+    module and buffers all take the freed ids would keep the record: the new module's writes
+    behind the counter would then go unseen.
     """
 
-    __slots__ = ("groups", "honest", "kinds")
+    __slots__ = ("groups", "honest", "ids", "kinds", "places", "saved", "versions")
 
-    def __init__(self, kinds: Any, buffers: list[Tensor]) -> None:
+    def __init__(self, kinds: Any, ids: Any, buffers: list[Tensor]) -> None:
         self.kinds = kinds
+        self.ids = ids
         self.groups = _same_kind(buffers)
         self.honest = False
+        self.saved: list[Tensor] | None = None
+        self.versions: list[int] = []
+        self.places: list[int] | None = None
 
 
 _KNOWN: ByIdentity[nn.Module, _Buffers] = ByIdentity()
 _DISHONEST: ByIdentity[nn.Module, bool] = ByIdentity()
 """Models a call found changing a buffer behind its version counter: compared at every call."""
+
+_KEPT_BYTES = 4 << 20
+"""The largest copy of a model's buffers kept from one call to the next, until the next call
+on the model or until the model is freed (BatchNorm statistics: 168 KB for EfficientNet-Lite0,
+0.4 MB for a ResNet-50); a larger one is made afresh at every call."""
 
 
 @contextlib.contextmanager
@@ -244,13 +258,20 @@ def kept_buffers(model: Any, modules: list[nn.Module] | None = None) -> Iterator
     BatchNorm updating its statistics (training mode, or ``F.batch_norm(training=True)``
     called by the model). So the first call on a model (or on its new buffers) compares, and
     if every buffer it changed had its version bumped, later calls in eval mode whose versions
-    did not move skip the comparison; the copy is still made, to put back what a write that
-    bumps the version changed. A model that changed a buffer behind its counter is compared
-    at every call. At batch 1 the comparison, its bookkeeping and the grouping of the buffers
-    were about 0.4 ms of a call on Lite0 (on the CPU at 32²; on a GPU also one host
-    synchronisation); what is left, the walk, the copy and the checks of the record, about
-    0.15 ms (0.23 before the buffers were read and checked through ``map`` and the vectors
-    concatenated without a view each).
+    did not move skip the comparison. A model that changed a buffer behind its counter is
+    compared at every call.
+
+    The copy is kept for the next call too, when it is small (:data:`_KEPT_BYTES`) and the
+    model honest and in eval mode: a call whose buffers all have the versions and data
+    pointers they had when the last call ended knows that they still hold the kept values
+    (what the model writes bumps the versions; what you write bumps them too, unless it goes
+    through ``.data``: a ``.data`` assignment moves the data pointer, an in-place write through
+    ``.data`` between two calls is not seen, and would only matter if the model then wrote the
+    same buffer during the call). Such a call copies nothing. At batch 1 the buffers were
+    about 0.35 ms of a call's fixed cost on a network with Lite0's 150 buffers whose arithmetic
+    is nearly free (``bench_overhead.py --models thin``: the cost of a GPU at batch 1, where
+    the host's caches are cold after the pass); with the copy kept, a walk and two reads of
+    the version counters are left.
     """
     if not isinstance(model, nn.Module):
         yield
@@ -266,44 +287,70 @@ def kept_buffers(model: Any, modules: list[nn.Module] | None = None) -> Iterator
     except RuntimeError:  # inference tensors keep no version counter: compared every time
         versions = None
     training = any(map(is_training, modules))
-    kinds = (
-        list(map(_KIND, buffers)),
-        list(map(id, buffers)),
-        list(map(id, modules)),
-        list(map(type, modules)),
-    )
+    ids = (list(map(id, buffers)), list(map(id, modules)), list(map(type, modules)))
     known = _KNOWN.get(model)
-    if known is None or known.kinds != kinds:
-        known = _KNOWN[model] = _Buffers(kinds, buffers)
-    groups = [[buffers[i] for i in group] for group in known.groups]
-    with torch.no_grad():
-        saved = [_copy(group) for group in groups]
+    saved = known.saved if known is not None and not training else None
+    kept = (  # the buffers still hold the copy kept by the last call
+        known is not None
+        and saved is not None
+        and known.ids == ids
+        and known.versions == versions
+        and known.places == _places(buffers)
+    )
+    if not kept or known is None or saved is None:
+        kinds = list(map(_KIND, buffers))
+        if known is None or known.ids != ids or known.kinds != kinds:
+            known = _KNOWN[model] = _Buffers(kinds, ids, buffers)
+        known.saved = None
+        with torch.no_grad():
+            saved = [_copy([buffers[i] for i in group]) for group in known.groups]
     try:
         yield
     finally:
         _rebind(holders, tables, entries)
         training = training or any(map(is_training, modules))
-        moved = versions is None or list(map(_VERSION, buffers)) != versions
-        if training or moved or not known.honest:
-            bumped = (
-                None
-                if versions is None
-                else [b._version != v for b, v in zip(buffers, versions, strict=True)]
-            )
+        now = None if versions is None else list(map(_VERSION, buffers))
+        if training or now != versions or not known.honest:
+            groups = [[buffers[i] for i in group] for group in known.groups]
             # inference tensors (a model made under inference_mode) are written back in it
             with torch.no_grad(), torch.inference_mode(versions is None):
                 changed = _put_back(groups, saved)
-            if not training and bumped is not None:
+            if not training and versions is not None and now is not None:
                 unseen = any(
-                    id(b) in changed and not up for b, up in zip(buffers, bumped, strict=True)
+                    id(b) in changed and before == after
+                    for b, before, after in zip(buffers, versions, now, strict=True)
                 )
                 if unseen:
                     _DISHONEST[model] = True
                 known.honest = model not in _DISHONEST
+            kept = False  # written back, or compared: kept again below, if it may be
+        if not kept:
+            _keep(known, saved, buffers, training or versions is None)
 
 
 _VERSION = operator.attrgetter("_version")
 _KIND = operator.attrgetter("dtype", "device")
+
+
+def _places(buffers: list[Tensor]) -> list[int] | None:
+    """Each buffer's data pointer, or ``None`` if one has none (a sparse buffer)."""
+    try:
+        return list(map(Tensor.data_ptr, buffers))
+    except RuntimeError:
+        return None
+
+
+def _keep(known: _Buffers, saved: list[Tensor], buffers: list[Tensor], fresh: bool) -> None:
+    """Keep ``saved``, which the buffers hold now, for the next call, if it may be kept.
+
+    ``fresh``: a call in training mode, or on buffers without version counters: nothing kept.
+    """
+    places = None if fresh or not known.honest else _places(buffers)
+    size = sum(t.numel() * t.element_size() for t in saved)
+    if places is None or size > _KEPT_BYTES:
+        known.saved = None
+        return
+    known.saved, known.versions, known.places = saved, list(map(_VERSION, buffers)), places
 
 
 def _rebind(holders: list[nn.Module], tables: list[dict[str, Any]], entries: list[Any]) -> None:
