@@ -501,9 +501,14 @@ def _rectifier_nodes(output: Any, others: Counter[str] | None = None) -> list[An
     roots = list(dict.fromkeys(roots))  # an output may hold one tensor twice
     nodes = []
     seen = set(roots)
+    kinds = _NODE_KINDS
+    if len(kinds) > 4096:  # node classes made on the fly (autograd functions in a loop)
+        kinds.clear()
     while roots:
         node = roots.pop()
-        kind = node.name().rstrip("0123456789")
+        kind = kinds.get(type(node))
+        if kind is None:
+            kind = kinds[type(node)] = node.name().rstrip("0123456789")
         if kind == "ReluBackward" or (kind == "HardtanhBackward" and _clip_to_positive(node)):
             nodes.append(node)
         elif _hides_calls(node, kind) or (
@@ -513,10 +518,18 @@ def _rectifier_nodes(output: Any, others: Counter[str] | None = None) -> list[An
         elif others is not None and kind in _MAIN_PATH_NODES:
             others[_MAIN_PATH_NODES[kind]] += 1
         for following, _ in node.next_functions:
-            if following is not None and following not in seen:
+            # the leaves' nodes (every parameter's): nothing behind them
+            if following is not None and following not in seen and type(following) is not _LEAF:
                 seen.add(following)
                 roots.append(following)
     return nodes
+
+
+_NODE_KINDS: dict[type, str] = {}
+"""A backward node class's name less its version digits (the same for all its nodes): read
+once per class, not once per node (Lite0's pass has 300 nodes of 20 classes)."""
+
+_LEAF: type = torch._C._functions.AccumulateGrad  # type: ignore[attr-defined]
 
 
 _MAIN_PATH = frozenset(
