@@ -409,12 +409,14 @@ def ruled_forward(
     *,
     activations: Activations = "rectifiers",
     method: str | None = None,
+    modules: list[nn.Module] | None = None,
 ) -> tuple[Any, dict[str, Any] | None]:
     """Run ``run()``, one forward pass of ``model``, with ``rule`` at every rectifier.
 
     What :func:`rectifier_rule` does, at the backward nodes of the pass where its graph shows
     every rectifier (see the module documentation), else through the mode. ``run`` may be
-    called twice: it must make its inputs afresh.
+    called twice: it must make its inputs afresh. ``modules``: the model's modules, if the
+    caller has walked them (:func:`~salience._checks.modules_of`).
 
     Returns:
         ``(output, extras)``: ``run()``'s output and what the rule modified
@@ -425,7 +427,7 @@ def ruled_forward(
     """
     if rule == "gradient":
         return run(), None
-    _refuse_script(model, f"the {rule} backward rule", "its ReLUs")
+    _refuse_script(model, f"the {rule} backward rule", "its ReLUs", modules)
     if not resolve_activations(activations):
         ruled = _node_rule(model, run, rule, method or _METHODS.get(rule, rule))
         if ruled is not None:

@@ -117,6 +117,7 @@ def _ruled_forward(
         rule,
         activations=activations,
         method=method,
+        modules=forward.modules,
     )
     if extras is not None and report is not None:
         report.update(extras)
