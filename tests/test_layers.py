@@ -410,6 +410,94 @@ def test_explicit_k_norm_is_refused_with_a_hint() -> None:
             sl.grad_cam(net, x, 0, layer=layer)
 
 
+class EarlySideHead(nn.Module):
+    """LRASPP-like, with the early classifier computed first and a deep late branch after it:
+    without gradients only the last few outputs are held, and the early classifier is not."""
+
+    def __init__(self, depth: int = 8) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.early = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.low_classifier = nn.Conv2d(8, 3, 1)
+        pairs = [(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()) for _ in range(depth)]
+        self.deep = nn.Sequential(*[m for pair in pairs for m in pair])
+        self.late = nn.Sequential(nn.Conv2d(8, 12, 3, padding=1), nn.ReLU())
+        self.high_classifier = nn.Conv2d(12, 3, 1)
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        early = self.early(x)
+        low = self.low_classifier(early)
+        high = self.high_classifier(self.late(self.deep(early)))
+        return F.interpolate(low + high, size=x.shape[-2:], mode="bilinear")
+
+
+@pytest.mark.parametrize("first", ["score_cam", "grad_cam"])
+def test_every_method_passes_over_a_summed_head_whatever_was_called_first(first: str) -> None:
+    net, x = EarlySideHead(), _inputs((32, 32))
+    order = [first, *(m for m in ("score_cam", "grad_cam", "layer_cam") if m != first)]
+    for method in order:
+        assert _run(method, net, x, sl.mask_target(1)).layer == "late", method
+
+
+class FaintFeatures(nn.Module):
+    """Features with as many channels as classes, at the logits' size, and nearly zero (an
+    untrained head's): the logits plus them are the logits within any tolerance."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.MaxPool2d(2))
+        self.classifier = nn.Conv2d(3, 3, 1)
+        with torch.no_grad():
+            self.body[0].weight.mul_(1e-9)
+            self.body[0].bias.zero_()
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.interpolate(self.classifier(self.body(x)), size=x.shape[-2:], mode="bilinear")
+
+
+def test_a_head_alone_is_no_sum_with_the_features_before_it() -> None:
+    a = sl.grad_cam(FaintFeatures(), _inputs((16, 16)), sl.mask_target(1), relu=False)
+    assert a.layer == "body"
+
+
+class ChannelsLastSegmenter(nn.Module):
+    """A ConvNeXt-style segmenter: blocks on (N, h, w, C) tensors whose grid height equals the
+    class count (19 classes, a 19x19 grid)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 16, 4, stride=4)
+        self.blocks = nn.Sequential(
+            *[nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 16)) for _ in range(3)]
+        )
+        self.classifier = nn.Conv2d(16, 19, 1)
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        f = self.blocks(self.stem(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return F.interpolate(self.classifier(f), size=x.shape[-2:], mode="bilinear")
+
+
+def test_only_channels_first_maps_are_tried_as_logit_heads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A channels-last map whose grid height is the class count is no class map: not resized
+    and compared with the output (six interpolations each)."""
+    tried: list[tuple[int, ...]] = []
+    resized = layers._is_resized_to
+
+    def counted(t: Tensor, outputs: list[Tensor]) -> bool:
+        tried.append(tuple(t.shape))
+        return resized(t, outputs)
+
+    monkeypatch.setattr(layers, "_is_resized_to", counted)
+    a = sl.grad_cam(ChannelsLastSegmenter(), _inputs((76, 76)), sl.mask_target(1))
+    assert (a.layer, a.extras["layout"]) == ("blocks", "NHWC")
+    assert tried == [(2, 19, 19, 19)]  # the classifier only
+
+
 def test_score_cam_picks_the_layer_grad_cam_picks_without_keeping_a_graph() -> None:
     """Score-CAM on a class-token ViT checks the patch tokens on one pass with gradients."""
     net, x = ViT(registers=2), _inputs((32, 32))

@@ -571,6 +571,29 @@ class Shifted(nn.Module):
         return self.head((x + shift).mean((2, 3)))
 
 
+class EmptyFirst(nn.Module):
+    """An empty vector first in its group, a counter written at every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mask", torch.zeros(0))
+        self.register_buffer("calls", torch.zeros(3))
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.add_(1)
+        return self.conv(x).mean((2, 3))
+
+
+def test_an_empty_vector_beside_a_buffer_whose_rank_changed() -> None:
+    """torch.cat takes an empty vector beside a tensor of any rank: the group is flattened."""
+    model, x = EmptyFirst().eval(), torch.randn(1, 3, 8, 8)
+    salience.gradient(model, x, 0)
+    model.calls.data = torch.zeros(1, 3)  # the same object, now 2-D, behind the record
+    salience.gradient(model, x, 0)
+    assert model.calls.tolist() == [[0.0] * 3]
+
+
 def test_the_copy_kept_from_the_last_call_puts_back_what_the_model_writes() -> None:
     from salience import _forward
 
@@ -775,3 +798,61 @@ def test_a_method_called_by_another_reads_the_target_once(
     finally:
         reads.on = False
     assert sum(n for site, n in reads.sites.items() if "targets.py" in site) == 1, reads.sites
+
+
+# -- buffers of every kind ------------------------------------------------------------------
+
+
+class Unusual(nn.Module):
+    """A lazy conjugate view, quantized vectors of different scales, a sparse buffer, and a
+    forward pass that resizes one buffer in place, registers another, fills a None one and
+    gives a quantized one other data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("kernel", torch.fft.rfft2(torch.randn(4, 4)).conj())
+        for name, scale in (("q1", 0.1), ("q2", 0.37)):
+            quantized = torch.quantize_per_tensor(torch.randn(4), scale, 0, torch.qint8)
+            self.register_buffer(name, quantized)
+        self.register_buffer("sparse", torch.eye(3).to_sparse())
+        self.register_buffer("observed", torch.zeros(2))
+        self.register_buffer("empty", None)
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.observed.resize_(5).fill_(1.0)  # a per-channel observer grows its statistics
+        self.q1.data = torch.quantize_per_tensor(torch.randn(4), 0.1, 0, torch.qint8)
+        self.register_buffer("made", torch.ones(1))
+        self.empty = torch.ones(2)
+        return self.conv(x).mean((2, 3))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_buffers_of_every_kind_are_kept() -> None:
+    model, x = Unusual().eval(), torch.randn(1, 3, 8, 8)
+    objects = dict(model.named_buffers())
+    before = {name: b.clone() for name, b in objects.items()}
+    versions = {name: b._version for name, b in objects.items() if name != "sparse"}
+    for _ in range(2):  # the first call compares; the second reads the record
+        salience.gradient(model, x, 0)
+        assert dict(model.named_buffers()) == objects  # same names, same objects, no "made"
+        assert model.empty is None
+        for name, value in before.items():
+            now = objects[name]
+            if now.layout != torch.strided:
+                now, value = now.to_dense(), value.to_dense()
+            if now.is_quantized:
+                now, value = now.dequantize(), value.dequantize()
+            assert now.shape == value.shape, name
+            assert torch.equal(now.resolve_conj(), value.resolve_conj()), name
+        for name in ("kernel", "q2"):  # unchanged: not written (q1 is put back)
+            assert objects[name]._version == versions[name], name
+
+
+def test_lazy_modules_not_made_yet_are_refused() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LazyBatchNorm2d(), nn.Flatten(), nn.LazyLinear(2))
+    with pytest.raises(ValueError, match=r"lazy modules .*\(1, 3\).*model\(x\)"):
+        salience.gradient(model.eval(), torch.randn(1, 3, 8, 8), 0)
+    assert isinstance(model[1], nn.LazyBatchNorm2d)  # nothing was made
+    model(torch.randn(1, 3, 8, 8))  # made by a pass of yours: explained
+    assert salience.gradient(model.eval(), torch.randn(1, 3, 8, 8), 0).values.shape == (1, 3, 8, 8)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils.parametrizations import _SpectralNorm
 from torch.nn.utils.spectral_norm import SpectralNorm
 
@@ -126,6 +127,8 @@ def check_model(model: Any, modules: list[nn.Module] | None = None) -> None:
     if isinstance(model, nn.Module):
         if modules is None:
             modules = modules_of(model)
+        if any(issubclass(kind, LazyModuleMixin) for kind in set(map(type, modules))):
+            _refuse_uninitialized(model)
         # most models are in eval mode: one attribute read per module, no call
         if any(map(is_training, modules)) and any(map(_depends_on_training, modules)):
             training = [
@@ -141,6 +144,22 @@ def check_model(model: Any, modules: list[nn.Module] | None = None) -> None:
                 "both are restored after the call). Call model.eval() first (salience leaves "
                 "the flag as you set it)",
             )
+
+
+def _refuse_uninitialized(model: nn.Module) -> None:
+    """Raise for a model with lazy modules whose parameters or buffers are not made yet."""
+    lazy = [
+        name or type(model).__name__
+        for name, m in model.named_modules()
+        if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()  # type: ignore[misc]
+    ]
+    if lazy:
+        raise ValueError(
+            f"the model has lazy modules whose parameters or buffers are not made yet "
+            f"({', '.join(lazy[:3])}{', ...' if len(lazy) > 3 else ''}): their first forward "
+            "pass would make them, changing your model. Run the model once on an input "
+            "(model(x)) before explaining it"
+        )
 
 
 def check_inputs(inputs: Any) -> Tensor:

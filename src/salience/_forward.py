@@ -23,6 +23,7 @@ disabled them is running, they stay off, and the last such call to finish restor
 from __future__ import annotations
 
 import contextlib
+import math
 import operator
 import threading
 from collections.abc import Iterator, Mapping
@@ -221,7 +222,7 @@ class _Buffers:
         self.ids = ids
         self.groups = _same_kind(buffers)
         self.honest = False
-        self.saved: list[Tensor] | None = None
+        self.saved: list[_Saved] | None = None
         self.versions: list[int] = []
         self.places: list[int] | None = None
 
@@ -242,7 +243,12 @@ def kept_buffers(model: Any, modules: list[nn.Module] | None = None) -> Iterator
 
     A model left in training mode updates BatchNorm statistics and counters on every forward
     pass; explaining it must not. The buffer objects themselves are restored too, should the
-    model replace one.
+    model replace one; buffers it registers during the call on a module that had buffers are
+    removed, those it removes or sets from ``None`` put back. A buffer the call resizes in place
+    (an observer growing its statistics) or gives other data through ``.data`` gets its shape,
+    dtype and values back (through ``.data``: the same object). Lazy conjugate and negative
+    views are compared resolved, quantized buffers each alone (a copy with others would
+    requantize them to one scale), sparse ones as dense tensors.
 
     The values are kept as one flat copy per dtype, device and rank, made in one call
     (:func:`_copy`: concatenated, as DistributedDataParallel flattens its buckets), and
@@ -303,7 +309,7 @@ def kept_buffers(model: Any, modules: list[nn.Module] | None = None) -> Iterator
             known = _KNOWN[model] = _Buffers(kinds, ids, buffers)
         known.saved = None
         with torch.no_grad():
-            saved = [_copy([buffers[i] for i in group]) for group in known.groups]
+            saved = [_save([buffers[i] for i in group]) for group in known.groups]
     try:
         yield
     finally:
@@ -340,13 +346,13 @@ def _places(buffers: list[Tensor]) -> list[int] | None:
         return None
 
 
-def _keep(known: _Buffers, saved: list[Tensor], buffers: list[Tensor], fresh: bool) -> None:
+def _keep(known: _Buffers, saved: list[_Saved], buffers: list[Tensor], fresh: bool) -> None:
     """Keep ``saved``, which the buffers hold now, for the next call, if it may be kept.
 
     ``fresh``: a call in training mode, or on buffers without version counters: nothing kept.
     """
     places = None if fresh or not known.honest else _places(buffers)
-    size = sum(t.numel() * t.element_size() for t in saved)
+    size = sum(t.numel() * t.element_size() for t, _ in saved)
     if places is None or size > _KEPT_BYTES:
         known.saved = None
         return
@@ -356,8 +362,11 @@ def _keep(known: _Buffers, saved: list[Tensor], buffers: list[Tensor], fresh: bo
 def _rebind(holders: list[nn.Module], tables: list[dict[str, Any]], entries: list[Any]) -> None:
     """Put back the buffer objects of ``holders`` that the call replaced (``tables``: before).
 
-    ``entries``: every value of ``tables`` in order; when the modules still hold exactly those
-    objects (the common case: one comparison by identity, in C), nothing is looked up by name.
+    Buffers it registered on them are removed, those it removed or set from ``None`` put back
+    (a module that held no buffer and was given one is not looked at: that would take a second
+    walk of every module at every call). ``entries``: every value of ``tables`` in order; when
+    the modules still hold exactly those objects (the common case: one comparison by identity,
+    in C), nothing is looked up by name.
     """
     now = [buffer for module in holders for buffer in module._buffers.values()]
     if len(now) == len(entries) and all(map(operator.is_, now, entries)):
@@ -366,23 +375,45 @@ def _rebind(holders: list[nn.Module], tables: list[dict[str, Any]], entries: lis
         if isinstance(module, torch.jit.ScriptModule):
             continue  # its buffers cannot be rebound (values are put back by the caller)
         current = module._buffers
+        for name in [name for name in current if name not in table]:
+            del current[name]  # registered during the call
         for name, buffer in table.items():
-            if buffer is not None and current.get(name) is not buffer:
-                current[name] = buffer
+            if name not in current or current[name] is not buffer:
+                current[name] = buffer  # replaced, removed, or set from None
 
 
-def _put_back(groups: list[list[Tensor]], saved: list[Tensor]) -> set[int]:
+_Saved: TypeAlias = tuple[Tensor, list[torch.Size]]
+"""A group's copy (see :func:`_copy`) and the shapes of its buffers."""
+
+
+def _save(buffers: list[Tensor]) -> _Saved:
+    return _copy(buffers), [b.shape for b in buffers]
+
+
+def _put_back(groups: list[list[Tensor]], saved: list[_Saved]) -> set[int]:
     """Write back the buffers of ``groups`` whose bits differ from ``saved``: their ids."""
     changed: set[int] = set()
-    for buffers, values in zip(groups, saved, strict=True):
+    for buffers, (values, shapes) in zip(groups, saved, strict=True):
         if len(buffers) == 1:
             if not _same_bits(buffers[0], values):
-                buffers[0].copy_(values)
+                _write(buffers[0], values)
                 changed.add(id(buffers[0]))
         elif not _same_bits(_copy(buffers), values):
-            written = _restore(buffers, values)
+            written = _restore(buffers, values, shapes)
             changed.update(id(b) for b, w in zip(buffers, written, strict=True) if w)
     return changed
+
+
+def _write(buffer: Tensor, value: Tensor) -> None:
+    """Put ``value`` in ``buffer``, in place if it kept its shape, dtype and device.
+
+    Else (resized in place, or given other data through ``.data`` during the call) through
+    ``.data``: the same object, with its shape and dtype back.
+    """
+    if (buffer.shape, buffer.dtype, buffer.device) == (value.shape, value.dtype, value.device):
+        buffer.copy_(value)
+    else:
+        buffer.data = value.clone()
 
 
 def _same_kind(buffers: list[Tensor]) -> list[list[int]]:
@@ -392,7 +423,7 @@ def _same_kind(buffers: list[Tensor]) -> list[list[int]]:
     """
     groups: dict[Any, list[int]] = {}
     for i, buffer in enumerate(buffers):
-        dense = buffer.layout == torch.strided
+        dense = buffer.layout == torch.strided and not buffer.is_quantized  # (own scales)
         key = (buffer.dtype, buffer.device, min(buffer.ndim, 2)) if dense else ("alone", i)
         groups.setdefault(key, []).append(i)
     return list(groups.values())
@@ -409,24 +440,25 @@ def _copy(buffers: list[Tensor]) -> Tensor:
     if len(buffers) == 1:
         return buffers[0].detach().clone()
     rank = buffers[0].ndim
-    if rank <= 1:
-        with contextlib.suppress(RuntimeError):  # ranks or sizes no longer alike
+    if rank <= 1 and all(b.ndim == rank for b in buffers):  # (cat takes an empty vector
+        with contextlib.suppress(RuntimeError):  # beside any rank) sizes no longer alike
             return torch.cat(buffers) if rank == 1 else torch.stack(buffers)
     return _flatten_dense_tensors(buffers)
 
 
-def _restore(buffers: list[Tensor], values: Tensor) -> list[bool]:
+def _restore(buffers: list[Tensor], values: Tensor, shapes: list[torch.Size]) -> list[bool]:
     """Write back the buffers whose values changed (only those: a write bumps the version).
 
-    Returns whether each was written.
+    ``shapes``: the buffers' shapes when ``values`` was made. Returns whether each was written.
     """
-    sizes = [b.numel() for b in buffers]
     written = []
-    for buffer, value in zip(buffers, values.split(sizes), strict=True):
-        value = value.view(buffer.shape)
-        differs = not _same_bits(buffer, value)
+    for buffer, value, shape in zip(
+        buffers, values.split([math.prod(s) for s in shapes]), shapes, strict=True
+    ):
+        value = value.view(shape)
+        differs = buffer.shape != shape or not _same_bits(buffer, value)
         if differs:
-            buffer.copy_(value)
+            _write(buffer, value)
         written.append(differs)
     return written
 
@@ -441,8 +473,13 @@ def _same_bits(a: Tensor, b: Tensor) -> bool:
     written, its version bumped) on every call, and a sign flipped on a zero would stay. Compared
     as integers of the same width (faster too: 28 against 39 µs for Lite0's 42k floats here).
     """
-    if a.layout != torch.strided or a.is_quantized or a.dtype != b.dtype:
+    if a.layout != b.layout or a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.layout != torch.strided:  # sparse: torch.equal has no kernel for it
+        return torch.equal(a.to_dense(), b.to_dense())
+    if a.is_quantized:
         return torch.equal(a, b)
+    a, b = a.resolve_conj().resolve_neg(), b.resolve_conj().resolve_neg()  # lazy views
     if a.is_complex():
         a, b = torch.view_as_real(a), torch.view_as_real(b)
     bits = _BITS[a.element_size()]

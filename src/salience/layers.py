@@ -294,7 +294,9 @@ class LayerChoice:
 
     ``needs_gradients`` is true when the choice was made without gradients and is a token
     sequence with special tokens, whose patch tokens the score may not depend on (a class-token
-    head): the caller should search again on a forward pass with gradients. ``structural`` is
+    head), or a map with as many channels as a 4-D output has classes (a logit head whose sum
+    with an earlier one, no longer held, the output resizes): the caller should search again on
+    a forward pass with gradients. ``structural`` is
     true when the choice follows from the model's structure alone (the last readable layer
     output, at the last call of its module, in a model without special tokens), so that it
     can be remembered (:func:`remember`).
@@ -326,41 +328,42 @@ _RESIZES: tuple[tuple[str, bool | None], ...] = (
 
 
 _HEADS_SUMMED = 4
-"""The most class maps a model output may be the resized sum of (LRASPP sums two)."""
+"""The most class maps a model output may be the resized sum of (LRASPP sums two), among the
+latest ones."""
 
 
-def _logit_heads(entries: list[_Entry], outputs: list[Tensor]) -> set[int]:
-    """Return the ids of the entries that are logit heads: class maps a model output resizes.
+def _logit_heads(maps: list[_Entry], outputs: list[Tensor]) -> set[int]:
+    """Return the ids of the logit heads among ``maps``: class maps an output resizes.
 
-    A 4-D output ``(N, classes, H, W)`` that is a class map resized (a segmentation network
-    upsampling its logits with ``F.interpolate``) or the resized sum of a few class maps of one
-    size computed one after the other (LRASPP adds a classifier of early features to one of
-    late features, then upsamples; its head module returns the sum, a head too): those maps are
-    the logit head, not features to explain. Runs of such maps are tried from each map on, the
-    latest first (an auxiliary head computed after the main one has their shape and is not
-    part of the sum).
+    ``maps``: the held channels-first entries, the latest first. A 4-D output ``(N, classes,
+    H, W)`` that is a class map resized (a segmentation network upsampling its logits with
+    ``F.interpolate``), or the resized sum of a few of the latest class maps of one size
+    (LRASPP adds a classifier of early features to one of late features, then upsamples; its
+    head module returns the sum, a head too): those maps are the logit head, not features to
+    explain. Every class map is tried alone; sums, of runs of the :data:`_HEADS_SUMMED` latest
+    ones only (from each of them on: an auxiliary head computed after the main one has their
+    shape and is not part of the sum), so that a network with many maps of as many channels
+    as classes costs a few checks more, not a few per map.
     """
     heads: set[int] = set()
     for out in outputs:
         if out.ndim != 4 or not out.is_floating_point():
             continue
-        maps = [
-            e
-            for e in reversed(entries)
-            if e.tensor is not None
-            and len(e.shape) == 4
-            and tuple(e.shape[:2]) == tuple(out.shape[:2])
-            and e.tensor is not out
-        ]
-        for start, first in enumerate(maps):
-            run = [e for e in maps[start:] if e.shape == first.shape][:_HEADS_SUMMED]
+        same = [e for e in maps if e.shape[:2] == tuple(out.shape[:2]) and e.tensor is not out]
+        alone = {id(e) for e in same if _is_resized_to(e.tensor, [out])}  # type: ignore[arg-type]
+        heads |= alone
+        latest = same[:_HEADS_SUMMED]
+        for start, first in enumerate(latest):
+            if id(first) in alone:
+                continue  # a head by itself: what a sum from it adds is nothing (zeros)
+            run = [e for e in latest[start:] if e.shape == first.shape and id(e) not in alone]
             total: Tensor | None = None
             for i, entry in enumerate(run):
-                assert entry.tensor is not None  # held (see above)
+                assert entry.tensor is not None  # held (see the caller)
                 with torch.no_grad():
                     t = entry.tensor.detach()
                     total = t if total is None else total + t
-                if _is_resized_to(total, [out]):
+                if i > 0 and _is_resized_to(total, [out]):
                     heads.update(id(e) for e in run[: i + 1])
                     break
     return heads
@@ -383,10 +386,14 @@ def _is_resized_to(t: Tensor, outputs: list[Tensor]) -> bool:
                 if torch.allclose(source, target, rtol=1e-4, atol=tolerance):
                     return True
                 continue
+            size = tuple(target.shape[-2:])
             for mode, corners in _RESIZES:
-                resized = F.interpolate(
-                    source, size=tuple(target.shape[-2:]), mode=mode, align_corners=corners
-                )
+                # one map of one sample first: most maps tried are no head, told at 1/(N C)
+                # of the cost (a network with many maps of as many channels as classes)
+                one = F.interpolate(source[:1, :1], size=size, mode=mode, align_corners=corners)
+                if not torch.allclose(one, target[:1, :1], rtol=1e-4, atol=tolerance):
+                    continue
+                resized = F.interpolate(source, size=size, mode=mode, align_corners=corners)
                 if torch.allclose(resized, target, rtol=1e-4, atol=tolerance):
                     return True
     return False
@@ -674,20 +681,21 @@ class LayerSearch(_LayerMessages):
             ValueError: no layer can be read as a map, or the chosen one is ambiguous.
         """
         outputs = _tensors_in(output)
-        heads = _logit_heads(self.entries, outputs)
-        pool: list[tuple[_Entry, list[Layout]]] = []
+        held: list[tuple[_Entry, list[Layout]]] = []
         for entry in reversed(self.entries):
             layouts = self.layouts(entry)
             if not layouts:
                 continue
-            t = entry.tensor
-            if t is None:
+            if entry.tensor is None:
                 break  # beyond the outputs held for the choice
-            if any(t is out for out in outputs):
-                continue
-            if layouts[0].kind == "NCHW" and len(layouts) == 1 and id(entry) in heads:
-                continue  # the logit head of a network that upsamples it functionally
-            pool.append((entry, layouts))
+            held.append((entry, layouts))
+        maps = [e for e, layouts in held if len(layouts) == 1 and layouts[0].kind == "NCHW"]
+        heads = _logit_heads([e for e in maps if len(e.shape) == 4], outputs)
+        pool = [
+            (entry, layouts)
+            for entry, layouts in held
+            if not any(entry.tensor is out for out in outputs) and id(entry) not in heads
+        ]  # the output is no layer, nor a head it resizes
         if not pool:
             raise ValueError(self._nothing_readable())
         special = self._special_tokens()
@@ -707,8 +715,16 @@ class LayerSearch(_LayerMessages):
         record = LayerRecord(entry.name, calls=calls, output=entry.tensor, call=entry.call)
         record._version = entry.version
         structural = entry is pool[0][0] and entry.call == calls and not special
+        # Without gradients only the last few outputs are held: a class map chosen then may be
+        # one of a sum whose other maps were computed earlier (a logit head): search again.
+        head_like = any(
+            out.ndim == 4 and entry.shape[:2] == tuple(out.shape[:2]) for out in outputs
+        )
         return LayerChoice(
-            record, layouts[0], needs_gradients=scores is None and special, structural=structural
+            record,
+            layouts[0],
+            needs_gradients=scores is None and (special or head_like),
+            structural=structural,
         )
 
     def _special_tokens(self) -> bool:
