@@ -87,6 +87,13 @@ def model_and_size(name: str, size: int) -> tuple[nn.Module, int]:
     return load(name), size
 
 
+def sizes(models: list[str], size: int) -> str:
+    """The input sizes of a run, in words."""
+    if models == ["thin"]:
+        return "8x8 (thin)"
+    return f"{size}x{size}" + (" (thin: 8x8)" if "thin" in models else "")
+
+
 def interleaved(
     runs: dict[str, Callable[[], object]], repeats: int, device: torch.device
 ) -> dict[str, float]:
@@ -279,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         text = (
             f"`python bench/bench_overhead.py {command}` on {machine(device)}, device {device}, "
             f"{time.strftime('%Y-%m-%d')}. "
-            f"{args.size}x{args.size}, batch 1, float32, median of {args.repeats} interleaved "
+            f"{sizes(args.models, args.size)}, batch 1, float32, median of {args.repeats} "
+            f"interleaved "
             f"runs; `grad_cam` at the layer salience picks by default, given to both; "
             f"`grad_cam_default` lets salience pick it (later calls: the layer found is "
             f"remembered), `grad_cam_first` too, as a first call on the model (the search "
