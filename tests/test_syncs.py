@@ -611,6 +611,31 @@ def test_the_copy_kept_from_the_last_call_puts_back_what_the_model_writes() -> N
     assert model.a.tolist() == [0.0] * 3
 
 
+class Reassigning(Shifted):
+    """Gives ``a`` other data through ``.data`` (no version bump) when asked, after calls that
+    showed the model honest."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reassign = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.reassign:
+            self.a.data = torch.full((3,), 7.0)
+        return super().forward(x)
+
+
+def test_a_data_assignment_of_the_model_is_put_back_with_the_copy_kept() -> None:
+    model, x = Reassigning().eval(), torch.randn(1, 3, 4, 4)
+    for _ in range(2):
+        salience.gradient(model, x, 0)
+    a = model.a
+    model.reassign = True
+    salience.gradient(model, x, 0)
+    assert model.a is a
+    assert model.a.tolist() == [0.0] * 3
+
+
 @pytest.mark.parametrize("how", ["in place", "load_state_dict", ".data ="])
 def test_a_buffer_you_change_between_calls_is_copied_again(how: str) -> None:
     """Your write bumps the version, or moves the data: the copy kept from the last call is

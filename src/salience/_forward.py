@@ -273,7 +273,9 @@ def kept_buffers(model: Any, modules: list[nn.Module] | None = None) -> Iterator
     (what the model writes bumps the versions; what you write bumps them too, unless it goes
     through ``.data``: a ``.data`` assignment moves the data pointer, an in-place write through
     ``.data`` between two calls is not seen, and would only matter if the model then wrote the
-    same buffer during the call). Such a call copies nothing. At batch 1 the buffers were
+    same buffer during the call). Such a call copies nothing, and reads the data pointers
+    again at its end: a ``.data`` assignment of the model's is then seen, and put back, even
+    on a model that had shown its version counters honest. At batch 1 the buffers were
     about 0.35 ms of a call's fixed cost on a network with Lite0's 150 buffers whose arithmetic
     is nearly free (``bench_overhead.py --models thin``: the cost of a GPU at batch 1, where
     the host's caches are cold after the pass); with the copy kept, a walk and two reads of
@@ -316,7 +318,9 @@ def kept_buffers(model: Any, modules: list[nn.Module] | None = None) -> Iterator
         _rebind(holders, tables, entries)
         training = training or any(map(is_training, modules))
         now = None if versions is None else list(map(_VERSION, buffers))
-        if training or now != versions or not known.honest:
+        # with the copy kept, its data pointers tell a .data assignment of the model's too
+        moved = now != versions or (kept and _places(buffers) != known.places)
+        if training or moved or not known.honest:
             groups = [[buffers[i] for i in group] for group in known.groups]
             # inference tensors (a model made under inference_mode) are written back in it
             with torch.no_grad(), torch.inference_mode(versions is None):

@@ -296,10 +296,9 @@ class LayerChoice:
     sequence with special tokens, whose patch tokens the score may not depend on (a class-token
     head), or a map with as many channels as a 4-D output has classes (a logit head whose sum
     with an earlier one, no longer held, the output resizes): the caller should search again on
-    a forward pass with gradients. ``structural`` is
-    true when the choice follows from the model's structure alone (the last readable layer
-    output, at the last call of its module, in a model without special tokens), so that it
-    can be remembered (:func:`remember`).
+    a forward pass with gradients. ``structural`` is true when the choice follows from the
+    model's structure alone (the last readable layer output, at the last call of its module,
+    in a model without special tokens), so that it can be remembered (:func:`remember`).
     """
 
     record: LayerRecord
@@ -355,7 +354,7 @@ def _logit_heads(maps: list[_Entry], outputs: list[Tensor]) -> set[int]:
         latest = same[:_HEADS_SUMMED]
         for start, first in enumerate(latest):
             if id(first) in alone:
-                continue  # a head by itself: what a sum from it adds is nothing (zeros)
+                continue  # a head by itself (what an untrained net adds to it is ~0)
             run = [e for e in latest[start:] if e.shape == first.shape and id(e) not in alone]
             total: Tensor | None = None
             for i, entry in enumerate(run):
