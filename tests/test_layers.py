@@ -301,7 +301,12 @@ class TwoBranchSegmenter(nn.Module):
         self.early = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
         self.deep = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
         self.head = self.Head()
-        self.aux = nn.Conv2d(8, 3, 1) if aux else None
+        # an auxiliary head with features of its own (torchvision's FCNHead), computed last
+        self.aux = (
+            nn.Sequential(nn.Conv2d(8, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 3, 1))
+            if aux
+            else None
+        )
         self.eval()
 
     def forward(self, x: Tensor) -> Tensor | dict[str, Tensor]:

@@ -655,6 +655,35 @@ def test_a_buffer_you_change_between_calls_is_copied_again(how: str) -> None:
     assert model.b.tolist() == [0.0] * 3
 
 
+class CallCounter(nn.Module):
+    """Counts its calls in a buffer (an honest write), beside BatchNorm statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 3)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.fc(self.bn(self.conv(x)).relu().mean((2, 3)))
+
+
+@pytest.mark.parametrize("how", ["through .data", "swapped"])
+def test_your_unseen_change_survives_a_call_that_puts_back_another_buffer(how: str) -> None:
+    """The kept copy is older than your change, which no counter saw: only what the model
+    wrote (the counter) is put back from it."""
+    model, x = CallCounter().eval(), torch.randn(1, 3, 8, 8)
+    for _ in range(2):
+        salience.gradient(model, x, 0)
+    if how == "through .data":
+        model.bn.running_mean.data.fill_(5.0)
+    else:  # the new data may land at the old address, the version may match
+        torch.utils.swap_tensors(model.bn.running_mean, torch.full((4,), 5.0))
+    salience.gradient(model, x, 0)
+    assert model.bn.running_mean.tolist() == [5.0] * 4
+    assert model.calls.item() == 0
+
+
 def test_no_copy_is_kept_in_training_mode_or_when_large(monkeypatch: pytest.MonkeyPatch) -> None:
     from salience import _forward
 

@@ -272,14 +272,19 @@ def kept_buffers(model: Any, modules: list[nn.Module] | None = None) -> Iterator
     pointers they had when the last call ended knows that they still hold the kept values
     (what the model writes bumps the versions; what you write bumps them too, unless it goes
     through ``.data``: a ``.data`` assignment moves the data pointer, an in-place write through
-    ``.data`` between two calls is not seen, and would only matter if the model then wrote the
-    same buffer during the call). Such a call copies nothing, and reads the data pointers
-    again at its end: a ``.data`` assignment of the model's is then seen, and put back, even
-    on a model that had shown its version counters honest. At batch 1 the buffers were
-    about 0.35 ms of a call's fixed cost on a network with Lite0's 150 buffers whose arithmetic
-    is nearly free (``bench_overhead.py --models thin``: the cost of a GPU at batch 1, where
-    the host's caches are cold after the pass); with the copy kept, a walk and two reads of
-    the version counters are left.
+    ``.data`` between two calls is not seen). Such a call copies nothing, and at its end puts
+    back from the kept copy only the buffers whose version or data pointer moved during the
+    call, what the model wrote: a buffer you changed unseen is left as you made it, unless the
+    model writes that buffer too (it then gets the kept value). A ``.data`` assignment of the
+    model's is seen by its pointer, and put back, even on a model that had shown its version
+    counters honest. The same holds for a buffer swapped by ``torch.utils.swap_tensors`` whose
+    new data landed at the old address with the same version. Calls on one model from several
+    threads at once are not kept apart (each puts back what it saw at its start).
+
+    At batch 1 the buffers were about 0.35 ms of a call's fixed cost on a network with Lite0's
+    150 buffers whose arithmetic is nearly free (``bench_overhead.py --models thin``: the cost
+    of a GPU at batch 1, where the host's caches are cold after the pass); with the copy kept,
+    a walk of the buffers and two reads of their version counters and pointers are left.
     """
     if not isinstance(model, nn.Module):
         yield
@@ -318,13 +323,27 @@ def kept_buffers(model: Any, modules: list[nn.Module] | None = None) -> Iterator
         _rebind(holders, tables, entries)
         training = training or any(map(is_training, modules))
         now = None if versions is None else list(map(_VERSION, buffers))
-        # with the copy kept, its data pointers tell a .data assignment of the model's too
-        moved = now != versions or (kept and _places(buffers) != known.places)
+        moved = now != versions
+        only: set[int] | None = None  # the buffers that may be written back (None: any)
+        if kept and versions is not None and now is not None and known.places is not None:
+            # The kept copy may be older than a write of yours that no counter saw: only what
+            # the model wrote (its version or, for a .data assignment, its pointer moved) is
+            # put back from it. In training mode BatchNorm writes unseen: every buffer then.
+            places = _places(buffers)
+            moved = moved or places != known.places
+            if places is not None and not training:
+                only = {
+                    id(b)
+                    for b, v, w, p, q in zip(
+                        buffers, versions, now, known.places, places, strict=True
+                    )
+                    if v != w or p != q
+                }
         if training or moved or not known.honest:
             groups = [[buffers[i] for i in group] for group in known.groups]
             # inference tensors (a model made under inference_mode) are written back in it
             with torch.no_grad(), torch.inference_mode(versions is None):
-                changed = _put_back(groups, saved)
+                changed = _put_back(groups, saved, only)
             if not training and versions is not None and now is not None:
                 unseen = any(
                     id(b) in changed and before == after
@@ -394,16 +413,23 @@ def _save(buffers: list[Tensor]) -> _Saved:
     return _copy(buffers), [b.shape for b in buffers]
 
 
-def _put_back(groups: list[list[Tensor]], saved: list[_Saved]) -> set[int]:
-    """Write back the buffers of ``groups`` whose bits differ from ``saved``: their ids."""
+def _put_back(
+    groups: list[list[Tensor]], saved: list[_Saved], only: set[int] | None = None
+) -> set[int]:
+    """Write back the buffers of ``groups`` whose bits differ from ``saved``: their ids.
+
+    ``only``: the ids of the buffers that may be written (``None``: any).
+    """
     changed: set[int] = set()
     for buffers, (values, shapes) in zip(groups, saved, strict=True):
+        if only is not None and not any(id(b) in only for b in buffers):
+            continue
         if len(buffers) == 1:
             if not _same_bits(buffers[0], values):
                 _write(buffers[0], values)
                 changed.add(id(buffers[0]))
         elif not _same_bits(_copy(buffers), values):
-            written = _restore(buffers, values, shapes)
+            written = _restore(buffers, values, shapes, only)
             changed.update(id(b) for b, w in zip(buffers, written, strict=True) if w)
     return changed
 
@@ -450,17 +476,22 @@ def _copy(buffers: list[Tensor]) -> Tensor:
     return _flatten_dense_tensors(buffers)
 
 
-def _restore(buffers: list[Tensor], values: Tensor, shapes: list[torch.Size]) -> list[bool]:
+def _restore(
+    buffers: list[Tensor], values: Tensor, shapes: list[torch.Size], only: set[int] | None
+) -> list[bool]:
     """Write back the buffers whose values changed (only those: a write bumps the version).
 
-    ``shapes``: the buffers' shapes when ``values`` was made. Returns whether each was written.
+    ``shapes``: the buffers' shapes when ``values`` was made; ``only``: as for
+    :func:`_put_back`. Returns whether each was written.
     """
     written = []
     for buffer, value, shape in zip(
         buffers, values.split([math.prod(s) for s in shapes]), shapes, strict=True
     ):
         value = value.view(shape)
-        differs = buffer.shape != shape or not _same_bits(buffer, value)
+        differs = (only is None or id(buffer) in only) and (
+            buffer.shape != shape or not _same_bits(buffer, value)
+        )
         if differs:
             _write(buffer, value)
         written.append(differs)

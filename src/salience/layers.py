@@ -294,11 +294,13 @@ class LayerChoice:
 
     ``needs_gradients`` is true when the choice was made without gradients and is a token
     sequence with special tokens, whose patch tokens the score may not depend on (a class-token
-    head), or a map with as many channels as a 4-D output has classes (a logit head whose sum
-    with an earlier one, no longer held, the output resizes): the caller should search again on
-    a forward pass with gradients. ``structural`` is true when the choice follows from the
-    model's structure alone (the last readable layer output, at the last call of its module,
-    in a model without special tokens), so that it can be remembered (:func:`remember`).
+    head), a map with as many channels as a 4-D output has classes (a logit head whose sum
+    with an earlier one, no longer held, the output resizes), or any map of a model whose output
+    holds several tensors (the score may not read the branch computed last: DeepLabV3's
+    auxiliary head): the caller should search again on a forward pass with gradients.
+    ``structural`` is true when the choice follows from the model's structure alone (the last
+    readable layer output, at the last call of its module, in a model without special tokens),
+    so that it can be remembered (:func:`remember`).
     """
 
     record: LayerRecord
@@ -715,14 +717,16 @@ class LayerSearch(_LayerMessages):
         record._version = entry.version
         structural = entry is pool[0][0] and entry.call == calls and not special
         # Without gradients only the last few outputs are held: a class map chosen then may be
-        # one of a sum whose other maps were computed earlier (a logit head): search again.
+        # one of a sum whose other maps were computed earlier (a logit head); and of an output
+        # of several tensors, which the score reads is unknown (an auxiliary head's branch may
+        # come last). Both search again with gradients.
         head_like = any(
             out.ndim == 4 and entry.shape[:2] == tuple(out.shape[:2]) for out in outputs
         )
         return LayerChoice(
             record,
             layouts[0],
-            needs_gradients=scores is None and (special or head_like),
+            needs_gradients=scores is None and (special or head_like or len(outputs) > 1),
             structural=structural,
         )
 
