@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 import salience
 from salience import hooks
@@ -785,3 +786,27 @@ def test_other_nonlinearities_left_unmodified_are_warned_of(method: str, spellin
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         getattr(salience, method)(model, x, activations="all")
+
+
+class ReentrantCheckpoint(nn.Module):
+    """Every rectifier inside ``torch.utils.checkpoint(use_reentrant=True)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.c2, self.fc = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Linear(8, 3)
+
+    def middle(self, h: Tensor) -> Tensor:
+        return torch.relu(self.c2(torch.relu(h)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = checkpoint(self.middle, self.c1(x), use_reentrant=True)
+        return self.fc(h.mean((2, 3)))
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_rectifiers_hidden_behind_a_node_are_named_in_the_error() -> None:
+    model, x = ReentrantCheckpoint().eval(), torch.randn(1, 3, 12, 12)
+    for _ in range(2):  # the second call knows the model needs the mode
+        with pytest.raises(ValueError, match=r"CheckpointFunctionBackward.*use_reentrant=False"):
+            salience.guided_backprop(model, x, 0)

@@ -182,6 +182,7 @@ class _RectifierMode(TorchFunctionMode):
         self.count = 0
         self.used: Counter[str] = Counter()
         self.modified: Counter[str] = Counter()
+        self.hidden: str | None = None  # a backward node of the pass that hides calls
 
     def __torch_function__(
         self,
@@ -234,6 +235,13 @@ class _RectifierMode(TorchFunctionMode):
                 f"names such as {[n.lower() for n in self.used][:3]}) to apply the {rule} rule "
                 "at these activations (an extension, not the paper's method)"
             )
+        elif self.hidden is not None:
+            message += (
+                f"Its pass runs {self.hidden}, which hides the calls behind it from the rule "
+                "(torch.utils.checkpoint with use_reentrant=True, a TorchScript function, a "
+                "custom autograd function): run those parts without it (checkpoint: "
+                "use_reentrant=False) to modify the rectifiers they hold"
+            )
         else:
             message += "It uses no other activation function either: use salience.gradient"
         raise ValueError(message)
@@ -246,6 +254,7 @@ def rectifier_rule(
     *,
     activations: Activations = "rectifiers",
     method: str | None = None,
+    hidden: str | None = None,
 ) -> Iterator[_RectifierMode | None]:
     """Apply ``rule`` at every rectifier the model runs inside the block.
 
@@ -258,7 +267,8 @@ def rectifier_rule(
         TypeError: for TorchScript models, whose rectifiers cannot be reached from Python.
         ValueError: on leaving the block, when the model ran no rectifier (nor any activation
             named in ``activations``): the result would be a plain gradient under another
-            name. The message, on behalf of ``method``, names the activations the model uses.
+            name. The message, on behalf of ``method``, names the activations the model uses,
+            or ``hidden``: the kind of a backward node of the pass that hides calls.
     """
     if rule == "gradient":
         yield None
@@ -267,6 +277,7 @@ def rectifier_rule(
     _refuse_script(model, f"the {rule} backward rule", "its ReLUs")
     with _RectifierMode(rule, extend) as mode, _counted():
         yield mode
+    mode.hidden = hidden
     mode.check(method or _METHODS.get(rule, rule))
 
 
@@ -389,6 +400,8 @@ _NO_RECTIFIER_INSIDE: set[type] = set()
 
 _MODE_ONLY: ByIdentity[nn.Module, bool] = ByIdentity()
 """Models whose graph the rule cannot be read from: :func:`ruled_forward` uses the mode."""
+_HIDDEN: ByIdentity[nn.Module, tuple[str, ...]] = ByIdentity()
+"""Of the models in :data:`_MODE_ONLY`, the backward node kind that hid calls, for errors."""
 _MODE_LOCK = threading.Lock()
 
 
@@ -428,35 +441,42 @@ def ruled_forward(
     if rule == "gradient":
         return run(), None
     _refuse_script(model, f"the {rule} backward rule", "its ReLUs", modules)
+    hidden: list[str] = []
     if not resolve_activations(activations):
-        ruled = _node_rule(model, run, rule, method or _METHODS.get(rule, rule))
+        ruled = _node_rule(model, run, rule, method or _METHODS.get(rule, rule), hidden)
         if ruled is not None:
             return ruled
-    with rectifier_rule(model, rule, activations=activations, method=method) as mode:
+    with rectifier_rule(
+        model, rule, activations=activations, method=method, hidden=next(iter(hidden), None)
+    ) as mode:
         output = run()
     assert mode is not None  # a rule other than "gradient"
     return output, mode.extras()
 
 
 def _node_rule(
-    model: Any, run: Callable[[], Any], rule: RectifierRule, method: str
+    model: Any, run: Callable[[], Any], rule: RectifierRule, method: str, hidden: list[str]
 ) -> tuple[Any, dict[str, Any]] | None:
     """Run ``run()`` and rule its rectifiers at their nodes: ``(output, extras)``.
 
-    ``None`` (nothing run, or a pass thrown away) where the mode is needed.
+    ``None`` (nothing run, or a pass thrown away) where the mode is needed; ``hidden`` then
+    gets the kind of the node that hid calls, if one did.
     """
     if not isinstance(model, nn.Module) or isinstance(model, torch.jit.ScriptModule):
         return None
     with _MODE_LOCK:
         if model in _MODE_ONLY:
+            hidden.extend(_HIDDEN.get(model, ()))
             return None
     with _counted():  # keeps a compiled model out, as under the mode
         output = run()
     unruled: Counter[str] = Counter()
-    nodes = _rectifier_nodes(output, unruled)
+    nodes = _rectifier_nodes(output, unruled, hidden)
     if not nodes:  # a node the rule cannot see into, or none: the mode says what there is
         with _MODE_LOCK:
             _MODE_ONLY[model] = True
+            if hidden:
+                _HIDDEN[model] = tuple(hidden)
         return None
     _warn_unruled(method, rule, len(nodes), unruled)
     ruled = _guided_node if rule == "guided" else _deconvnet_node
@@ -479,13 +499,16 @@ def _deconvnet_node(grad_inputs: tuple[Any, ...], grad_outputs: tuple[Any, ...])
     return (grad_outputs[0].clamp(min=0.0), *grad_inputs[1:])
 
 
-def _rectifier_nodes(output: Any, others: Counter[str] | None = None) -> list[Any] | None:
+def _rectifier_nodes(
+    output: Any, others: Counter[str] | None = None, hidden: list[str] | None = None
+) -> list[Any] | None:
     """Return the rectifier nodes of ``output``'s graph, or ``None`` where the mode must rule.
 
     ``None`` for a node that hides the calls behind it (a custom autograd function, compiled
     code, an in-place call on a view), a node of another rectifier spelling, or an output that
     is not tensors in tuples, lists and dicts. ``others`` counts the nodes of the other
-    nonlinearities of :data:`_MAIN_PATH` the walk meets.
+    nonlinearities of :data:`_MAIN_PATH` the walk meets; ``hidden`` gets the kind of a node
+    that hides calls.
     """
     roots: list[Any] = []
     pending = [output]
@@ -513,9 +536,11 @@ def _rectifier_nodes(output: Any, others: Counter[str] | None = None) -> list[An
             kind = kinds[type(node)] = node.name().rstrip("0123456789")
         if kind == "ReluBackward" or (kind == "HardtanhBackward" and _clip_to_positive(node)):
             nodes.append(node)
-        elif _hides_calls(node, kind) or (
-            kind in _MAYBE_RECTIFIERS and not _no_rectifier(node, kind)
-        ):
+        elif _hides_calls(node, kind):
+            if hidden is not None:
+                hidden.append(kind)
+            return None
+        elif kind in _MAYBE_RECTIFIERS and not _no_rectifier(node, kind):
             return None
         elif others is not None and kind in _MAIN_PATH_NODES:
             others[_MAIN_PATH_NODES[kind]] += 1
