@@ -47,6 +47,11 @@ name when a container returns the tensor of its last child) with these exception
   is taken (LRASPP: ``classifier.cbr``, the late branch; its early branch reaches the score
   through a classifier only, so read ``backbone`` layers with ``layer=`` to see it);
 - with gradients on, a layer the score does not reach (an auxiliary head) is passed over;
+  methods that run without gradients (Score-CAM, CAM) search on one forward pass with
+  gradients too where the model's output holds several tensors (DeepLabV3's auxiliary head
+  comes last) or their choice has as many channels as a 4-D output has classes (a logit head
+  whose other summand was computed too early to be held), so that every method picks the
+  same layer;
 - in a model with class or register tokens, so is a layer whose map (patch tokens) has a zero
   gradient: a ViT that classifies its class token reads the final ``norm``, and every
   per-token layer of the last block, at the class token only (a Grad-CAM there is zero), so
