@@ -331,7 +331,7 @@ def kept_buffers(model: Any, modules: list[nn.Module] | None = None) -> Iterator
             # put back from it. In training mode BatchNorm writes unseen: every buffer then.
             places = _places(buffers)
             moved = moved or places != known.places
-            if places is not None and not training:
+            if moved and places is not None and not training:
                 only = {
                     id(b)
                     for b, v, w, p, q in zip(
