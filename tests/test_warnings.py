@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -77,12 +79,18 @@ def test_all_finite_agrees_with_isfinite(values: torch.Tensor, finite: bool) -> 
     assert finite == (values.numel() == 0 or bool(torch.isfinite(values).all()))
 
 
-def test_zero_maps_are_found_per_sample() -> None:
+@pytest.mark.parametrize("side", [3, 100], ids=["small", "large"])  # two ways of reducing
+def test_zero_maps_are_found_per_sample(side: int) -> None:
     from salience._checks import warn_zero_maps
 
-    values = torch.ones(4, 3, 3)
+    values = torch.full((4, 3, side, side), 1e-30)
     values[1] = 0.0
     values[3] = -0.0
-    values[2, 1, 1] = float("nan")  # not zero
+    values[2] = 0.0
+    values[2, 1, 1, 1] = float("nan")  # not zero
     with pytest.warns(UserWarning, match=r"sample\(s\) \[1, 3\] is zero everywhere"):
+        warn_zero_maps("m", values, "here")
+    values[1, 0, 0, 0] = values[3, 2, -1, -1] = -1e-30
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         warn_zero_maps("m", values, "here")

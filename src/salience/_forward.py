@@ -172,6 +172,34 @@ _tf32_lock = threading.Lock()
 _tf32_users = 0
 _tf32_saved: tuple[bool, bool] = (False, False)
 
+# What ``torch.backends.cudnn.allow_tf32`` and ``torch.backends.cuda.matmul.allow_tf32`` read
+# and write, called directly: the properties' Python is a third of a call's cost of the switch
+# when the host's caches are cold after a pass (a GPU at batch 1); the properties elsewhere.
+_get_cudnn_tf32 = getattr(torch._C, "_get_cudnn_allow_tf32", None)
+_set_cudnn_tf32 = getattr(torch._C, "_set_cudnn_allow_tf32", None)
+_get_matmul_tf32 = getattr(torch._C, "_get_cublas_allow_tf32", None)
+_set_matmul_tf32 = getattr(torch._C, "_set_cublas_allow_tf32", None)
+
+
+def _tf32() -> tuple[bool, bool]:
+    """Whether TF32 is allowed now: ``(cuDNN convolutions, CUDA matmuls)``."""
+    if _get_cudnn_tf32 is None or _get_matmul_tf32 is None:
+        return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    return _get_cudnn_tf32(), _get_matmul_tf32()
+
+
+def _set_tf32(flags: tuple[bool, bool]) -> None:
+    """Allow TF32 or not (``flags`` as :func:`_tf32` gives them); only flags that change."""
+    cudnn, matmul = flags
+    now = _tf32()
+    if _set_cudnn_tf32 is None or _set_matmul_tf32 is None:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+        return
+    if now[0] != cudnn:
+        _set_cudnn_tf32(cudnn)
+    if now[1] != matmul:
+        _set_matmul_tf32(matmul)
+
 
 @contextlib.contextmanager
 def full_float32(allow_tf32: bool = False) -> Iterator[None]:
@@ -182,9 +210,8 @@ def full_float32(allow_tf32: bool = False) -> Iterator[None]:
         return
     with _tf32_lock:
         if _tf32_users == 0:
-            _tf32_saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
+            _tf32_saved = _tf32()
+            _set_tf32((False, False))
         _tf32_users += 1
     try:
         yield
@@ -192,7 +219,7 @@ def full_float32(allow_tf32: bool = False) -> Iterator[None]:
         with _tf32_lock:
             _tf32_users -= 1
             if _tf32_users == 0:
-                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = _tf32_saved
+                _set_tf32(_tf32_saved)
 
 
 # -- buffers ---------------------------------------------------------------------------------
