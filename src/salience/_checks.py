@@ -188,14 +188,17 @@ def check_inputs(inputs: Any) -> Tensor:
 def all_finite(t: Tensor) -> bool:
     """Whether every entry of ``t`` is finite (no NaN, no inf).
 
-    A sum is one float pass, where ``torch.isfinite(t).all()`` builds a bool tensor (several
-    times slower on a CPU: 0.29 ms against 0.01 ms for a 224² image here). The sum of finite
-    entries is finite unless it overflows (summed in float64 for narrower floats, it cannot),
-    so only a non-finite sum is checked entry by entry.
+    A sum is one float pass, where ``torch.isfinite(t).all()`` builds a bool tensor (ten
+    times slower on a CPU: 0.35 ms against 0.03 ms for a 224² image here). A NaN or an
+    infinity makes the sum NaN or infinite, and finite entries give a finite sum unless it
+    overflows: only a non-finite sum is checked entry by entry. Half floats are summed in
+    float64 (a 224² image of values near 1 overflows float16); float32 as it is (widening it
+    copied the input first: 1.2 against 0.08 ms for 8 images of 224²; an overflow, from values
+    beyond 1e33, only takes the slower check).
     """
     if t.numel() == 0 or not t.is_floating_point():
         return True
-    wide = torch.float64 if t.dtype in (torch.float16, torch.bfloat16, torch.float32) else None
+    wide = torch.float64 if t.dtype in (torch.float16, torch.bfloat16) else None
     if math.isfinite(float(t.sum(dtype=wide))):
         return True
     return bool(torch.isfinite(t).all())
@@ -298,7 +301,7 @@ def warn_zero_maps(method: str, values: Tensor, why: str, told: Iterable[int] = 
     asked, so it never goes by silently. ``told``: samples a warning of the method has named
     already.
     """
-    if values[0].numel() == 0:
+    if values.shape[1:].numel() == 0:  # (no indexing op: a launch saved)
         return
     flat = values.flatten(1)
     if flat.is_cpu and flat.numel() > 16384:
