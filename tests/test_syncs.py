@@ -903,6 +903,39 @@ def test_buffers_of_every_kind_are_kept() -> None:
             assert objects[name]._version == versions[name], name
 
 
+class Registering(nn.Module):
+    """Registers buffers during its forward pass on modules that held none."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.conv.register_buffer("seen", x.detach().mean().reshape(1))
+        self.register_buffer("scratch", torch.ones(2), persistent=False)
+        self.register_buffer("scratch", torch.zeros(2), persistent=False)  # registered again
+        return self.head(self.conv(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("method", ["gradient", "grad_cam"])
+def test_buffers_registered_on_modules_that_held_none_are_removed(method: str) -> None:
+    model, x = Registering().eval(), torch.randn(1, 3, 8, 8)
+    state = model.state_dict().keys()
+    for _ in range(2):
+        getattr(salience, method)(model, x, 0)
+        assert dict(model.named_buffers()) == {}
+        assert model.state_dict().keys() == state
+        assert not model._non_persistent_buffers_set
+    model.register_buffer("scratch", torch.ones(1))  # yours, registered between calls: kept
+    salience.gradient(model, x, 0)
+    assert [name for name, _ in model.named_buffers()] == ["scratch"]
+    assert "scratch" in model.state_dict()
+    with pytest.raises(ValueError, match="out of range"):  # raised after the forward pass
+        salience.gradient(model, x, 5)
+    assert [name for name, _ in model.named_buffers()] == ["scratch"]
+
+
 def test_lazy_modules_not_made_yet_are_refused() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LazyBatchNorm2d(), nn.Flatten(), nn.LazyLinear(2))
     with pytest.raises(ValueError, match=r"lazy modules .*\(1, 3\).*model\(x\)"):

@@ -26,7 +26,7 @@ import contextlib
 import math
 import operator
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeAlias
 
 import torch
@@ -270,8 +270,8 @@ def kept_buffers(model: Any, modules: list[nn.Module] | None = None) -> Iterator
 
     A model left in training mode updates BatchNorm statistics and counters on every forward
     pass; explaining it must not. The buffer objects themselves are restored too, should the
-    model replace one; buffers it registers during the call on a module that had buffers are
-    removed, those it removes or sets from ``None`` put back. A buffer the call resizes in place
+    model replace one; buffers it registers during the call are removed (on any module of the
+    model), those it removes or sets from ``None`` put back. A buffer the call resizes in place
     (an observer growing its statistics) or gives other data through ``.data`` gets its shape,
     dtype and values back (through ``.data``: the same object). Lazy conjugate and negative
     views are compared resolved, quantized buffers each alone (a copy with others would
@@ -328,6 +328,8 @@ def kept_buffers(model: Any, modules: list[nn.Module] | None = None) -> Iterator
         versions = None
     training = any(map(is_training, modules))
     ids = (list(map(id, buffers)), list(map(id, modules)), list(map(type, modules)))
+    registered = _Registered(modules, holders)
+    handle = _watch_registrations(registered)
     known = _KNOWN.get(model)
     saved = known.saved if known is not None and not training else None
     kept = (  # the buffers still hold the copy kept by the last call
@@ -347,6 +349,9 @@ def kept_buffers(model: Any, modules: list[nn.Module] | None = None) -> Iterator
     try:
         yield
     finally:
+        if handle is not None:
+            handle.remove()
+        registered.undo()
         _rebind(holders, tables, entries)
         training = training or any(map(is_training, modules))
         now = None if versions is None else list(map(_VERSION, buffers))
@@ -409,12 +414,63 @@ def _keep(known: _Buffers, saved: list[_Saved], buffers: list[Tensor], fresh: bo
     known.saved, known.versions, known.places = saved, list(map(_VERSION, buffers)), places
 
 
+_watch = getattr(torch.nn.modules.module, "register_module_buffer_registration_hook", None)
+
+
+def _watch_registrations(hook: Callable[..., None]) -> Any:
+    """Call ``hook(module, name, buffer)`` at every buffer registration until removed."""
+    return None if _watch is None else _watch(hook)
+
+
+class _Registered:
+    """Buffers registered during a call on the model's modules: removed or made as they were.
+
+    Called at every registration in the process while the call runs (a hook of
+    :func:`torch.nn.modules.module.register_module_buffer_registration_hook`, which
+    ``register_buffer`` and a buffer's assignment call; nothing else is slowed down), it notes
+    the first registration of each name on each of the model's modules, and whether that name
+    was non-persistent then. :meth:`undo` removes the buffers of the modules that held none
+    (:func:`_rebind` does not look at them; it puts back the tables of the others) and gives
+    every name its persistence back (a buffer of yours registered again as non-persistent would
+    leave your ``state_dict``). Without registrations it costs nothing: finding them otherwise
+    would take a second walk of every module at every call. A buffer deleted during the call
+    (``del module.name``) is put back by :func:`_rebind` as persistent.
+    """
+
+    __slots__ = ("holders", "made", "modules", "watched")
+
+    def __init__(self, modules: list[nn.Module], holders: list[nn.Module]) -> None:
+        self.modules, self.holders = modules, holders
+        self.watched: dict[int, bool] | None = None  # module id -> whether it held buffers
+        self.made: dict[tuple[int, str], tuple[nn.Module, bool]] = {}  # first registrations
+
+    def __call__(self, module: nn.Module, name: str, buffer: Any) -> None:
+        if self.watched is None:
+            self.watched = dict.fromkeys(map(id, self.modules), False)
+            self.watched.update(dict.fromkeys(map(id, self.holders), True))
+        key = (id(module), name)
+        if id(module) in self.watched and key not in self.made:
+            self.made[key] = (module, name in module._non_persistent_buffers_set)
+
+    def undo(self) -> None:
+        assert self.watched is not None or not self.made
+        for (key, name), (module, listed) in self.made.items():
+            if isinstance(module, torch.jit.ScriptModule):
+                continue  # (its buffers cannot be removed)
+            if self.watched is not None and not self.watched[key]:
+                module._buffers.pop(name, None)  # a module that held none
+            if listed:
+                module._non_persistent_buffers_set.add(name)
+            else:
+                module._non_persistent_buffers_set.discard(name)
+
+
 def _rebind(holders: list[nn.Module], tables: list[dict[str, Any]], entries: list[Any]) -> None:
     """Put back the buffer objects of ``holders`` that the call replaced (``tables``: before).
 
     Buffers it registered on them are removed, those it removed or set from ``None`` put back
-    (a module that held no buffer and was given one is not looked at: that would take a second
-    walk of every module at every call). ``entries``: every value of ``tables`` in order; when
+    (a module that held no buffer and was given one: :class:`_Registered`). ``entries``: every
+    value of ``tables`` in order; when
     the modules still hold exactly those objects (the common case: one comparison by identity,
     in C), nothing is looked up by name.
     """
