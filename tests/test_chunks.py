@@ -194,13 +194,16 @@ def test_maps_do_not_depend_on_the_chunking(name: str, monkeypatch: pytest.Monke
     x = images(2)
     run = RUNS[name]
     reference = run(Recording(), x, 1)
+    # occlusion's map is a difference of two scores: their float32 error, which depends on
+    # the rows per pass on some CPUs (3e-6 here without AVX-512, on differences of 0.2)
+    atol = 1e-5 if name == "occlusion" else 1e-6
     for value in (3, "auto"):
-        torch.testing.assert_close(run(Recording(), x, value), reference, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(run(Recording(), x, value), reference, rtol=1e-5, atol=atol)
     # A simulated CUDA device with room for 2, then 8 rows per pass (after the probe).
     for room in (2, 8):
         fake = Fake(monkeypatch, free=2 * room * 1000, per_row=1000)
         model = Recording(fake)
-        torch.testing.assert_close(run(model, x, "auto"), reference, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(run(model, x, "auto"), reference, rtol=1e-5, atol=atol)
         assert fake.resets >= 1 or name == "max_sensitivity"
         assert max(model.passes) <= max(room, 4, 2)
 

@@ -810,3 +810,59 @@ def test_rectifiers_hidden_behind_a_node_are_named_in_the_error() -> None:
     for _ in range(2):  # the second call knows the model needs the mode
         with pytest.raises(ValueError, match=r"CheckpointFunctionBackward.*use_reentrant=False"):
             salience.guided_backprop(model, x, 0)
+
+
+@torch.jit.script
+def _scripted_relu(t: Tensor) -> Tensor:
+    return torch.relu(t)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_rectifiers_the_mode_cannot_see_are_an_error(rule: str) -> None:
+    """A scripted function's relu, in a pass the mode rules (an in-place call on a view).
+
+    The mode sees calls made from Python only: the scripted relu keeps its plain node, and
+    the map would be partly the plain gradient (it was, silently).
+    """
+    hiding = HIDING["an in-place F.relu on a view"]
+    net = _bind([hiding, lambda n, t: _scripted_relu(t)])
+    for _ in range(3):  # the profiling executor's first runs, and the optimized one
+        with pytest.raises(ValueError, match=r"cannot modify 1 rectifier.*ReluBackward × 1.*jit"):
+            METHODS[rule](net, X, TARGET)
+    python = _bind([hiding, lambda n, t: torch.relu(t)])  # the same model in Python: ruled
+    assert METHODS[rule](python, X, TARGET).extras["rectifiers"] == 2
+
+
+def test_a_reconstruction_through_rectifiers_the_mode_cannot_see_is_an_error() -> None:
+    hiding = HIDING["an in-place F.relu on a view"]
+    net = _bind([hiding, lambda n, t: _scripted_relu(t), lambda n, t: F.relu(t)])
+    with pytest.raises(ValueError, match=r"cannot modify 1 rectifier"):
+        salience.features.reconstruct(net, X, layer="convs.2")
+    python = _bind([hiding, lambda n, t: F.relu(t), lambda n, t: F.relu(t)])
+    salience.features.reconstruct(python, X, layer="convs.2")  # the same in Python: made
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_a_scripted_graph_run_as_one_node_is_warned_of(rule: str) -> None:
+    """The legacy executor runs a scripted function as one DifferentiableGraph node."""
+
+    @torch.jit.script
+    def block(t: Tensor, s: Tensor) -> Tensor:
+        return torch.relu(t * s + 0.1) * 2.0
+
+    scale = torch.full((1, 4, 1, 1), 1.5)
+    net = _bind([lambda n, t: F.relu(t), lambda n, t: block(t, scale)])
+    profiling = torch._C._jit_set_profiling_executor(False)
+    mode = torch._C._jit_set_profiling_mode(False)
+    try:
+        for _ in range(3):
+            out = net(X.requires_grad_(False).clone().requires_grad_())
+        kinds = {node.name() for node in hooks._graph_nodes(out)}
+        if not any(kind.endswith("DifferentiableGraphBackward") for kind in kinds):
+            pytest.skip("this PyTorch runs the scripted function as separate nodes")
+        with pytest.warns(UserWarning, match=r"1 TorchScript graph.*not torch.jit.script"):
+            result = METHODS[rule](net, X, TARGET)
+    finally:
+        torch._C._jit_set_profiling_executor(profiling)
+        torch._C._jit_set_profiling_mode(mode)
+    assert result.extras["rectifiers"] == 1  # the one it could see

@@ -26,7 +26,7 @@ import contextlib
 import math
 import operator
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, TypeAlias
 
 import torch
@@ -37,7 +37,7 @@ from ._checks import check_inputs, check_model, is_training, modules_of
 from ._containers import map_tensors
 from ._performance import channels_last_input, compiled_model, get_performance, record_pass
 from ._weak import ByIdentity
-from .hooks import active_scopes, no_rectifier_inside
+from .hooks import active_scopes, no_rectifier_inside, watch_buffer_registrations
 
 __all__ = ["Forward", "ForwardArgs", "model_scope"]
 
@@ -329,7 +329,7 @@ def kept_buffers(model: Any, modules: list[nn.Module] | None = None) -> Iterator
     training = any(map(is_training, modules))
     ids = (list(map(id, buffers)), list(map(id, modules)), list(map(type, modules)))
     registered = _Registered(modules, holders)
-    handle = _watch_registrations(registered)
+    handle = watch_buffer_registrations(registered)
     known = _KNOWN.get(model)
     saved = known.saved if known is not None and not training else None
     kept = (  # the buffers still hold the copy kept by the last call
@@ -414,20 +414,12 @@ def _keep(known: _Buffers, saved: list[_Saved], buffers: list[Tensor], fresh: bo
     known.saved, known.versions, known.places = saved, list(map(_VERSION, buffers)), places
 
 
-_watch = getattr(torch.nn.modules.module, "register_module_buffer_registration_hook", None)
-
-
-def _watch_registrations(hook: Callable[..., None]) -> Any:
-    """Call ``hook(module, name, buffer)`` at every buffer registration until removed."""
-    return None if _watch is None else _watch(hook)
-
-
 class _Registered:
     """Buffers registered during a call on the model's modules: removed or made as they were.
 
-    Called at every registration in the process while the call runs (a hook of
-    :func:`torch.nn.modules.module.register_module_buffer_registration_hook`, which
-    ``register_buffer`` and a buffer's assignment call; nothing else is slowed down), it notes
+    Called at every registration in the process while the call runs
+    (:func:`~salience.hooks.watch_buffer_registrations`: ``register_buffer`` and a buffer's
+    assignment call it; nothing else is slowed down), it notes
     the first registration of each name on each of the model's modules, and whether that name
     was non-persistent then. :meth:`undo` removes the buffers of the modules that held none
     (:func:`_rebind` does not look at them; it puts back the tables of the others) and gives

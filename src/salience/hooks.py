@@ -58,6 +58,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from ._checks import modules_of, warn
+from ._containers import tensors_in
 from ._weak import ByIdentity
 from .rectifiers import (
     RECTIFIER_SPELLINGS,
@@ -114,6 +115,20 @@ def _counted() -> Iterator[None]:
     finally:
         with _scopes_lock:
             _scopes -= 1
+
+
+_watch = getattr(torch.nn.modules.module, "register_module_buffer_registration_hook", None)
+
+
+def watch_buffer_registrations(
+    hook: Callable[[nn.Module, str, Any], None],
+) -> torch.utils.hooks.RemovableHandle | None:
+    """Call ``hook(module, name, buffer)`` at every buffer registration until removed.
+
+    Process-wide (``register_buffer`` and a buffer's assignment, on any module): the caller
+    removes the handle in a ``finally``. ``None`` on a PyTorch without such hooks.
+    """
+    return None if _watch is None else _watch(hook)
 
 
 @contextlib.contextmanager
@@ -446,12 +461,67 @@ def ruled_forward(
         ruled = _node_rule(model, run, rule, method or _METHODS.get(rule, rule), hidden)
         if ruled is not None:
             return ruled
+    method = method or _METHODS.get(rule, rule)
     with rectifier_rule(
         model, rule, activations=activations, method=method, hidden=next(iter(hidden), None)
     ) as mode:
         output = run()
     assert mode is not None  # a rule other than "gradient"
+    check_reached(output, method, mode.count)
     return output, mode.extras()
+
+
+def check_reached(output: Any, method: str, ruled: int) -> None:
+    """Raise if rectifiers the mode did not see are left in the graph of its pass.
+
+    The mode rules the calls made from Python; a rectifier of a TorchScript function (or of a
+    C++ extension) runs behind it and leaves its plain node in the graph: the map would mix
+    the rule and the plain gradient. A TorchScript graph run as one node is warned of
+    (:func:`_warn_graphs`): what it holds cannot be read.
+    """
+    left: Counter[str] = Counter()
+    graphs = 0
+    for node in _graph_nodes(output):
+        kind = _kind(node)
+        if _is_rectifier_node(node, kind):
+            left[kind] += 1
+        elif kind.endswith(_SCRIPT_GRAPH):
+            graphs += 1
+    if left:
+        kinds = ", ".join(f"{kind} × {n}" for kind, n in left.most_common())
+        raise ValueError(
+            f"{method} cannot modify {sum(left.values())} rectifier(s) of this model: they run "
+            f"outside Python ({kinds} in the pass's graph: a TorchScript function's operations, "
+            f"or an extension's), beside the {ruled} it modified, so the map would be partly "
+            "the plain gradient. Run those functions as Python (not torch.jit.script) to "
+            "modify them"
+        )
+    _warn_graphs(method, graphs)
+
+
+def _warn_graphs(method: str, graphs: int) -> None:
+    if graphs:
+        warn(
+            f"{method}: the pass runs {graphs} TorchScript graph(s) as one backward node "
+            "(DifferentiableGraphBackward: a scripted function, fused), whose operations the "
+            "rule cannot see: a rectifier inside keeps its plain gradient. Run the scripted "
+            "functions as Python (not torch.jit.script) to be sure of the paper's map"
+        )
+
+
+def _graph_nodes(output: Any) -> list[Any]:
+    """Every backward node of the graph of the tensors in ``output`` (the leaves' excepted)."""
+    roots = [t.grad_fn for t in tensors_in(output) if t.grad_fn is not None]
+    seen = set(roots)
+    nodes = []
+    while roots:
+        node = roots.pop()
+        nodes.append(node)
+        for following, _ in node.next_functions:
+            if following is not None and following not in seen and type(following) is not _LEAF:
+                seen.add(following)
+                roots.append(following)
+    return nodes
 
 
 def _node_rule(
@@ -478,7 +548,9 @@ def _node_rule(
             if hidden:
                 _HIDDEN[model] = tuple(hidden)
         return None
+    graphs = unruled.pop(_SCRIPT_GRAPH, 0)
     _warn_unruled(method, rule, len(nodes), unruled)
+    _warn_graphs(method, graphs)
     ruled = _guided_node if rule == "guided" else _deconvnet_node
     for node in nodes:
         node.register_hook(ruled)
@@ -531,9 +603,7 @@ def _rectifier_nodes(
         kinds.clear()
     while roots:
         node = roots.pop()
-        kind = kinds.get(type(node))
-        if kind is None:
-            kind = kinds[type(node)] = node.name().rstrip("0123456789")
+        kind = kinds.get(type(node)) or _kind(node)
         if kind == "ReluBackward" or (kind == "HardtanhBackward" and _clip_to_positive(node)):
             nodes.append(node)
         elif _hides_calls(node, kind):
@@ -544,6 +614,8 @@ def _rectifier_nodes(
             return None
         elif others is not None and kind in _MAIN_PATH_NODES:
             others[_MAIN_PATH_NODES[kind]] += 1
+        elif others is not None and kind.endswith(_SCRIPT_GRAPH):
+            others[_SCRIPT_GRAPH] += 1  # (what it holds cannot be read: warned of)
         for following, _ in node.next_functions:
             # the leaves' nodes (every parameter's): nothing behind them
             if following is not None and following not in seen and type(following) is not _LEAF:
@@ -551,6 +623,41 @@ def _rectifier_nodes(
                 roots.append(following)
     return nodes
 
+
+def _kind(node: Any) -> str:
+    """Return a backward node's kind: its class's name less its version digits (read once)."""
+    kind = _NODE_KINDS.get(type(node))
+    if kind is None:
+        kind = _NODE_KINDS[type(node)] = node.name().rstrip("0123456789")
+    return kind
+
+
+def _is_rectifier_node(node: Any, kind: str) -> bool:
+    """Whether ``node`` (of ``kind``) is surely the plain backward of a rectifier call.
+
+    ``relu``, ``hardtanh(0, t)``, ``clamp(min=0)`` (and ``clamp(0, t)``), ``leaky_relu`` with
+    slope 0; not ``maximum`` or ``threshold``, whose nodes do not say (the other operand, the
+    value).
+    """
+    try:
+        if kind == "ReluBackward":
+            return True
+        if kind == "HardtanhBackward":
+            return _clip_to_positive(node)
+        if kind in ("ClampBackward", "ClampMinBackward"):
+            low, high = node._saved_min, getattr(node, "_saved_max", None)
+            numbers = isinstance(low, int | float) and isinstance(high, int | float | None)
+            return numbers and low == 0 and (high is None or high > 0)
+        if kind == "LeakyReluBackward":
+            return bool(node._saved_negative_slope == 0)
+    except (AttributeError, RuntimeError):  # tensor bounds, another PyTorch's names
+        return False
+    return False
+
+
+_SCRIPT_GRAPH = "DifferentiableGraphBackward"
+"""The end of a node kind that runs a TorchScript graph (a scripted function the executor
+fused) as one node: ``torch::jit::(anonymous namespace)::DifferentiableGraphBackward``."""
 
 _NODE_KINDS: dict[type, str] = {}
 """A backward node class's name less its version digits (the same for all its nodes): read
