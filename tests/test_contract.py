@@ -711,3 +711,35 @@ def test_a_field_that_is_no_item_is_walked_in_the_same_order() -> None:
     copies = Model()(torch.cat([x, x * 2]))
     expected = torch.cat([x[:, 0, 0, 1] * 10, x[:, 0, 0, 1] * 20]) + 3
     torch.testing.assert_close(resolved.scores(copies, torch.arange(4) % 2), expected)
+
+
+class _Scored(tuple):
+    """A tuple subclass with a constructor of its own and an attribute holding a tensor."""
+
+    def __new__(cls, logits: torch.Tensor, doubled: torch.Tensor) -> _Scored:
+        made = super().__new__(cls, (logits,))
+        made.doubled = doubled
+        return made
+
+
+def test_a_tuple_subclass_keeps_its_attributes_through_the_copies(batch: torch.Tensor) -> None:
+    """IG cuts each pass's output into copies of the batch: the attribute was lost (and the
+    target raised AttributeError), the constructor of its own being bypassed for a tuple."""
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = model_for("gradient")
+
+        def forward(self, x: torch.Tensor) -> _Scored:
+            logits = self.net(x)
+            return _Scored(logits, logits * 2)
+
+    model, x = Model(), batch[:2]
+    grouped = salience.integrated_gradients(
+        model, x, lambda out: out.doubled[:, 1], steps=4, batch_size=8
+    )
+    plain = salience.integrated_gradients(model.net, x, 1, steps=4, batch_size=1)
+    torch.testing.assert_close(grouped.values, 2 * plain.values, rtol=1e-4, atol=1e-6)
+    assert isinstance(grouped.output, _Scored)
+    torch.testing.assert_close(grouped.output.doubled, 2 * grouped.output[0])

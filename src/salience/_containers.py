@@ -30,12 +30,21 @@ def map_tensors(fn: Callable[[Tensor], Any], value: Any) -> Any:
         return fn(value)
     if isinstance(value, tuple | list):
         members = [map_tensors(fn, v) for v in value]
-        if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
-            return type(value)(*members)
-        try:
+        if type(value) in (tuple, list):
             return type(value)(members)
-        except TypeError:  # a subclass with a constructor of its own
-            return tuple(members) if isinstance(value, tuple) else members
+        rebuilt: Any
+        if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+            rebuilt = type(value)(*members)
+        else:
+            try:
+                rebuilt = type(value)(members)
+            except TypeError:  # a subclass with a constructor of its own: made without it
+                rebuilt = _bare(value, members)
+        extra = getattr(value, "__dict__", None)  # attributes of a subclass: mapped too
+        if extra and getattr(rebuilt, "__dict__", None) is not None:
+            for name, item in extra.items():
+                object.__setattr__(rebuilt, name, map_tensors(fn, item))
+        return rebuilt
     items: dict[Any, Any] | None = None
     if isinstance(value, dict):
         items = {k: map_tensors(fn, v) for k, v in value.items()}
@@ -59,12 +68,30 @@ def map_tensors(fn: Callable[[Tensor], Any], value: Any) -> Any:
     return mapped
 
 
+def _bare(value: tuple[Any, ...] | list[Any], members: list[Any]) -> Any:
+    """Return ``value``'s type holding ``members``, without calling its constructor.
+
+    As ``copy.copy`` makes such objects; a plain tuple or list if even that fails.
+    """
+    kind = type(value)
+    try:
+        if isinstance(value, tuple):
+            return tuple.__new__(kind, members)  # type: ignore[type-var]
+        made: list[Any] = list.__new__(kind)  # type: ignore[arg-type]
+        list.extend(made, members)
+        return made
+    except TypeError:
+        return tuple(members) if isinstance(value, tuple) else members
+
+
 def tensors_in(value: Any) -> list[Tensor]:
     """Return the tensors in ``value``, in the order :func:`map_tensors` visits them."""
     if isinstance(value, Tensor):
         return [value]
     if isinstance(value, tuple | list):
-        return [t for v in value for t in tensors_in(v)]
+        members = [t for v in value for t in tensors_in(v)]
+        extra = getattr(value, "__dict__", None) if type(value) not in (tuple, list) else None
+        return members + [t for v in extra.values() for t in tensors_in(v)] if extra else members
     found: list[Tensor] = []
     if isinstance(value, dict):
         found = [t for v in value.values() for t in tensors_in(v)]
