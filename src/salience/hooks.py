@@ -291,8 +291,8 @@ def rectifier_rule(
     extend = resolve_activations(activations)
     _refuse_script(model, f"the {rule} backward rule", "its ReLUs")
     with _RectifierMode(rule, extend) as mode, _counted():
+        mode.hidden = hidden
         yield mode
-    mode.hidden = hidden
     mode.check(method or _METHODS.get(rule, rule))
 
 
@@ -466,37 +466,36 @@ def ruled_forward(
         model, rule, activations=activations, method=method, hidden=next(iter(hidden), None)
     ) as mode:
         output = run()
-    assert mode is not None  # a rule other than "gradient"
-    check_reached(output, method, mode.count)
+        assert mode is not None  # a rule other than "gradient"
+        rule_left(output, mode, method)
     return output, mode.extras()
 
 
-def check_reached(output: Any, method: str, ruled: int) -> None:
-    """Raise if rectifiers the mode did not see are left in the graph of its pass.
+def rule_left(output: Any, mode: _RectifierMode, method: str) -> None:
+    """Rule at their nodes the rectifiers of ``output``'s graph that ``mode`` did not see.
 
-    The mode rules the calls made from Python; a rectifier of a TorchScript function (or of a
-    C++ extension) runs behind it and leaves its plain node in the graph: the map would mix
-    the rule and the plain gradient. A TorchScript graph run as one node is warned of
-    (:func:`_warn_graphs`): what it holds cannot be read.
+    The mode rules the calls made from Python. A rectifier that runs behind it (a
+    TorchScript function's, an ``nn.RNN``'s with ``nonlinearity="relu"``, ``torch.ops``
+    calls) leaves its plain node in the graph: the rule is put there, as on the node path,
+    and counted with the mode's. Call inside the mode's block, before its check. A TorchScript
+    graph run as one node hides what it holds: warned of (:func:`_warn_graphs`), or named in
+    the mode's error if nothing else was ruled.
     """
-    left: Counter[str] = Counter()
-    graphs = 0
+    left, graphs = [], 0
     for node in _graph_nodes(output):
         kind = _kind(node)
         if _is_rectifier_node(node, kind):
-            left[kind] += 1
+            left.append(node)
         elif kind.endswith(_SCRIPT_GRAPH):
             graphs += 1
-    if left:
-        kinds = ", ".join(f"{kind} × {n}" for kind, n in left.most_common())
-        raise ValueError(
-            f"{method} cannot modify {sum(left.values())} rectifier(s) of this model: they run "
-            f"outside Python ({kinds} in the pass's graph: a TorchScript function's operations, "
-            f"or an extension's), beside the {ruled} it modified, so the map would be partly "
-            "the plain gradient. Run those functions as Python (not torch.jit.script) to "
-            "modify them"
-        )
-    _warn_graphs(method, graphs)
+    ruled = _guided_node if mode.rule == "guided" else _deconvnet_node
+    for node in left:
+        node.register_hook(ruled)
+    mode.count += len(left)
+    if graphs and not mode.count and not mode.modified and mode.hidden is None:
+        mode.hidden = f"{_SCRIPT_GRAPH} (a TorchScript function run as one node)"
+    elif mode.count or mode.modified:
+        _warn_graphs(method, graphs)
 
 
 def _warn_graphs(method: str, graphs: int) -> None:
@@ -644,12 +643,13 @@ def _is_rectifier_node(node: Any, kind: str) -> bool:
             return True
         if kind == "HardtanhBackward":
             return _clip_to_positive(node)
-        if kind in ("ClampBackward", "ClampMinBackward"):
-            low, high = node._saved_min, getattr(node, "_saved_max", None)
-            numbers = isinstance(low, int | float) and isinstance(high, int | float | None)
+        if kind in ("ClampBackward", "ClampMinBackward"):  # (bool bounds: no rectifier,
+            low, high = node._saved_min, getattr(node, "_saved_max", None)  # as the mode reads)
+            numbers = type(low) in (int, float) and type(high) in (int, float, type(None))
             return numbers and low == 0 and (high is None or high > 0)
         if kind == "LeakyReluBackward":
-            return bool(node._saved_negative_slope == 0)
+            slope = node._saved_negative_slope
+            return type(slope) in (int, float) and slope == 0
     except (AttributeError, RuntimeError):  # tensor bounds, another PyTorch's names
         return False
     return False

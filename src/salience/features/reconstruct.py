@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from .._checks import check_inputs, check_model
 from .._forward import ForwardArgs, model_scope
-from ..hooks import check_reached, forward_hooks, rectifier_rule
+from ..hooks import forward_hooks, rectifier_rule, rule_left
 from ..layers import LayerLike, find_layer
 from ..rectifiers import Activations
 
@@ -315,13 +315,14 @@ def reconstruct(
                 forward_hooks([(name, module)], record),
             ):
                 forward(x.clone())
+                if outputs:  # the rectifiers below the layer the mode could not see: at nodes
+                    assert mode is not None  # the deconvnet rule
+                    rule_left(outputs[-1], mode, _METHOD)
             if not outputs:
                 raise ValueError(f"layer {name!r} did not run in the forward pass of the model")
             a = outputs[-1]
             if not isinstance(a, Tensor) or a.ndim != 4 or a.shape[0] != n:
                 raise _spatial_error(name, a)
-            assert mode is not None  # the deconvnet rule
-            check_reached(a, _METHOD, mode.count)  # (its rectifiers below the layer)
             k, h, w = a.shape[1:]
             if channel is not None and not 0 <= channel < k:
                 raise ValueError(f"channel {channel} is out of range: layer {name!r} has {k}")
