@@ -904,36 +904,96 @@ def test_buffers_of_every_kind_are_kept() -> None:
 
 
 class Registering(nn.Module):
-    """Registers buffers during its forward pass on modules that held none."""
+    """Registers buffers during its forward pass: persistent ones on modules that held none,
+    and a cache (non-persistent) made lazily, with the flag that goes with it."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3)
         self.head = nn.Linear(4, 2)
+        self.ready = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.conv.register_buffer("seen", x.detach().mean().reshape(1))
-        self.register_buffer("scratch", torch.ones(2), persistent=False)
-        self.register_buffer("scratch", torch.zeros(2), persistent=False)  # registered again
-        return self.head(self.conv(x).mean((2, 3)))
+        self.head.register_buffer("seen", torch.ones(2))
+        self.head.register_buffer("seen", torch.zeros(2))  # registered again
+        if not self.ready:  # a cache made at the first pass: the model's own from then on
+            self.register_buffer("cache", torch.ones(2), persistent=False)
+            self.ready = True
+        return self.head(self.conv(x).mean((2, 3))) + self.cache.sum()
 
 
 @pytest.mark.parametrize("method", ["gradient", "grad_cam"])
-def test_buffers_registered_on_modules_that_held_none_are_removed(method: str) -> None:
+def test_buffers_registered_during_a_call_are_removed_but_caches(method: str) -> None:
+    from torch.nn.modules import module as torch_module
+
+    hooks_before = dict(torch_module._global_buffer_registration_hooks)
     model, x = Registering().eval(), torch.randn(1, 3, 8, 8)
     state = model.state_dict().keys()
     for _ in range(2):
         getattr(salience, method)(model, x, 0)
-        assert dict(model.named_buffers()) == {}
+        assert [name for name, _ in model.named_buffers()] == ["cache"]  # no "seen"
         assert model.state_dict().keys() == state
-        assert not model._non_persistent_buffers_set
+    model(x)  # the cache and its flag agree: the model still runs (and registers "seen")
+    seen = {name: b for name, b in model.named_buffers() if name.endswith("seen")}
+    getattr(salience, method)(model, x, 0)  # its registrations again: your objects put back
+    assert {name: b for name, b in model.named_buffers() if name.endswith("seen")} == seen
+    for module in (model.conv, model.head):
+        del module.seen
     model.register_buffer("scratch", torch.ones(1))  # yours, registered between calls: kept
     salience.gradient(model, x, 0)
-    assert [name for name, _ in model.named_buffers()] == ["scratch"]
+    assert [name for name, _ in model.named_buffers()] == ["cache", "scratch"]
     assert "scratch" in model.state_dict()
     with pytest.raises(ValueError, match="out of range"):  # raised after the forward pass
         salience.gradient(model, x, 5)
-    assert [name for name, _ in model.named_buffers()] == ["scratch"]
+    assert [name for name, _ in model.named_buffers()] == ["cache", "scratch"]
+    assert dict(torch_module._global_buffer_registration_hooks) == hooks_before  # none added
+    assert salience.hooks._watchers == ()
+
+
+class Recaching(nn.Module):
+    """Deletes its non-persistent cache and makes it again, larger, when the input grows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 3)
+        self.register_buffer("pe", torch.zeros(1, 4, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        if self.pe.shape[-1] != h.shape[-1]:
+            del self.pe
+            self.register_buffer("pe", torch.zeros(1, 4, *h.shape[-2:]), persistent=False)
+        self.register_buffer("scale", self.scale, persistent=False)  # persistence changed
+        return self.fc((h + self.pe).mean((2, 3)) * self.scale)
+
+
+def test_a_cache_made_again_stays_and_persistence_is_put_back() -> None:
+    model, x = Recaching().eval(), torch.randn(1, 3, 8, 8)
+    salience.gradient(model, x, 0)
+    assert model.pe.shape == (1, 4, 6, 6)  # the model's cache, grown to the input
+    assert list(model.state_dict()) == ["scale", "conv.weight", "conv.bias", "fc.weight", "fc.bias"]
+    Recaching().load_state_dict(model.state_dict())  # pe stays out, scale in
+
+
+class _Fragile(torch.Tensor):
+    """A buffer whose copy fails (as an out-of-memory error would, while salience copies)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func is torch.Tensor.clone:
+            raise MemoryError("simulated")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_a_call_that_fails_before_its_pass_leaves_no_watcher() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3)).eval()
+    model.register_buffer("stat", torch.zeros(3).as_subclass(_Fragile))
+    with pytest.raises(MemoryError):
+        salience.gradient(model, torch.randn(1, 3, 2, 2), 0)
+    assert salience.hooks._watchers == ()
 
 
 def test_lazy_modules_not_made_yet_are_refused() -> None:

@@ -94,3 +94,7 @@ def test_zero_maps_are_found_per_sample(side: int) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warn_zero_maps("m", values, "here")
+    counts = torch.zeros(3, 1, side, side, dtype=torch.uint8)  # any() of uint8 is uint8
+    counts[1] = 200
+    with pytest.warns(UserWarning, match=r"sample\(s\) \[0, 2\] is zero"):
+        warn_zero_maps("m", counts, "here")

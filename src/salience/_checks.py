@@ -313,7 +313,7 @@ def warn_zero_maps(method: str, values: Tensor, why: str, told: Iterable[int] = 
         filled = flat.any(1)
         if filled.all():
             return
-        empty = ~filled
+        empty = filled.logical_not()  # (any() of uint8 is uint8, where ~ flips bits)
     zero = empty.nonzero().flatten().tolist()
     if told:
         zero = sorted(set(zero) - set(told))

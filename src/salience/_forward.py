@@ -270,8 +270,10 @@ def kept_buffers(model: Any, modules: list[nn.Module] | None = None) -> Iterator
 
     A model left in training mode updates BatchNorm statistics and counters on every forward
     pass; explaining it must not. The buffer objects themselves are restored too, should the
-    model replace one; buffers it registers during the call are removed (on any module of the
-    model), those it removes or sets from ``None`` put back. A buffer the call resizes in place
+    model replace one; persistent buffers it registers during the call are removed (on any of
+    the model's modules), those it removes or sets from ``None`` put back, with their
+    persistence; non-persistent ones it registers or replaces (caches) are left as the model
+    made them (see :func:`_rebind`). A buffer the call resizes in place
     (an observer growing its statistics) or gives other data through ``.data`` gets its shape,
     dtype and values back (through ``.data``: the same object). Lazy conjugate and negative
     views are compared resolved, quantized buffers each alone (a copy with others would
@@ -319,6 +321,9 @@ def kept_buffers(model: Any, modules: list[nn.Module] | None = None) -> Iterator
     modules = modules_of(model) if modules is None else modules
     holders = [module for module in modules if module._buffers]
     tables = [dict(module._buffers) for module in holders]  # name -> buffer, as they were
+    caches = [  # the non-persistent names of each
+        frozenset(names) if (names := m._non_persistent_buffers_set) else _NONE for m in holders
+    ]
     entries = [buffer for table in tables for buffer in table.values()]
     buffers = [buffer for buffer in entries if buffer is not None]
     versions: list[int] | None
@@ -328,8 +333,6 @@ def kept_buffers(model: Any, modules: list[nn.Module] | None = None) -> Iterator
         versions = None
     training = any(map(is_training, modules))
     ids = (list(map(id, buffers)), list(map(id, modules)), list(map(type, modules)))
-    registered = _Registered(modules, holders)
-    handle = watch_buffer_registrations(registered)
     known = _KNOWN.get(model)
     saved = known.saved if known is not None and not training else None
     kept = (  # the buffers still hold the copy kept by the last call
@@ -346,13 +349,13 @@ def kept_buffers(model: Any, modules: list[nn.Module] | None = None) -> Iterator
         known.saved = None
         with torch.no_grad():
             saved = [_save([buffers[i] for i in group]) for group in known.groups]
+    registered = _Registered(modules, holders)
+    watching = watch_buffer_registrations(registered)  # (removed below, whatever happens)
     try:
         yield
     finally:
-        if handle is not None:
-            handle.remove()
-        registered.undo()
-        _rebind(holders, tables, entries)
+        watching.remove()
+        _rebind(holders, tables, entries, caches, registered)
         training = training or any(map(is_training, modules))
         now = None if versions is None else list(map(_VERSION, buffers))
         moved = now != versions
@@ -414,70 +417,85 @@ def _keep(known: _Buffers, saved: list[_Saved], buffers: list[Tensor], fresh: bo
     known.saved, known.versions, known.places = saved, list(map(_VERSION, buffers)), places
 
 
+_NONE: frozenset[str] = frozenset()
+
+
 class _Registered:
-    """Buffers registered during a call on the model's modules: removed or made as they were.
+    """The buffer registrations of a call on the model's modules (as they were at its start).
 
     Called at every registration in the process while the call runs
     (:func:`~salience.hooks.watch_buffer_registrations`: ``register_buffer`` and a buffer's
-    assignment call it; nothing else is slowed down), it notes
-    the first registration of each name on each of the model's modules, and whether that name
-    was non-persistent then. :meth:`undo` removes the buffers of the modules that held none
-    (:func:`_rebind` does not look at them; it puts back the tables of the others) and gives
-    every name its persistence back (a buffer of yours registered again as non-persistent would
-    leave your ``state_dict``). Without registrations it costs nothing: finding them otherwise
-    would take a second walk of every module at every call. A buffer deleted during the call
-    (``del module.name``) is put back by :func:`_rebind` as persistent.
+    assignment call it; nothing else is slowed down), it notes the modules of the model that
+    registered a buffer: those that held none at the start (:func:`_rebind` does not walk
+    them) and those that held some (a registration of the same object with another
+    persistence escapes the comparison by identity). Finding them otherwise would take a second
+    walk of every module at every call.
     """
 
-    __slots__ = ("holders", "made", "modules", "watched")
+    __slots__ = ("holders", "ids", "modules", "others", "touched")
 
     def __init__(self, modules: list[nn.Module], holders: list[nn.Module]) -> None:
         self.modules, self.holders = modules, holders
-        self.watched: dict[int, bool] | None = None  # module id -> whether it held buffers
-        self.made: dict[tuple[int, str], tuple[nn.Module, bool]] = {}  # first registrations
+        self.ids: dict[int, bool] | None = None  # module id -> whether it held buffers
+        self.others: dict[int, nn.Module] = {}  # registered on: modules that held no buffer
+        self.touched = False  # a holder registered one
 
     def __call__(self, module: nn.Module, name: str, buffer: Any) -> None:
-        if self.watched is None:
-            self.watched = dict.fromkeys(map(id, self.modules), False)
-            self.watched.update(dict.fromkeys(map(id, self.holders), True))
-        key = (id(module), name)
-        if id(module) in self.watched and key not in self.made:
-            self.made[key] = (module, name in module._non_persistent_buffers_set)
-
-    def undo(self) -> None:
-        assert self.watched is not None or not self.made
-        for (key, name), (module, listed) in self.made.items():
-            if isinstance(module, torch.jit.ScriptModule):
-                continue  # (its buffers cannot be removed)
-            if self.watched is not None and not self.watched[key]:
-                module._buffers.pop(name, None)  # a module that held none
-            if listed:
-                module._non_persistent_buffers_set.add(name)
-            else:
-                module._non_persistent_buffers_set.discard(name)
+        if self.ids is None:  # made at the first registration (any module's, any thread's)
+            self.ids = dict.fromkeys(map(id, self.modules), False)
+            self.ids.update(dict.fromkeys(map(id, self.holders), True))
+        held = self.ids.get(id(module))
+        if held:
+            self.touched = True
+        elif held is not None:
+            self.others[id(module)] = module
 
 
-def _rebind(holders: list[nn.Module], tables: list[dict[str, Any]], entries: list[Any]) -> None:
-    """Put back the buffer objects of ``holders`` that the call replaced (``tables``: before).
+def _rebind(
+    holders: list[nn.Module],
+    tables: list[dict[str, Any]],
+    entries: list[Any],
+    caches: list[frozenset[str]],
+    registered: _Registered,
+) -> None:
+    """Put back the buffers of the model's modules as the call found them, except caches.
 
-    Buffers it registered on them are removed, those it removed or set from ``None`` put back
-    (a module that held no buffer and was given one: :class:`_Registered`). ``entries``: every
-    value of ``tables`` in order; when
-    the modules still hold exactly those objects (the common case: one comparison by identity,
-    in C), nothing is looked up by name.
+    ``tables``: the buffers of ``holders`` at the start (``entries``: their values in order),
+    ``caches``: their non-persistent names. A buffer the call replaced, removed or set from
+    ``None`` is put back, with its persistence; a persistent buffer it registered anew (on any
+    module of the model, with those of ``registered``) is removed. A non-persistent buffer
+    the model registers or replaces (a cache of positional encodings, grown to the input) is
+    left as the model made it: it is no part of its ``state_dict``, and the Python attributes
+    that go with it (the cache's length) cannot be put back, so removing it would break the
+    model's next pass. When the holders still hold exactly those objects and nothing was
+    registered (the common case: one comparison by identity, in C), nothing else is done.
     """
     now = [buffer for module in holders for buffer in module._buffers.values()]
-    if len(now) == len(entries) and all(map(operator.is_, now, entries)):
+    same = len(now) == len(entries) and all(map(operator.is_, now, entries))
+    if same and not registered.touched and not registered.others:
         return
-    for module, table in zip(holders, tables, strict=True):
+    for module, table, cache in zip(holders, tables, caches, strict=True):
         if isinstance(module, torch.jit.ScriptModule):
             continue  # its buffers cannot be rebound (values are put back by the caller)
-        current = module._buffers
+        current, marked = module._buffers, module._non_persistent_buffers_set
         for name in [name for name in current if name not in table]:
-            del current[name]  # registered during the call
+            if name not in marked:
+                del current[name]  # registered during the call, persistent
         for name, buffer in table.items():
+            if name in cache and name in marked and name in current:
+                continue  # a cache the model made again: its own
             if name not in current or current[name] is not buffer:
                 current[name] = buffer  # replaced, removed, or set from None
+            if name in cache:
+                marked.add(name)
+            else:
+                marked.discard(name)
+    for module in registered.others.values():
+        if isinstance(module, torch.jit.ScriptModule):
+            continue
+        marked = module._non_persistent_buffers_set
+        for name in [name for name in module._buffers if name not in marked]:
+            del module._buffers[name]  # a persistent buffer of a module that held none
 
 
 _Saved: TypeAlias = tuple[Tensor, list[torch.Size]]

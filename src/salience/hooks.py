@@ -117,18 +117,46 @@ def _counted() -> Iterator[None]:
             _scopes -= 1
 
 
-_watch = getattr(torch.nn.modules.module, "register_module_buffer_registration_hook", None)
+_Watcher = Callable[[nn.Module, str, Any], None]
+_watchers: tuple[_Watcher, ...] = ()
+_watchers_lock = threading.Lock()
 
 
-def watch_buffer_registrations(
-    hook: Callable[[nn.Module, str, Any], None],
-) -> torch.utils.hooks.RemovableHandle | None:
-    """Call ``hook(module, name, buffer)`` at every buffer registration until removed.
+def _on_buffer_registration(module: nn.Module, name: str, buffer: Any) -> None:
+    for watcher in _watchers:  # a tuple replaced whole: safe to read while another thread adds
+        watcher(module, name, buffer)
 
-    Process-wide (``register_buffer`` and a buffer's assignment, on any module): the caller
-    removes the handle in a ``finally``. ``None`` on a PyTorch without such hooks.
+
+_register = getattr(torch.nn.modules.module, "register_module_buffer_registration_hook", None)
+if _register is not None:  # one hook for the process, at import: adding and removing one per
+    _register(_on_buffer_registration)  # call raced with register_buffer in other threads
+
+
+class _Watching:
+    """The handle of :func:`watch_buffer_registrations`."""
+
+    def __init__(self, watcher: _Watcher) -> None:
+        self.watcher = watcher
+
+    def remove(self) -> None:
+        global _watchers
+        with _watchers_lock:
+            _watchers = tuple(w for w in _watchers if w is not self.watcher)
+
+
+def watch_buffer_registrations(watcher: _Watcher) -> _Watching:
+    """Call ``watcher(module, name, buffer)`` at every buffer registration until removed.
+
+    Process-wide: ``register_buffer`` and a buffer's assignment, on any module, in any thread.
+    The caller removes the handle in a ``finally``. One hook of PyTorch's serves every watcher,
+    installed when this module is imported (torch iterates its hooks while another thread
+    would add or remove one); with no watcher it returns at once. Nothing is seen on a PyTorch
+    without such hooks.
     """
-    return None if _watch is None else _watch(hook)
+    global _watchers
+    with _watchers_lock:
+        _watchers = (*_watchers, watcher)
+    return _Watching(watcher)
 
 
 @contextlib.contextmanager
