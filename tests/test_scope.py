@@ -162,6 +162,42 @@ def test_tf32_is_restored_when_the_method_raises_and_across_threads() -> None:
     assert set(spy.seen) == {(False, False)}
 
 
+@pytest.mark.skipif(
+    not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="an older PyTorch"
+)
+@pytest.mark.parametrize("setting", ["fp32_precision", "set_float32_matmul_precision"])
+def test_tf32_set_with_the_newer_settings_is_switched_through_them(setting: str) -> None:
+    """After ``torch.backends.cuda.matmul.fp32_precision = "tf32"`` the older flags cannot be
+    read (PyTorch refuses to mix the two): every method raised. ``"high"`` round-trips through
+    the flags."""
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = (conv.fp32_precision, matmul.fp32_precision, torch.get_float32_matmul_precision())
+    seen: list[tuple[str, str]] = []
+
+    class Spy(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append((conv.fp32_precision, matmul.fp32_precision))
+            return x.flatten(1)[:, :3] * 2
+
+    try:
+        if setting == "fp32_precision":
+            conv.fp32_precision = matmul.fp32_precision = "tf32"
+        else:
+            torch.set_float32_matmul_precision("high")
+        state = (conv.fp32_precision, matmul.fp32_precision)
+        salience.gradient(Spy(), torch.randn(1, 3, 4, 4), 0)
+        assert len(seen) == 1
+        if setting == "fp32_precision":
+            assert seen == [("ieee", "ieee")]
+        else:
+            assert torch.get_float32_matmul_precision() == "high"
+        assert (conv.fp32_precision, matmul.fp32_precision) == state
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = before[:2]
+        torch.set_float32_matmul_precision(before[2])
+    assert torch.get_float32_matmul_precision() == before[2]
+
+
 class NormalisesInPlace(nn.Module):
     """A model whose pre-hook normalises its input in place, as some deployment code does."""
 

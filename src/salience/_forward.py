@@ -26,7 +26,7 @@ import contextlib
 import math
 import operator
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeAlias
 
 import torch
@@ -170,7 +170,7 @@ def _expand(value: Any, rows: Tensor, n: int) -> Any:
 
 _tf32_lock = threading.Lock()
 _tf32_users = 0
-_tf32_saved: tuple[bool, bool] = (False, False)
+_tf32_restore: Callable[[], None] | None = None
 
 # What ``torch.backends.cudnn.allow_tf32`` and ``torch.backends.cuda.matmul.allow_tf32`` read
 # and write, called directly: the properties' Python is a third of a call's cost of the switch
@@ -182,7 +182,12 @@ _set_matmul_tf32 = getattr(torch._C, "_set_cublas_allow_tf32", None)
 
 
 def _tf32() -> tuple[bool, bool]:
-    """Whether TF32 is allowed now: ``(cuDNN convolutions, CUDA matmuls)``."""
+    """Whether TF32 is allowed now: ``(cuDNN convolutions, CUDA matmuls)``.
+
+    Raises:
+        RuntimeError: the precision was set with PyTorch's newer ``fp32_precision`` settings,
+            which its older flags cannot be read beside.
+    """
     if _get_cudnn_tf32 is None or _get_matmul_tf32 is None:
         return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     return _get_cudnn_tf32(), _get_matmul_tf32()
@@ -201,25 +206,50 @@ def _set_tf32(flags: tuple[bool, bool]) -> None:
         _set_matmul_tf32(matmul)
 
 
+def _tf32_off() -> Callable[[], None]:
+    """Switch TF32 off for cuDNN convolutions and CUDA matmuls; return what switches it back.
+
+    Through the flags ``allow_tf32``, unless the precision was set with the newer
+    ``fp32_precision`` settings (``torch.backends.cuda.matmul.fp32_precision = "tf32"``): the
+    flags then cannot be read (every method raised), and those settings are used, set to
+    ``"ieee"`` and back (each round trip leaves the settings as they were; after
+    ``torch.set_float32_matmul_precision("medium")`` the flags' way cannot say "medium" again).
+    """
+    try:
+        saved = _tf32()
+    except RuntimeError:  # the newer settings are in use: the flags would mix the two
+        conv = torch.backends.cudnn.conv  # type: ignore[attr-defined]  # (newer PyTorch)
+        matmul = torch.backends.cuda.matmul
+        before = (conv.fp32_precision, matmul.fp32_precision)
+        conv.fp32_precision = matmul.fp32_precision = "ieee"
+
+        def restore() -> None:
+            conv.fp32_precision, matmul.fp32_precision = before
+
+        return restore
+    _set_tf32((False, False))
+    return lambda: _set_tf32(saved)
+
+
 @contextlib.contextmanager
 def full_float32(allow_tf32: bool = False) -> Iterator[None]:
     """Switch TF32 off (cuDNN convolutions and CUDA matmuls) inside the block, then restore."""
-    global _tf32_users, _tf32_saved
+    global _tf32_users, _tf32_restore
     if allow_tf32:
         yield
         return
     with _tf32_lock:
         if _tf32_users == 0:
-            _tf32_saved = _tf32()
-            _set_tf32((False, False))
+            _tf32_restore = _tf32_off()
         _tf32_users += 1
     try:
         yield
     finally:
         with _tf32_lock:
             _tf32_users -= 1
-            if _tf32_users == 0:
-                _set_tf32(_tf32_saved)
+            if _tf32_users == 0 and _tf32_restore is not None:
+                _tf32_restore()
+                _tf32_restore = None
 
 
 # -- buffers ---------------------------------------------------------------------------------
