@@ -743,3 +743,39 @@ def test_a_tuple_subclass_keeps_its_attributes_through_the_copies(batch: torch.T
     torch.testing.assert_close(grouped.values, 2 * plain.values, rtol=1e-4, atol=1e-6)
     assert isinstance(grouped.output, _Scored)
     torch.testing.assert_close(grouped.output.doubled, 2 * grouped.output[0])
+
+
+class _Varargs(tuple):
+    """A tuple subclass whose constructor takes its members one by one."""
+
+    def __new__(cls, *items: Any) -> _Varargs:
+        return super().__new__(cls, items)
+
+
+class _Listed(list):
+    """A list subclass with a slot and a constructor that counts its calls."""
+
+    __slots__ = ("aux",)
+    made = 0
+
+    def __init__(self, *args: Any) -> None:
+        type(self).made += 1
+        super().__init__(*args)
+
+
+def test_containers_keep_their_shape_whatever_their_constructor() -> None:
+    from salience._containers import map_tensors, tensors_in
+
+    one, two = torch.zeros(1), torch.ones(2)
+    spread = map_tensors(lambda t: t + 1, _Varargs(one, two))  # was nested in one member
+    assert isinstance(spread, _Varargs)
+    assert [t.tolist() for t in spread] == [[1.0], [2.0, 2.0]]
+    listed = _Listed([one])
+    listed.aux = two
+    made = _Listed.made
+    copied = map_tensors(lambda t: t * 3, listed)
+    assert _Listed.made == made  # its constructor is not run again
+    assert isinstance(copied, _Listed)
+    assert copied[0].tolist() == [0.0]
+    assert copied.aux.tolist() == [3.0, 3.0]
+    assert [t is u for t, u in zip(tensors_in(listed), [one, two], strict=True)] == [True, True]

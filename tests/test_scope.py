@@ -170,13 +170,15 @@ def test_tf32_set_with_the_newer_settings_is_switched_through_them(setting: str)
     """After ``torch.backends.cuda.matmul.fp32_precision = "tf32"`` the older flags cannot be
     read (PyTorch refuses to mix the two): every method raised. ``"high"`` round-trips through
     the flags."""
-    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
-    before = (conv.fp32_precision, matmul.fp32_precision, torch.get_float32_matmul_precision())
-    seen: list[tuple[str, str]] = []
+    conv, rnn = torch.backends.cudnn.conv, torch.backends.cudnn.rnn
+    matmul = torch.backends.cuda.matmul
+    before = (conv.fp32_precision, rnn.fp32_precision, matmul.fp32_precision)
+    matmul_precision = torch.get_float32_matmul_precision()
+    seen: list[tuple[str, str, str]] = []
 
     class Spy(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            seen.append((conv.fp32_precision, matmul.fp32_precision))
+            seen.append((conv.fp32_precision, rnn.fp32_precision, matmul.fp32_precision))
             return x.flatten(1)[:, :3] * 2
 
     try:
@@ -184,18 +186,18 @@ def test_tf32_set_with_the_newer_settings_is_switched_through_them(setting: str)
             conv.fp32_precision = matmul.fp32_precision = "tf32"
         else:
             torch.set_float32_matmul_precision("high")
-        state = (conv.fp32_precision, matmul.fp32_precision)
+        state = (conv.fp32_precision, rnn.fp32_precision, matmul.fp32_precision)
         salience.gradient(Spy(), torch.randn(1, 3, 4, 4), 0)
         assert len(seen) == 1
         if setting == "fp32_precision":
-            assert seen == [("ieee", "ieee")]
+            assert seen == [("ieee", "ieee", "ieee")]  # cuDNN's RNNs too, as the flag's way
         else:
             assert torch.get_float32_matmul_precision() == "high"
-        assert (conv.fp32_precision, matmul.fp32_precision) == state
+        assert (conv.fp32_precision, rnn.fp32_precision, matmul.fp32_precision) == state
     finally:
-        conv.fp32_precision, matmul.fp32_precision = before[:2]
-        torch.set_float32_matmul_precision(before[2])
-    assert torch.get_float32_matmul_precision() == before[2]
+        conv.fp32_precision, rnn.fp32_precision, matmul.fp32_precision = before
+        torch.set_float32_matmul_precision(matmul_precision)
+    assert torch.get_float32_matmul_precision() == matmul_precision
 
 
 class NormalisesInPlace(nn.Module):

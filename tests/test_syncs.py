@@ -970,12 +970,37 @@ class Recaching(nn.Module):
         return self.fc((h + self.pe).mean((2, 3)) * self.scale)
 
 
-def test_a_cache_made_again_stays_and_persistence_is_put_back() -> None:
+def test_a_buffer_made_again_is_put_back_with_its_persistence() -> None:
     model, x = Recaching().eval(), torch.randn(1, 3, 8, 8)
+    pe = model.pe
     salience.gradient(model, x, 0)
-    assert model.pe.shape == (1, 4, 6, 6)  # the model's cache, grown to the input
+    assert model.pe is pe  # as it was (the model makes it again at its next pass)
     assert list(model.state_dict()) == ["scale", "conv.weight", "conv.bias", "fc.weight", "fc.bias"]
     Recaching().load_state_dict(model.state_dict())  # pe stays out, scale in
+    model(x)
+
+
+class RunningMean(nn.Module):
+    """Running state in a non-persistent buffer, reassigned at every pass (not a cache)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 3)
+        self.register_buffer("mu", torch.zeros(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.mu = 0.5 * self.mu + 0.5 * x.detach().mean((0, 2, 3), keepdim=True)
+        return self.fc(torch.relu(self.conv(x - self.mu)).mean((2, 3)))
+
+
+def test_a_non_persistent_buffer_reassigned_by_the_model_is_put_back() -> None:
+    model, x = RunningMean().eval(), torch.randn(2, 3, 8, 8)
+    mu = model.mu
+    first = salience.gradient(model, x, 0).values
+    assert model.mu is mu
+    assert not mu.any()
+    torch.testing.assert_close(salience.gradient(model, x, 0).values, first)  # same model
 
 
 class _Fragile(torch.Tensor):

@@ -9,6 +9,7 @@ every copy the methods make.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from collections.abc import Callable
@@ -35,14 +36,10 @@ def map_tensors(fn: Callable[[Tensor], Any], value: Any) -> Any:
         rebuilt: Any
         if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
             rebuilt = type(value)(*members)
-        else:
-            try:
-                rebuilt = type(value)(members)
-            except TypeError:  # a subclass with a constructor of its own: made without it
-                rebuilt = _bare(value, members)
-        extra = getattr(value, "__dict__", None)  # attributes of a subclass: mapped too
-        if extra and getattr(rebuilt, "__dict__", None) is not None:
-            for name, item in extra.items():
+        else:  # a subclass: made without its constructor, whose arguments may be others
+            rebuilt = _bare(value, members)
+        for name, item in _attributes(value):  # a subclass's attributes: mapped too
+            with contextlib.suppress(AttributeError, TypeError):  # (a plain one: none kept)
                 object.__setattr__(rebuilt, name, map_tensors(fn, item))
         return rebuilt
     items: dict[Any, Any] | None = None
@@ -71,7 +68,10 @@ def map_tensors(fn: Callable[[Tensor], Any], value: Any) -> Any:
 def _bare(value: tuple[Any, ...] | list[Any], members: list[Any]) -> Any:
     """Return ``value``'s type holding ``members``, without calling its constructor.
 
-    As ``copy.copy`` makes such objects; a plain tuple or list if even that fails.
+    Its constructor may take the members otherwise (``Scores(logits, aux)``, or ``*items``,
+    which would nest the list given to it); its attributes are copied by the caller. A type
+    that cannot be made so (a C struct sequence) is called with the members, and a plain
+    tuple or list is the last resort.
     """
     kind = type(value)
     try:
@@ -81,7 +81,22 @@ def _bare(value: tuple[Any, ...] | list[Any], members: list[Any]) -> Any:
         list.extend(made, members)
         return made
     except TypeError:
+        pass
+    try:
+        return kind(members)
+    except TypeError:
         return tuple(members) if isinstance(value, tuple) else members
+
+
+def _attributes(value: tuple[Any, ...] | list[Any]) -> list[tuple[str, Any]]:
+    """Return the attributes of a tuple or list subclass: its ``__dict__``, then its slots."""
+    found = list(getattr(value, "__dict__", {}).items())
+    for kind in type(value).__mro__:
+        slots = kind.__dict__.get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            if name not in ("__dict__", "__weakref__") and hasattr(value, name):
+                found.append((name, getattr(value, name)))
+    return found
 
 
 def tensors_in(value: Any) -> list[Tensor]:
@@ -90,8 +105,9 @@ def tensors_in(value: Any) -> list[Tensor]:
         return [value]
     if isinstance(value, tuple | list):
         members = [t for v in value for t in tensors_in(v)]
-        extra = getattr(value, "__dict__", None) if type(value) not in (tuple, list) else None
-        return members + [t for v in extra.values() for t in tensors_in(v)] if extra else members
+        if type(value) in (tuple, list):
+            return members
+        return members + [t for _, v in _attributes(value) for t in tensors_in(v)]
     found: list[Tensor] = []
     if isinstance(value, dict):
         found = [t for v in value.values() for t in tensors_in(v)]

@@ -207,7 +207,7 @@ def _set_tf32(flags: tuple[bool, bool]) -> None:
 
 
 def _tf32_off() -> Callable[[], None]:
-    """Switch TF32 off for cuDNN convolutions and CUDA matmuls; return what switches it back.
+    """Switch TF32 off for cuDNN (convolutions, RNNs) and CUDA matmuls; return what undoes it.
 
     Through the flags ``allow_tf32``, unless the precision was set with the newer
     ``fp32_precision`` settings (``torch.backends.cuda.matmul.fp32_precision = "tf32"``): the
@@ -218,13 +218,14 @@ def _tf32_off() -> Callable[[], None]:
     try:
         saved = _tf32()
     except RuntimeError:  # the newer settings are in use: the flags would mix the two
-        conv = torch.backends.cudnn.conv  # type: ignore[attr-defined]  # (newer PyTorch)
-        matmul = torch.backends.cuda.matmul
-        before = (conv.fp32_precision, matmul.fp32_precision)
-        conv.fp32_precision = matmul.fp32_precision = "ieee"
+        conv: Any = getattr(torch.backends.cudnn, "conv")  # noqa: B009  (newer PyTorch)
+        rnn: Any = getattr(torch.backends.cudnn, "rnn")  # noqa: B009  (the flag's: both)
+        matmul: Any = torch.backends.cuda.matmul
+        before = (conv.fp32_precision, rnn.fp32_precision, matmul.fp32_precision)
+        conv.fp32_precision = rnn.fp32_precision = matmul.fp32_precision = "ieee"
 
         def restore() -> None:
-            conv.fp32_precision, matmul.fp32_precision = before
+            conv.fp32_precision, rnn.fp32_precision, matmul.fp32_precision = before
 
         return restore
     _set_tf32((False, False))
@@ -300,14 +301,14 @@ def kept_buffers(model: Any, modules: list[nn.Module] | None = None) -> Iterator
 
     A model left in training mode updates BatchNorm statistics and counters on every forward
     pass; explaining it must not. The buffer objects themselves are restored too, should the
-    model replace one; persistent buffers it registers during the call are removed (on any of
-    the model's modules), those it removes or sets from ``None`` put back, with their
-    persistence; non-persistent ones it registers or replaces (caches) are left as the model
-    made them (see :func:`_rebind`). A buffer the call resizes in place
-    (an observer growing its statistics) or gives other data through ``.data`` gets its shape,
-    dtype and values back (through ``.data``: the same object). Lazy conjugate and negative
-    views are compared resolved, quantized buffers each alone (a copy with others would
-    requantize them to one scale), sparse ones as dense tensors.
+    model replace one; those it removes or sets from ``None`` are put back, with their
+    persistence; persistent buffers it registers under new names are removed (on any of the
+    model's modules), non-persistent ones (caches made lazily) left (see :func:`_rebind`). A
+    buffer the call resizes in place (an observer growing its statistics) or gives other data
+    through ``.data`` gets its shape, dtype and values back (through ``.data``: the same
+    object). Lazy conjugate and negative views are compared resolved, quantized buffers each
+    alone (a copy with others would requantize them to one scale), sparse ones as dense
+    tensors.
 
     The values are kept as one flat copy per dtype, device and rank, made in one call
     (:func:`_copy`: concatenated, as DistributedDataParallel flattens its buckets), and
@@ -488,17 +489,19 @@ def _rebind(
     caches: list[frozenset[str]],
     registered: _Registered,
 ) -> None:
-    """Put back the buffers of the model's modules as the call found them, except caches.
+    """Put back the buffers of the model's modules as the call found them, but new caches.
 
     ``tables``: the buffers of ``holders`` at the start (``entries``: their values in order),
     ``caches``: their non-persistent names. A buffer the call replaced, removed or set from
-    ``None`` is put back, with its persistence; a persistent buffer it registered anew (on any
-    module of the model, with those of ``registered``) is removed. A non-persistent buffer
-    the model registers or replaces (a cache of positional encodings, grown to the input) is
-    left as the model made it: it is no part of its ``state_dict``, and the Python attributes
-    that go with it (the cache's length) cannot be put back, so removing it would break the
-    model's next pass. When the holders still hold exactly those objects and nothing was
-    registered (the common case: one comparison by identity, in C), nothing else is done.
+    ``None`` is put back, with its persistence (a non-persistent one too: it may be running
+    state, an average the model reassigns). A persistent buffer registered under a new name
+    (on any module of the model, with those of ``registered``) is removed; a non-persistent one
+    is left as the model made it, a cache made lazily: no part of its ``state_dict``, and the
+    Python attribute that goes with it (a ``ready`` flag) cannot be put back, so removing it
+    would break the model's next pass. (A cache the model grows under its old name is put
+    back; a model that keeps the cache's length in an attribute then meets the old cache.)
+    When the holders still hold exactly those objects and nothing was registered (the common
+    case: one comparison by identity, in C), nothing else is done.
     """
     now = [buffer for module in holders for buffer in module._buffers.values()]
     same = len(now) == len(entries) and all(map(operator.is_, now, entries))
@@ -512,8 +515,6 @@ def _rebind(
             if name not in marked:
                 del current[name]  # registered during the call, persistent
         for name, buffer in table.items():
-            if name in cache and name in marked and name in current:
-                continue  # a cache the model made again: its own
             if name not in current or current[name] is not buffer:
                 current[name] = buffer  # replaced, removed, or set from None
             if name in cache:

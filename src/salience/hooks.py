@@ -520,8 +520,9 @@ def rule_left(output: Any, mode: _RectifierMode, method: str) -> None:
     for node in left:
         node.register_hook(ruled)
     mode.count += len(left)
-    if graphs and not mode.count and not mode.modified and mode.hidden is None:
-        mode.hidden = f"{_SCRIPT_GRAPH} (a TorchScript function run as one node)"
+    if graphs and not mode.count and not mode.modified:
+        graph = f"{_SCRIPT_GRAPH} (a TorchScript function run as one node)"
+        mode.hidden = graph if mode.hidden is None else f"{mode.hidden} and {graph}"
     elif mode.count or mode.modified:
         _warn_graphs(method, graphs)
 
