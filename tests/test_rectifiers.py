@@ -915,3 +915,18 @@ def test_a_scripted_graph_run_as_one_node_is_warned_of(rule: str) -> None:
         torch._C._jit_set_profiling_executor(profiling)
         torch._C._jit_set_profiling_mode(mode)
     assert result.extras["rectifiers"] == 1  # the one it could see
+
+
+def test_kinds_of_nodes_sharing_the_generic_class_are_read_each_time() -> None:
+    """C++ functions without a class of their own share ``CppFunction`` (a scripted graph, an
+    extension's function): a kind cached by class made the first one seen stand for all."""
+    kind_of = type("CppFunction", (), {"name": lambda self: self.text})
+
+    def node(text: str) -> Any:
+        made = kind_of()
+        made.text = text
+        return made
+
+    assert hooks._kind(node("torchvision::roi_align_backward")) == "torchvision::roi_align_backward"
+    graph = node("torch::jit::(anonymous namespace)::DifferentiableGraphBackward")
+    assert hooks._kind(graph) == hooks._SCRIPT_GRAPH

@@ -514,7 +514,7 @@ def rule_left(output: Any, mode: _RectifierMode, method: str) -> None:
         kind = _kind(node)
         if _is_rectifier_node(node, kind):
             left.append(node)
-        elif kind.endswith(_SCRIPT_GRAPH):
+        elif kind == _SCRIPT_GRAPH:
             graphs += 1
     ruled = _guided_node if mode.rule == "guided" else _deconvnet_node
     for node in left:
@@ -640,10 +640,8 @@ def _rectifier_nodes(
             return None
         elif kind in _MAYBE_RECTIFIERS and not _no_rectifier(node, kind):
             return None
-        elif others is not None and kind in _MAIN_PATH_NODES:
-            others[_MAIN_PATH_NODES[kind]] += 1
-        elif others is not None and kind.endswith(_SCRIPT_GRAPH):
-            others[_SCRIPT_GRAPH] += 1  # (what it holds cannot be read: warned of)
+        elif others is not None and kind in _COUNTED:  # (a scripted graph: warned of)
+            others[_COUNTED[kind]] += 1
         for following, _ in node.next_functions:
             # the leaves' nodes (every parameter's): nothing behind them
             if following is not None and following not in seen and type(following) is not _LEAF:
@@ -653,10 +651,19 @@ def _rectifier_nodes(
 
 
 def _kind(node: Any) -> str:
-    """Return a backward node's kind: its class's name less its version digits (read once)."""
+    """Return a backward node's kind: its name less its version digits (read once a class).
+
+    Nodes of C++ functions without a class of their own share the class ``CppFunction`` (a
+    TorchScript graph, a C++ extension's function, an error node): theirs is read every time.
+    A TorchScript graph's is :data:`_SCRIPT_GRAPH`.
+    """
     kind = _NODE_KINDS.get(type(node))
     if kind is None:
-        kind = _NODE_KINDS[type(node)] = node.name().rstrip("0123456789")
+        kind = node.name().rstrip("0123456789")
+        if kind.endswith(_SCRIPT_GRAPH):
+            kind = _SCRIPT_GRAPH
+        if type(node).__name__ != "CppFunction":
+            _NODE_KINDS[type(node)] = kind
     return kind
 
 
@@ -685,8 +692,8 @@ def _is_rectifier_node(node: Any, kind: str) -> bool:
 
 
 _SCRIPT_GRAPH = "DifferentiableGraphBackward"
-"""The end of a node kind that runs a TorchScript graph (a scripted function the executor
-fused) as one node: ``torch::jit::(anonymous namespace)::DifferentiableGraphBackward``."""
+"""The kind of a node that runs a TorchScript graph (a scripted function the executor made one
+node of; named ``torch::jit::(anonymous namespace)::DifferentiableGraphBackward``)."""
 
 _NODE_KINDS: dict[type, str] = {}
 """A backward node class's name less its version digits (the same for all its nodes): read
@@ -711,6 +718,9 @@ _MAIN_PATH_NODES = {
     "HardtanhBackward": "Hardtanh",
 }  # fmt: skip
 """The backward nodes of :data:`_MAIN_PATH` (SELU's is ELU's), by kind (less version digits)."""
+
+_COUNTED = {**_MAIN_PATH_NODES, _SCRIPT_GRAPH: _SCRIPT_GRAPH}
+"""The nodes :func:`_rectifier_nodes` counts: those of :data:`_MAIN_PATH`, and scripted graphs."""
 
 
 def _warn_unruled(method: str, rule: str, count: int, unruled: Counter[str]) -> None:
