@@ -15,6 +15,7 @@ import collections
 import functools
 import importlib
 import traceback
+import warnings
 from typing import Any
 
 import numpy as np
@@ -1028,3 +1029,37 @@ def test_lazy_modules_not_made_yet_are_refused() -> None:
     assert isinstance(model[1], nn.LazyBatchNorm2d)  # nothing was made
     model(torch.randn(1, 3, 8, 8))  # made by a pass of yours: explained
     assert salience.gradient(model.eval(), torch.randn(1, 3, 8, 8), 0).values.shape == (1, 3, 8, 8)
+
+
+def test_calls_from_several_threads_on_a_model_in_training_mode_take_turns() -> None:
+    """Each call copies the buffers at its start and puts them back at its end: two threads
+    at once on a model that writes them (BatchNorm in training mode) left the other's writes
+    behind (one thread's copy held them, and was put back last)."""
+    import threading
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3)
+    )
+    model.train()
+    start = {name: b.clone() for name, b in model.named_buffers()}
+    errors: list[BaseException] = []
+
+    def work(seed: int) -> None:
+        x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+        try:
+            for _ in range(40):
+                salience.gradient(model, x, 0)
+        except BaseException as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the training-mode warning
+        threads = [threading.Thread(target=work, args=(seed,)) for seed in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not errors
+    for name, b in model.named_buffers():
+        assert torch.equal(b, start[name]), name

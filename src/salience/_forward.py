@@ -338,18 +338,63 @@ def kept_buffers(model: Any, modules: list[nn.Module] | None = None) -> Iterator
     model writes that buffer too (it then gets the kept value). A ``.data`` assignment of the
     model's is seen by its pointer, and put back, even on a model that had shown its version
     counters honest. The same holds for a buffer swapped by ``torch.utils.swap_tensors`` whose
-    new data landed at the old address with the same version. Calls on one model from several
-    threads at once are not kept apart (each puts back what it saw at its start).
+    new data landed at the old address with the same version.
 
     At batch 1 the buffers were about 0.35 ms of a call's fixed cost on a network with Lite0's
     150 buffers whose arithmetic is nearly free (``bench_overhead.py --models thin``: the cost
     of a GPU at batch 1, where the host's caches are cold after the pass); with the copy kept,
     a walk of the buffers and two reads of their version counters and pointers are left.
+
+    Calls on one model from several threads at once are kept apart when the model writes its
+    buffers (training mode, or a call saw it write): they take turns on a lock of the model's
+    (one thread's copy would otherwise hold another's writes, and put them back last). Calls on
+    a model that writes nothing run side by side; the first calls on a model in eval mode that
+    writes, before one has seen it, are not kept apart.
     """
     if not isinstance(model, nn.Module):
         yield
         return
     modules = modules_of(model) if modules is None else modules
+    training = any(map(is_training, modules))
+    lock = _writer_lock(model, training)
+    if lock is None:
+        with _kept(model, modules, training):
+            yield
+        return
+    with lock, _kept(model, modules, training):
+        yield
+
+
+_WRITERS: ByIdentity[nn.Module, threading.RLock] = ByIdentity()
+"""A lock for each model a call saw write its buffers, or left in training mode."""
+_WRITERS_LOCK = threading.Lock()
+
+
+def _writer_lock(model: nn.Module, training: bool) -> threading.RLock | None:
+    """Return the model's lock if it writes its buffers (made in training mode), or ``None``.
+
+    Re-entrant: a method that calls another on the same model, in the same thread, holds it.
+    """
+    lock = _WRITERS.get(model)
+    if lock is None and training:
+        return _mark_writer(model)
+    return lock
+
+
+def _mark_writer(model: nn.Module) -> threading.RLock:
+    with _WRITERS_LOCK:
+        lock = _WRITERS.get(model)
+        if lock is None:
+            lock = _WRITERS[model] = threading.RLock()
+        return lock
+
+
+@contextlib.contextmanager
+def _kept(model: nn.Module, modules: list[nn.Module], training: bool) -> Iterator[None]:
+    """Do the work of :func:`kept_buffers`.
+
+    ``training``: a module of the model is in training mode at the start.
+    """
     holders = [module for module in modules if module._buffers]
     tables = [dict(module._buffers) for module in holders]  # name -> buffer, as they were
     caches = [  # the non-persistent names of each
@@ -362,7 +407,6 @@ def kept_buffers(model: Any, modules: list[nn.Module] | None = None) -> Iterator
         versions = list(map(_VERSION, buffers))
     except RuntimeError:  # inference tensors keep no version counter: compared every time
         versions = None
-    training = any(map(is_training, modules))
     ids = (list(map(id, buffers)), list(map(id, modules)), list(map(type, modules)))
     known = _KNOWN.get(model)
     saved = known.saved if known is not None and not training else None
@@ -410,6 +454,8 @@ def kept_buffers(model: Any, modules: list[nn.Module] | None = None) -> Iterator
             # inference tensors (a model made under inference_mode) are written back in it
             with torch.no_grad(), torch.inference_mode(versions is None):
                 changed = _put_back(groups, saved, only)
+            if changed and model not in _WRITERS:
+                _mark_writer(model)  # its next calls take turns with other threads'
             if not training and versions is not None and now is not None:
                 unseen = any(
                     id(b) in changed and before == after
