@@ -193,13 +193,16 @@ def _tf32() -> tuple[bool, bool]:
     return _get_cudnn_tf32(), _get_matmul_tf32()
 
 
-def _set_tf32(flags: tuple[bool, bool]) -> None:
-    """Allow TF32 or not (``flags`` as :func:`_tf32` gives them); only flags that change."""
-    cudnn, matmul = flags
-    now = _tf32()
+def _set_tf32(flags: tuple[bool, bool], now: tuple[bool, bool] | None = None) -> None:
+    """Allow TF32 or not (``flags`` as :func:`_tf32` gives them); only flags that change.
+
+    ``now``: the flags as they are, if the caller has just read them.
+    """
     if _set_cudnn_tf32 is None or _set_matmul_tf32 is None:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
         return
+    cudnn, matmul = flags
+    now = _tf32() if now is None else now
     if now[0] != cudnn:
         _set_cudnn_tf32(cudnn)
     if now[1] != matmul:
@@ -228,7 +231,7 @@ def _tf32_off() -> Callable[[], None]:
             conv.fp32_precision, rnn.fp32_precision, matmul.fp32_precision = before
 
         return restore
-    _set_tf32((False, False))
+    _set_tf32((False, False), saved)
     return lambda: _set_tf32(saved)
 
 

@@ -537,19 +537,9 @@ def _warn_graphs(method: str, graphs: int) -> None:
         )
 
 
-def _graph_nodes(output: Any) -> list[Any]:
-    """Every backward node of the graph of the tensors in ``output`` (the leaves' excepted)."""
-    roots = [t.grad_fn for t in tensors_in(output) if t.grad_fn is not None]
-    seen = set(roots)
-    nodes = []
-    while roots:
-        node = roots.pop()
-        nodes.append(node)
-        for following, _ in node.next_functions:
-            if following is not None and following not in seen and type(following) is not _LEAF:
-                seen.add(following)
-                roots.append(following)
-    return nodes
+def _graph_nodes(output: Any) -> Iterator[Any]:
+    """Every backward node of the graph of the tensors in ``output`` (see :func:`_walk`)."""
+    return _walk([t.grad_fn for t in tensors_in(output) if t.grad_fn is not None])
 
 
 def _node_rule(
@@ -623,14 +613,9 @@ def _rectifier_nodes(
             pending.extend(value.values())
         elif not (value is None or isinstance(value, int | float | str | bool)):
             return None  # an object that may hold tensors: look no further
-    roots = list(dict.fromkeys(roots))  # an output may hold one tensor twice
     nodes = []
-    seen = set(roots)
     kinds = _NODE_KINDS
-    if len(kinds) > 4096:  # node classes made on the fly (autograd functions in a loop)
-        kinds.clear()
-    while roots:
-        node = roots.pop()
+    for node in _walk(roots):
         kind = kinds.get(type(node)) or _kind(node)
         if kind == "ReluBackward" or (kind == "HardtanhBackward" and _clip_to_positive(node)):
             nodes.append(node)
@@ -642,12 +627,24 @@ def _rectifier_nodes(
             return None
         elif others is not None and kind in _COUNTED:  # (a scripted graph: warned of)
             others[_COUNTED[kind]] += 1
+    return nodes
+
+
+def _walk(roots: list[Any]) -> Iterator[Any]:
+    """Yield every backward node behind ``roots`` once, but the leaves'.
+
+    The leaves' nodes (every parameter's) have nothing behind them. ``roots`` may hold a node
+    twice (an output holding one tensor twice).
+    """
+    pending = list(dict.fromkeys(roots))
+    seen = set(pending)
+    while pending:
+        node = pending.pop()
+        yield node
         for following, _ in node.next_functions:
-            # the leaves' nodes (every parameter's): nothing behind them
             if following is not None and following not in seen and type(following) is not _LEAF:
                 seen.add(following)
-                roots.append(following)
-    return nodes
+                pending.append(following)
 
 
 def _kind(node: Any) -> str:
@@ -663,6 +660,8 @@ def _kind(node: Any) -> str:
         if kind.endswith(_SCRIPT_GRAPH):
             kind = _SCRIPT_GRAPH
         if type(node).__name__ != "CppFunction":
+            if len(_NODE_KINDS) > 4096:  # node classes made on the fly (functions in a loop)
+                _NODE_KINDS.clear()
             _NODE_KINDS[type(node)] = kind
     return kind
 
