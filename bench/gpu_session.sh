@@ -11,7 +11,9 @@
 # bench/readme_speed.py); check_cuda.py (automatic chunks, host syncs, copies, chunking
 # independence, the rectifier rules at their nodes against the mode: same bits; check_heavy:
 # occlusion and RISE at batch 32 and a real out-of-memory error redone); the fixed cost of a
-# call at batch 1 and where the gradient's goes (the `overhead-cuda` block); a dataset run's
+# call at batch 1 and where the gradient's goes (the `overhead-cuda` block); check_tf32.py (full
+# float32 under every TF32 setting: the flags, the matmul precision, the newer fp32_precision
+# settings); profile_call.py (salience's Python in a gradient call, by function); a dataset run's
 # images per second (bench_batch.py: Grad-CAM, IG-32, end to end); the CAM methods
 # against pytorch-grad-cam and torchcam (bench_cam.py); LRP; the speed settings (channels-last,
 # compile with CUDA graphs). A step that runs out of time leaves what it printed (the suite
@@ -72,6 +74,8 @@ if [ -n "$BASE" ]; then  # the same with another tree's src (BASE=dir): before a
     step overhead_base 50 env PYTHONPATH="$BASE/src:/tmp/site" python3 bench/bench_overhead.py \
         --device "$DEVICE" --size 224 --repeats 20 --parts --out "$OUT/base.md" --block overhead
 fi
+step tf32 30 python3 bench/check_tf32.py --device "$DEVICE"
+step profile 40 python3 bench/profile_call.py --device "$DEVICE" --calls 200
 step batch 60 python3 bench/bench_batch.py --device "$DEVICE" --images 512 --batch-size 32 \
     --workers 8
 step cam 45 python3 bench/bench_cam.py --device "$DEVICE" --repeats 5 --score-cam-repeats 3

@@ -200,6 +200,28 @@ def test_tf32_set_with_the_newer_settings_is_switched_through_them(setting: str)
     assert torch.get_float32_matmul_precision() == matmul_precision
 
 
+@pytest.mark.parametrize("precision", ["medium", "high", "highest"])
+def test_the_float32_matmul_precision_is_put_back_as_it_was(precision: str) -> None:
+    """``set_float32_matmul_precision("medium")`` allows TF32 (or bfloat16) matmuls as "high"
+    does, and the flag ``allow_tf32`` only says "high" again: after a call PyTorch's getter
+    raised (the settings then mixed the two ways)."""
+    saved = torch.get_float32_matmul_precision()
+    seen: list[bool] = []
+
+    class Spy(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(torch.backends.cuda.matmul.allow_tf32)
+            return x.flatten(1)[:, :3] * 2
+
+    try:
+        torch.set_float32_matmul_precision(precision)
+        salience.gradient(Spy(), torch.randn(1, 3, 4, 4), 0)
+        assert seen == [False]
+        assert torch.get_float32_matmul_precision() == precision
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
 class NormalisesInPlace(nn.Module):
     """A model whose pre-hook normalises its input in place, as some deployment code does."""
 

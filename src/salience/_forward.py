@@ -215,8 +215,9 @@ def _tf32_off() -> Callable[[], None]:
     Through the flags ``allow_tf32``, unless the precision was set with the newer
     ``fp32_precision`` settings (``torch.backends.cuda.matmul.fp32_precision = "tf32"``): the
     flags then cannot be read (every method raised), and those settings are used, set to
-    ``"ieee"`` and back (each round trip leaves the settings as they were; after
-    ``torch.set_float32_matmul_precision("medium")`` the flags' way cannot say "medium" again).
+    ``"ieee"`` and back (each round trip leaves the settings as they were). After
+    ``torch.set_float32_matmul_precision("medium")`` the flag cannot say "medium" again:
+    PyTorch's own setter puts it back.
     """
     try:
         saved = _tf32()
@@ -231,7 +232,15 @@ def _tf32_off() -> Callable[[], None]:
             conv.fp32_precision, rnn.fp32_precision, matmul.fp32_precision = before
 
         return restore
+    medium = saved[1] and torch.get_float32_matmul_precision() == "medium"
     _set_tf32((False, False), saved)
+    if medium:
+
+        def restore_medium() -> None:  # the flag would say "high", and PyTorch's getter raise
+            _set_tf32((saved[0], False))
+            torch.set_float32_matmul_precision("medium")
+
+        return restore_medium
     return lambda: _set_tf32(saved)
 
 
