@@ -930,3 +930,47 @@ def test_kinds_of_nodes_sharing_the_generic_class_are_read_each_time() -> None:
     assert hooks._kind(node("torchvision::roi_align_backward")) == "torchvision::roi_align_backward"
     graph = node("torch::jit::(anonymous namespace)::DifferentiableGraphBackward")
     assert hooks._kind(graph) == hooks._SCRIPT_GRAPH
+
+
+class KeepsARectifiedTensor(nn.Module):
+    """A model holding a tensor it computed once with a relu, graph and all (a learned bias map
+    made at construction): its ``ReluBackward`` node outlives every call. ``mode=True`` also
+    runs a ``clamp(min=0)``, which sends the rule to the function mode."""
+
+    def __init__(self, mode: bool = False) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.w = nn.Parameter(torch.randn(3, 1, 1, generator=generator))
+        self.bias_map = torch.relu(self.w * 2)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 5)
+        self.mode = mode
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv(x + self.bias_map)
+        h = h.clamp(min=0) if self.mode else torch.relu(h)
+        return self.fc(h.mean((2, 3)))
+
+
+def _users_gradient(model: KeepsARectifiedTensor) -> Tensor:
+    """The gradient of the user's own loss through the kept relu node (signs that a rule would
+    change: a negative seed where the relu passed its input)."""
+    seed = torch.tensor([-1.0, 1.0, -1.0]).view(3, 1, 1)
+    (grad,) = torch.autograd.grad((model.bias_map * seed).sum(), model.w, retain_graph=True)
+    return grad
+
+
+@pytest.mark.parametrize("mode", [False, True], ids=["at the nodes", "under the mode"])
+@pytest.mark.parametrize("method", ["guided_backprop", "deconvnet", "reconstruct"])
+def test_a_node_the_model_keeps_has_no_rule_after_the_call(method: str, mode: bool) -> None:
+    """The rules put on the backward nodes of a call's graph are removed when the call ends: a
+    node made before the call and kept by the model got the rule for good, and your own
+    backward passes through it then took the guided (or DeconvNet) gradient."""
+    model = KeepsARectifiedTensor(mode).eval()
+    before = _users_gradient(model)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    if method == "reconstruct":
+        salience.features.reconstruct(model, x, "conv", 0)
+    else:
+        getattr(salience, method)(model, x, target=1)
+    assert torch.equal(_users_gradient(model), before)

@@ -37,7 +37,12 @@ from ._checks import check_inputs, check_model, is_training, modules_of
 from ._containers import map_tensors
 from ._performance import channels_last_input, compiled_model, get_performance, record_pass
 from ._weak import ByIdentity
-from .hooks import active_scopes, no_rectifier_inside, watch_buffer_registrations
+from .hooks import (
+    active_scopes,
+    no_rectifier_inside,
+    node_rules_scope,
+    watch_buffer_registrations,
+)
 
 __all__ = ["Forward", "ForwardArgs", "model_scope"]
 
@@ -713,11 +718,12 @@ def model_scope(
 ) -> Iterator[Forward]:
     """Check the model and inputs and run the block on a :class:`Forward` of the model.
 
-    Buffers are restored and TF32 is off inside the block (see the module documentation).
+    Buffers are restored, TF32 is off and the rules put on backward nodes are removed at the end
+    of the block (see the module documentation).
     """
     modules = modules_of(model) if isinstance(model, nn.Module) else None
     check_model(model, modules)
     check_inputs(inputs)
     forward = Forward(model, inputs.shape[0], forward_args, modules)
-    with full_float32(allow_tf32), kept_buffers(model, modules):
+    with full_float32(allow_tf32), kept_buffers(model, modules), node_rules_scope():
         yield forward

@@ -2,8 +2,9 @@
 
 This is the only module that registers hooks. Nothing here outlives a ``with`` block, also when
 the block raises, and nothing is seen by another thread that runs the same model meanwhile. (The
-hooks :func:`ruled_forward` puts on backward nodes belong to the graph of the call's own pass,
-and go with it.)
+hooks :func:`ruled_forward` puts on backward nodes belong to the graph of the call's own pass;
+:func:`node_rules_scope`, which every method's call opens, removes them when the call ends, for
+a node the model made before the call and keeps.)
 
 **Forward hooks** (:func:`forward_hooks`) let layer methods read what a layer computed. They are
 registered on the modules for the duration of the block, and act only in the thread that
@@ -77,6 +78,7 @@ __all__ = [
     "call_rule",
     "forward_hooks",
     "no_rectifier_inside",
+    "node_rules_scope",
     "rectifier_rule",
     "ruled_forward",
     "scripted_modules",
@@ -115,6 +117,41 @@ def _counted() -> Iterator[None]:
     finally:
         with _scopes_lock:
             _scopes -= 1
+
+
+_node_rules = threading.local()
+"""``stack``: a list of hook handles per :func:`node_rules_scope` open in this thread."""
+
+
+@contextlib.contextmanager
+def node_rules_scope() -> Iterator[None]:
+    """Remove, when the block exits, the rules put on backward nodes inside it in this thread.
+
+    The nodes of a call's own pass go with its graph, but a model may keep a tensor it computed
+    before the call, graph and all (a relu'd bias map made at construction, a hidden state): the
+    rule would stay on its rectifier node, and your own backward passes through it would take
+    the guided (or DeconvNet) gradient. Open around the call's backward passes too.
+    """
+    stack = getattr(_node_rules, "stack", None)
+    if stack is None:
+        stack = _node_rules.stack = []
+    handles: list[Any] = []
+    stack.append(handles)
+    try:
+        yield
+    finally:
+        stack.pop()
+        for handle in handles:
+            handle.remove()
+
+
+def _rule_nodes(nodes: list[Any], rule: str) -> None:
+    """Put ``rule`` on each rectifier node, until the innermost :func:`node_rules_scope` ends."""
+    ruled = _guided_node if rule == "guided" else _deconvnet_node
+    handles = [node.register_hook(ruled) for node in nodes]
+    stack = getattr(_node_rules, "stack", None)
+    if stack:
+        stack[-1].extend(handles)
 
 
 _Watcher = Callable[[nn.Module, str, Any], None]
@@ -516,9 +553,7 @@ def rule_left(output: Any, mode: _RectifierMode, method: str) -> None:
             left.append(node)
         elif kind == _SCRIPT_GRAPH:
             graphs += 1
-    ruled = _guided_node if mode.rule == "guided" else _deconvnet_node
-    for node in left:
-        node.register_hook(ruled)
+    _rule_nodes(left, mode.rule)
     mode.count += len(left)
     if graphs and not mode.count and not mode.modified:
         graph = f"{_SCRIPT_GRAPH} (a TorchScript function run as one node)"
@@ -569,9 +604,7 @@ def _node_rule(
     graphs = unruled.pop(_SCRIPT_GRAPH, 0)
     _warn_unruled(method, rule, len(nodes), unruled)
     _warn_graphs(method, graphs)
-    ruled = _guided_node if rule == "guided" else _deconvnet_node
-    for node in nodes:
-        node.register_hook(ruled)
+    _rule_nodes(nodes, rule)
     return output, {"rectifiers": len(nodes), "activations_modified": {}}
 
 
