@@ -222,6 +222,49 @@ def test_the_float32_matmul_precision_is_put_back_as_it_was(precision: str) -> N
         torch.set_float32_matmul_precision(saved)
 
 
+def _matmul_settings() -> dict[str, Any]:
+    read: dict[str, Any] = {}
+    for name, get in {
+        "precision": torch.get_float32_matmul_precision,
+        "cuda.matmul": lambda: torch.backends.cuda.matmul.fp32_precision,
+        "mkldnn.matmul": lambda: torch.backends.mkldnn.matmul.fp32_precision,
+        "matmul.allow_tf32": lambda: torch.backends.cuda.matmul.allow_tf32,
+        "cudnn.allow_tf32": lambda: torch.backends.cudnn.allow_tf32,
+    }.items():
+        try:
+            read[name] = get()
+        except RuntimeError:
+            read[name] = "refused"
+    return read
+
+
+@pytest.mark.skipif(
+    not hasattr(torch.backends.mkldnn, "matmul"), reason="an older PyTorch: no newer settings"
+)
+@pytest.mark.parametrize("then", ["cpu matmuls ieee", "the matmul flag set"])
+def test_medium_mixed_with_other_settings_is_put_back_as_it_was(then: str) -> None:
+    """``"medium"`` and then a setting of the newer or the older kind: the call worked and
+    changed nothing before this session's mend of ``"medium"``; the mend raised (PyTorch's
+    getter refuses the second state) and put the CPU's matmuls to bfloat16 (the first)."""
+    saved = torch.get_float32_matmul_precision()
+    cuda, cpu = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
+    newer = (cuda.fp32_precision, cpu.fp32_precision)
+    try:
+        torch.set_float32_matmul_precision("medium")
+        if then == "cpu matmuls ieee":
+            torch.backends.mkldnn.matmul.fp32_precision = "ieee"
+        else:
+            torch.backends.cuda.matmul.allow_tf32 = True
+        before = _matmul_settings()
+        salience.gradient(nn.Sequential(nn.Flatten(), nn.Linear(12, 3)), torch.randn(1, 3, 2, 2), 0)
+        assert _matmul_settings() == before
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.set_float32_matmul_precision(saved)
+        cuda.fp32_precision, cpu.fp32_precision = newer
+    assert _matmul_settings()["precision"] == saved
+
+
 class NormalisesInPlace(nn.Module):
     """A model whose pre-hook normalises its input in place, as some deployment code does."""
 

@@ -214,6 +214,25 @@ def _set_tf32(flags: tuple[bool, bool], now: tuple[bool, bool] | None = None) ->
         _set_matmul_tf32(matmul)
 
 
+def _matmul_precision() -> str | None:
+    """Return ``torch.get_float32_matmul_precision()``, or ``None`` where PyTorch refuses it.
+
+    (It refuses where the newer settings were mixed with the older.)
+    """
+    try:
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:
+        return None
+
+
+def _cpu_matmul_precision() -> str | None:
+    """Return the newer setting of oneDNN's float32 matmuls (the CPU's), where PyTorch has it."""
+    try:
+        return torch.backends.mkldnn.matmul.fp32_precision  # type: ignore[attr-defined, no-any-return]
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def _tf32_off() -> Callable[[], None]:
     """Switch TF32 off for cuDNN (convolutions, RNNs) and CUDA matmuls; return what undoes it.
 
@@ -237,13 +256,16 @@ def _tf32_off() -> Callable[[], None]:
             conv.fp32_precision, rnn.fp32_precision, matmul.fp32_precision = before
 
         return restore
-    medium = saved[1] and torch.get_float32_matmul_precision() == "medium"
+    medium = saved[1] and _matmul_precision() == "medium"
+    cpu = _cpu_matmul_precision() if medium else None
     _set_tf32((False, False), saved)
     if medium:
 
         def restore_medium() -> None:  # the flag would say "high", and PyTorch's getter raise
             _set_tf32((saved[0], False))
-            torch.set_float32_matmul_precision("medium")
+            torch.set_float32_matmul_precision("medium")  # (it sets the CPU's matmuls too)
+            if cpu is not None:
+                torch.backends.mkldnn.matmul.fp32_precision = cpu  # type: ignore[attr-defined]
 
         return restore_medium
     return lambda: _set_tf32(saved)

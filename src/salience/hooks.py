@@ -509,7 +509,9 @@ def ruled_forward(
     What :func:`rectifier_rule` does, at the backward nodes of the pass where its graph shows
     every rectifier (see the module documentation), else through the mode. ``run`` may be
     called twice: it must make its inputs afresh. ``modules``: the model's modules, if the
-    caller has walked them (:func:`~salience._checks.modules_of`).
+    caller has walked them (:func:`~salience._checks.modules_of`). Call inside a
+    :func:`node_rules_scope` that also holds the backward pass (the methods' calls open one):
+    outside one, the rules stay on the nodes the model keeps.
 
     Returns:
         ``(output, extras)``: ``run()``'s output and what the rule modified
@@ -542,7 +544,8 @@ def rule_left(output: Any, mode: _RectifierMode, method: str) -> None:
     The mode rules the calls made from Python. A rectifier that runs behind it (a
     TorchScript function's, an ``nn.RNN``'s with ``nonlinearity="relu"``, ``torch.ops``
     calls) leaves its plain node in the graph: the rule is put there, as on the node path,
-    and counted with the mode's. Call inside the mode's block, before its check. A TorchScript
+    and counted with the mode's (until the :func:`node_rules_scope` ends: open one, as for
+    :func:`ruled_forward`). Call inside the mode's block, before its check. A TorchScript
     graph run as one node hides what it holds: warned of (:func:`_warn_graphs`), or named in
     the mode's error if nothing else was ruled.
     """
