@@ -206,20 +206,54 @@ def test_the_float32_matmul_precision_is_put_back_as_it_was(precision: str) -> N
     does, and the flag ``allow_tf32`` only says "high" again: after a call PyTorch's getter
     raised (the settings then mixed the two ways)."""
     saved = torch.get_float32_matmul_precision()
-    seen: list[bool] = []
+    seen: list[tuple[bool, str]] = []
 
     class Spy(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            seen.append(torch.backends.cuda.matmul.allow_tf32)
+            seen.append(
+                (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision())
+            )
             return x.flatten(1)[:, :3] * 2
 
     try:
         torch.set_float32_matmul_precision(precision)
+        before = _matmul_settings()
         salience.gradient(Spy(), torch.randn(1, 3, 4, 4), 0)
-        assert seen == [False]
-        assert torch.get_float32_matmul_precision() == precision
+        assert seen == [(False, "highest")]  # readable inside the call (it raised there)
+        assert _matmul_settings() == before
     finally:
         torch.set_float32_matmul_precision(saved)
+
+
+@pytest.mark.skipif(
+    not hasattr(torch.backends.mkldnn, "matmul"), reason="an older PyTorch: no newer settings"
+)
+@pytest.mark.parametrize("setting", ["high", "medium", "newer settings"])
+def test_the_cpu_matmuls_run_in_float32_inside_a_call(setting: str) -> None:
+    """``"high"`` and ``"medium"`` set oneDNN's matmuls (the CPU's) to TF32 and bfloat16 too,
+    which the flag ``allow_tf32`` left so inside a call (lower precision on a CPU with AMX)."""
+    saved = torch.get_float32_matmul_precision()
+    cuda, cpu = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
+    newer = (cuda.fp32_precision, cpu.fp32_precision)
+    seen: list[str] = []
+
+    class Spy(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(cpu.fp32_precision)
+            return x.flatten(1)[:, :3] * 2
+
+    try:
+        if setting == "newer settings":
+            cuda.fp32_precision, cpu.fp32_precision = "tf32", "bf16"
+        else:
+            torch.set_float32_matmul_precision(setting)
+        before = (cuda.fp32_precision, cpu.fp32_precision)
+        salience.gradient(Spy(), torch.randn(1, 3, 4, 4), 0)
+        assert seen == ["ieee"]
+        assert (cuda.fp32_precision, cpu.fp32_precision) == before
+    finally:
+        torch.set_float32_matmul_precision(saved)
+        cuda.fp32_precision, cpu.fp32_precision = newer
 
 
 def _matmul_settings() -> dict[str, Any]:

@@ -234,41 +234,54 @@ def _cpu_matmul_precision() -> str | None:
 
 
 def _tf32_off() -> Callable[[], None]:
-    """Switch TF32 off for cuDNN (convolutions, RNNs) and CUDA matmuls; return what undoes it.
+    """Switch TF32 off for cuDNN (convolutions, RNNs) and matmuls; return what undoes it.
+
+    The matmuls are CUDA's, and oneDNN's on the CPU where a precision setting allowed them TF32
+    or bfloat16 (they are not affected by the flags).
 
     Through the flags ``allow_tf32``, unless the precision was set with the newer
     ``fp32_precision`` settings (``torch.backends.cuda.matmul.fp32_precision = "tf32"``): the
     flags then cannot be read (every method raised), and those settings are used, set to
     ``"ieee"`` and back (each round trip leaves the settings as they were). After
-    ``torch.set_float32_matmul_precision("medium")`` the flag cannot say "medium" again:
-    PyTorch's own setter puts it back.
+    ``torch.set_float32_matmul_precision("high")`` or ``"medium"`` the matmuls are switched
+    through that precision: the flag cannot say "medium" again, and leaves the CPU's matmuls
+    (oneDNN) in TF32 or bfloat16, which the precision sets too.
     """
     try:
         saved = _tf32()
     except RuntimeError:  # the newer settings are in use: the flags would mix the two
         conv: Any = getattr(torch.backends.cudnn, "conv")  # noqa: B009  (newer PyTorch)
         rnn: Any = getattr(torch.backends.cudnn, "rnn")  # noqa: B009  (the flag's: both)
-        matmul: Any = torch.backends.cuda.matmul
-        before = (conv.fp32_precision, rnn.fp32_precision, matmul.fp32_precision)
-        conv.fp32_precision = rnn.fp32_precision = matmul.fp32_precision = "ieee"
+        settings: list[Any] = [conv, rnn, torch.backends.cuda.matmul]
+        if _cpu_matmul_precision() is not None:
+            settings.append(torch.backends.mkldnn.matmul)  # type: ignore[attr-defined]
+        before = [setting.fp32_precision for setting in settings]
+        for setting in settings:
+            setting.fp32_precision = "ieee"
 
         def restore() -> None:
-            conv.fp32_precision, rnn.fp32_precision, matmul.fp32_precision = before
+            for setting, value in zip(settings, before, strict=True):
+                setting.fp32_precision = value
 
         return restore
-    medium = saved[1] and _matmul_precision() == "medium"
-    cpu = _cpu_matmul_precision() if medium else None
-    _set_tf32((False, False), saved)
-    if medium:
+    precision = _matmul_precision() if saved[1] else None
+    if precision is None or precision not in ("high", "medium"):
+        _set_tf32((False, False), saved)
+        return lambda: _set_tf32(saved)
+    allowed: str = precision
+    # TF32 (or bfloat16) matmuls: through PyTorch's precision, which the flag cannot say again
+    # ("medium"), and which sets the CPU's matmuls (oneDNN) too, where the flag leaves them
+    cpu = _cpu_matmul_precision()
+    _set_tf32((False, True), saved)
+    torch.set_float32_matmul_precision("highest")
 
-        def restore_medium() -> None:  # the flag would say "high", and PyTorch's getter raise
-            _set_tf32((saved[0], False))
-            torch.set_float32_matmul_precision("medium")  # (it sets the CPU's matmuls too)
-            if cpu is not None:
-                torch.backends.mkldnn.matmul.fp32_precision = cpu  # type: ignore[attr-defined]
+    def restore_precision() -> None:
+        _set_tf32((saved[0], False))
+        torch.set_float32_matmul_precision(allowed)
+        if cpu is not None:  # the user's own setting of the CPU's, if it differed
+            torch.backends.mkldnn.matmul.fp32_precision = cpu  # type: ignore[attr-defined]
 
-        return restore_medium
-    return lambda: _set_tf32(saved)
+    return restore_precision
 
 
 @contextlib.contextmanager
