@@ -299,6 +299,61 @@ def test_medium_mixed_with_other_settings_is_put_back_as_it_was(then: str) -> No
     assert _matmul_settings()["precision"] == saved
 
 
+_LEAVES = {
+    "cudnn.conv": lambda: torch.backends.cudnn.conv,
+    "cudnn.rnn": lambda: torch.backends.cudnn.rnn,
+    "cuda.matmul": lambda: torch.backends.cuda.matmul,
+    "mkldnn.matmul": lambda: torch.backends.mkldnn.matmul,
+    "mkldnn.conv": lambda: torch.backends.mkldnn.conv,
+    "mkldnn.rnn": lambda: torch.backends.mkldnn.rnn,
+}
+
+
+def _leaves() -> dict[str, str]:
+    return {name: leaf().fp32_precision for name, leaf in _LEAVES.items()}
+
+
+@pytest.mark.skipif(
+    not hasattr(torch.backends.mkldnn, "conv"), reason="an older PyTorch: no newer settings"
+)
+@pytest.mark.parametrize(
+    "setting",
+    ["cudnn's parent tf32, then highest", "cpu matmuls bf16", "cpu convolutions bf16"],
+)
+def test_every_newer_setting_is_float32_inside_a_call_and_put_back(setting: str) -> None:
+    """A setting the flags do not reach: oneDNN's (the CPU's), set alone, stayed TF32 or
+    bfloat16 inside a call; a parent's ``"tf32"`` inherited by cuDNN's convolutions and RNNs
+    kept them TF32 after the flag was switched, and the flag then could not be read back (the
+    call raised)."""
+    saved = torch.get_float32_matmul_precision()
+    parents = (torch.backends.cudnn.fp32_precision, torch.backends.mkldnn.fp32_precision)
+    start = _leaves()
+    seen: list[dict[str, str]] = []
+
+    class Spy(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(_leaves())
+            return x.flatten(1)[:, :3] * 2
+
+    try:
+        if setting == "cudnn's parent tf32, then highest":
+            torch.backends.cudnn.fp32_precision = "tf32"
+            torch.set_float32_matmul_precision("highest")
+        elif setting == "cpu matmuls bf16":
+            torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        else:
+            torch.backends.mkldnn.conv.fp32_precision = "bf16"
+        before = _leaves()
+        salience.gradient(Spy(), torch.randn(1, 3, 4, 4), 0)
+        assert all(value in ("ieee", "none") for value in seen[0].values()), seen[0]
+        assert _leaves() == before
+    finally:
+        torch.backends.cudnn.fp32_precision, torch.backends.mkldnn.fp32_precision = parents
+        torch.set_float32_matmul_precision(saved)
+        for name, value in start.items():
+            _LEAVES[name]().fp32_precision = value
+
+
 class NormalisesInPlace(nn.Module):
     """A model whose pre-hook normalises its input in place, as some deployment code does."""
 

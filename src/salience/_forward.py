@@ -214,6 +214,57 @@ def _set_tf32(flags: tuple[bool, bool], now: tuple[bool, bool] | None = None) ->
         _set_matmul_tf32(matmul)
 
 
+_get_precision = getattr(torch._C, "_get_fp32_precision_getter", None)
+_set_precision = getattr(torch._C, "_set_fp32_precision_setter", None)
+
+
+def _precision_leaves() -> list[tuple[str, str]]:
+    """Return PyTorch's newer per-operation precision settings, where it has them.
+
+    ``(backend, operation)`` as its C functions name them: cuDNN's convolutions and RNNs and
+    CUDA's matmuls (``"cuda"``), oneDNN's matmuls, convolutions and RNNs (``"mkldnn"``), the
+    CPU's. Read through those functions (a property read costs 2 µs, six a call).
+    """
+    if _get_precision is None or _set_precision is None:
+        return []
+    found = []
+    for leaf in (("cuda", "conv"), ("cuda", "rnn"), ("cuda", "matmul"),
+                 ("mkldnn", "matmul"), ("mkldnn", "conv"), ("mkldnn", "rnn")):  # fmt: skip
+        try:
+            _get_precision(*leaf)
+        except RuntimeError:  # a backend or operation this PyTorch does not have
+            continue
+        found.append(leaf)
+    return found
+
+
+_LEAVES = _precision_leaves()
+
+
+def _leaves_off() -> list[tuple[tuple[str, str], str]]:
+    """Set to ``"ieee"`` each newer setting that allows less than float32 now; return the undo.
+
+    ``"tf32"`` or ``"bf16"``, its own or inherited from ``torch.backends.cudnn.fp32_precision``
+    and the like. The flags do not reach oneDNN's (the CPU's), nor a setting inherited from a
+    parent. Returns each setting changed with what it read.
+    """
+    changed = []
+    for leaf in _LEAVES:
+        try:
+            value = _get_precision(*leaf)  # type: ignore[misc]
+        except RuntimeError:  # (none seen: the flags are switched already, nothing may raise)
+            continue
+        if value not in ("ieee", "none"):
+            _set_precision(*leaf, "ieee")  # type: ignore[misc]
+            changed.append((leaf, value))
+    return changed
+
+
+def _leaves_back(leaves: list[tuple[tuple[str, str], str]]) -> None:
+    for leaf, value in reversed(leaves):
+        _set_precision(*leaf, value)  # type: ignore[misc]
+
+
 def _matmul_precision() -> str | None:
     """Return ``torch.get_float32_matmul_precision()``, or ``None`` where PyTorch refuses it.
 
@@ -236,47 +287,55 @@ def _cpu_matmul_precision() -> str | None:
 def _tf32_off() -> Callable[[], None]:
     """Switch TF32 off for cuDNN (convolutions, RNNs) and matmuls; return what undoes it.
 
-    The matmuls are CUDA's, and oneDNN's on the CPU where a precision setting allowed them TF32
-    or bfloat16 (they are not affected by the flags).
-
     Through the flags ``allow_tf32``, unless the precision was set with the newer
     ``fp32_precision`` settings (``torch.backends.cuda.matmul.fp32_precision = "tf32"``): the
     flags then cannot be read (every method raised), and those settings are used, set to
     ``"ieee"`` and back (each round trip leaves the settings as they were). After
     ``torch.set_float32_matmul_precision("high")`` or ``"medium"`` the matmuls are switched
-    through that precision: the flag cannot say "medium" again, and leaves the CPU's matmuls
-    (oneDNN) in TF32 or bfloat16, which the precision sets too.
+    through that precision: the flag cannot say "medium" again. Then every newer setting that
+    still allows less than float32 is set to ``"ieee"`` (:func:`_leaves_off`): oneDNN's, the
+    CPU's, which the flags do not reach (``"medium"`` makes its matmuls bfloat16), and one
+    inheriting ``"tf32"`` from a parent setting (``torch.backends.cudnn.fp32_precision``),
+    which the flag leaves. The undoing reads nothing (a mixed state may refuse a read).
     """
     try:
         saved = _tf32()
     except RuntimeError:  # the newer settings are in use: the flags would mix the two
         conv: Any = getattr(torch.backends.cudnn, "conv")  # noqa: B009  (newer PyTorch)
         rnn: Any = getattr(torch.backends.cudnn, "rnn")  # noqa: B009  (the flag's: both)
-        settings: list[Any] = [conv, rnn, torch.backends.cuda.matmul]
-        if _cpu_matmul_precision() is not None:
-            settings.append(torch.backends.mkldnn.matmul)  # type: ignore[attr-defined]
-        before = [setting.fp32_precision for setting in settings]
-        for setting in settings:
-            setting.fp32_precision = "ieee"
+        matmul: Any = torch.backends.cuda.matmul
+        before = (conv.fp32_precision, rnn.fp32_precision, matmul.fp32_precision)
+        conv.fp32_precision = rnn.fp32_precision = matmul.fp32_precision = "ieee"
+        leaves = _leaves_off()
 
         def restore() -> None:
-            for setting, value in zip(settings, before, strict=True):
-                setting.fp32_precision = value
+            _leaves_back(leaves)
+            conv.fp32_precision, rnn.fp32_precision, matmul.fp32_precision = before
 
         return restore
     precision = _matmul_precision() if saved[1] else None
     if precision is None or precision not in ("high", "medium"):
         _set_tf32((False, False), saved)
-        return lambda: _set_tf32(saved)
+        leaves = _leaves_off() if _LEAVES else []
+        if not leaves:
+            return lambda: _set_tf32(saved, (False, False))
+
+        def restore_flags() -> None:
+            _leaves_back(leaves)
+            _set_tf32(saved, (False, False))
+
+        return restore_flags
     allowed: str = precision
     # TF32 (or bfloat16) matmuls: through PyTorch's precision, which the flag cannot say again
     # ("medium"), and which sets the CPU's matmuls (oneDNN) too, where the flag leaves them
     cpu = _cpu_matmul_precision()
     _set_tf32((False, True), saved)
     torch.set_float32_matmul_precision("highest")
+    leaves = _leaves_off()
 
     def restore_precision() -> None:
-        _set_tf32((saved[0], False))
+        _leaves_back(leaves)
+        _set_tf32((saved[0], False), (False, False))
         torch.set_float32_matmul_precision(allowed)
         if cpu is not None:  # the user's own setting of the CPU's, if it differed
             torch.backends.mkldnn.matmul.fp32_precision = cpu  # type: ignore[attr-defined]
