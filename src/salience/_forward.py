@@ -239,14 +239,16 @@ def _precision_leaves() -> list[tuple[str, str]]:
 
 
 _LEAVES = _precision_leaves()
+_CPU_MATMUL = ("mkldnn", "matmul")
 
 
-def _leaves_off() -> list[tuple[tuple[str, str], str]]:
+def _leaves_off(always: str | None = None) -> list[tuple[tuple[str, str], str]]:
     """Set to ``"ieee"`` each newer setting that allows less than float32 now; return the undo.
 
     ``"tf32"`` or ``"bf16"``, its own or inherited from ``torch.backends.cudnn.fp32_precision``
     and the like. The flags do not reach oneDNN's (the CPU's), nor a setting inherited from a
-    parent. Returns each setting changed with what it read.
+    parent. ``always``: a backend (``"cuda"``) whose settings are set whatever they read (their
+    ``"none"`` defers to flags that allow TF32). Returns each setting changed with what it read.
     """
     changed = []
     for leaf in _LEAVES:
@@ -254,7 +256,7 @@ def _leaves_off() -> list[tuple[tuple[str, str], str]]:
             value = _get_precision(*leaf)  # type: ignore[misc]
         except RuntimeError:  # (none seen: the flags are switched already, nothing may raise)
             continue
-        if value not in ("ieee", "none"):
+        if leaf[0] == always or value not in ("ieee", "none"):
             _set_precision(*leaf, "ieee")  # type: ignore[misc]
             changed.append((leaf, value))
     return changed
@@ -276,14 +278,6 @@ def _matmul_precision() -> str | None:
         return None
 
 
-def _cpu_matmul_precision() -> str | None:
-    """Return the newer setting of oneDNN's float32 matmuls (the CPU's), where PyTorch has it."""
-    try:
-        return torch.backends.mkldnn.matmul.fp32_precision  # type: ignore[attr-defined, no-any-return]
-    except (AttributeError, RuntimeError):
-        return None
-
-
 def _tf32_off() -> Callable[[], None]:
     """Switch TF32 off for cuDNN (convolutions, RNNs) and matmuls; return what undoes it.
 
@@ -301,24 +295,12 @@ def _tf32_off() -> Callable[[], None]:
     try:
         saved = _tf32()
     except RuntimeError:  # the newer settings are in use: the flags would mix the two
-        conv: Any = getattr(torch.backends.cudnn, "conv")  # noqa: B009  (newer PyTorch)
-        rnn: Any = getattr(torch.backends.cudnn, "rnn")  # noqa: B009  (the flag's: both)
-        matmul: Any = torch.backends.cuda.matmul
-        before = (conv.fp32_precision, rnn.fp32_precision, matmul.fp32_precision)
-        conv.fp32_precision = rnn.fp32_precision = matmul.fp32_precision = "ieee"
-        leaves = _leaves_off()
-
-        def restore() -> None:
-            _leaves_back(leaves)
-            conv.fp32_precision, rnn.fp32_precision, matmul.fp32_precision = before
-
-        return restore
+        leaves = _leaves_off(always="cuda")  # cuDNN's convolutions and RNNs, CUDA's matmuls
+        return lambda: _leaves_back(leaves)
     precision = _matmul_precision() if saved[1] else None
     if precision is None or precision not in ("high", "medium"):
         _set_tf32((False, False), saved)
-        leaves = _leaves_off() if _LEAVES else []
-        if not leaves:
-            return lambda: _set_tf32(saved, (False, False))
+        leaves = _leaves_off()
 
         def restore_flags() -> None:
             _leaves_back(leaves)
@@ -328,7 +310,8 @@ def _tf32_off() -> Callable[[], None]:
     allowed: str = precision
     # TF32 (or bfloat16) matmuls: through PyTorch's precision, which the flag cannot say again
     # ("medium"), and which sets the CPU's matmuls (oneDNN) too, where the flag leaves them
-    cpu = _cpu_matmul_precision()
+    cpu = _CPU_MATMUL if _CPU_MATMUL in _LEAVES else None
+    own = _get_precision(*cpu) if cpu is not None else None  # type: ignore[misc]
     _set_tf32((False, True), saved)
     torch.set_float32_matmul_precision("highest")
     leaves = _leaves_off()
@@ -338,7 +321,7 @@ def _tf32_off() -> Callable[[], None]:
         _set_tf32((saved[0], False), (False, False))
         torch.set_float32_matmul_precision(allowed)
         if cpu is not None:  # the user's own setting of the CPU's, if it differed
-            torch.backends.mkldnn.matmul.fp32_precision = cpu  # type: ignore[attr-defined]
+            _set_precision(*cpu, own)  # type: ignore[misc]
 
     return restore_precision
 
