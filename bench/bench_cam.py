@@ -12,6 +12,9 @@ Measured (wall-clock, median of repeats, every method on the same layer):
 1. Grad-CAM at ``_bn1`` (the last layer that runs once; the peers would pair the wrong calls of
    the reused ``_swish`` module), with upsampling to 224x224 for salience and
    pytorch-grad-cam (torchcam returns the 7x7 map).
+   CAM (the activated head, ``_swish`` at its last call, with the ``_fc`` weights: torchcam's
+   ``CAM``), Grad-CAM++ and Layer-CAM at ``_bn1`` (pytorch-grad-cam's and torchcam's classes),
+   each peer's default call, maps upsampled to 224x224 alike.
 2. Score-CAM of the activated head features (1280 channels, 7x7). salience explains its
    default layer, ``_swish`` at its last call; pytorch-grad-cam hooks ``_bn1`` with
    ``reshape_transform=ReLU6``, which gives it the same activations. salience skips the
@@ -139,6 +142,18 @@ def main() -> None:
         agree = corr(minmax(ours_map), result) if result is not ours_map else ""
         print(row(name, t, None if result is ours_map else ours_t, agree))
 
+    # 1b. CAM, Grad-CAM++ and Layer-CAM at batch 1 -------------------------------------------
+    print("\nThe other CAMs at batch 1, class 285 (each peer's default call)")
+    print("| method | implementation | time | salience faster by | agreement |")
+    print("|---|---|---|---|---|")
+    for method, contenders in _other_cams(model, x, pgc, tc).items():
+        timing = interleaved(contenders, args.repeats)
+        ours_t, ours_map = timing["salience"]
+        for name, (t, result) in timing.items():
+            agree = corr(minmax(ours_map), result) if result is not ours_map else ""
+            ratio = f"{t / ours_t:.2f}x" if result is not ours_map else ""
+            print(f"| {method} | {name} | {t * 1000:.1f} ms | {ratio} | {agree} |")
+
     # 2. Score-CAM ---------------------------------------------------------------------------
     reps = args.score_cam_repeats
     head: dict[str, Callable[[], Any]] = {
@@ -209,6 +224,54 @@ def main() -> None:
     )
     t_many, t_sep = timing["many"][0], timing["separate"][0]
     print(f"| score_cam | {t_many:.2f} s | {t_sep:.2f} s | {t_sep / t_many:.2f}x |")
+
+
+def _other_cams(model: Any, x: torch.Tensor, pgc: Any, tc: Any) -> dict[str, dict[str, Any]]:
+    """CAM, Grad-CAM++ and Layer-CAM: salience and each peer's own class, one call each.
+
+    CAM explains the activated head (``_swish`` at its last call, the map the classifier
+    pools) with the ``_fc`` weights; the gradient CAMs explain ``_bn1``. Maps at 224x224 (the
+    peers' small maps are upsampled as salience does, bilinear).
+    """
+    size = tuple(x.shape[-2:])
+
+    def up(low: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(low[None], size=size, mode="bilinear", align_corners=False)[0, 0]
+
+    runs: dict[str, dict[str, Any]] = {
+        "cam": {"salience": lambda: sl.cam(model, x, CLASS).values[0, 0]},
+        "grad_cam_plus_plus": {
+            "salience": lambda: sl.grad_cam_plus_plus(model, x, CLASS, layer="_bn1").values[0, 0]
+        },
+        "layer_cam": {"salience": lambda: sl.layer_cam(model, x, CLASS, layer="_bn1").values[0, 0]},
+    }
+    if pgc is not None:
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        def pgc_run(kind: Any) -> Callable[[], Any]:
+            def run() -> Any:
+                with kind(model, [model._bn1]) as cam:
+                    return torch.from_numpy(cam(x, [ClassifierOutputTarget(CLASS)])[0])
+
+            return run
+
+        runs["grad_cam_plus_plus"]["pytorch-grad-cam GradCAMPlusPlus"] = pgc_run(
+            pgc.GradCAMPlusPlus
+        )
+        runs["layer_cam"]["pytorch-grad-cam LayerCAM"] = pgc_run(pgc.LayerCAM)
+    if tc is not None:
+
+        def tc_run(kind: Any, layer: str, **options: Any) -> Callable[[], Any]:
+            def run() -> Any:
+                with kind(model, layer, **options) as cam:
+                    return up(cam(CLASS, model(x))[0])
+
+            return run
+
+        runs["cam"]["torchcam CAM"] = tc_run(tc.CAM, "_swish", fc_layer="_fc")
+        runs["grad_cam_plus_plus"]["torchcam GradCAMpp"] = tc_run(tc.GradCAMpp, "_bn1")
+        runs["layer_cam"]["torchcam LayerCAM"] = tc_run(tc.LayerCAM, "_bn1")
+    return runs
 
 
 if __name__ == "__main__":

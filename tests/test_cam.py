@@ -957,6 +957,57 @@ def test_cam_with_a_one_by_one_convolution_as_classifier(fc: str | None) -> None
         sl.cam(model, x, fc="body.0")
 
 
+class _TwoHeads(nn.Module):
+    """GAP + linear with a 1 x 1 convolution in the body that notes the hooks it runs under,
+    and a second head the forward pass switches to with ``use_b``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.mix = nn.Conv2d(4, 4, 1)  # a candidate classifier for the search (1 x 1)
+        self.last = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc_a, self.fc_b = nn.Linear(4, 3), nn.Linear(4, 3)
+        self.use_b, self.softmax = False, False
+        self.hooked: list[int] = []  # forward hooks on the 1 x 1 convolution, per pass
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.hooked.append(len(self.mix._forward_hooks))
+        feats = self.last(torch.relu(self.mix(torch.relu(self.conv(x)))))
+        out = (self.fc_b if self.use_b else self.fc_a)(feats.mean(dim=(2, 3)))
+        return out.softmax(1) if self.softmax else out
+
+
+def test_cam_remembers_the_classifier_and_searches_again_when_it_no_longer_fits() -> None:
+    """Finding the classifier hooks every linear layer and 1 x 1 convolution; later calls hook
+    the one found, and search again when the model takes another head or adds a softmax."""
+    torch.manual_seed(0)
+    model, x = _TwoHeads().double().eval(), torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    first = sl.cam(model, x, [0, 2])
+    # the searches of the layer and of the classifier hook every module, `mix` too
+    assert first.layer == "last"
+    assert first.extras["fc"] == "fc_a"
+    assert model.hooked == [2]
+    second = sl.cam(model, x, [0, 2])
+    assert model.hooked == [2, 0]  # the layer and the classifier alone
+    assert torch.equal(second.values, first.values)
+    torch.testing.assert_close(first.values, sl.cam(model, x, [0, 2], fc="fc_a").values)
+    model.use_b = True  # fc_a no longer runs: searched again, fc_b's weights
+    b = sl.cam(model, x, [0, 2])
+    assert b.extras["fc"] == "fc_b"
+    assert model.hooked[-2:] == [0, 1]
+    torch.testing.assert_close(b.values, sl.cam(model, x, [0, 2], fc="fc_b").values)
+    assert not torch.allclose(b.values, first.values)
+    model.softmax = True  # fc_b still runs, its output is no longer the output: the search says
+    with pytest.raises(ValueError, match="not the output of its last linear layer 'fc_b'"):
+        sl.cam(model, x, [0, 2])
+    model.softmax, model.use_b = False, False
+    model.fc_a = nn.Linear(4, 3).double()  # replaced: the new weights
+    torch.testing.assert_close(
+        sl.cam(model, x, [0, 2]).values, sl.cam(model, x, [0, 2], fc="fc_a").values
+    )
+    assert not any(m._forward_hooks for m in model.modules())
+
+
 def test_cam_follows_the_reshape_its_layer_error_advises() -> None:
     """A last map of 1x1 is not read as a grid: the error shows layer= and reshape=, which
     cam takes like the other CAM methods (a 1x1 map: the logit minus the bias everywhere)."""

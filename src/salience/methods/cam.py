@@ -55,6 +55,7 @@ never modified, and train/eval flags are left as they are.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,9 +64,10 @@ import torch
 from torch import Tensor, nn
 
 from .._forward import Forward, ForwardArgs, model_scope
+from .._weak import ByIdentity
 from ..attribution import Attribution
 from ..hooks import forward_hooks
-from ..layers import LayerLike, find_layer
+from ..layers import LayerLike, _fingerprint, find_layer
 from ..layouts import Reshape
 from ..rectifiers import Activations, resolve_activations
 from ..registry import register
@@ -109,18 +111,12 @@ def _is_linear(module: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def _record_linear(model: nn.Module, fc: LayerLike | None) -> Iterator[_LinearRecord]:
-    """Record the input and output of the last linear layer call (or of ``fc``)."""
-    if fc is None:
+def _record_linear(
+    model: nn.Module, linears: list[tuple[str, nn.Module]] | None
+) -> Iterator[_LinearRecord]:
+    """Record the input and output of the last call of ``linears`` (``None``: every linear)."""
+    if linears is None:
         linears = [(n, m) for n, m in model.named_modules() if _is_linear(m)]
-    else:
-        name, module = find_layer(model, fc)
-        if not _is_linear(module):
-            raise TypeError(
-                f"fc must be a linear layer (nn.Linear or a 1 x 1 nn.Conv2d); {name!r} is "
-                f"{type(module).__name__}"
-            )
-        linears = [(name, module)]
     record = _LinearRecord()
 
     def hook(name: str, module: nn.Module, args: Any, output: Any) -> None:
@@ -132,6 +128,80 @@ def _record_linear(model: nn.Module, fc: LayerLike | None) -> Iterator[_LinearRe
 
     with forward_hooks(linears, hook):
         yield record
+
+
+def _given_fc(model: nn.Module, fc: LayerLike) -> list[tuple[str, nn.Module]]:
+    name, module = find_layer(model, fc)
+    if not _is_linear(module):
+        raise TypeError(
+            f"fc must be a linear layer (nn.Linear or a 1 x 1 nn.Conv2d); {name!r} is "
+            f"{type(module).__name__}"
+        )
+    return [(name, module)]
+
+
+class _Classifiers:
+    """The classifier :func:`cam` found for one model (``fc=None``), per input shape.
+
+    Finding it hooks every linear layer and 1 x 1 convolution of the model (33 on
+    EfficientNet-Lite0, each hook a Python call per forward pass: 5 % of a call at batch 1
+    there); later calls hook the one found. Valid while the model holds the same modules
+    (:func:`salience.layers.recall`'s fingerprint); a call that finds the classifier no longer
+    fits (it did not run, or the output is no longer its output) searches again.
+    """
+
+    __slots__ = ("fingerprint", "found")
+
+    def __init__(self, fingerprint: Any) -> None:
+        self.fingerprint = fingerprint
+        self.found: dict[tuple[Any, ...], str] = {}
+
+
+_CLASSIFIERS: ByIdentity[nn.Module, _Classifiers] = ByIdentity()
+_CLASSIFIERS_LOCK = threading.Lock()
+
+
+def _remembered_fc(
+    model: nn.Module, inputs: Tensor, modules: list[nn.Module] | None
+) -> list[tuple[str, nn.Module]] | None:
+    """Return the classifier a full search found for ``model`` and this input shape, or ``None``."""
+    with _CLASSIFIERS_LOCK:
+        known = _CLASSIFIERS.get(model)
+        if known is None:
+            return None
+        if known.fingerprint != _fingerprint(model, modules):
+            del _CLASSIFIERS[model]
+            return None
+        name = known.found.get(_input_key(inputs))
+    return None if name is None else [(name, model.get_submodule(name))]
+
+
+def _remember_fc(
+    model: nn.Module, inputs: Tensor, name: str, modules: list[nn.Module] | None
+) -> None:
+    found = _fingerprint(model, modules)
+    with _CLASSIFIERS_LOCK:
+        known = _CLASSIFIERS.get(model)
+        if known is None or known.fingerprint != found:
+            known = _CLASSIFIERS[model] = _Classifiers(found)
+        if len(known.found) >= 16:  # input shapes: the oldest goes first
+            del known.found[next(iter(known.found))]
+        known.found[_input_key(inputs)] = name
+
+
+def _forget_fc(model: nn.Module, inputs: Tensor) -> None:
+    with _CLASSIFIERS_LOCK:
+        known = _CLASSIFIERS.get(model)
+        if known is not None:
+            known.found.pop(_input_key(inputs), None)
+
+
+def _input_key(inputs: Tensor) -> tuple[Any, ...]:
+    return (tuple(inputs.shape), inputs.dtype, inputs.device)
+
+
+class _NotCam(ValueError):
+    """The model is not GAP + linear at the classifier used (see :data:`_NOT_CAM`)."""
 
 
 _NOT_CAM = (
@@ -181,7 +251,9 @@ def cam(
         reshape: Turns the layer output into ``(N, K, h, w)`` (see :func:`grad_cam`), e.g. the
             patch tokens of a transformer whose head averages them.
         fc: The linear classifier; by default the last ``nn.Linear`` (or ``1 x 1``
-            convolution on the pooled features, as in DLA and DPN) that runs.
+            convolution on the pooled features, as in DLA and DPN) that runs. The one found is
+            remembered for the model and input shape (later calls hook it alone), and searched
+            for again when it no longer runs or no longer gives the output.
         relu: Rectify the map (not part of CAM).
         upsample: Resize the map to the input size (bilinear); ``False`` keeps ``(h, w)``.
         forward_args: Extra arguments for the model after the image (see
@@ -190,7 +262,8 @@ def cam(
 
     Returns:
         ``values`` of shape ``(N, 1, H, W)`` (``(N, K, H, W)`` for ``K`` targets);
-        ``extras["weights"]``: the ``(N, T, K)`` class weights used.
+        ``extras["weights"]``: the ``(N, T, K)`` class weights used; ``extras["fc"]``: the
+        classifier's name.
 
     Raises:
         ValueError: the network is not GAP + linear, or bad arguments.
@@ -208,58 +281,80 @@ def cam(
             )
         if not isinstance(model, nn.Module):
             raise TypeError(f"cam needs an nn.Module model, got {type(model).__name__}")
-        with _record_linear(model, fc) as linear:
-            cap = _capture(
-                fwd, inputs, target, layer=layer, reshape=reshape, score="logit", grad=False
+        if fc is not None:
+            return _cam(fwd, inputs, target, layer, reshape, _given_fc(model, fc), relu, upsample)
+        remembered = _remembered_fc(model, inputs, fwd.modules)
+        if remembered is not None:
+            try:
+                return _cam(fwd, inputs, target, layer, reshape, remembered, relu, upsample)
+            except _NotCam:  # (a full search says what does not fit, if anything)
+                _forget_fc(model, inputs)
+        result = _cam(fwd, inputs, target, layer, reshape, None, relu, upsample)
+        _remember_fc(model, inputs, result.extras["fc"], fwd.modules)
+        return result
+
+
+def _cam(
+    fwd: Forward,
+    inputs: Tensor,
+    target: TargetLike,
+    layer: LayerLike | None,
+    reshape: Reshape | None,
+    linears: list[tuple[str, nn.Module]] | None,
+    relu: bool,
+    upsample: bool,
+) -> Attribution:
+    """CAM with the classifier among ``linears`` (``None``: the last linear layer that runs)."""
+    with _record_linear(fwd.model, linears) as linear:
+        cap = _capture(fwd, inputs, target, layer=layer, reshape=reshape, score="logit", grad=False)
+    n = inputs.shape[0]
+    activation = cap.activation
+    if linear.calls == 0 or linear.module is None or linear.output is None:
+        what = "no linear layer ran"
+        if linears is not None:
+            what = f"the fc layer {linears[0][0]!r} did not run"
+        raise _NotCam(_NOT_CAM.format(reason=f"{what} in the forward pass"))
+    out = cap.output
+    logits = linear.output.reshape(n, -1)  # a 1 x 1 convolution's (N, classes, 1, 1)
+    if (
+        linear.output._version != linear.version
+        or not isinstance(out, Tensor)
+        or out.shape != logits.shape
+        or not torch.equal(out, logits)
+    ):
+        raise _NotCam(
+            _NOT_CAM.format(
+                reason=f"the model output is not the output of its last linear layer "
+                f"{linear.name!r} (something is applied after it)"
             )
-        n = inputs.shape[0]
-        activation = cap.activation
-        if linear.calls == 0 or linear.module is None or linear.output is None:
-            what = "no linear layer ran" if fc is None else f"the fc layer {fc!r} did not run"
-            raise ValueError(_NOT_CAM.format(reason=f"{what} in the forward pass"))
-        out = cap.output
-        logits = linear.output.reshape(n, -1)  # a 1 x 1 convolution's (N, classes, 1, 1)
-        if (
-            linear.output._version != linear.version
-            or not isinstance(out, Tensor)
-            or out.shape != logits.shape
-            or not torch.equal(out, logits)
-        ):
-            raise ValueError(
-                _NOT_CAM.format(
-                    reason=f"the model output is not the output of its last linear layer "
-                    f"{linear.name!r} (something is applied after it)"
-                )
-            )
-        features = None if linear.inputs is None else linear.inputs.reshape(n, -1)
-        pooled = activation.mean(dim=(2, 3))
-        if features is None or features.shape != pooled.shape:
-            got = "nothing" if features is None else f"{tuple(features.shape[1:])} features"
-            raise ValueError(
-                _NOT_CAM.format(
-                    reason=f"the input of {linear.name!r} ({got}) is not the global average of "
-                    f"layer {cap.layer!r} ({activation.shape[1]} channels)"
-                )
-            )
-        scale = float(pooled.abs().amax()) + 1e-12
-        if not torch.allclose(features, pooled, rtol=1e-4, atol=1e-5 * scale):
-            gap = float((features - pooled).abs().amax())
-            raise ValueError(
-                _NOT_CAM.format(
-                    reason=f"the input of {linear.name!r} differs from the spatial mean of layer "
-                    f"{cap.layer!r} by up to {gap:.3g} (is something between them, such as dropout "
-                    "in training mode or a non-linearity?)"
-                )
-            )
-        classes = cap.resolved.classes
-        assert classes is not None
-        rows = classes if cap.multi else classes.unsqueeze(1)  # (N, T)
-        matrix = linear.module.weight.detach().flatten(1)  # (classes, K), a 1 x 1 conv's too
-        weights = matrix[rows].to(activation.dtype)  # (N, T, K)
-        values = _combine(
-            weights[..., None, None], activation, relu=relu, size=_size(inputs, upsample)
         )
-        return _result("cam", cap, values, {"weights": weights}, relu=relu)
+    features = None if linear.inputs is None else linear.inputs.reshape(n, -1)
+    pooled = activation.mean(dim=(2, 3))
+    if features is None or features.shape != pooled.shape:
+        got = "nothing" if features is None else f"{tuple(features.shape[1:])} features"
+        raise _NotCam(
+            _NOT_CAM.format(
+                reason=f"the input of {linear.name!r} ({got}) is not the global average of "
+                f"layer {cap.layer!r} ({activation.shape[1]} channels)"
+            )
+        )
+    scale = float(pooled.abs().amax()) + 1e-12
+    if not torch.allclose(features, pooled, rtol=1e-4, atol=1e-5 * scale):
+        gap = float((features - pooled).abs().amax())
+        raise _NotCam(
+            _NOT_CAM.format(
+                reason=f"the input of {linear.name!r} differs from the spatial mean of layer "
+                f"{cap.layer!r} by up to {gap:.3g} (is something between them, such as dropout "
+                "in training mode or a non-linearity?)"
+            )
+        )
+    classes = cap.resolved.classes
+    assert classes is not None
+    rows = classes if cap.multi else classes.unsqueeze(1)  # (N, T)
+    matrix = linear.module.weight.detach().flatten(1)  # (classes, K), a 1 x 1 conv's too
+    weights = matrix[rows].to(activation.dtype)  # (N, T, K)
+    values = _combine(weights[..., None, None], activation, relu=relu, size=_size(inputs, upsample))
+    return _result("cam", cap, values, {"weights": weights, "fc": linear.name}, relu=relu)
 
 
 # -- gradient-weighted CAMs ------------------------------------------------------------------
