@@ -12,7 +12,7 @@ Measured (wall-clock, median of repeats, every method on the same layer):
 1. Grad-CAM at ``_bn1`` (the last layer that runs once; the peers would pair the wrong calls of
    the reused ``_swish`` module), with upsampling to 224x224 for salience and
    pytorch-grad-cam (torchcam returns the 7x7 map).
-   CAM (the activated head, ``_swish`` at its last call, with the ``_fc`` weights: torchcam's
+1b. CAM (the activated head, ``_swish`` at its last call, with the ``_fc`` weights: torchcam's
    ``CAM``), Grad-CAM++ and Layer-CAM at ``_bn1`` (pytorch-grad-cam's and torchcam's classes),
    each peer's default call, maps upsampled to 224x224 alike.
 2. Score-CAM of the activated head features (1280 channels, 7x7). salience explains its
