@@ -8,7 +8,9 @@ implementation in ``salience.methods.lrp``.
 from __future__ import annotations
 
 import copy
+import re
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -654,6 +656,84 @@ def test_unknown_uses_raise_naming_the_module(model: nn.Module, pattern: str) ->
         salience.lrp(model, x, target=0)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+class _Between(nn.Module):
+    """Bias-free convolutions and classifier with ``op`` between the convolutions (LRP-0
+    relevance then sums exactly to the score where every step conserves it)."""
+
+    def __init__(self, op: Any) -> None:
+        super().__init__()
+        self.op = op
+        self.c1 = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.c2 = nn.Conv2d(6, 6, 3, padding=1, bias=False)
+        self.fc = nn.Linear(6, 4, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(F.relu(self.c2(self.op(self.c1(x)))).mean((2, 3)))
+
+
+@pytest.mark.parametrize(
+    ("op", "what"),
+    [
+        (lambda t: 1 / (1 + t.abs()), "a division by an input-dependent tensor"),
+        (torch.sin, "the nonlinear function sin"),
+        (lambda t: t.expm1(), "the nonlinear function expm1"),
+        (lambda t: torch.special.erf(t), "the nonlinear function special_erf"),
+        (lambda t: torch.atan2(torch.ones_like(t), t), "the nonlinear function atan2"),
+        (lambda t: F.softshrink(t, 0.3), "the nonlinear function softshrink"),
+        (lambda t: F.glu(torch.cat([t, t], 1), 1), "the nonlinear function glu"),
+        (lambda t: 2**t, "a power"),
+        (lambda t: t.round(), "the nonlinear function round"),
+    ],
+    ids=[
+        "rtruediv",
+        "sin",
+        "expm1",
+        "special.erf",
+        "atan2-second",
+        "softshrink",
+        "glu",
+        "rpow",
+        "round",
+    ],
+)
+def test_nonlinear_functions_without_a_rule_raise_where_the_relevance_reaches_them(
+    op: Any, what: str
+) -> None:
+    """Each kept its plain gradient before, without a word: sums of -0.001 against a score of
+    +0.005 (a clamp), a wrong sign (``1 / t``)."""
+    torch.manual_seed(1)
+    model = _Between(op).double().eval()
+    with pytest.raises(ValueError, match=rf"no rule for {re.escape(what)} \(after module 'c1'\)"):
+        salience.lrp(model, torch.randn(1, 3, 8, 8, dtype=torch.float64), 1, composite="zero")
+
+
+@pytest.mark.parametrize(
+    ("op", "activations"),
+    [
+        (nn.Hardtanh(), 2),
+        (lambda t: t.clamp(-1, 1), 2),
+        (lambda t: t.clone().clamp_(-1.0, 1.0), 2),
+        (lambda t: torch.clip(t, min=-0.5), 2),
+        (torch.abs, 1),
+        (lambda t: torch.maximum(t, 0.1 * t), 1),
+        (lambda t: torch.where(t > 0, t, 0.1 * t), 1),
+    ],
+    ids=["Hardtanh", "clamp", "clamp_", "clip-min", "abs", "maximum", "where"],
+)
+def test_clamps_take_the_pass_rule_and_routing_functions_conserve(
+    op: Any, activations: int
+) -> None:
+    """A clamp that is no rectifier is an activation, as nn.Hardtanh (the Pass rule; its plain
+    gradient lost the relevance of the clipped units); abs, maximum and where route the
+    gradient, so that relevance is conserved through them as it is."""
+    torch.manual_seed(1)
+    model = _Between(op).double().eval()
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    a = salience.lrp(model, x, 1, composite="zero")
+    torch.testing.assert_close(a.values.sum(), model(x)[0, 1].detach(), rtol=1e-10, atol=1e-12)
+    assert a.extras["rules"]["Pass"] == activations  # the ReLU's, and the clamp's
 
 
 class Normalizing(nn.Module):

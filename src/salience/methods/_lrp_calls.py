@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..rectifiers import SITES, _arg
+from ..rectifiers import SITES, Site, _activation, _arg
 
 _LAYERS: dict[Any, tuple[type[nn.Module], bool]] = {
     F.linear: (nn.Linear, False),
@@ -73,8 +73,97 @@ _NONLINEAR: dict[Any, str] = {
     torch.square: "square",
     Tensor.square: "square",
 }
-_POWERS = {torch.pow, Tensor.pow, Tensor.__pow__}
-_DIVISIONS = {torch.div, Tensor.div, Tensor.__truediv__, torch.true_divide, Tensor.true_divide}
+
+_SMOOTH = (
+    "sin", "cos", "tan", "asin", "acos", "atan", "arcsin", "arccos", "arctan", "sinh", "cosh",
+    "asinh", "acosh", "atanh", "arcsinh", "arccosh", "arctanh", "expm1", "exp2", "log1p",
+    "log2", "log10", "erf", "erfc", "erfinv", "lgamma", "digamma", "logit", "sinc", "i0",
+    "sign", "sgn", "round", "floor", "ceil", "trunc", "frac", "fmod", "remainder",
+    "floor_divide", "atan2", "arctan2", "hypot", "xlogy", "cumprod", "prod", "cdist",
+)  # fmt: skip
+"""Elementwise (and a few reducing) functions that are neither linear nor an activation: no
+LRP rule. (``abs``, ``maximum``, ``where``, ``hardshrink`` and a clamp by input-dependent
+bounds route or rescale the gradient elementwise so that ``x · c`` is the output's relevance:
+they pass it as they are, as max pooling does.)"""
+for _name in _SMOOTH:
+    for _owner in (torch, Tensor, torch.special):
+        for _spelled in (_name, f"{_name}_"):
+            _func = getattr(_owner, _spelled, None)
+            if callable(_func):
+                _NONLINEAR.setdefault(_func, _name)
+for _func, _name in (
+    (F.softshrink, "softshrink"),
+    (F.glu, "glu"),
+    (F.lp_pool1d, "lp_pool1d"),
+    (F.lp_pool2d, "lp_pool2d"),
+    (getattr(F, "lp_pool3d", None), "lp_pool3d"),
+    (torch.exp_, "exp"),
+    (Tensor.exp_, "exp"),
+    (Tensor.log_, "log"),
+    (Tensor.sqrt_, "sqrt"),
+    (Tensor.rsqrt_, "rsqrt"),
+    (Tensor.reciprocal_, "reciprocal"),
+    (Tensor.square_, "square"),
+):
+    if _func is not None:
+        _NONLINEAR.setdefault(_func, _name)
+
+_POWERS = {
+    torch.pow,
+    Tensor.pow,
+    Tensor.pow_,
+    Tensor.__pow__,
+    Tensor.__ipow__,
+    Tensor.__rpow__,  # (a number to an input-dependent power)
+    torch.float_power,
+    Tensor.float_power,
+}
+_DIVISIONS = {
+    torch.div,
+    Tensor.div,
+    Tensor.div_,
+    Tensor.__truediv__,
+    Tensor.__itruediv__,
+    Tensor.__rtruediv__,
+    torch.true_divide,
+    Tensor.true_divide,
+}
+_DIVIDING_BY_SELF = {Tensor.__rtruediv__}
+"""Divisions whose divisor is their first argument (``1 / t`` calls ``t.__rtruediv__(1)``)."""
+
+
+def _clip(inplace: bool, out_of_place: Any) -> Any:
+    """Parse a clamp that is no rectifier (``clamp(-1, 1)``): an activation, as ``Hardtanh``.
+
+    ``None`` for a bound that depends on the input: ``clamp(x, max=y)`` is ``minimum(x, y)``,
+    which routes the gradient (see :data:`_SMOOTH`).
+    """
+    parse = _activation("Clamp", out_of_place, inplace=inplace, out_of_place=out_of_place)
+
+    def site(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Site | None:
+        bounds = (_arg(args, kwargs, 1, "min", None), _arg(args, kwargs, 2, "max", None))
+        if any(isinstance(b, Tensor) and b.requires_grad for b in bounds):
+            return None
+        return parse(args, kwargs)
+
+    return site
+
+
+_CLIPS: dict[Any, Any] = {
+    torch.clamp: _clip(False, torch.clamp),
+    Tensor.clamp: _clip(False, Tensor.clamp),
+    torch.clip: _clip(False, torch.clip),
+    Tensor.clip: _clip(False, Tensor.clip),
+    torch.clamp_min: _clip(False, torch.clamp_min),
+    Tensor.clamp_min: _clip(False, Tensor.clamp_min),
+    torch.clamp_: _clip(True, torch.clamp),
+    Tensor.clamp_: _clip(True, Tensor.clamp),
+    torch.clip_: _clip(True, torch.clip),
+    Tensor.clip_: _clip(True, Tensor.clip),
+    torch.clamp_min_: _clip(True, torch.clamp_min),
+    Tensor.clamp_min_: _clip(True, Tensor.clamp_min),
+}
+"""The clamps the rectifier tables parse: with other bounds they take the Pass rule."""
 _OPAQUE = {
     F.multi_head_attention_forward,
     F.bilinear,

@@ -72,7 +72,9 @@ from ..rectifiers import SITES
 from ..registry import register
 from ..targets import Score, TargetLike, resolve_target
 from ._lrp_calls import (
+    _CLIPS,
     _COVERED,
+    _DIVIDING_BY_SELF,
     _DIVISIONS,
     _LAYERS,
     _METADATA,
@@ -218,7 +220,7 @@ class _State:
             return self.layer(func, layer, args, kwargs)
         parse = SITES.get(func)
         if parse is not None:
-            return self.activation(parse, args, kwargs)
+            return self.activation(parse, args, kwargs, _CLIPS.get(func))
         if func is F.batch_norm:
             return self.batch_norm(func, args, kwargs)
         if func is F.layer_norm or func is F.group_norm or func is getattr(F, "rms_norm", None):
@@ -324,9 +326,14 @@ class _State:
     def norm(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return linearized_norm(func, args, kwargs, self.counts)
 
-    def activation(self, parse: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def activation(
+        self, parse: Any, args: tuple[Any, ...], kwargs: dict[str, Any], clip: Any = None
+    ) -> Any:
+        """Apply the Pass rule at an activation; ``clip``: the parser of a clamp that is none."""
         try:
             site = parse(args, kwargs)
+            if site is None and clip is not None:
+                site = clip(args, kwargs)
         except (TypeError, ValueError, IndexError, KeyError, RuntimeError):
             return NotImplemented
         if site is None or not _grad_tensor(site.x):
@@ -440,7 +447,8 @@ class _State:
         b = _arg(args, kwargs, 1, "other", _arg(args, kwargs, 1, "exponent", None))
         name = getattr(func, "__name__", str(func))
         if func in _DIVISIONS:
-            if not _grad_tensor(b) or self.owner(b) is not None:
+            divisor = a if func in _DIVIDING_BY_SELF else b
+            if not _grad_tensor(divisor) or self.owner(divisor) is not None:
                 return NotImplemented  # division by a constant: linear
             what = "a division by an input-dependent tensor"
         elif func in _POWERS:
@@ -448,7 +456,8 @@ class _State:
                 return NotImplemented
             what = "a power"
         else:
-            if not _grad_tensor(a):
+            tensors = _tensors(args) + _tensors(kwargs) if kwargs else _tensors(args)
+            if not any(map(_grad_tensor, tensors)):  # (atan2(c, x): the second)
                 return NotImplemented
             what = f"the nonlinear function {name}"
         return _NoRule.apply(func(*args, **kwargs), self.no_rule(what))
