@@ -998,8 +998,9 @@ def test_cam_remembers_the_classifier_and_searches_again_when_it_no_longer_fits(
     torch.testing.assert_close(b.values, sl.cam(model, x, [0, 2], fc="fc_b").values)
     assert not torch.allclose(b.values, first.values)
     model.softmax = True  # fc_b still runs, its output is no longer the output: the search says
-    with pytest.raises(ValueError, match="not the output of its last linear layer 'fc_b'"):
+    with pytest.raises(ValueError, match="not the output of its last linear layer 'fc_b'") as info:
         sl.cam(model, x, [0, 2])
+    assert type(info.value) is ValueError  # (said as itself, not as a private class)
     model.softmax, model.use_b = False, False
     model.fc_a = nn.Linear(4, 3).double()  # replaced: the new weights
     torch.testing.assert_close(

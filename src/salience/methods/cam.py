@@ -282,14 +282,22 @@ def cam(
         if not isinstance(model, nn.Module):
             raise TypeError(f"cam needs an nn.Module model, got {type(model).__name__}")
         if fc is not None:
-            return _cam(fwd, inputs, target, layer, reshape, _given_fc(model, fc), relu, upsample)
+            try:
+                return _cam(
+                    fwd, inputs, target, layer, reshape, _given_fc(model, fc), relu, upsample
+                )
+            except _NotCam as error:
+                raise ValueError(str(error)) from None
         remembered = _remembered_fc(model, inputs, fwd.modules)
         if remembered is not None:
             try:
                 return _cam(fwd, inputs, target, layer, reshape, remembered, relu, upsample)
             except _NotCam:  # (a full search says what does not fit, if anything)
                 _forget_fc(model, inputs)
-        result = _cam(fwd, inputs, target, layer, reshape, None, relu, upsample)
+        try:
+            result = _cam(fwd, inputs, target, layer, reshape, None, relu, upsample)
+        except _NotCam as error:
+            raise ValueError(str(error)) from None  # (said as the ValueError it is)
         _remember_fc(model, inputs, result.extras["fc"], fwd.modules)
         return result
 
@@ -328,8 +336,10 @@ def _cam(
                 f"{linear.name!r} (something is applied after it)"
             )
         )
-    features = None if linear.inputs is None else linear.inputs.reshape(n, -1)
-    pooled = activation.mean(dim=(2, 3))
+    # (detached: a token layer is found with autograd on, and float() of a tensor in a graph
+    # warns)
+    features = None if linear.inputs is None else linear.inputs.detach().reshape(n, -1)
+    pooled = activation.detach().mean(dim=(2, 3))
     if features is None or features.shape != pooled.shape:
         got = "nothing" if features is None else f"{tuple(features.shape[1:])} features"
         raise _NotCam(
