@@ -12,7 +12,9 @@ result is :math:`x \odot c_x`. In this form:
   on ReLU networks (Ancona et al. 2018);
 - **ReLU**'s gradient is exactly the Pass rule; any other elementwise activation (ReLU6,
   GELU, SiLU, Hardswish, ...) gets the Pass rule :math:`R_{in} = R_{out}`, i.e.
-  :math:`c_{in} = c_{out} f(x) / x`;
+  :math:`c_{in} = c_{out} f(x) / x`; so does a clamp that is no rectifier (``clamp(-1, 1)``,
+  ``nn.Hardtanh`` spelled as a function). ``abs``, ``maximum``, ``where`` and a clamp by an
+  input-dependent bound route the gradient elementwise, which conserves relevance as it is;
 - **linear layers and convolutions** (``F.linear``, ``conv1d/2d/3d``, transposed too, also
   called functionally) apply their composite rule (:mod:`.rules`);
 - **BatchNorm** right after a convolution (transposed too) or a linear layer (the BatchNorm's
@@ -38,7 +40,8 @@ result is :math:`x \odot c_x`. In this form:
 Operations without a rule raise a ``ValueError`` naming them and the module they run in
 (eagerly for parameters used in an unknown way, e.g. ``x @ self.weight`` or
 ``nn.MultiheadAttention``; when relevance reaches them for nonlinear functions such as
-``exp``, a softmax outside a product, a division by an input-dependent tensor). Everything is
+``exp``, ``sin``, ``erf``, rounding, a power, a softmax outside a product, a division by an
+input-dependent tensor, ``1 / t`` included). Everything is
 installed through :mod:`salience.hooks` for the call only; weights are never edited.
 
 **Cost.** One forward and one backward pass. A layer's rule is put on its output when that is
