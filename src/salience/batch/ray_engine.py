@@ -26,7 +26,7 @@ import torch
 from .._checks import copy_model
 from .run import Outcome, _Job
 
-__all__ = ["run_on_ray"]
+__all__ = ["import_ray", "run_on_ray"]
 
 
 class _Worker:
@@ -45,9 +45,30 @@ class _Worker:
             "inputs": [outcome.inputs],
             "images": [outcome.images],
             "written": [outcome.written],
+            "overlays": [outcome.overlays],
             "sources": [[s for s, _ in outcome.failures]],
             "errors": [[e for _, e in outcome.failures]],
         }
+
+
+def import_ray() -> Any:
+    """Return the ``ray`` module with Ray Data loaded.
+
+    :func:`salience.batch.run` calls it before it makes the store, so that a missing Ray is
+    said before anything is written.
+
+    Raises:
+        ImportError: Ray Data is not installed (``pip install "ray[data]"``).
+    """
+    try:
+        import ray
+        import ray.data
+    except ImportError as exc:
+        raise ImportError(
+            "engine='ray' needs Ray Data: pip install \"ray[data]\" (an optional extra, "
+            f"not installed here: {exc})"
+        ) from None
+    return ray
 
 
 def run_on_ray(
@@ -61,14 +82,7 @@ def run_on_ray(
     Raises:
         ImportError: Ray Data is not installed (``pip install "ray[data]"``).
     """
-    try:
-        import ray
-        import ray.data
-    except ImportError as exc:
-        raise ImportError(
-            "engine='ray' needs Ray Data: pip install \"ray[data]\" (an optional extra, "
-            f"not installed here: {exc})"
-        ) from None
+    ray = import_ray()
     if not todo:
         return
     workers = max(1, int(workers))
@@ -109,6 +123,7 @@ def run_on_ray(
                 inputs=int(row["inputs"]),
                 images=int(row["images"]),
                 written=int(row["written"]),
+                overlays=int(row["overlays"]),
                 failures=list(zip(row["sources"], row["errors"], strict=True)),
             )
     finally:

@@ -48,6 +48,10 @@ class BatchSummary:
         skipped: Maps already in the store (from an earlier run), not recomputed.
         failures: ``(source, reason)`` of every input or map that failed.
         seconds: Wall time of the run.
+        images: Inputs this run computed maps of, with no method failing on them (what
+            :attr:`images_per_second` counts).
+        overlays: Overlays drawn from maps an earlier run stored (asked for with
+            ``overlays=True`` after a run without, or lost to an interruption).
     """
 
     store: Store
@@ -56,10 +60,11 @@ class BatchSummary:
     failures: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     images: int = 0
+    overlays: int = 0
 
     @property
     def images_per_second(self) -> float:
-        """Inputs explained (by every method) per second of this run."""
+        """Inputs explained (by every method) per second of this run; failed ones do not count."""
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
     def __repr__(self) -> str:
@@ -171,6 +176,32 @@ def _collate(batch: list[Any]) -> list[Any]:
     return batch
 
 
+_OVERLAY_OPTIONS = frozenset({"style", "cmap", "alpha", "percentile"})
+"""Keyword arguments of :func:`salience.viz.render` that ``overlay_options`` may set."""
+
+
+def _drop_duplicates(
+    sources: list[str], identities: list[str | None]
+) -> tuple[list[str], list[str], list[str | None]]:
+    """Keep the first of the inputs that are one file typed differently (``a.png ./a.png``).
+
+    They are one entry of the store: explaining each would compute the same map again and
+    count it as written each time, while the store holds it once. A warning names them.
+    """
+    first: dict[str | None, str] = {}
+    again: list[str] = []
+    for source, identity in zip(sources, identities, strict=True):
+        if identity in first:
+            again.append(f"{source} (= {first[identity]})")
+        else:
+            first[identity] = source
+    if again:
+        are = "input is a file" if len(again) == 1 else "inputs are a file"
+        warn(f"{len(again)} {are} given earlier, explained once: {', '.join(again)}")
+    kept = list(first.values())
+    return kept, list(kept), list(first)
+
+
 def run(
     model: nn.Module,
     dataset: str | os.PathLike[str] | Sequence[Any] | torch.utils.data.Dataset,
@@ -184,6 +215,7 @@ def run(
     preprocess: Callable[[Any], Tensor] | None = None,
     crop: Callable[[Any], Any] | None = None,
     overlays: bool = False,
+    overlay_options: Mapping[str, Any] | None = None,
     max_pixels: int | None = None,
     device: torch.device | str | None = None,
     progress: bool | None = None,
@@ -210,7 +242,10 @@ def run(
         preprocess: ``image -> (1, C, H, W) or (C, H, W)`` tensor, run in the workers;
             default the model's ``preprocess`` for files. It should return a CPU tensor.
         crop: ``image -> the PIL image the model sees``, for overlays; default ``model.crop``.
-        overlays: Also write each map drawn over the image as a PNG.
+        overlays: Also write each map drawn over the image as a PNG. A rerun draws the
+            overlays missing from maps already stored (they are not recomputed).
+        overlay_options: Keyword arguments of :func:`salience.viz.render` for the overlays:
+            ``style``, ``cmap``, ``alpha``, ``percentile``.
         max_pixels: Refuse larger images (decompression-bomb guard; ``None``: Pillow's limit).
         device: Where the model runs; default the device of its parameters.
         progress: Show a progress bar with images/s on stderr (``None``: on a terminal).
@@ -254,6 +289,7 @@ def run(
         identities: list[str | None] = [os.path.realpath(s) for s in sources]
         preprocess = preprocess or getattr(model, "preprocess", None)
         crop = crop or getattr(model, "crop", None)
+        sources, items, identities = _drop_duplicates(sources, identities)
     else:
         items = dataset  # type: ignore[assignment]
         sources = [f"item {i}" for i in range(len(items))]  # type: ignore[arg-type]
@@ -263,6 +299,16 @@ def run(
         device = param.device if param is not None else torch.device("cpu")
     if engine not in ("local", "ray"):
         raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
+    if engine == "ray":
+        from .ray_engine import import_ray
+
+        import_ray()  # before the store is made: a failed run leaves nothing behind
+    drawing = dict(overlay_options or {})
+    stray = sorted(set(drawing) - _OVERLAY_OPTIONS)
+    if stray:
+        raise ValueError(
+            f"overlay_options takes {', '.join(sorted(_OVERLAY_OPTIONS))}, not {', '.join(stray)}"
+        )
     described = {
         "methods": list(methods),
         "model": _fingerprint(model),
@@ -280,10 +326,11 @@ def run(
         store=store,
         device=device,
         overlays=overlays,
+        overlay_options=drawing,
     )
     summary = BatchSummary(store)
     say = log or (lambda _line: None)
-    todo = [i for i, key in enumerate(job.keys) if not all(store.has(key, m) for m in methods)]
+    todo = [i for i, key in enumerate(job.keys) if any(job.missing(key, m) for m in methods)]
     summary.skipped = sum(store.has(key, m) for key in job.keys for m in methods)
     start = time.perf_counter()
     finished = False
@@ -299,6 +346,7 @@ def run(
             for outcome in outcomes:
                 summary.written += outcome.written
                 summary.images += outcome.images
+                summary.overlays += outcome.overlays
                 for source, error in outcome.failures:
                     summary.failures.append((source, error))
                     say(f"{source}: {error}")
@@ -386,6 +434,7 @@ class Outcome:
     images: int = 0
     written: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
+    overlays: int = 0
 
 
 @dataclass
@@ -401,6 +450,14 @@ class _Job:
     store: Store
     device: Any
     overlays: bool
+    overlay_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def missing(self, key: str, method: str) -> bool:
+        """Whether the input ``key`` needs work for ``method``: its map, or its overlay."""
+        store = self.store
+        if not store.has(key, method):
+            return True
+        return self.overlays and not store.overlay_path(key, method).is_file()
 
     def process(self, batch: list[Any]) -> Outcome:
         """Explain loaded items ``(i, source, x, image, label, error)``; write their maps."""
@@ -411,7 +468,6 @@ class _Job:
                 outcome.failures.append((source, error))
             else:
                 good.append((i, source, x, image, label))
-        outcome.images = len(good)
         for group in _same_size(good):
             _explain_group(self, group, outcome)
         return outcome
@@ -426,7 +482,11 @@ def _same_size(items: list[Any]) -> list[list[Any]]:
 
 
 def _explain_group(job: _Job, group: list[Any], outcome: Outcome) -> None:
-    """Run every method on one batch of same-size inputs and store each map."""
+    """Run every method on one batch of same-size inputs and store each map.
+
+    A method that fails on the batch is run again on each input alone: one input it cannot
+    explain (a NaN in it, a target out of range) must not fail the others of its batch.
+    """
     if job.target == "label":
         for item in [item for item in group if item[4] is None]:
             outcome.failures.append((item[1], "target='label' but the dataset gives no label"))
@@ -437,23 +497,72 @@ def _explain_group(job: _Job, group: list[Any], outcome: Outcome) -> None:
     chosen: Any = job.target
     if job.target == "label":
         chosen = torch.tensor([int(item[4]) for item in group], device=x.device)
+    explained: set[int] = set()
+    failed: set[int] = set()
     for method in job.methods:
+        if job.overlays:  # maps stored by an earlier run, their overlays not: draw them
+            for n, item in enumerate(group):
+                key = job.keys[item[0]]
+                if not (job.store.has(key, method) and job.missing(key, method)):
+                    continue
+                try:
+                    stored = job.store.load(key, method)  # (a damaged file is named)
+                except ValueError as exc:
+                    outcome.failures.append((item[1], f"{method}: {_one_line(exc)}"))
+                    failed.add(n)
+                    continue
+                _write_overlay(job, key, method, stored, 0, item[3])
+                outcome.overlays += 1
         rows = [n for n, item in enumerate(group) if not job.store.has(job.keys[item[0]], method)]
-        if not rows:
-            continue
-        picked = chosen[rows] if isinstance(chosen, Tensor) else chosen
+        for part, result in _explain_rows(job, method, x, chosen, rows, group, outcome):
+            if result is None:
+                failed.update(part)
+                continue
+            for j, n in enumerate(part):
+                i, source, _x, image, _label = group[n]
+                job.store.write(job.keys[i], source, result, j, position=i)
+                if job.overlays:
+                    _write_overlay(job, job.keys[i], method, result, j, image)
+                outcome.written += 1
+                explained.add(n)
+    outcome.images += len(explained - failed)
+
+
+def _explain_rows(
+    job: _Job,
+    method: str,
+    x: Tensor,
+    chosen: Any,
+    rows: list[int],
+    group: list[Any],
+    outcome: Outcome,
+) -> Iterator[tuple[list[int], Any]]:
+    """Yield ``(rows, result)`` of ``method`` on the inputs ``rows`` of ``x``, together if it can.
+
+    When the batch fails, each input is run alone; an input that fails alone is recorded in
+    ``outcome`` and yielded with ``None``.
+    """
+    if not rows:
+        return
+    parts = [rows]
+    while parts:
+        part = parts.pop(0)
+        picked = chosen[part] if isinstance(chosen, Tensor) else chosen
         try:
-            result = explain(job.model, x[rows], method, picked, **job.options[method])
+            result = explain(job.model, x[part], method, picked, **job.options[method])
         except Exception as exc:
-            text = " ".join(str(exc).split()) or type(exc).__name__
-            outcome.failures.extend((group[n][1], f"{method}: {text}") for n in rows)
+            if len(part) > 1:
+                parts = [[n] for n in part] + parts
+                continue
+            outcome.failures.append((group[part[0]][1], f"{method}: {_one_line(exc)}"))
+            yield part, None
             continue
-        for j, n in enumerate(rows):
-            i, source, _x, image, _label = group[n]
-            job.store.write(job.keys[i], source, result, j, position=i)
-            if job.overlays:
-                _write_overlay(job.store, job.keys[i], method, result, j, image)
-            outcome.written += 1
+        yield part, result
+
+
+def _one_line(exc: BaseException) -> str:
+    """Return an error's message on one line (the log and failures.csv have one per input)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _fingerprint(model: nn.Module) -> str:
@@ -488,10 +597,14 @@ def _plain(value: Any) -> Any:
     return repr(value)
 
 
-def _write_overlay(
-    store: Store, key: str, method: str, result: Any, index: int, image: Any
-) -> None:
+def _write_overlay(job: _Job, key: str, method: str, result: Any, index: int, image: Any) -> None:
+    """Draw map ``index`` of ``result`` over ``image``, written atomically (as the maps are).
+
+    A run interrupted while drawing leaves no half-written PNG: a rerun sees the overlay
+    missing and draws it from the stored map.
+    """
     from .. import viz
     from .._io import save_png
 
-    save_png(viz.render(result, image, index=index), store.overlay_path(key, method))
+    picture = viz.render(result, image, index=index, **job.overlay_options)
+    save_png(picture, job.store.overlay_path(key, method))

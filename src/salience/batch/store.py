@@ -132,10 +132,15 @@ class Store:
         """Check a rerun against what wrote the store; record the methods it adds.
 
         The model, the target and the options of a method already in the store must be the
-        same: a store whose maps answer different questions would mix them silently.
+        same: a store whose maps answer different questions would mix them silently. Only maps
+        make a question binding: the description is written before the first input is read,
+        so a run whose every map failed (an option a method refuses, a wrong layer) leaves a
+        description and no map, and the corrected rerun must be able to replace it. A store
+        with no map takes the new model and target; a method with no map, the new options.
         """
         info = self.info
-        for what in ("model", "target"):
+        empty = not self._holds_maps()
+        for what in ("model", "target") if not empty else ():
             if what in info and what in description and info[what] != description[what]:
                 raise ValueError(
                     f"{self.path}: this store holds maps of {what} {info[what]!r}, not "
@@ -143,7 +148,7 @@ class Store:
                 )
         options = dict(info.get("options", {}))
         for method, given in dict(description.get("options", {})).items():
-            if method in options and options[method] != given:
+            if method in options and options[method] != given and self._holds_maps(method):
                 raise ValueError(
                     f"{self.path}: this store holds maps of {method} with options "
                     f"{options[method]!r}, not {given!r}; rerun with the same options or "
@@ -151,11 +156,26 @@ class Store:
                 )
             options[method] = given
         methods = list(dict.fromkeys([*info.get("methods", []), *description.get("methods", [])]))
-        if methods == info.get("methods") and options == info.get("options", options):
+        replaced = {k: v for k, v in description.items() if empty or k not in info}
+        replaced.pop("methods", None)
+        replaced.pop("options", None)
+        if (
+            methods == info.get("methods")
+            and options == info.get("options", options)
+            and all(info.get(k) == v for k, v in replaced.items())
+        ):
             return
-        self.info = {**info, **{k: v for k, v in description.items() if k not in info}}
+        self.info = {**info, **replaced}
         self.info.update(methods=methods, options=options)
         atomic_write(marker, json.dumps(self.info, indent=2).encode("utf-8"))
+
+    def _holds_maps(self, method: str | None = None) -> bool:
+        """Whether any map (of ``method``) is stored; cheaper than :meth:`entries`."""
+        root = self.path / "maps"
+        folders = [root / method] if method is not None else [root]
+        return any(
+            folder.is_dir() and next(folder.rglob("*.npz"), None) is not None for folder in folders
+        )
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -284,13 +304,22 @@ class Store:
         return sorted({e.method for e in self.entries()})
 
     def load(self, key: str, method: str) -> Attribution:
-        """Return one stored map as a batch-of-one :class:`~salience.Attribution`."""
+        """Return one stored map as a batch-of-one :class:`~salience.Attribution`.
+
+        Raises:
+            KeyError: no map of ``key`` by ``method``.
+            ValueError: a damaged map file (named, as :meth:`entries` does: delete it, and a
+                rerun computes it again).
+        """
         file = self.map_path(key, method)
         if not file.is_file():
             raise KeyError(f"no map of {key!r} by {method!r} in {self.path}")
-        with np.load(file, allow_pickle=False) as data:
-            values = torch.from_numpy(data["values"].copy())
-            meta = json.loads(bytes(data["meta"]).decode("utf-8"))
+        try:
+            with np.load(file, allow_pickle=False) as data:
+                values = torch.from_numpy(data["values"].copy())
+                meta = dict(json.loads(bytes(data["meta"]).decode("utf-8")))
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise _damaged(file, exc) from None
         target = meta.get("target")
         return Attribution(
             values=values[None],
@@ -332,10 +361,15 @@ def _read_meta(file: Path) -> dict[str, Any]:
             meta = np.load(io.BytesIO(archive.read("meta.npy")), allow_pickle=False)
         return dict(json.loads(meta.tobytes().decode("utf-8")))
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
-        raise ValueError(
-            f"{file}: a damaged map file ({type(exc).__name__}: {exc}); delete it and rerun "
-            "to compute it again"
-        ) from None
+        raise _damaged(file, exc) from None
+
+
+def _damaged(file: Path, exc: BaseException) -> ValueError:
+    """Return the error of a map file that cannot be read: which file, why, what to do."""
+    return ValueError(
+        f"{file}: a damaged map file ({type(exc).__name__}: {exc}); delete it and rerun "
+        "to compute it again"
+    )
 
 
 def _plain_extras(extras: Mapping[str, Any], index: int) -> dict[str, Any]:

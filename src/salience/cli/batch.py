@@ -48,7 +48,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     methods = parse_methods(args.method, ["grad_cam"])
     options = method_options(args.option, methods, args.layer)
     try:
-        files = find_images(args.images)
+        files = find_images(_sample_files(args.images))
     except FileNotFoundError as exc:
         raise CLIError(str(exc)) from None
     if not files:
@@ -75,6 +75,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
             preprocess=preprocess,
             crop=pipe.crop,
             overlays=args.overlays,
+            overlay_options={"percentile": args.percentile},
             max_pixels=args.max_pixels or None,
             device=pipe.device,
             progress=False if args.quiet else None,
@@ -84,8 +85,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
         )
     except (ValueError, OSError, ImportError) as exc:  # a file as --out, a read-only store
         raise CLIError(_one_line(exc)) from None
+    drawn = f", {summary.overlays} overlays drawn from them" if summary.overlays else ""
     print(
-        f"{summary.written} maps written, {summary.skipped} already stored, "
+        f"{summary.written} maps written, {summary.skipped} already stored{drawn}, "
         f"{len(summary.failures)} failures; {summary.images} images in {summary.seconds:.1f} s "
         f"({summary.images_per_second:.2f} images/s); store: {os.fspath(summary.store.path)}",
         flush=True,
@@ -94,6 +96,33 @@ def cmd_batch(args: argparse.Namespace) -> int:
         _err(f"salience batch: {len(summary.failures)} failures (listed in failures.csv)")
         return EXIT_PARTIAL if summary.written or summary.skipped else EXIT_FAILURE
     return EXIT_OK
+
+
+def _sample_files(images: list[str]) -> list[str]:
+    """Replace each ``sample:NAME`` by the bundled photo's file, as ``explain`` opens it.
+
+    The store reads its inputs from files (in the loader's workers): the bundled photo is one,
+    inside the package. A file that exists under the name ``sample:NAME`` is kept.
+    """
+    from importlib import resources
+    from pathlib import Path
+
+    from .. import models
+
+    files = []
+    for text in images:
+        if not text.startswith("sample:") or os.path.exists(text):
+            files.append(text)
+            continue
+        name = text.partition(":")[2].strip().lower()
+        if name not in models.sample_images():
+            known = ", ".join(f"sample:{n}" for n in models.sample_images())
+            raise CLIError(f"{text}: unknown sample image; expected one of {known}")
+        resource = resources.files("salience").joinpath("data").joinpath(models._SAMPLES[name])
+        if not isinstance(resource, Path):  # a zipped install: no file to hand the loader
+            raise CLIError(f"{text}: the bundled photo is not a file here; give its path instead")
+        files.append(os.fspath(resource))
+    return files
 
 
 def _cpu_preprocess(pipe: Pipeline, args: argparse.Namespace) -> Any:

@@ -28,7 +28,9 @@ def cmd_report(args: argparse.Namespace) -> int:
             except CLIError as exc:
                 run.images_failed += 1
                 run.fail(str(exc))
-                sections.append(ImageReport(title=text, image=None, error=str(exc)))
+                # the title names the image: the error says what went wrong, once
+                error = str(exc).removeprefix(f"{text}: ")
+                sections.append(ImageReport(title=text, image=None, error=error))
                 bar.update(per_image)
                 continue
             probs = item.probabilities

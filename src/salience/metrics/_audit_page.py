@@ -115,7 +115,10 @@ def page(result: Audit, title: str, metadata: Mapping[str, str]) -> str:
     e = html.escape
     meta = {"salience": __version__, **dict(metadata)}
     meta.setdefault("generated", _dt.datetime.now().isoformat(timespec="seconds"))
-    meta["images"] = str(result.inputs.shape[0])
+    # how many images, and which when the caller names them (the CLI gives the file names)
+    count = str(result.inputs.shape[0])
+    names = str(meta.get("images", "")).strip()
+    meta["images"] = f"{count} ({names})" if names and names != count else count
     meta_line = " · ".join(f"{e(k)}: {e(str(v))}" for k, v in meta.items())
     checks = _checks_shown(result.checks)
     columns = [c for c, (check, _, _) in _COLUMNS.items() if check in checks]
