@@ -119,3 +119,26 @@ def test_the_report_names_a_failed_image_once(photos, tmp_path, model_file, caps
     page = out.read_text("utf-8")
     assert f"<li>{bad}: not an image" in page
     assert f"{bad}: {bad}" not in page
+
+
+def test_sigterm_stops_a_batch_run_as_ctrl_c_does(photos, tmp_path, model_file, monkeypatch):
+    """Python's default ended the process at once: the store had no index, no failures."""
+    import os
+    import signal
+
+    from salience.batch.run import _Job
+
+    process = _Job.process
+
+    def terminated(self, batch):  # the scheduler's time limit, during the first batch
+        os.kill(os.getpid(), signal.SIGTERM)
+        return process(self, batch)
+
+    monkeypatch.setattr(_Job, "process", terminated)
+    out = tmp_path / "term"
+    argv = ["batch", str(photos), "-m", "gradient", "--out", str(out), "--batch-size", "1"]
+    assert cli.main([*argv, *_tiny(model_file)]) == cli.EXIT_TERMINATED
+    assert (out / "index.csv").is_file()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
+    monkeypatch.setattr(_Job, "process", process)
+    assert cli.main([*argv, *_tiny(model_file)]) == cli.EXIT_OK  # and the rerun resumes

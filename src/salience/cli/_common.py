@@ -16,6 +16,8 @@ EXIT_PARTIAL = 3
 """Some inputs failed and others succeeded; the failures are listed at the end."""
 EXIT_INTERRUPTED = 130
 """Interrupted (Ctrl-C); files already written are complete, none is partial."""
+EXIT_TERMINATED = 143
+"""Stopped by SIGTERM (``kill``, ``timeout``, a scheduler's time limit), as Ctrl-C is."""
 
 DEFAULT_MODEL = "efficientnet_lite0"
 DEFAULT_OUT = "salience-out"

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
-from ._common import DEFAULT_OUT, EXIT_INTERRUPTED, CLIError, UsageError, _err
+from ._common import DEFAULT_OUT, EXIT_INTERRUPTED, EXIT_TERMINATED, CLIError, UsageError, _err
 from ._options import (
     COMPARE_METHODS,
     _colormap,
@@ -322,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.input_size_set = args.input_size
         args.input_size = args.input_size or 224
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _terminate_as_interrupt():
             warnings.showwarning = _show_warning
             # The command reports an unmet IG tolerance itself, naming the image.
             warnings.filterwarnings("ignore", message="Integrated Gradients: the adaptive path")
@@ -331,9 +334,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CLIError as exc:
         _err(f"salience {args.command}: error: {exc}")
         return exc.code
+    except _Terminated:
+        _err(f"\nsalience {args.command}: terminated (files already written are complete)")
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         _err(f"\nsalience {args.command}: interrupted (files already written are complete)")
         return EXIT_INTERRUPTED
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command runs as Ctrl-C's interruption is."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Stop on SIGTERM as on Ctrl-C while a command runs: what it did is written up.
+
+    Python's default for SIGTERM ends the process at once, so a batch run stopped by ``kill``,
+    ``timeout`` or a scheduler's time limit left its store without the index and the failures
+    of what it had done. Only in the main thread (where signals are handled); the handler in
+    place before is put back.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.getsignal(signal.SIGTERM)
+    if before is not signal.SIG_DFL:  # someone else's handler: theirs to keep
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise _Terminated
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def _performance(args: argparse.Namespace) -> contextlib.AbstractContextManager[object]:
