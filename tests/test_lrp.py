@@ -736,6 +736,41 @@ def test_clamps_take_the_pass_rule_and_routing_functions_conserve(
     assert a.extras["rules"]["Pass"] == activations  # the ReLU's, and the clamp's
 
 
+class _StdConv(nn.Conv2d):
+    """timm's StdConv2d: the weight standardized with F.batch_norm at every pass."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = F.batch_norm(
+            self.weight.reshape(1, self.out_channels, -1), None, None, training=True, eps=1e-6
+        ).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+def test_weight_standardization_is_no_batchnorm_in_the_record() -> None:
+    """The map was right (a plain convolution with the standardized weight gives it), but the
+    record counted a 'BatchNorm (affine, LRP-0)' rule per call on a model without one."""
+    torch.manual_seed(0)
+    std = nn.Sequential(
+        _StdConv(3, 4, 3, padding=1), nn.ReLU(), _StdConv(4, 4, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+    ).double().eval()  # fmt: skip
+    plain = copy.deepcopy(std)
+    for i in (0, 2):
+        conv = nn.Conv2d(std[i].in_channels, 4, 3, padding=1).double()
+        with torch.no_grad():
+            flat = std[i].weight.reshape(1, 4, -1)
+            conv.weight.copy_(
+                F.batch_norm(flat, None, None, training=True, eps=1e-6).view_as(conv.weight)
+            )
+            conv.bias.copy_(std[i].bias)
+        plain[i] = conv
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    a = salience.lrp(std, x, 1)
+    assert not any("BatchNorm" in rule for rule in a.extras["rules"])
+    assert a.extras["rules"] == salience.lrp(plain, x, 1).extras["rules"]
+    torch.testing.assert_close(a.values, salience.lrp(plain, x, 1).values)
+
+
 class Normalizing(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -29,8 +29,8 @@ __all__ = ["batch_norm", "bn_scale", "linearized_norm"]
 
 def batch_norm(state: _State, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     x = _arg(args, kwargs, 0, "input", None)
-    if not _grad_tensor(x):
-        return NotImplemented
+    if not _grad_tensor(x) or _of_parameters(x, state.params):
+        return NotImplemented  # (no relevance passes a weight: nothing to count)
     mean = _arg(args, kwargs, 1, "running_mean", None)
     var = _arg(args, kwargs, 2, "running_var", None)
     weight = _arg(args, kwargs, 3, "weight", None)
@@ -82,6 +82,35 @@ def batch_norm(state: _State, func: Any, args: tuple[Any, ...], kwargs: dict[str
     state._pending[id(out)] = (weakref.ref(out), record)
     state.remember(out, record)
     return out
+
+
+_LEAF: type = torch._C._functions.AccumulateGrad  # type: ignore[attr-defined]
+
+
+def _of_parameters(t: Tensor, params: Any, most: int = 16) -> bool:
+    """Whether ``t`` is computed from the model's parameters alone, within ``most`` steps.
+
+    timm's weight standardization (``StdConv2d``, ``ScaledStdConv2d``) normalizes a
+    convolution's weight with ``F.batch_norm``: no BatchNorm of the network, and not one the
+    relevance passes (the rules read the weight as it is). A tensor whose graph reaches more
+    steps, or a leaf other than a parameter (the input), is taken as an activation.
+    """
+    if t.grad_fn is None:
+        return id(t) in params
+    pending, seen = [t.grad_fn], {t.grad_fn}
+    while pending:
+        for node, _ in pending.pop().next_functions:
+            if node is None or node in seen:
+                continue
+            if type(node) is _LEAF:
+                if id(node.variable) not in params:  # type: ignore[attr-defined]
+                    return False
+                continue
+            seen.add(node)
+            if len(seen) > most:
+                return False
+            pending.append(node)
+    return True
 
 
 def _out_channels(layer: _Layer) -> int | None:
