@@ -353,15 +353,14 @@ def _terminate_as_interrupt() -> Iterator[None]:
     Python's default for SIGTERM ends the process at once, so a batch run stopped by ``kill``,
     ``timeout`` or a scheduler's time limit left its store without the index and the failures
     of what it had done. Only in the main thread (where signals are handled); the handler in
-    place before is put back.
+    place before (a library's, such as Ray's after its first use in the process) is put back.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     before = signal.getsignal(signal.SIGTERM)
-    if before is not signal.SIG_DFL:  # someone else's handler: theirs to keep
-        yield
-        return
+    if before is None:  # set outside Python: not one signal.signal can put back
+        before = signal.SIG_DFL
 
     def stop(signum: int, frame: Any) -> None:
         raise _Terminated
