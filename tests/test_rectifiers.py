@@ -788,6 +788,49 @@ def test_other_nonlinearities_left_unmodified_are_warned_of(method: str, spellin
         getattr(salience, method)(model, x, activations="all")
 
 
+class _Clamped(nn.Module):
+    """A rectifier, then ``clip`` on the main path: Hardtanh spelled as a clamp, or a guard."""
+
+    def __init__(self, clip: Any) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.conv2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+        self.clip = clip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.clip(self.conv2(self.conv1(x).relu())).mean((2, 3)))
+
+
+@pytest.mark.parametrize(
+    ("clip", "low", "high"),
+    [
+        (lambda t: t.clamp(-1, 1), -1.0, 1.0),
+        (lambda t: torch.clip(t, -0.5, 2.0), -0.5, 2.0),
+        (lambda t: t.clone().clamp_(-1.0, 1.0), -1.0, 1.0),
+    ],
+    ids=["clamp", "clip", "clamp_"],
+)
+@pytest.mark.parametrize("method", ["guided_backprop", "deconvnet"])
+def test_a_clamp_to_an_interval_is_hardtanh(
+    method: str, clip: Any, low: float, high: float
+) -> None:
+    """It kept its plain gradient without a word (on the nodes and under the mode alike)."""
+    model, x = _Clamped(clip).eval(), torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match=r"modified 1 rectifier call\(s\), .* Hardtanh × 1,"):
+        getattr(salience, method)(model, x)
+    ruled = getattr(salience, method)(model, x, activations="all")
+    assert ruled.extras["activations_modified"] == {"Hardtanh": 1}
+    spelled = _Clamped(lambda t: F.hardtanh(t, low, high)).eval()
+    torch.testing.assert_close(
+        ruled.values, getattr(salience, method)(spelled, x, activations="all").values
+    )
+    guarded = _Clamped(lambda t: t.clamp(min=1e-6)).eval()  # a guard: no activation
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        getattr(salience, method)(guarded, x)
+
+
 class ReentrantCheckpoint(nn.Module):
     """Every rectifier inside ``torch.utils.checkpoint(use_reentrant=True)``."""
 

@@ -663,6 +663,8 @@ def _rectifier_nodes(
             return None
         elif others is not None and kind in _COUNTED:  # (a scripted graph: warned of)
             others[_COUNTED[kind]] += 1
+        elif others is not None and kind == "ClampBackward" and _two_sided(node):
+            others["Hardtanh"] += 1  # clamp(x, -1, 1): Hardtanh, spelled (as the mode reads it)
     return nodes
 
 
@@ -780,6 +782,15 @@ def _hides_calls(node: Any, kind: str) -> bool:
 def _clip_to_positive(node: Any) -> bool:
     """Whether a ``hardtanh`` node clips to ``[0, t]`` with ``t > 0`` (a rectifier)."""
     return bool(node._saved_min_val == 0.0 < node._saved_max_val)
+
+
+def _two_sided(node: Any) -> bool:
+    """Whether a ``clamp`` node clips to ``[lo, hi]`` with numbers ``lo < hi`` (``Hardtanh``)."""
+    try:
+        low, high = node._saved_min, node._saved_max
+    except (AttributeError, RuntimeError):  # tensor bounds, another PyTorch's names
+        return False
+    return type(low) in (int, float) and type(high) in (int, float) and low < high
 
 
 def _no_rectifier(node: Any, kind: str) -> bool:

@@ -260,6 +260,22 @@ def _clamp(inplace: bool) -> _Parser:
     return parse
 
 
+def _two_sided(inplace: bool, out_of_place: Callable[..., Any]) -> _Parser:
+    """Parse ``clamp(x, lo, hi)`` with numbers ``lo < hi``, ``lo != 0``: ``Hardtanh``, spelled.
+
+    (``lo = 0`` is a rectifier, read by :func:`_clamp` first.) A one-sided clamp with another
+    bound (``clamp(min=1e-6)``, a guard before a division) is no activation.
+    """
+    parse = _activation("Hardtanh", out_of_place, inplace=inplace, out_of_place=out_of_place)
+
+    def site(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Site | None:
+        low, high = _arg(args, kwargs, 1, "min", None), _arg(args, kwargs, 2, "max", None)
+        numbers = type(low) in (int, float) and type(high) in (int, float)
+        return parse(args, kwargs) if numbers and low < high else None
+
+    return site
+
+
 def _maximum(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Site | None:
     """``maximum(x, 0)``, ``max(x, 0)``, ``fmax(x, 0)`` with a tensor of zeros, either side."""
     first, other = _input(args, kwargs), _arg(args, kwargs, 1, "other", None)
@@ -368,14 +384,14 @@ _RECTIFIERS: dict[Any, _Parser] = {
     F.hardtanh_: _piecewise(
         _hardtanh(True), _activation("Hardtanh", F.hardtanh_, inplace=True, out_of_place=F.hardtanh)
     ),
-    torch.clamp: _clamp(False),
-    torch.clamp_: _clamp(True),
-    Tensor.clamp: _clamp(False),
-    Tensor.clamp_: _clamp(True),
-    torch.clip: _clamp(False),
-    torch.clip_: _clamp(True),
-    Tensor.clip: _clamp(False),
-    Tensor.clip_: _clamp(True),
+    torch.clamp: _piecewise(_clamp(False), _two_sided(False, torch.clamp)),
+    torch.clamp_: _piecewise(_clamp(True), _two_sided(True, torch.clamp)),
+    Tensor.clamp: _piecewise(_clamp(False), _two_sided(False, Tensor.clamp)),
+    Tensor.clamp_: _piecewise(_clamp(True), _two_sided(True, Tensor.clamp)),
+    torch.clip: _piecewise(_clamp(False), _two_sided(False, torch.clip)),
+    torch.clip_: _piecewise(_clamp(True), _two_sided(True, torch.clip)),
+    Tensor.clip: _piecewise(_clamp(False), _two_sided(False, Tensor.clip)),
+    Tensor.clip_: _piecewise(_clamp(True), _two_sided(True, Tensor.clip)),
     torch.clamp_min: _clamp(False),
     torch.clamp_min_: _clamp(True),
     Tensor.clamp_min: _clamp(False),
@@ -403,7 +419,8 @@ _RECTIFIERS: dict[Any, _Parser] = {
 """Every call that may be a rectifier, and how to read its arguments. For ``clamp`` the bound
 names are ``min`` and ``max``, as in PyTorch. Functions that are rectifiers only for some
 arguments (``hardtanh(0, t)``, ``threshold(0, 0)``, ``leaky_relu`` with slope 0) parse as
-another activation otherwise; a ``clamp`` with other bounds is no activation at all."""
+another activation otherwise; a ``clamp`` to ``[lo, hi]`` (numbers) is ``Hardtanh``, one with
+a single other bound (a guard: ``clamp(min=1e-6)``) no activation at all."""
 
 
 def _nn_inplace(name: str) -> list[Callable[..., Any]]:
