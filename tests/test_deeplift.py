@@ -864,3 +864,27 @@ def test_reveal_cancel_follows_an_in_place_residual_addition() -> None:
     b = salience.deeplift(_init(InPlaceBlock(False), 58), x, baseline=x0, rule="reveal_cancel")
     torch.testing.assert_close(a.values, b.values)
     assert float(relative_gap(a).max()) < 1e-4
+
+
+def test_a_clamp_to_an_interval_takes_the_rescale_rule_as_hardtanh() -> None:
+    """``clamp(x, -0.3, 0.3)`` was back-propagated with its gradient (and warned of)."""
+
+    class Net(nn.Module):
+        def __init__(self, act: Callable[[Tensor], Tensor]) -> None:
+            super().__init__()
+            self.act = act
+            self.c1, self.c2 = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)
+            self.fc = nn.Linear(6, 4)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.fc(F.relu(self.c2(self.act(self.c1(x)))).mean((2, 3)))
+
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    maps = []
+    for act in (lambda t: F.hardtanh(t, -0.3, 0.3), lambda t: t.clamp(-0.3, 0.3)):
+        torch.manual_seed(1)
+        a = salience.deeplift(Net(act).double().eval(), x, 1)
+        assert a.extras["nonlinearities"] == {"Hardtanh": 1, "ReLU": 1}
+        assert a.extras["gradient_ops"] == {}
+        maps.append(a.values)
+    torch.testing.assert_close(maps[0], maps[1], rtol=0, atol=0)
