@@ -10,31 +10,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 from salience.batch import Store, run
+from test_batch import _model, _preprocess  # the same tiny model and preprocessing
 
 pytestmark = pytest.mark.filterwarnings("ignore:unpickling:UserWarning")
 
 run_module = importlib.import_module("salience.batch.run")
-
-
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(6, 6, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(6, 5),
-    ).eval()
-
-
-def _preprocess(image: Image.Image) -> torch.Tensor:
-    pixels = np.asarray(image.convert("RGB").resize((16, 16)), dtype=np.float32) / 255
-    return torch.from_numpy(pixels).permute(2, 0, 1)[None] * 2 - 1
 
 
 def _crop(image: Image.Image) -> Image.Image:
