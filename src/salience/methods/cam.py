@@ -173,7 +173,12 @@ def _remembered_fc(
             del _CLASSIFIERS[model]
             return None
         name = known.found.get(_input_key(inputs))
-    return None if name is None else [(name, model.get_submodule(name))]
+    if name is None:
+        return None
+    try:
+        return [(name, model.get_submodule(name))]
+    except AttributeError:  # a name get_submodule does not resolve: search as at first
+        return None
 
 
 def _remember_fc(
