@@ -658,6 +658,17 @@ def test_unknown_uses_raise_naming_the_module(model: nn.Module, pattern: str) ->
         assert torch.equal(v, before[k])
 
 
+def _in_place(op: Any) -> Any:
+    """``op`` on a copy, as a statement: what it returns is dropped, the copy goes on."""
+
+    def run(t: Tensor) -> Tensor:
+        t = t.clone()
+        op(t)
+        return t
+
+    return run
+
+
 class _Between(nn.Module):
     """Bias-free convolutions and classifier with ``op`` between the convolutions (LRP-0
     relevance then sums exactly to the score where every step conserves it)."""
@@ -684,7 +695,13 @@ class _Between(nn.Module):
         (lambda t: F.softshrink(t, 0.3), "the nonlinear function softshrink"),
         (lambda t: F.glu(torch.cat([t, t], 1), 1), "the nonlinear function glu"),
         (lambda t: 2**t, "a power"),
+        (lambda t: torch.pow(2.0, t), "a power"),
         (lambda t: t.round(), "the nonlinear function round"),
+        (lambda t: F.normalize(t, dim=1), "the nonlinear function normalize"),
+        (lambda t: F.local_response_norm(t, 2), "the nonlinear function local_response_norm"),
+        (_in_place(lambda t: t.sin_()), "the nonlinear function sin_"),
+        (_in_place(lambda t: t.div_(1 + t.mean())), "a division by an input-dependent tensor"),
+        (_in_place(lambda t: t.pow_(3)), "a power"),
     ],
     ids=[
         "rtruediv",
@@ -695,7 +712,13 @@ class _Between(nn.Module):
         "softshrink",
         "glu",
         "rpow",
+        "pow-of-a-number",
         "round",
+        "normalize",
+        "lrn",
+        "sin_-statement",
+        "div_-statement",
+        "pow_-statement",
     ],
 )
 def test_nonlinear_functions_without_a_rule_raise_where_the_relevance_reaches_them(
@@ -716,11 +739,25 @@ def test_nonlinear_functions_without_a_rule_raise_where_the_relevance_reaches_th
         (lambda t: t.clamp(-1, 1), 2),
         (lambda t: t.clone().clamp_(-1.0, 1.0), 2),
         (lambda t: torch.clip(t, min=-0.5), 2),
+        (lambda t: t.clamp_max(0.05), 2),
+        (lambda t: t.clone().clamp_max_(0.05), 2),
+        (torch.special.expit, 2),
         (torch.abs, 1),
         (lambda t: torch.maximum(t, 0.1 * t), 1),
         (lambda t: torch.where(t > 0, t, 0.1 * t), 1),
     ],
-    ids=["Hardtanh", "clamp", "clamp_", "clip-min", "abs", "maximum", "where"],
+    ids=[
+        "Hardtanh",
+        "clamp",
+        "clamp_",
+        "clip-min",
+        "clamp_max",
+        "clamp_max_",
+        "expit",
+        "abs",
+        "maximum",
+        "where",
+    ],
 )
 def test_clamps_take_the_pass_rule_and_routing_functions_conserve(
     op: Any, activations: int

@@ -448,6 +448,7 @@ _OTHERS: list[tuple[str, Callable[..., Any], int | None, list[Callable[..., Any]
     ("Tanhshrink", F.tanhshrink, None, []),
     ("Sigmoid", torch.sigmoid, None, [torch.sigmoid_, Tensor.sigmoid_]),
     ("Sigmoid", Tensor.sigmoid, None, []),
+    ("Sigmoid", torch.special.expit, None, []),
     ("Tanh", torch.tanh, None, [torch.tanh_, Tensor.tanh_]),
     ("Tanh", Tensor.tanh, None, []),
 ]

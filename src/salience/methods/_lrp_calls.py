@@ -80,6 +80,9 @@ _SMOOTH = (
     "log2", "log10", "erf", "erfc", "erfinv", "lgamma", "digamma", "logit", "sinc", "i0",
     "sign", "sgn", "round", "floor", "ceil", "trunc", "frac", "fmod", "remainder",
     "floor_divide", "atan2", "arctan2", "hypot", "xlogy", "cumprod", "prod", "cdist",
+    "ndtr", "ndtri", "log_ndtr", "erfcx", "i0e", "i1", "i1e", "logaddexp", "logaddexp2",
+    "xlog1py", "entr", "gammaln", "multigammaln", "polygamma", "mvlgamma", "cosine_similarity",
+    "pairwise_distance", "pdist", "dist", "logcumsumexp",
 )  # fmt: skip
 """Elementwise (and a few reducing) functions that are neither linear nor an activation: no
 LRP rule. (``abs``, ``maximum``, ``where``, ``hardshrink`` and a clamp by input-dependent
@@ -92,6 +95,11 @@ for _name in _SMOOTH:
             if callable(_func):
                 _NONLINEAR.setdefault(_func, _name)
 for _func, _name in (
+    (F.normalize, "normalize"),  # (Python functions the mode sees as one call)
+    (F.cosine_similarity, "cosine_similarity"),
+    (F.pairwise_distance, "pairwise_distance"),
+    (F.local_response_norm, "local_response_norm"),
+    (F.softmin, "softmin"),
     (F.softshrink, "softshrink"),
     (F.glu, "glu"),
     (F.lp_pool1d, "lp_pool1d"),
@@ -130,6 +138,13 @@ _DIVISIONS = {
 }
 _DIVIDING_BY_SELF = {Tensor.__rtruediv__}
 """Divisions whose divisor is their first argument (``1 / t`` calls ``t.__rtruediv__(1)``)."""
+_IN_PLACE = {
+    f
+    for f in (*_NONLINEAR, *_POWERS, *_DIVISIONS)
+    if (name := getattr(f, "__name__", "")).endswith("_") and not name.startswith("__")
+} | {Tensor.__itruediv__, Tensor.__ipow__}
+"""The in-place spellings: the tensor they change takes the no-rule mark itself (``t.sin_()``
+as a statement leaves the returned tensor unused)."""
 
 
 def _clip(inplace: bool, out_of_place: Any) -> Any:
@@ -162,6 +177,10 @@ _CLIPS: dict[Any, Any] = {
     Tensor.clip_: _clip(True, Tensor.clip),
     torch.clamp_min_: _clip(True, torch.clamp_min),
     Tensor.clamp_min_: _clip(True, Tensor.clamp_min),
+    torch.clamp_max: _clip(False, torch.clamp_max),
+    Tensor.clamp_max: _clip(False, Tensor.clamp_max),
+    torch.clamp_max_: _clip(True, torch.clamp_max),
+    Tensor.clamp_max_: _clip(True, Tensor.clamp_max),
 }
 """The clamps the rectifier tables parse: with other bounds they take the Pass rule."""
 _OPAQUE = {

@@ -583,15 +583,24 @@ class _Pass(torch.autograd.Function):
 
 
 class _NoRule(torch.autograd.Function):
-    """Identity; raises in the backward if relevance reaches it (an operation without a rule)."""
+    """Identity; raises in the backward if relevance reaches it (an operation without a rule).
+
+    ``inplace``: ``t`` was changed in place by the operation, and is marked itself (the
+    caller may go on with ``t`` and drop what is returned).
+    """
 
     @staticmethod
-    def forward(ctx: Any, t: Tensor, message: str) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx: Any, t: Tensor, message: str, inplace: bool = False
+    ) -> Tensor:
         ctx.message = message
+        if inplace:
+            ctx.mark_dirty(t)
+            return t
         return t.clone()
 
     @staticmethod
-    def backward(ctx: Any, c: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, c: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
         if bool((c != 0).any()):
             raise ValueError(ctx.message)
-        return c, None
+        return c, None, None

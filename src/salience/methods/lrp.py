@@ -79,6 +79,7 @@ from ._lrp_calls import (
     _COVERED,
     _DIVIDING_BY_SELF,
     _DIVISIONS,
+    _IN_PLACE,
     _LAYERS,
     _METADATA,
     _NONLINEAR,
@@ -221,7 +222,7 @@ class _State:
         layer = _LAYERS.get(func)
         if layer is not None:
             return self.layer(func, layer, args, kwargs)
-        parse = SITES.get(func)
+        parse = SITES.get(func) or (_no_site if func in _CLIPS else None)
         if parse is not None:
             return self.activation(parse, args, kwargs, _CLIPS.get(func))
         if func is F.batch_norm:
@@ -455,15 +456,18 @@ class _State:
                 return NotImplemented  # division by a constant: linear
             what = "a division by an input-dependent tensor"
         elif func in _POWERS:
-            if not _grad_tensor(a) or (not isinstance(b, Tensor) and b == 1):
-                return NotImplemented
+            base, exponent = (b, a) if func is Tensor.__rpow__ else (a, b)
+            if not _grad_tensor(exponent) and (
+                not _grad_tensor(base) or (not isinstance(exponent, Tensor) and exponent == 1)
+            ):
+                return NotImplemented  # (pow(2.0, t): the exponent depends on the input)
             what = "a power"
         else:
             tensors = _tensors(args) + _tensors(kwargs) if kwargs else _tensors(args)
             if not any(map(_grad_tensor, tensors)):  # (atan2(c, x): the second)
                 return NotImplemented
             what = f"the nonlinear function {name}"
-        return _NoRule.apply(func(*args, **kwargs), self.no_rule(what))
+        return _NoRule.apply(func(*args, **kwargs), self.no_rule(what), func in _IN_PLACE)
 
     def opaque(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         tensors = _tensors(args) + _tensors(kwargs)
@@ -479,6 +483,11 @@ class _State:
                 "(and a softmax attention, treated as constant), or use another method"
             )
         return _NoRule.apply(func(*args, **kwargs), self.no_rule(f"the operation {name}"))
+
+
+def _no_site(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Parse a clamp the rectifier tables do not list (``clamp_max``): no rectifier."""
+    return None
 
 
 AMPLIFIED = 100.0
