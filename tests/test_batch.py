@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib
+import signal
 import time
 from pathlib import Path
 
@@ -264,6 +265,33 @@ def test_the_ray_engine_gives_the_local_results(tmp_path):
         model, data, ["gradient"], tmp_path / "ray", engine="ray", num_workers=2, target="label"
     )
     assert (again.written, again.skipped) == (0, 8)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Data's own, at start-up
+def test_the_ray_engine_keeps_the_callers_sigterm_handler(tmp_path):
+    """Ray's start put its own SIGTERM handler (sys.exit) over the command line's, which stops
+    as Ctrl-C does: a batch run with --engine ray, killed, exited 15 without its message."""
+    pytest.importorskip("ray.data", reason="the optional Ray engine: pip install 'ray[data]'")
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()  # (the handler is put over the caller's when Ray starts)
+
+    def handler(signum, frame):  # the caller's
+        raise KeyboardInterrupt
+
+    seen = []
+    before = signal.signal(signal.SIGTERM, handler)
+    try:
+        data = [torch.randn(3, 16, 16) for _ in range(2)]
+        data[1][0, 0, 0] = float("nan")  # one failure: the log runs during the run
+        run(
+            _model(), data, ["gradient"], tmp_path / "ray", engine="ray", num_workers=1,
+            log=lambda _line: seen.append(signal.getsignal(signal.SIGTERM)),
+        )  # fmt: skip
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert seen == [handler]
 
 
 def test_maps_come_back_in_the_order_of_the_inputs(tmp_path):

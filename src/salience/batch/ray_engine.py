@@ -18,6 +18,8 @@ otherwise). Results are identical to a single-process run (tested).
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -92,6 +94,8 @@ def run_on_ray(
     level = quiet.level
     quiet.setLevel(logging.WARNING)  # Ray Data narrates each execution at INFO
     if not ray.is_initialized():
+        main = threading.current_thread() is threading.main_thread()
+        before = signal.getsignal(signal.SIGTERM) if main else None
         ray.init(
             address=address,
             num_cpus=None if address else workers,
@@ -99,6 +103,10 @@ def run_on_ray(
             log_to_driver=False,
             configure_logging=False,
         )
+        if callable(before):
+            # Ray puts its own SIGTERM handler (sys.exit) over the caller's: a handler of the
+            # caller's (the command line's, which stops as Ctrl-C does) stays in charge
+            signal.signal(signal.SIGTERM, before)
         started = True
     try:
         context = ray.data.DataContext.get_current()
