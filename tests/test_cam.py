@@ -1009,6 +1009,35 @@ def test_cam_remembers_the_classifier_and_searches_again_when_it_no_longer_fits(
     assert not any(m._forward_hooks for m in model.modules())
 
 
+class _WithEmbedding(nn.Module):
+    """GAP + linear, and on request a projection of the pooled features after the classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.fc, self.proj = nn.Linear(4, 5), nn.Linear(4, 2)
+
+    def forward(self, x: Tensor, embed: bool = False) -> Tensor:
+        f = self.conv(x).mean((2, 3))
+        out = self.fc(f)
+        if embed:
+            self.last_embedding = self.proj(f)  # kept on the side
+        return out
+
+
+def test_cam_finds_the_classifier_before_a_projection_kept_on_the_side() -> None:
+    """A fresh model raised ('not the output of its last linear layer 'proj''), the same call
+    after one without the projection gave the map: the result hung on the calls before."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 8, 8)
+    fresh = sl.cam(_WithEmbedding().eval(), x, 1, forward_args={"embed": True})
+    assert fresh.extras["fc"] == "fc"
+    model = _WithEmbedding().eval()
+    sl.cam(model, x, 1)
+    again = sl.cam(model, x, 1, forward_args={"embed": True})
+    assert again.extras["fc"] == "fc"
+
+
 def test_cam_follows_the_reshape_its_layer_error_advises() -> None:
     """A last map of 1x1 is not read as a grid: the error shows layer= and reshape=, which
     cam takes like the other CAM methods (a 1x1 map: the logit minus the bias everywhere)."""

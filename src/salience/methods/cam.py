@@ -95,6 +95,8 @@ class _LinearRecord:
     output: Tensor | None = None
     version: int = 0
     module: nn.Linear | nn.Conv2d | None = field(default=None, repr=False)
+    heads: list[_LinearRecord] = field(default_factory=list, repr=False)
+    """The calls whose output could be logits, ``(N, K)`` or ``(N, K, 1, 1)``, in order."""
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -114,7 +116,7 @@ def _is_linear(module: nn.Module) -> bool:
 def _record_linear(
     model: nn.Module, linears: list[tuple[str, nn.Module]] | None
 ) -> Iterator[_LinearRecord]:
-    """Record the input and output of the last call of ``linears`` (``None``: every linear)."""
+    """Record the last call of ``linears`` (``None``: every linear) and those giving logits."""
     if linears is None:
         linears = [(n, m) for n, m in model.named_modules() if _is_linear(m)]
     record = _LinearRecord()
@@ -125,9 +127,34 @@ def _record_linear(
         record.inputs = args[0] if args and isinstance(args[0], Tensor) else None
         record.output = output if isinstance(output, Tensor) else None
         record.version = output._version if isinstance(output, Tensor) else 0
+        out = record.output
+        if out is not None and (out.ndim == 2 or (out.ndim == 4 and out.shape[2:] == (1, 1))):
+            call = _LinearRecord(record.name, record.calls, record.inputs, out, record.version)
+            call.module = record.module
+            record.heads.append(call)
 
     with forward_hooks(linears, hook):
         yield record
+
+
+def _head(linear: _LinearRecord, out: Any, n: int) -> _LinearRecord | None:
+    """Return the last recorded call whose output is the model output ``out``, or ``None``.
+
+    The last, not the last linear call: a projection the model runs after its classifier (an
+    embedding it keeps on the side) does not hide it, as a remembered classifier would not.
+    """
+    if not isinstance(out, Tensor):
+        return None
+    for call in reversed(linear.heads):
+        assert call.output is not None
+        logits = call.output.reshape(n, -1)  # a 1 x 1 convolution's (N, classes, 1, 1)
+        if (
+            call.output._version == call.version
+            and out.shape == logits.shape
+            and torch.equal(out, logits)
+        ):
+            return call
+    return None
 
 
 def _given_fc(model: nn.Module, fc: LayerLike) -> list[tuple[str, nn.Module]]:
@@ -241,7 +268,7 @@ def cam(
     and its spatial mean plus the bias is the logit: :math:`\overline{M^c} + b^c = y^c`. The
     paper's map is signed (no ReLU); ``relu=True`` rectifies it.
 
-    The pattern is checked on the actual forward pass, not guessed from module types: the last
+    The pattern is checked on the actual forward pass, not guessed from module types: an
     ``nn.Linear`` that runs (or ``fc``) must produce the model output, and its input must be
     the spatial mean of ``layer``'s feature map. Any other architecture raises a ``ValueError``
     that says which condition failed and points to :func:`grad_cam`.
@@ -256,7 +283,9 @@ def cam(
         reshape: Turns the layer output into ``(N, K, h, w)`` (see :func:`grad_cam`), e.g. the
             patch tokens of a transformer whose head averages them.
         fc: The linear classifier; by default the last ``nn.Linear`` (or ``1 x 1``
-            convolution on the pooled features, as in DLA and DPN) that runs. The one found is
+            convolution on the pooled features, as in DLA and DPN) that runs and gives the
+            model output (a projection run after it, kept on the side, does not hide it).
+            The one found is
             remembered for the model and input shape (later calls hook it alone), and searched
             for again when it no longer runs or no longer gives the output.
         relu: Rectify the map (not part of CAM).
@@ -317,7 +346,7 @@ def _cam(
     relu: bool,
     upsample: bool,
 ) -> Attribution:
-    """CAM with the classifier among ``linears`` (``None``: the last linear layer that runs)."""
+    """CAM with the classifier among ``linears`` (``None``: every linear; see :func:`_head`)."""
     with _record_linear(fwd.model, linears) as linear:
         cap = _capture(fwd, inputs, target, layer=layer, reshape=reshape, score="logit", grad=False)
     n = inputs.shape[0]
@@ -328,19 +357,15 @@ def _cam(
             what = f"the fc layer {linears[0][0]!r} did not run"
         raise _NotCam(_NOT_CAM.format(reason=f"{what} in the forward pass"))
     out = cap.output
-    logits = linear.output.reshape(n, -1)  # a 1 x 1 convolution's (N, classes, 1, 1)
-    if (
-        linear.output._version != linear.version
-        or not isinstance(out, Tensor)
-        or out.shape != logits.shape
-        or not torch.equal(out, logits)
-    ):
+    head = _head(linear, out, n)
+    if head is None:
         raise _NotCam(
             _NOT_CAM.format(
                 reason=f"the model output is not the output of its last linear layer "
                 f"{linear.name!r} (something is applied after it)"
             )
         )
+    linear = head
     # (detached: a token layer is found with autograd on, and float() of a tensor in a graph
     # warns)
     features = None if linear.inputs is None else linear.inputs.detach().reshape(n, -1)
@@ -365,6 +390,7 @@ def _cam(
         )
     classes = cap.resolved.classes
     assert classes is not None
+    assert linear.module is not None
     rows = classes if cap.multi else classes.unsqueeze(1)  # (N, T)
     matrix = linear.module.weight.detach().flatten(1)  # (classes, K), a 1 x 1 conv's too
     weights = matrix[rows].to(activation.dtype)  # (N, T, K)
