@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -174,3 +177,14 @@ def cat(lite0: nn.Module) -> torch.Tensor:
     from salience import models
 
     return lite0.preprocess(models.sample_image("chelsea"))
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    """A folder of two small random photos, ``img0.png`` and ``img1.png`` (64 x 48)."""
+    root = tmp_path / "photos"
+    root.mkdir()
+    for i in range(2):
+        pixels = np.random.default_rng(i).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / f"img{i}.png")
+    return root

@@ -27,16 +27,6 @@ def _data(n: int = 2) -> list[torch.Tensor]:
     return [torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(n)]
 
 
-@pytest.fixture
-def photos(tmp_path) -> Path:
-    root = tmp_path / "photos"
-    root.mkdir()
-    for i in range(2):
-        pixels = np.random.default_rng(i).integers(0, 256, (48, 64, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(root / f"p{i}.png")
-    return root
-
-
 # -- 1. a failed run leaves a store the corrected rerun takes ----------------------------------
 
 
@@ -189,7 +179,7 @@ def test_loading_a_damaged_map_file_names_it(tmp_path):
 
 def test_one_file_typed_three_ways_is_explained_once(photos, tmp_path, monkeypatch):
     monkeypatch.chdir(photos.parent)
-    names = ["photos/p0.png", "./photos/p0.png", os.path.abspath("photos/p0.png")]
+    names = ["photos/img0.png", "./photos/img0.png", os.path.abspath("photos/img0.png")]
     with pytest.warns(UserWarning, match="2 inputs are a file given earlier, explained once"):
         summary = run(_model(), names, ["gradient"], tmp_path / "s", preprocess=_preprocess)
     assert (summary.written, summary.images, summary.failures) == (1, 1, [])

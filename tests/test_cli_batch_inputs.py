@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
 from salience import cli
@@ -33,16 +29,6 @@ def model_file(tmp_path_factory) -> str:
 
 def _tiny(model_file: str) -> list[str]:
     return ["--model", model_file, "--trust-model", "--input-size", "16", "--resize", "20", "-q"]
-
-
-@pytest.fixture
-def photos(tmp_path) -> Path:
-    root = tmp_path / "photos"
-    root.mkdir()
-    for i in range(2):
-        pixels = np.random.default_rng(i).integers(0, 256, (48, 64, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(root / f"img{i}.png")
-    return root
 
 
 def test_batch_percentile_changes_the_overlays(photos, tmp_path, model_file, capsys):
