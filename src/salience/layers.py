@@ -936,7 +936,7 @@ class _Memo:
 
     def __init__(self, fingerprint: tuple[tuple[Any, ...], ...]) -> None:
         self.fingerprint = fingerprint
-        self.found: dict[tuple[Any, ...], Known] = {}
+        self.found: dict[tuple[Any, ...], Any] = {}  # a Known per layer key, ...
 
 
 _MEMO: ByIdentity[nn.Module, _Memo] = ByIdentity()
@@ -973,14 +973,8 @@ def recall(
     training or evaluation mode); else ``None``. ``modules``: the model's modules, walked by
     the caller (:func:`~salience._checks.modules_of`).
     """
-    with _MEMO_LOCK:
-        memo = _MEMO.get(model)
-        if memo is None:
-            return None
-        if memo.fingerprint != _fingerprint(model, modules):
-            del _MEMO[model]
-            return None
-        return memo.found.get(_key(layer, inputs))
+    found: Known | None = _recalled(model, _key(layer, inputs), modules)
+    return found
 
 
 def remember(
@@ -995,6 +989,34 @@ def remember(
     ``modules``: as for :func:`recall` (walked at the start of the call that searched: a model
     that changes its modules while it runs is found changed by the next call).
     """
+    _keep(model, _key(layer, inputs), known, modules)
+
+
+def forget(model: nn.Module, layer: str | None, inputs: Tensor) -> None:
+    """Drop what was remembered for ``layer`` (it no longer holds)."""
+    _drop(model, _key(layer, inputs))
+
+
+def _recalled(model: nn.Module, key: tuple[Any, ...], modules: list[nn.Module] | None) -> Any:
+    """Return what was kept under ``key`` for ``model`` while its modules are the same, or ``None``.
+
+    The memory of :func:`recall`, which other searches share (CAM's classifier) under keys of
+    their own.
+    """
+    with _MEMO_LOCK:
+        memo = _MEMO.get(model)
+        if memo is None:
+            return None
+        if memo.fingerprint != _fingerprint(model, modules):
+            del _MEMO[model]
+            return None
+        return memo.found.get(key)
+
+
+def _keep(
+    model: nn.Module, key: tuple[Any, ...], value: Any, modules: list[nn.Module] | None
+) -> None:
+    """Keep ``value`` under ``key`` for ``model`` (see :func:`_recalled`)."""
     fingerprint = _fingerprint(model, modules)
     with _MEMO_LOCK:
         memo = _MEMO.get(model)
@@ -1002,12 +1024,12 @@ def remember(
             memo = _MEMO[model] = _Memo(fingerprint)
         if len(memo.found) >= _MEMO_SIZE:
             del memo.found[next(iter(memo.found))]
-        memo.found[_key(layer, inputs)] = known
+        memo.found[key] = value
 
 
-def forget(model: nn.Module, layer: str | None, inputs: Tensor) -> None:
-    """Drop what was remembered for ``layer`` (it no longer holds)."""
+def _drop(model: nn.Module, key: tuple[Any, ...]) -> None:
+    """Drop what was kept under ``key`` for ``model`` (it no longer holds)."""
     with _MEMO_LOCK:
         memo = _MEMO.get(model)
         if memo is not None:
-            memo.found.pop(_key(layer, inputs), None)
+            memo.found.pop(key, None)

@@ -55,7 +55,6 @@ never modified, and train/eval flags are left as they are.
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,10 +63,9 @@ import torch
 from torch import Tensor, nn
 
 from .._forward import Forward, ForwardArgs, model_scope
-from .._weak import ByIdentity
 from ..attribution import Attribution
 from ..hooks import forward_hooks
-from ..layers import LayerLike, _fingerprint, find_layer
+from ..layers import LayerLike, _drop, _keep, _recalled, find_layer
 from ..layouts import Reshape
 from ..rectifiers import Activations, resolve_activations
 from ..registry import register
@@ -167,39 +165,18 @@ def _given_fc(model: nn.Module, fc: LayerLike) -> list[tuple[str, nn.Module]]:
     return [(name, module)]
 
 
-class _Classifiers:
-    """The classifier :func:`cam` found for one model (``fc=None``), per input shape.
-
-    Finding it hooks every linear layer and 1 x 1 convolution of the model (33 on
-    EfficientNet-Lite0, each hook a Python call per forward pass: 5 % of a call at batch 1
-    there); later calls hook the one found. Valid while the model holds the same modules
-    (:func:`salience.layers.recall`'s fingerprint); a call that finds the classifier no longer
-    fits (it did not run, or the output is no longer its output) searches again.
-    """
-
-    __slots__ = ("fingerprint", "found")
-
-    def __init__(self, fingerprint: Any) -> None:
-        self.fingerprint = fingerprint
-        self.found: dict[tuple[Any, ...], str] = {}
-
-
-_CLASSIFIERS: ByIdentity[nn.Module, _Classifiers] = ByIdentity()
-_CLASSIFIERS_LOCK = threading.Lock()
-
-
 def _remembered_fc(
     model: nn.Module, inputs: Tensor, modules: list[nn.Module] | None
 ) -> list[tuple[str, nn.Module]] | None:
-    """Return the classifier a full search found for ``model`` and this input shape, or ``None``."""
-    with _CLASSIFIERS_LOCK:
-        known = _CLASSIFIERS.get(model)
-        if known is None:
-            return None
-        if known.fingerprint != _fingerprint(model, modules):
-            del _CLASSIFIERS[model]
-            return None
-        name = known.found.get(_input_key(inputs))
+    """Return the classifier a full search found for ``model`` and this input shape, or ``None``.
+
+    Finding it hooks every linear layer and 1 x 1 convolution of the model (33 on
+    EfficientNet-Lite0, each hook a Python call per forward pass: 5 % of a call at batch 1
+    there); later calls hook the one found. Kept in the memory of the layer searches
+    (:func:`salience.layers.recall`: while the model holds the same modules); a call that finds
+    the classifier no longer fits (it did not run, or no longer gives the output) searches again.
+    """
+    name = _recalled(model, _classifier_key(inputs), modules)
     if name is None:
         return None
     try:
@@ -208,28 +185,9 @@ def _remembered_fc(
         return None
 
 
-def _remember_fc(
-    model: nn.Module, inputs: Tensor, name: str, modules: list[nn.Module] | None
-) -> None:
-    found = _fingerprint(model, modules)
-    with _CLASSIFIERS_LOCK:
-        known = _CLASSIFIERS.get(model)
-        if known is None or known.fingerprint != found:
-            known = _CLASSIFIERS[model] = _Classifiers(found)
-        if len(known.found) >= 16:  # input shapes: the oldest goes first
-            del known.found[next(iter(known.found))]
-        known.found[_input_key(inputs)] = name
-
-
-def _forget_fc(model: nn.Module, inputs: Tensor) -> None:
-    with _CLASSIFIERS_LOCK:
-        known = _CLASSIFIERS.get(model)
-        if known is not None:
-            known.found.pop(_input_key(inputs), None)
-
-
-def _input_key(inputs: Tensor) -> tuple[Any, ...]:
-    return (tuple(inputs.shape), inputs.dtype, inputs.device)
+def _classifier_key(inputs: Tensor) -> tuple[Any, ...]:
+    # (a tuple first: no layer key, whose first item is a name or None, can be equal)
+    return (("cam", "classifier"), tuple(inputs.shape), inputs.dtype, inputs.device)
 
 
 class _NotCam(ValueError):
@@ -327,12 +285,12 @@ def cam(
             try:
                 return _cam(fwd, inputs, target, layer, reshape, remembered, relu, upsample)
             except _NotCam:  # (a full search says what does not fit, if anything)
-                _forget_fc(model, inputs)
+                _drop(model, _classifier_key(inputs))
         try:
             result = _cam(fwd, inputs, target, layer, reshape, None, relu, upsample)
         except _NotCam as error:
             raise ValueError(str(error)) from None  # (said as the ValueError it is)
-        _remember_fc(model, inputs, result.extras["fc"], fwd.modules)
+        _keep(model, _classifier_key(inputs), result.extras["fc"], fwd.modules)
         return result
 
 
