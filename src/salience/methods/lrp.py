@@ -222,9 +222,9 @@ class _State:
         layer = _LAYERS.get(func)
         if layer is not None:
             return self.layer(func, layer, args, kwargs)
-        parse = SITES.get(func) or (_no_site if func in _CLIPS else None)
-        if parse is not None:
-            return self.activation(parse, args, kwargs, _CLIPS.get(func))
+        parse, clip = SITES.get(func), _CLIPS.get(func)
+        if parse is not None or clip is not None:
+            return self.activation(parse, args, kwargs, clip)
         if func is F.batch_norm:
             return self.batch_norm(func, args, kwargs)
         if func is F.layer_norm or func is F.group_norm or func is getattr(F, "rms_norm", None):
@@ -333,9 +333,13 @@ class _State:
     def activation(
         self, parse: Any, args: tuple[Any, ...], kwargs: dict[str, Any], clip: Any = None
     ) -> Any:
-        """Apply the Pass rule at an activation; ``clip``: the parser of a clamp that is none."""
+        """Apply the Pass rule at an activation.
+
+        ``parse``: the rectifier tables' parser of the call, if they list it; ``clip``: the
+        parser of a clamp that is no rectifier (``clamp(min=-0.5)``, ``clamp_max``).
+        """
         try:
-            site = parse(args, kwargs)
+            site = parse(args, kwargs) if parse is not None else None
             if site is None and clip is not None:
                 site = clip(args, kwargs)
         except (TypeError, ValueError, IndexError, KeyError, RuntimeError):
@@ -483,11 +487,6 @@ class _State:
                 "(and a softmax attention, treated as constant), or use another method"
             )
         return _NoRule.apply(func(*args, **kwargs), self.no_rule(f"the operation {name}"))
-
-
-def _no_site(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """Parse a clamp the rectifier tables do not list (``clamp_max``): no rectifier."""
-    return None
 
 
 AMPLIFIED = 100.0
